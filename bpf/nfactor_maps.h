@@ -1,0 +1,39 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * The node's maps, pinned under NFX_PIN_DIR (set by the loader, one directory
+ * per node).  BCC reuses a pin that exists and creates it otherwise, so a
+ * reloaded program or a restarted agent finds every flow where it was.
+ * Included by each program that needs them; BCC-specific declarations.
+ * BCC rewrites map method calls (m.lookup()) only in the main source file, so
+ * headers declare maps but never use them.
+ */
+#ifndef NFACTOR_MAPS_H
+#define NFACTOR_MAPS_H
+
+#include "nfactor_shared.h"
+
+#ifndef NFX_PIN_DIR
+#error "NFX_PIN_DIR must be defined by the loader"
+#endif
+#ifndef NFX_FLOW_TABLE_SIZE
+#define NFX_FLOW_TABLE_SIZE 262144
+#endif
+
+#define NFX_PIN(name) NFX_PIN_DIR "/" name
+
+/* ifindex -> role of that port */
+BPF_TABLE_PINNED("hash", __u32, struct nfx_port, ports, NFX_MAX_PORTS, NFX_PIN("ports"));
+/* runtime id -> state and switch-side ifindex */
+BPF_TABLE_PINNED("array", __u32, struct nfx_runtime, runtimes, NFX_MAX_RUNTIMES, NFX_PIN("runtimes"));
+/* key 0: the running runtimes in round-robin order */
+BPF_TABLE_PINNED("array", __u32, struct nfx_rr_table, rr_table, 1, NFX_PIN("rr_table"));
+/* key 0: node configuration */
+BPF_TABLE_PINNED("array", __u32, struct nfx_config, config, 1, NFX_PIN("config"));
+/* canonical 5-tuple -> owning runtime (paper 3.2 switching table) */
+BPF_TABLE_PINNED("lru_hash", struct nfx_flow_key, struct nfx_flow, flows, NFX_FLOW_TABLE_SIZE, NFX_PIN("flows"));
+/* verdict and drop-reason counters */
+BPF_TABLE_PINNED("percpu_array", __u32, __u64, counters, NFX_CNT_MAX, NFX_PIN("counters"));
+/* per-runtime traffic */
+BPF_TABLE_PINNED("percpu_array", __u32, struct nfx_rt_stats, rt_stats, NFX_MAX_RUNTIMES, NFX_PIN("rt_stats"));
+
+#endif /* NFACTOR_MAPS_H */

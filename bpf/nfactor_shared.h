@@ -1,0 +1,156 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * Everything the XDP programs and the Python side both need to agree on: map
+ * keys and values, constants, counter indexes.  It is declared here once; the
+ * Python package reads its layouts from this file (nfactor_xdp/layouts.py), so
+ * keep to the subset that parser understands: #define NAME <integer expr>,
+ * enums with explicit or implicit values, structs of __u8/__u16/__u32/__u64
+ * scalars and fixed arrays of them.  Every struct is padded by hand so that C
+ * and Python agree without relying on compiler padding.
+ */
+#ifndef NFACTOR_SHARED_H
+#define NFACTOR_SHARED_H
+
+/* Bump when a pinned map's key or value changes: a node refuses to reuse
+ * pinned maps written by another ABI. */
+#define NFX_ABI_VERSION 1
+
+#define NFX_MAX_RUNTIMES 64
+/* devmap slots: the two external ports, then one per runtime port */
+#define NFX_SLOT_EXT0 0
+#define NFX_SLOT_EXT1 1
+#define NFX_SLOT_RT_BASE 2
+#define NFX_DEVMAP_SIZE (NFX_SLOT_RT_BASE + NFX_MAX_RUNTIMES)
+#define NFX_MAX_PORTS 256
+#define NFX_MAX_IPV6_EXT 6
+
+/* What a port of the node is (ports map: ifindex -> struct nfx_port). */
+enum nfx_port_role {
+	NFX_PORT_NONE = 0,
+	NFX_PORT_EXT0 = 1,	/* external port 0 (towards the sources) */
+	NFX_PORT_EXT1 = 2,	/* external port 1 (towards the sinks) */
+	NFX_PORT_RUNTIME = 3,	/* switch-side end of a runtime's veth (sw-rtN) */
+	NFX_PORT_STEER = 4,	/* runtime-side end (rtN), carries the AF_XDP socket */
+};
+
+/* A runtime's state as the switch sees it (paper 3.1 view service). */
+enum nfx_rt_state {
+	NFX_RT_NONE = 0,	/* slot unused: flows placed here are re-placed */
+	NFX_RT_STARTING = 1,	/* keeps its flows, gets no new ones */
+	NFX_RT_RUNNING = 2,	/* keeps its flows and takes new ones */
+	NFX_RT_LEAVING = 3,	/* keeps its flows, gets no new ones */
+	NFX_RT_FAILED = 4,	/* keeps its flows (recovery brings them back) */
+};
+
+/* How traffic that is not a TCP/UDP flow is treated (ARP, ICMP, non-IP, VLAN). */
+enum nfx_other_action {
+	NFX_OTHER_FORWARD = 0,	/* out of the opposite external port, untouched */
+	NFX_OTHER_PASS = 1,	/* to the node's own network stack */
+	NFX_OTHER_DROP = 2,
+};
+
+enum nfx_switch_mode {
+	NFX_MODE_FLOWS = 0,	/* normal: flows go through the runtimes */
+	NFX_MODE_BYPASS = 1,	/* everything ext0<->ext1 in XDP (ceiling, diagnosis) */
+};
+
+struct nfx_port {
+	__u32 role;		/* enum nfx_port_role */
+	__u32 runtime;		/* runtime id for RUNTIME and STEER ports */
+};
+
+struct nfx_runtime {
+	__u32 state;		/* enum nfx_rt_state */
+	__u32 ifindex;		/* the switch-side port sw-rtN */
+};
+
+/* The running runtimes, in round-robin order; one value at key 0.  Userspace
+ * rewrites it whenever a runtime changes state. */
+struct nfx_rr_table {
+	__u32 count;
+	__u32 pad;
+	__u32 ids[NFX_MAX_RUNTIMES];
+};
+
+/*
+ * Canonical flow key: the endpoint (address, port) that compares lower goes
+ * first, so both directions of a connection share one entry.  IPv4 addresses
+ * are stored IPv4-mapped (::ffff:a.b.c.d).  Ports in network byte order.
+ * Fragments key on the addresses and protocol only (ports 0): every fragment
+ * of a host pair reaches the same runtime.
+ */
+struct nfx_flow_key {
+	__u8 lo_addr[16];
+	__u8 hi_addr[16];
+	__u16 lo_port;
+	__u16 hi_port;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+/* orig_dir: 0 if the flow's first frame went lo -> hi, 1 if hi -> lo */
+struct nfx_flow {
+	__u32 runtime;
+	__u8 orig_dir;
+	__u8 in_port;		/* external port (0/1) the first frame came in on */
+	__u16 flags;
+	__u64 created_ns;	/* bpf_ktime_get_ns() at placement */
+};
+
+struct nfx_config {
+	__u32 abi;		/* NFX_ABI_VERSION of whoever wrote the pins */
+	__u32 other_action;	/* enum nfx_other_action */
+	__u32 mode;		/* enum nfx_switch_mode */
+	__u32 pad;
+	__u64 prog_ids;		/* vswitch prog id (low 32) and steer prog id (high 32), for the error tracer */
+};
+
+/* Per-runtime traffic as the switch sees it (per-CPU array, index = runtime id). */
+struct nfx_rt_stats {
+	__u64 to_rt_packets;
+	__u64 to_rt_bytes;
+	__u64 from_rt_packets;
+	__u64 from_rt_bytes;
+	__u64 flows_placed;
+	__u64 to_socket;	/* steer: frames redirected into the runtime's AF_XDP socket */
+	__u64 no_socket;	/* steer: dropped, no socket registered (runtime down or starting) */
+	__u64 pad;
+};
+
+/* Switch verdicts and drop reasons (per-CPU array, index = counter). */
+enum nfx_counter {
+	NFX_CNT_RX_EXT = 0,		/* frames received on an external port */
+	NFX_CNT_RX_RUNTIME,		/* frames received back from a runtime port */
+	NFX_CNT_FLOW_NEW,		/* new flows placed on a runtime */
+	NFX_CNT_FLOW_RACE,		/* new-flow insert lost to another CPU; its placement was used */
+	NFX_CNT_FLOW_REPLACED,		/* flows re-placed because their runtime slot was empty */
+	NFX_CNT_TO_RUNTIME,		/* frames redirected to a runtime port */
+	NFX_CNT_TO_EXT,			/* frames from runtimes redirected to the egress external port */
+	NFX_CNT_OTHER_FORWARD,		/* non-flow frames forwarded to the opposite external port */
+	NFX_CNT_OTHER_PASS,		/* non-flow frames passed to the node's stack */
+	NFX_CNT_OTHER_DROP,		/* non-flow frames dropped by policy */
+	NFX_CNT_BYPASS,			/* frames forwarded ext<->ext in bypass mode */
+	NFX_CNT_CLS_ARP,		/* classified: ARP */
+	NFX_CNT_CLS_ICMP,		/* classified: ICMP or ICMPv6 */
+	NFX_CNT_CLS_VLAN,		/* classified: VLAN-tagged (802.1Q/802.1ad) */
+	NFX_CNT_CLS_NON_IP,		/* classified: other ethertype */
+	NFX_CNT_CLS_OTHER_PROTO,	/* classified: IP protocol other than TCP/UDP/ICMP */
+	NFX_CNT_CLS_FRAGMENT,		/* classified: IP fragment (keyed without ports) */
+	NFX_CNT_CLS_IP_OPTIONS,		/* classified: IPv4 with options */
+	NFX_CNT_CLS_IPV6_EXT,		/* classified: IPv6 with extension headers */
+	NFX_CNT_DROP_SHORT_ETH,		/* dropped: shorter than an Ethernet header */
+	NFX_CNT_DROP_BAD_IP,		/* dropped: truncated IP header, bad IHL, version or lengths */
+	NFX_CNT_DROP_BAD_L4,		/* dropped: truncated TCP/UDP header or bad TCP data offset */
+	NFX_CNT_DROP_BAD_IPV6_EXT,	/* dropped: truncated or too long IPv6 extension chain */
+	NFX_CNT_DROP_NO_RUNTIME,	/* dropped: new flow but no runtime is running */
+	NFX_CNT_DROP_MAP_FULL,		/* dropped: flow table insert failed */
+	NFX_CNT_DROP_RT_NO_FLOW,	/* dropped: frame from a runtime with no flow entry */
+	NFX_CNT_DROP_RT_OTHER,		/* dropped: non-flow frame from a runtime port */
+	NFX_CNT_DROP_UNKNOWN_PORT,	/* dropped: frame on a port with no role */
+	NFX_CNT_DROP_NO_PORT,		/* dropped: redirect target slot has no device */
+	NFX_CNT_REDIRECT_ERR,		/* redirects that failed after the program returned them (tracer) */
+	NFX_CNT_XMIT_DROP,		/* frames a target port dropped on redirected transmit (tracer) */
+	NFX_CNT_MAX,
+};
+
+#endif /* NFACTOR_SHARED_H */

@@ -1,0 +1,272 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * The node's virtual switch (paper 3.2), attached to both external ports and
+ * to the switch-side end of every runtime port.
+ *
+ *   external port:  parse -> flow table -> new flow? place it round-robin on
+ *                   a running runtime -> redirect to that runtime's port
+ *   runtime port:   frames coming back from a runtime -> redirect out of the
+ *                   external port opposite to where the flow's frames of that
+ *                   direction came in (bump in the wire: ext0 <-> ext1)
+ *
+ * Traffic that is not a TCP/UDP flow gets config.other_action.  Every verdict
+ * and every drop reason has a counter (enum nfx_counter).
+ */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
+#include <uapi/linux/tcp.h>
+#include <uapi/linux/udp.h>
+
+#include "nfactor_maps.h"
+#include "nfactor_parse.h"
+
+/* devmap: slot -> ifindex (NFX_SLOT_EXT0/1, NFX_SLOT_RT_BASE + runtime id) */
+struct tx_ports_table_t {
+	__u32 key;
+	int leaf;
+	__u64 (*redirect_map)(int, int);
+	__u32 max_entries;
+};
+__attribute__((section("maps/devmap:" NFX_PIN("tx_ports"))))
+struct tx_ports_table_t tx_ports = { .max_entries = NFX_DEVMAP_SIZE };
+
+static __always_inline void nfx_count(__u32 idx)
+{
+	__u64 *c = counters.lookup(&idx);
+
+	if (c)
+		*c += 1;
+}
+
+static __always_inline void count_classes(__u32 flags)
+{
+	if (flags & NFX_PF_IP_OPTIONS)
+		nfx_count(NFX_CNT_CLS_IP_OPTIONS);
+	if (flags & NFX_PF_FRAGMENT)
+		nfx_count(NFX_CNT_CLS_FRAGMENT);
+	if (flags & NFX_PF_IPV6_EXT)
+		nfx_count(NFX_CNT_CLS_IPV6_EXT);
+}
+
+#define NFX_RR_TRIES 4
+
+/* per-CPU round-robin cursor: no shared cache line on the new-flow path */
+BPF_PERCPU_ARRAY(rr_cursor, __u32, 1);
+
+static __always_inline int redirect_slot(__u32 slot)
+{
+	int act = tx_ports.redirect_map(slot, XDP_DROP);
+
+	if (act != XDP_REDIRECT)
+		nfx_count(NFX_CNT_DROP_NO_PORT);
+	return act;
+}
+
+static __always_inline int other_verdict(struct nfx_config *cfg, __u32 in_port)
+{
+	switch (cfg->other_action) {
+	case NFX_OTHER_PASS:
+		nfx_count(NFX_CNT_OTHER_PASS);
+		return XDP_PASS;
+	case NFX_OTHER_DROP:
+		nfx_count(NFX_CNT_OTHER_DROP);
+		return XDP_DROP;
+	default:
+		nfx_count(NFX_CNT_OTHER_FORWARD);
+		return redirect_slot(in_port ? NFX_SLOT_EXT0 : NFX_SLOT_EXT1);
+	}
+}
+
+static __always_inline int runtime_running(__u32 id)
+{
+	struct nfx_runtime *rt = runtimes.lookup(&id);
+
+	return rt && rt->state == NFX_RT_RUNNING;
+}
+
+/* A flow keeps its runtime in every state but NONE (slot emptied for good). */
+static __always_inline int runtime_gone(__u32 id)
+{
+	struct nfx_runtime *rt = runtimes.lookup(&id);
+
+	return !rt || rt->state == NFX_RT_NONE;
+}
+
+/* Pick the next running runtime; -1 if there is none. */
+static __always_inline int pick_runtime(void)
+{
+	__u32 zero = 0, count, start, i;
+	struct nfx_rr_table *rr = rr_table.lookup(&zero);
+	__u32 *cursor = rr_cursor.lookup(&zero);
+
+	if (!rr || !cursor)
+		return -1;
+	count = rr->count;
+	if (count == 0)
+		return -1;
+	if (count > NFX_MAX_RUNTIMES)
+		count = NFX_MAX_RUNTIMES;
+	start = *cursor;
+	*cursor = start + 1;
+	/* Userspace lists a runtime only while it is running (it updates the
+	 * state first when adding, the list first when removing), but a reader
+	 * can see a list half rewritten: check the pick, try a few next ones. */
+#pragma unroll
+	for (i = 0; i < NFX_RR_TRIES; i++) {
+		__u32 idx = (start + i) % count, id;
+
+		/* keep the compiler from folding the mask into the modulo */
+		asm volatile("" : "+r"(idx));
+		id = rr->ids[idx & (NFX_MAX_RUNTIMES - 1)];
+
+		if (id < NFX_MAX_RUNTIMES && runtime_running(id))
+			return id;
+	}
+	return -1;
+}
+
+static __always_inline struct nfx_flow *place_flow(struct nfx_flow_key *key, __u8 dir,
+						   __u32 in_port, int replace)
+{
+	struct nfx_flow entry = {};
+	struct nfx_flow *flow;
+	int rt = pick_runtime();
+	__u32 rt_id;
+	int err;
+
+	if (rt < 0) {
+		nfx_count(NFX_CNT_DROP_NO_RUNTIME);
+		return NULL;
+	}
+	entry.runtime = rt;
+	entry.orig_dir = dir;
+	entry.in_port = in_port;
+	entry.created_ns = bpf_ktime_get_ns();
+	/* insert() is BPF_NOEXIST: if another CPU placed the flow first, keep its choice */
+	if (replace)
+		err = flows.update(key, &entry);
+	else
+		err = flows.insert(key, &entry);
+	if (err == -17 /* EEXIST */) {
+		nfx_count(NFX_CNT_FLOW_RACE);
+	} else if (err) {
+		nfx_count(NFX_CNT_DROP_MAP_FULL);
+		return NULL;
+	} else {
+		struct nfx_rt_stats *st;
+
+		rt_id = rt;
+		nfx_count(replace ? NFX_CNT_FLOW_REPLACED : NFX_CNT_FLOW_NEW);
+		st = rt_stats.lookup(&rt_id);
+		if (st)
+			st->flows_placed++;
+	}
+	flow = flows.lookup(key);
+	return flow;
+}
+
+static __always_inline int from_external(struct xdp_md *ctx, struct nfx_config *cfg, __u32 in_port)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct nfx_flow_key key = {};
+	struct nfx_flow *flow;
+	struct nfx_rt_stats *st;
+	__u32 why = 0, flags = 0, rt;
+	__u8 dir = 0;
+	int cls;
+
+	nfx_count(NFX_CNT_RX_EXT);
+	if (cfg->mode == NFX_MODE_BYPASS) {
+		nfx_count(NFX_CNT_BYPASS);
+		return redirect_slot(in_port ? NFX_SLOT_EXT0 : NFX_SLOT_EXT1);
+	}
+	cls = nfx_parse(data, data_end, &key, &dir, &why, &flags);
+	count_classes(flags);
+	if (cls == NFX_PARSE_DROP) {
+		nfx_count(why);
+		return XDP_DROP;
+	}
+	if (cls == NFX_PARSE_OTHER) {
+		nfx_count(why);
+		return other_verdict(cfg, in_port);
+	}
+
+	flow = flows.lookup(&key);
+	if (!flow)
+		flow = place_flow(&key, dir, in_port, 0);
+	else if (runtime_gone(flow->runtime))
+		flow = place_flow(&key, dir, in_port, 1);
+	if (!flow)
+		return XDP_DROP;
+
+	rt = flow->runtime;
+	if (rt >= NFX_MAX_RUNTIMES)
+		return XDP_DROP;
+	st = rt_stats.lookup(&rt);
+	if (st) {
+		st->to_rt_packets++;
+		st->to_rt_bytes += data_end - data;
+	}
+	nfx_count(NFX_CNT_TO_RUNTIME);
+	return redirect_slot(NFX_SLOT_RT_BASE + rt);
+}
+
+static __always_inline int from_runtime(struct xdp_md *ctx, __u32 runtime)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct nfx_flow_key key = {};
+	struct nfx_flow *flow;
+	struct nfx_rt_stats *st;
+	__u32 why = 0, flags = 0, out;
+	__u8 dir = 0;
+
+	nfx_count(NFX_CNT_RX_RUNTIME);
+	if (nfx_parse(data, data_end, &key, &dir, &why, &flags) != NFX_PARSE_FLOW) {
+		nfx_count(NFX_CNT_DROP_RT_OTHER);
+		return XDP_DROP;
+	}
+	flow = flows.lookup(&key);
+	if (!flow) {
+		nfx_count(NFX_CNT_DROP_RT_NO_FLOW);
+		return XDP_DROP;
+	}
+	/* Same direction as the flow's first frame: out of the opposite port. */
+	out = (dir == flow->orig_dir) ? !flow->in_port : flow->in_port;
+	if (runtime < NFX_MAX_RUNTIMES) {
+		st = rt_stats.lookup(&runtime);
+		if (st) {
+			st->from_rt_packets++;
+			st->from_rt_bytes += data_end - data;
+		}
+	}
+	nfx_count(NFX_CNT_TO_EXT);
+	return redirect_slot(out ? NFX_SLOT_EXT1 : NFX_SLOT_EXT0);
+}
+
+int nfx_vswitch(struct xdp_md *ctx)
+{
+	__u32 ifindex = ctx->ingress_ifindex, zero = 0;
+	struct nfx_port *port = ports.lookup(&ifindex);
+	struct nfx_config *cfg = config.lookup(&zero);
+
+	if (!port || !cfg) {
+		nfx_count(NFX_CNT_DROP_UNKNOWN_PORT);
+		return XDP_DROP;
+	}
+	switch (port->role) {
+	case NFX_PORT_EXT0:
+		return from_external(ctx, cfg, 0);
+	case NFX_PORT_EXT1:
+		return from_external(ctx, cfg, 1);
+	case NFX_PORT_RUNTIME:
+		return from_runtime(ctx, port->runtime);
+	default:
+		nfx_count(NFX_CNT_DROP_UNKNOWN_PORT);
+		return XDP_DROP;
+	}
+}

@@ -1,0 +1,1 @@
+"""NFActor-XDP: a resilient NFV node on an XDP virtual switch."""

@@ -1,0 +1,286 @@
+"""nfactorctl: run and inspect an NFActor-XDP node.
+
+A node is a bump in the wire between two interfaces, ext0 and ext1.  An XDP
+virtual switch on both keeps a flow table in BPF maps and steers every TCP/UDP
+flow to one of N Python runtimes (one per core, AF_XDP sockets); processed
+frames leave by the opposite interface.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from . import layouts as L
+from .nodeconf import DEFAULT_NODE, ConfigError, NodeConfig
+
+
+def _fail(msg: str) -> None:
+    click.echo(f"error: {msg}", err=True)
+    sys.exit(1)
+
+
+def _emit_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+def _cores(value: str | None) -> list[int]:
+    if not value:
+        return []
+    try:
+        return [int(c) for c in value.split(",") if c.strip()]
+    except ValueError:
+        raise click.BadParameter("a comma-separated list of CPU numbers, e.g. 0,1") from None
+
+
+name_option = click.option("--name", "-n", default=DEFAULT_NODE, show_default=True,
+                           help="Node name (pins under /sys/fs/bpf/nfactor/NAME, state under /run/nfactor/NAME).")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def main():
+    """Run and inspect an NFActor-XDP node (XDP virtual switch + Python actor runtimes).
+
+    \b
+    Quick start on the built-in testbed:
+      nfactorctl demo                      # everything, for ten seconds, then cleaned up
+    or step by step:
+      nfactorctl testbed up                # source and sink hosts in namespaces
+      nfactorctl up --testbed nfx          # the node on the testbed's ext0/ext1
+      nfactorctl status                    # runtimes, flows, switch counters
+      nfactorctl down && nfactorctl testbed down
+    """
+
+
+@main.command()
+@name_option
+@click.option("--ext0", default="ext0", show_default=True, help="External port 0 (towards the sources).")
+@click.option("--ext1", default="ext1", show_default=True, help="External port 1 (towards the sinks).")
+@click.option("--netns", help="Network namespace holding ext0/ext1 (default: this one).")
+@click.option("--testbed", "testbed_name", metavar="NAME",
+              help="Run on testbed NAME's node namespace and ports (see `nfactorctl testbed`).")
+@click.option("--runtimes", "-r", default=2, show_default=True, help="Number of runtime processes.")
+@click.option("--cores", help="CPUs for the runtimes, in turn (default: all CPUs in turn), e.g. 0,1.")
+@click.option("--other", "other_action", type=click.Choice(sorted(L.OTHER_ACTIONS)), default="forward",
+              show_default=True, help="What the switch does with non-TCP/UDP traffic (ARP, ICMP, non-IP, VLAN).")
+@click.option("--flow-table-size", default=262144, show_default=True, help="Entries in the switch's LRU flow table.")
+@click.option("--xdp-mode", type=click.Choice(["native", "generic", "auto"]), default="native", show_default=True,
+              help="XDP attach mode; auto falls back to generic where native is unsupported.")
+@click.option("--idle-timeout", default=30.0, show_default=True, help="Seconds before an idle flow's actor is released.")
+@click.option("--foreground", is_flag=True, help="Run the agent in this process until Ctrl-C.")
+def up(name, ext0, ext1, netns, testbed_name, runtimes, cores, other_action, flow_table_size, xdp_mode,
+       idle_timeout, foreground):
+    """Bring a node up on two interfaces.
+
+    Loads the XDP switch (maps pinned, so a restarted node keeps its flows),
+    creates one veth pair per runtime (sw-rtN/rtN), starts the runtimes and
+    returns once every runtime is running.  Runs in the background unless
+    --foreground.
+    """
+    from . import nodectl
+    if testbed_name:
+        from .testbed import Testbed
+        try:
+            tb = Testbed.load(testbed_name)
+        except Exception as e:
+            _fail(f"testbed {testbed_name!r}: {e}")
+        show = tb.show()
+        netns = show["namespaces"]["node"]
+        ext0 = show["node"]["ports"]["ext0"]["ifname"]
+        ext1 = show["node"]["ports"]["ext1"]["ifname"]
+    cfg = NodeConfig(name=name, ext0=ext0, ext1=ext1, netns=netns, runtimes=runtimes, cores=_cores(cores),
+                     other_action=other_action, flow_table_size=flow_table_size, xdp_mode=xdp_mode,
+                     idle_timeout=idle_timeout)
+    try:
+        cfg.validate()
+        if foreground:
+            from .node import run_foreground
+            sys.exit(run_foreground(cfg))
+        state = nodectl.start(cfg)
+    except (ConfigError, nodectl.NodeCtlError, OSError, RuntimeError) as e:
+        _fail(str(e))
+    rts = ", ".join(f"rt{r['id']} (core {r['core']}, pid {r['pid']})" for r in state["runtimes"])
+    click.echo(f"node {name} up on {ext0}/{ext1}{' in ' + netns if netns else ''}: {rts}")
+
+
+@main.command()
+@name_option
+@click.option("--purge", is_flag=True, help="Also remove pins and state left by a crashed node.")
+def down(name, purge):
+    """Stop a node and remove everything it made (programs, ports, pins, state)."""
+    from . import nodectl
+    try:
+        removed = nodectl.stop(name, purge=purge)
+    except (OSError, RuntimeError) as e:
+        _fail(str(e))
+    click.echo(f"node {name} down" + (f" (cleaned up after a dead agent: {len(removed)} items)" if removed else ""))
+
+
+@main.command()
+@name_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--all-counters", is_flag=True, help="Show counters that are zero too.")
+def status(name, as_json, all_counters):
+    """Runtimes (state, pid, core, packets, flows) and switch counters."""
+    from . import nodectl
+    try:
+        st = nodectl.status(name)
+    except (nodectl.NodeCtlError, OSError) as e:
+        _fail(str(e))
+    if as_json:
+        _emit_json(st)
+        return
+    cfg = st["config"] or {}
+    click.echo(f"node {name}: {st['phase']} (agent pid {st['agent_pid']}"
+               f"{'' if st['agent_alive'] else ', DEAD'}), ports {cfg.get('ext0')}/{cfg.get('ext1')}"
+               f"{' in ' + cfg['netns'] if cfg.get('netns') else ''}, {st['switch_flows']} flows in the switch")
+    click.echo(f"{'rt':>3} {'state':<9} {'switch':<9} {'pid':>7} {'core':>4} {'flows':>7} {'to rt':>10} "
+               f"{'from rt':>10} {'frames':>10} {'restarts':>8}")
+    for r in st["runtimes"]:
+        sw = r.get("switch", {})
+        click.echo(f"{r['id']:>3} {r['state']:<9} {r['switch_state']:<9} {r.get('pid') or '-':>7} {r['core']:>4} "
+                   f"{r.get('flows', '-') if r['live'] else '-':>7} {sw.get('to_rt_packets', 0):>10} "
+                   f"{sw.get('from_rt_packets', 0):>10} {r.get('frames', '-') if r['live'] else '-':>10} "
+                   f"{r.get('restarts', 0):>8}")
+    click.echo("switch counters:")
+    for k, v in st["switch"].items():
+        if v or all_counters:
+            click.echo(f"  {k:<20} {v:>12}   {L.COUNTER_DOCS.get(k, '')}")
+
+
+@main.command()
+@name_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--limit", type=int, default=None, help="Show at most this many flows.")
+def flows(name, as_json, limit):
+    """Flows: where the switch placed each one and what its actor counted."""
+    from . import nodectl
+    try:
+        out = nodectl.flows(name, limit=limit)
+    except (nodectl.NodeCtlError, OSError) as e:
+        _fail(str(e))
+    if as_json:
+        _emit_json(out)
+        return
+    click.echo(f"{'runtime':>7} {'pkts orig':>10} {'pkts reply':>10}  flow")
+    for f in out["flows"]:
+        p = f["packets"] or {}
+        rt = f["runtime"] if f["runtime"] is not None else f"({f['switch_runtime']})"
+        click.echo(f"{rt!s:>7} {p.get('orig', '-')!s:>10} {p.get('reply', '-')!s:>10}  {f['flow']}")
+    click.echo(f"{len(out['flows'])} flows")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def probe(as_json):
+    """Check every kernel and system feature the node needs; say what is missing."""
+    from .probe import run_probe
+    checks = run_probe()
+    if as_json:
+        _emit_json(checks)
+    else:
+        for c in checks:
+            mark = "ok  " if c["ok"] else "MISSING"
+            click.echo(f"{mark:<8} {c['check']:<24} {c['detail']}")
+            if not c["ok"] and c["hint"]:
+                click.echo(f"{'':<8} {'':<24} -> {c['hint']}")
+    sys.exit(0 if all(c["ok"] for c in checks) else 1)
+
+
+@main.group()
+def testbed():
+    """The built-in testbed: source and sink hosts in namespaces around the node's ports."""
+
+
+@testbed.command("up")
+@click.option("--name", "-n", default="nfx", show_default=True, help="Testbed name (prefix of its namespaces).")
+def testbed_up(name):
+    """Create namespaces NAME-src, NAME-dst (hosts) and NAME-node (ext0, ext1)."""
+    from .testbed import Testbed, TestbedConfig
+    try:
+        tb = Testbed(TestbedConfig(name=name))
+        tb.up()
+    except Exception as e:
+        _fail(str(e))
+    s = tb.show()
+    click.echo(f"testbed {name} up: {s['hosts']['src']['netns']} ({s['hosts']['src']['ipv4']}) -> "
+               f"{s['namespaces']['node']} [ext0, ext1] -> {s['hosts']['dst']['netns']} "
+               f"({s['hosts']['dst']['ipv4']})\nnext: nfactorctl up --testbed {name}")
+
+
+@testbed.command("down")
+@click.option("--name", "-n", default="nfx", show_default=True, help="Testbed name.")
+def testbed_down(name):
+    """Remove the testbed's namespaces (and every interface in them)."""
+    from .testbed import Testbed, TestbedConfig
+    removed = Testbed(TestbedConfig(name=name)).down()
+    click.echo(f"testbed {name} down ({', '.join(removed) if removed else 'nothing to remove'})")
+
+
+@testbed.command("show")
+@click.option("--name", "-n", default="nfx", show_default=True, help="Testbed name.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def testbed_show(name, as_json):
+    """Namespaces, interfaces, addresses and MACs needed to send traffic."""
+    from .testbed import Testbed, TestbedConfig
+    try:
+        s = Testbed.load(name).show()
+    except Exception:
+        s = Testbed(TestbedConfig(name=name)).show()
+    if as_json:
+        _emit_json(s)
+        return
+    if not s.get("up"):
+        _fail(f"testbed {name} is not up (nfactorctl testbed up --name {name})")
+    for role in ("src", "dst"):
+        h = s["hosts"][role]
+        click.echo(f"{role}: netns {h['netns']} {h['ifname']} {h['mac']} {h['ipv4']} {h['ipv6']}")
+    for port, p in s["node"]["ports"].items():
+        click.echo(f"node: netns {s['node']['netns']} {port}: {p['ifname']} {p['mac']}")
+    click.echo(f"try: ip netns exec {s['hosts']['src']['netns']} ping {s['hosts']['dst']['ipv4'].split('/')[0]}")
+
+
+@main.command()
+@click.option("--runtimes", "-r", default=2, show_default=True, help="Runtimes to start.")
+@click.option("--duration", "-d", default=10.0, show_default=True, help="Seconds of traffic.")
+@click.option("--udp-flows", default=200, show_default=True, help="UDP flows to send.")
+@click.option("--tcp-flows", default=100, show_default=True, help="TCP connections to make.")
+@click.option("--name", "-n", default="demo", show_default=True, help="Name for the demo's testbed and node.")
+def demo(runtimes, duration, udp_flows, tcp_flows, name):
+    """Testbed up, node up, TCP and UDP flows with a live table, summary, all down."""
+    from .demo import run_demo
+    sys.exit(run_demo(name=name, runtimes=runtimes, duration=duration, udp_flows=udp_flows,
+                      tcp_flows=tcp_flows))
+
+
+@main.group()
+def bench():
+    """Benchmarks; each writes its figures as JSON."""
+
+
+@bench.command("forward")
+@click.option("--runtimes", default="1,2", show_default=True, help="Runtime counts to measure, comma-separated.")
+@click.option("--duration", default=5.0, show_default=True, help="Seconds per measurement.")
+@click.option("--flows", "nflows", default=64, show_default=True, help="Flows in the offered load.")
+@click.option("--size", default=64, show_default=True, help="Frame size in bytes.")
+@click.option("--output", "-o", default="bench-forward.json", show_default=True, help="JSON output file ('-' for stdout).")
+def bench_forward(runtimes, duration, nflows, size, output):
+    """Pass-through rate with 1 and 2 runtimes and the XDP-only ceiling, same run."""
+    from .bench import run_forward_bench
+    counts = [int(x) for x in runtimes.split(",") if x.strip()]
+    result = run_forward_bench(counts, duration=duration, flows=nflows, size=size)
+    text = json.dumps(result, indent=2)
+    if output == "-":
+        click.echo(text)
+    else:
+        with open(output, "w") as f:
+            f.write(text + "\n")
+        click.echo(f"wrote {output}")
+        for m in result["measurements"]:
+            click.echo(f"  {m['label']:<22} {m['forwarded_mpps']:.3f} Mpps forwarded "
+                       f"({m['ratio_to_ceiling']:.1%} of ceiling), offered {m['offered_mpps']:.3f} Mpps")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""A node's pinned maps, opened by path: the one place that reads and writes
+them from Python (agent, runtimes, CLI, tests)."""
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import os
+from dataclasses import dataclass
+
+from . import layouts as L
+from .bpfsys import BpfError, BpfMap
+
+PIN_ROOT = "/sys/fs/bpf/nfactor"
+
+# name -> (key type, value type)
+MAP_TYPES = {
+    "ports": (ctypes.c_uint32, L.Port),
+    "runtimes": (ctypes.c_uint32, L.Runtime),
+    "rr_table": (ctypes.c_uint32, L.RRTable),
+    "config": (ctypes.c_uint32, L.Config),
+    "flows": (L.FlowKey, L.Flow),
+    "counters": (ctypes.c_uint32, ctypes.c_uint64),
+    "rt_stats": (ctypes.c_uint32, L.RtStats),
+    "tx_ports": (ctypes.c_uint32, ctypes.c_int32),
+    "xsks": (ctypes.c_uint32, ctypes.c_int32),
+}
+
+
+def pin_dir(node: str) -> str:
+    return os.path.join(PIN_ROOT, node)
+
+
+@dataclass(frozen=True)
+class FlowKey:
+    """A canonical flow key, decoded."""
+    lo_addr: str
+    lo_port: int
+    hi_addr: str
+    hi_port: int
+    proto: int
+
+    @classmethod
+    def from_c(cls, k) -> "FlowKey":
+        return cls(_addr(bytes(k.lo_addr)), _ntohs(k.lo_port), _addr(bytes(k.hi_addr)),
+                   _ntohs(k.hi_port), k.proto)
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> "FlowKey":
+        return cls.from_c(L.FlowKey.from_buffer_copy(raw))
+
+    def __str__(self) -> str:
+        p = {6: "tcp", 17: "udp"}.get(self.proto, str(self.proto))
+        return f"{p} {_ep(self.lo_addr, self.lo_port)} <-> {_ep(self.hi_addr, self.hi_port)}"
+
+
+def _ntohs(v: int) -> int:
+    return ((v & 0xff) << 8) | (v >> 8)
+
+
+def _addr(raw: bytes) -> str:
+    ip = ipaddress.IPv6Address(raw)
+    return str(ip.ipv4_mapped) if ip.ipv4_mapped else str(ip)
+
+
+def _ep(addr: str, port: int) -> str:
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
+class NodeMaps:
+    """Opens the maps pinned under /sys/fs/bpf/nfactor/<node>/ on demand."""
+
+    def __init__(self, node: str):
+        self.node = node
+        self.dir = pin_dir(node)
+        self._open: dict[str, BpfMap] = {}
+
+    def exists(self) -> bool:
+        return os.path.isdir(self.dir) and os.path.exists(os.path.join(self.dir, "config"))
+
+    def __getitem__(self, name: str) -> BpfMap:
+        m = self._open.get(name)
+        if m is None:
+            k, v = MAP_TYPES[name]
+            m = self._open[name] = BpfMap.open_pinned(os.path.join(self.dir, name), k, v)
+        return m
+
+    def close(self) -> None:
+        for m in self._open.values():
+            m.close()
+        self._open.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # --- configuration -------------------------------------------------
+    def config(self):
+        return self["config"].get(0)
+
+    def write_config(self, *, other_action: str | None = None, mode: int | None = None,
+                     prog_ids: int | None = None) -> None:
+        cfg = self.config() or L.Config()
+        cfg.abi = L.C["NFX_ABI_VERSION"]
+        if other_action is not None:
+            cfg.other_action = L.OTHER_ACTIONS[other_action]
+        if mode is not None:
+            cfg.mode = mode
+        if prog_ids is not None:
+            cfg.prog_ids = prog_ids
+        self["config"].set(0, cfg)
+
+    def set_port(self, ifindex: int, role: int, runtime: int = 0) -> None:
+        self["ports"].set(ifindex, L.Port(role=role, runtime=runtime))
+
+    def set_slot(self, slot: int, ifindex: int) -> None:
+        self["tx_ports"].set(slot, ifindex)
+
+    def set_runtime(self, rt_id: int, state: int, ifindex: int | None = None) -> None:
+        cur = self["runtimes"].get(rt_id) or L.Runtime()
+        cur.state = state
+        if ifindex is not None:
+            cur.ifindex = ifindex
+        self["runtimes"].set(rt_id, cur)
+
+    def publish_rr(self, running: list[int]) -> None:
+        t = L.RRTable()
+        t.count = len(running)
+        for i, rt in enumerate(running):
+            t.ids[i] = rt
+        self["rr_table"].set(0, t)
+
+    def set_runtime_state(self, rt_id: int, state: int) -> None:
+        """Change a runtime's state keeping the invariant the switch relies
+        on: the round-robin list only holds runtimes that are running."""
+        running = self.running_runtimes()
+        if state == L.C["NFX_RT_RUNNING"]:
+            self.set_runtime(rt_id, state)
+            if rt_id not in running:
+                self.publish_rr(running + [rt_id])
+        else:
+            if rt_id in running:
+                self.publish_rr([r for r in running if r != rt_id])
+            self.set_runtime(rt_id, state)
+
+    def running_runtimes(self) -> list[int]:
+        t = self["rr_table"].get(0)
+        return [t.ids[i] for i in range(min(t.count, L.C["NFX_MAX_RUNTIMES"]))] if t else []
+
+    # --- reading ---------------------------------------------------------
+    def counters(self) -> dict[str, int]:
+        m = self["counters"]
+        out = {}
+        for i, name in enumerate(L.COUNTER_NAMES):
+            v = m.get(i)
+            out[name] = sum(c.value for c in v) if v else 0
+        return out
+
+    def runtime_table(self) -> dict[int, dict]:
+        out = {}
+        for i in range(L.C["NFX_MAX_RUNTIMES"]):
+            rt = self["runtimes"].get(i)
+            if rt is None or rt.state == L.C["NFX_RT_NONE"]:
+                continue
+            st = self["rt_stats"].get(i) or []
+            stats = {name: sum(getattr(s, name) for s in st)
+                     for name, _ in L.RtStats._fields_ if name != "pad"}
+            out[i] = {"state": L.RT_STATES.get(rt.state, str(rt.state)),
+                      "ifindex": rt.ifindex, "switch": stats}
+        return out
+
+    def flows(self, limit: int | None = None) -> list[dict]:
+        out = []
+        for k, v in self["flows"].items():
+            fk = FlowKey.from_c(k)
+            out.append({"key": bytes(k).hex(), "flow": str(fk), "proto": fk.proto,
+                        "lo": [fk.lo_addr, fk.lo_port], "hi": [fk.hi_addr, fk.hi_port],
+                        "runtime": v.runtime, "orig_dir": v.orig_dir,
+                        "in_port": v.in_port, "created_ns": v.created_ns})
+            if limit and len(out) >= limit:
+                break
+        return out
+
+
+__all__ = ["NodeMaps", "FlowKey", "pin_dir", "PIN_ROOT", "BpfError"]

@@ -1,0 +1,137 @@
+"""A node's configuration and where its files live.
+
+  /sys/fs/bpf/nfactor/<name>/   pinned maps (kept across agent restarts)
+  /run/nfactor/<name>/          node.json (state), runtime sockets
+  /var/log/nfactor/<name>/      agent and runtime logs (kept after down)
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+
+from . import layouts as L
+from .maps import pin_dir
+
+RUN_ROOT = "/run/nfactor"
+LOG_ROOT = "/var/log/nfactor"
+DEFAULT_NODE = "nfx"
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,14}$")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def run_dir(name: str) -> str:
+    return os.path.join(RUN_ROOT, name)
+
+
+def log_dir(name: str) -> str:
+    return os.path.join(LOG_ROOT, name)
+
+
+def log_path(name: str, what: str = "node") -> str:
+    os.makedirs(log_dir(name), exist_ok=True)
+    return os.path.join(log_dir(name), f"{what}.log")
+
+
+def state_path(name: str) -> str:
+    return os.path.join(run_dir(name), "node.json")
+
+
+def runtime_socket(name: str, rt_id: int) -> str:
+    return os.path.join(run_dir(name), f"rt{rt_id}.sock")
+
+
+def runtime_ports(rt_id: int) -> tuple[str, str]:
+    """(switch-side, runtime-side) interface names of runtime rt_id's veth."""
+    return f"sw-rt{rt_id}", f"rt{rt_id}"
+
+
+@dataclass
+class NodeConfig:
+    name: str = DEFAULT_NODE
+    ext0: str = "ext0"
+    ext1: str = "ext1"
+    netns: str | None = None          # the ports' namespace (None: this one)
+    runtimes: int = 2
+    cores: list[int] = field(default_factory=list)  # empty: spread over all CPUs
+    other_action: str = "forward"
+    flow_table_size: int = 262144
+    xdp_mode: str = "native"          # native, generic or auto
+    idle_timeout: float = 30.0        # seconds before an idle flow's actor is released
+    batch: int = 64
+
+    def validate(self) -> "NodeConfig":
+        if not _NAME_RE.match(self.name):
+            raise ConfigError(f"node name {self.name!r}: use 1-15 of a-z, 0-9, '-', '_', starting with a letter")
+        if self.ext0 == self.ext1:
+            raise ConfigError("ext0 and ext1 must be two different interfaces")
+        for port in (self.ext0, self.ext1):
+            if not port or len(port) > 15 or "/" in port or " " in port:
+                raise ConfigError(f"bad interface name {port!r}")
+        if not 1 <= self.runtimes <= L.C["NFX_MAX_RUNTIMES"]:
+            raise ConfigError(f"runtimes must be 1..{L.C['NFX_MAX_RUNTIMES']}, not {self.runtimes}")
+        if self.other_action not in L.OTHER_ACTIONS:
+            raise ConfigError(f"other_action must be one of {sorted(L.OTHER_ACTIONS)}")
+        if self.xdp_mode not in ("native", "generic", "auto"):
+            raise ConfigError("xdp_mode must be native, generic or auto")
+        if not 1024 <= self.flow_table_size <= 1 << 24:
+            raise ConfigError("flow_table_size must be 1024..16777216")
+        if self.idle_timeout <= 0:
+            raise ConfigError("idle_timeout must be positive")
+        if not 1 <= self.batch <= 1024:
+            raise ConfigError("batch must be 1..1024")
+        ncpu = os.cpu_count() or 1
+        for c in self.cores:
+            if not 0 <= c < ncpu:
+                raise ConfigError(f"core {c} does not exist (this machine has {ncpu})")
+        return self
+
+    def core_of(self, rt_id: int) -> int:
+        """Runtimes take the listed cores in turn; by default every CPU in turn."""
+        cores = self.cores or list(range(os.cpu_count() or 1))
+        return cores[rt_id % len(cores)]
+
+    @property
+    def pin_dir(self) -> str:
+        return pin_dir(self.name)
+
+    @property
+    def run_dir(self) -> str:
+        return run_dir(self.name)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "NodeConfig":
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+def read_state(name: str) -> dict | None:
+    try:
+        with open(state_path(name)) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"unreadable node state {state_path(name)}: {e}") from None
+
+
+def write_state(name: str, state: dict) -> None:
+    os.makedirs(run_dir(name), mode=0o700, exist_ok=True)
+    tmp = state_path(name) + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(state, f, indent=1)
+    os.replace(tmp, state_path(name))
+
+
+def list_nodes() -> list[str]:
+    try:
+        return sorted(n for n in os.listdir(RUN_ROOT) if os.path.exists(state_path(n)))
+    except FileNotFoundError:
+        return []

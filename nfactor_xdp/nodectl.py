@@ -1,0 +1,145 @@
+"""Starting, stopping and querying a node from another process (the CLI,
+the demo, the benchmarks and the tests all go through here)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from . import layouts as L
+from . import node as node_mod
+from . import nodeconf, rtctl
+from .maps import NodeMaps
+from .nodeconf import NodeConfig
+
+START_TIMEOUT = 60.0
+
+
+class NodeCtlError(RuntimeError):
+    pass
+
+
+def _log_tail(name: str, path: str | None = None, lines: int = 15) -> str:
+    path = path or nodeconf.log_path(name)
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def agent_alive(name: str) -> bool:
+    state = nodeconf.read_state(name)
+    return bool(state) and node_mod._pid_alive(state.get("agent_pid"))
+
+
+def start(cfg: NodeConfig, timeout: float = START_TIMEOUT) -> dict:
+    """Start the node agent in the background and wait until it runs."""
+    cfg.validate()
+    if os.geteuid() != 0:
+        raise NodeCtlError("the node needs root (XDP, bpffs, veths)")
+    if agent_alive(cfg.name):
+        raise NodeCtlError(f"node {cfg.name!r} is already up (nfactorctl down --name {cfg.name})")
+    if nodeconf.read_state(cfg.name):
+        # A previous agent died: clear what it left running, keep the pins.
+        state = nodeconf.read_state(cfg.name) or {}
+        node_mod.stop_processes([r["pid"] for r in state.get("runtimes", [])
+                                 if r.get("pid") and node_mod._pid_alive(r["pid"])])
+    os.makedirs(cfg.run_dir, mode=0o700, exist_ok=True)
+    logpath = nodeconf.log_path(cfg.name)
+    with open(logpath, "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nfactor_xdp.node", "--config-json", json.dumps(cfg.to_dict())],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise NodeCtlError(f"node {cfg.name!r} failed to start:\n{_log_tail(cfg.name, logpath)}")
+        state = nodeconf.read_state(cfg.name)
+        if state and state.get("phase") == "running" and state.get("agent_pid") == proc.pid:
+            return state
+        time.sleep(0.05)  # polling the agent's state file with a deadline
+    stop(cfg.name)
+    raise NodeCtlError(f"node {cfg.name!r} not running after {timeout}s:\n{_log_tail(cfg.name, logpath)}")
+
+
+def stop(name: str, timeout: float = 30.0, purge: bool = False) -> list[str]:
+    """Stop a node; if its agent is gone, clean up what it left.  Returns what
+    the forced cleanup removed (empty when the agent did it itself)."""
+    state = nodeconf.read_state(name)
+    if state and node_mod._pid_alive(state.get("agent_pid")):
+        pid = state["agent_pid"]
+        os.kill(pid, 15)
+        deadline = time.monotonic() + timeout
+        while node_mod._pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)  # polling the agent's exit with a deadline
+        if node_mod._pid_alive(pid):
+            os.kill(pid, 9)
+    removed = []
+    if nodeconf.read_state(name) is not None or purge or NodeMaps(name).exists():
+        removed = node_mod.force_down(name)
+    return removed
+
+
+def runtime_query(name: str, rt_id: int, op: str, **args) -> dict | None:
+    try:
+        return rtctl.request(nodeconf.runtime_socket(name, rt_id), op, **args)
+    except rtctl.RtctlError:
+        return None
+
+
+def status(name: str) -> dict:
+    state = nodeconf.read_state(name)
+    if state is None:
+        raise NodeCtlError(f"node {name!r} is not up (no {nodeconf.state_path(name)})")
+    out = {"node": name, "phase": state.get("phase"), "agent_pid": state.get("agent_pid"),
+           "agent_alive": node_mod._pid_alive(state.get("agent_pid")),
+           "config": state.get("config"), "xdp_modes": state.get("xdp_modes"),
+           "redirect_error_tracer": state.get("tracer"), "runtimes": [], "switch": {}}
+    with NodeMaps(name) as maps:
+        table = maps.runtime_table() if maps.exists() else {}
+        out["switch"] = maps.counters() if maps.exists() else {}
+        out["switch_flows"] = sum(1 for _ in maps["flows"].keys()) if maps.exists() else 0
+    for rt in state.get("runtimes", []):
+        entry = dict(rt)
+        entry["switch_state"] = table.get(rt["id"], {}).get("state", "none")
+        entry["switch"] = table.get(rt["id"], {}).get("switch", {})
+        live = runtime_query(name, rt["id"], "status")
+        entry["live"] = live is not None
+        if live:
+            for k in ("pid", "flows", "frames", "forwarded", "dropped_by_chain", "dropped_not_flow",
+                      "flows_created", "flows_expired", "xsk", "uptime"):
+                entry[k] = live.get(k)
+        out["runtimes"].append(entry)
+    return out
+
+
+def flows(name: str, limit: int | None = None) -> dict:
+    state = nodeconf.read_state(name)
+    if state is None:
+        raise NodeCtlError(f"node {name!r} is not up")
+    with NodeMaps(name) as maps:
+        placed = {f["key"]: f for f in maps.flows()}
+    actors = {}
+    for rt in state.get("runtimes", []):
+        reply = runtime_query(name, rt["id"], "flows", limit=limit)
+        for a in (reply or {}).get("flows", []):
+            actors[a["key"]] = dict(a, runtime=rt["id"])
+    out = []
+    for key in sorted(set(placed) | set(actors)):
+        p, a = placed.get(key), actors.get(key)
+        out.append({
+            "key": key, "flow": (p or a)["flow"],
+            "switch_runtime": p["runtime"] if p else None,
+            "runtime": a["runtime"] if a else None,
+            "packets": a["packets"] if a else None, "bytes": a["bytes"] if a else None,
+        })
+        if limit and len(out) >= limit:
+            break
+    return {"node": name, "flows": out}
+
+
+def counters_doc() -> dict[str, str]:
+    return dict(L.COUNTER_DOCS)

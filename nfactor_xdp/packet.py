@@ -1,0 +1,119 @@
+"""Frame parsing in the runtime: the same classification as the switch
+(bpf/nfactor_parse.h), yielding the same 40-byte canonical flow key
+(struct nfx_flow_key), so a runtime's flows and the switch's table name a
+flow by identical bytes.
+"""
+from __future__ import annotations
+
+import struct
+
+FLOW = 0   # a TCP/UDP flow: key and direction
+OTHER = 1  # not a flow (ARP, ICMP, non-IP, VLAN, other IP protocols)
+DROP = 2   # malformed
+
+TCP, UDP, ICMP, ICMPV6 = 6, 17, 1, 58
+_V4_PREFIX = b"\0" * 10 + b"\xff\xff"
+_PAD = {TCP: b"\x06\0\0\0", UDP: b"\x11\0\0\0"}
+_IPV6_EXT = {0, 43, 44, 51, 60}
+MAX_IPV6_EXT = 6
+
+# direction of a frame relative to its canonical key
+LO_TO_HI, HI_TO_LO = 0, 1
+
+
+def _key(src: bytes, sport: bytes, dst: bytes, dport: bytes, proto: int) -> tuple[bytes, int]:
+    # (addr, port) compared as big-endian numbers == compared as bytes
+    if src + sport > dst + dport:
+        return dst + src + dport + sport + _PAD[proto], HI_TO_LO
+    return src + dst + sport + dport + _PAD[proto], LO_TO_HI
+
+
+def _ports(frame, off: int, end: int, proto: int) -> bytes | None:
+    if proto == TCP:
+        if off + 20 > end:
+            return None
+        doff = frame[off + 12] >> 4
+        if doff < 5 or off + doff * 4 > end:
+            return None
+    else:
+        if off + 8 > end or ((frame[off + 4] << 8) | frame[off + 5]) < 8:
+            return None
+    return bytes(frame[off:off + 4])
+
+
+def classify(frame) -> tuple[int, bytes | None, int, int]:
+    """Returns (kind, key, direction, l4 offset).  `frame` is bytes-like.
+    l4 offset is -1 when the frame has no L4 header to read (fragments)."""
+    end = len(frame)
+    if end < 14:
+        return DROP, None, 0, -1
+    et = (frame[12] << 8) | frame[13]
+    if et == 0x0800:
+        if end < 34:
+            return DROP, None, 0, -1
+        vihl = frame[14]
+        ihl = (vihl & 0x0F) * 4
+        tot = (frame[16] << 8) | frame[17]
+        if vihl >> 4 != 4 or ihl < 20 or 14 + ihl > end or tot < ihl or 14 + tot > end:
+            return DROP, None, 0, -1
+        proto = frame[23]
+        if proto != TCP and proto != UDP:
+            return OTHER, None, 0, -1
+        addrs = bytes(frame[26:34])
+        src, dst = _V4_PREFIX + addrs[:4], _V4_PREFIX + addrs[4:]
+        if (frame[20] & 0x3F) or frame[21]:  # MF or offset: a fragment
+            key, d = _key(src, b"\0\0", dst, b"\0\0", proto)
+            return FLOW, key, d, -1
+        l4 = 14 + ihl
+        ports = _ports(frame, l4, end, proto)
+        if ports is None:
+            return DROP, None, 0, -1
+        key, d = _key(src, ports[:2], dst, ports[2:], proto)
+        return FLOW, key, d, l4
+    if et == 0x86DD:
+        if end < 54 or frame[14] >> 4 != 6 or 54 + ((frame[18] << 8) | frame[19]) > end:
+            return DROP, None, 0, -1
+        nxt, off, fragment = frame[20], 54, False
+        for _ in range(MAX_IPV6_EXT):
+            if nxt not in _IPV6_EXT:
+                break
+            if off + 8 > end:
+                return DROP, None, 0, -1
+            if nxt == 44:
+                fragment = fragment or bool(((frame[off + 2] << 8) | frame[off + 3]) & 0xFFF9)
+                step = 8
+            elif nxt == 51:
+                step = (frame[off + 1] + 2) * 4
+            else:
+                step = (frame[off + 1] + 1) * 8
+            nxt, off = frame[off], off + step
+        if nxt != TCP and nxt != UDP:
+            return (DROP if nxt in _IPV6_EXT else OTHER), None, 0, -1
+        if off > end:
+            return DROP, None, 0, -1
+        src, dst = bytes(frame[22:38]), bytes(frame[38:54])
+        if fragment:
+            key, d = _key(src, b"\0\0", dst, b"\0\0", nxt)
+            return FLOW, key, d, -1
+        ports = _ports(frame, off, end, nxt)
+        if ports is None:
+            return DROP, None, 0, -1
+        key, d = _key(src, ports[:2], dst, ports[2:], nxt)
+        return FLOW, key, d, off
+    return OTHER, None, 0, -1
+
+
+_TCP_FIN, _TCP_RST = 0x01, 0x04
+
+
+def tcp_flags(frame, l4: int) -> int:
+    return frame[l4 + 13] if l4 >= 0 else 0
+
+
+def describe_key(key: bytes) -> str:
+    from .maps import FlowKey
+    return str(FlowKey.from_bytes(key))
+
+
+KEY_SIZE = 40
+assert struct.calcsize("16s16sHHB3x") == KEY_SIZE

@@ -1,0 +1,652 @@
+"""The built-in default testbed: two hosts and the node, in three namespaces.
+
+The node is a bump in the wire between a source host and a sink host:
+
+    NAME-src                 NAME-node                 NAME-dst
+    eth0  <--- veth --->  ext0   ext1  <--- veth --->  eth0
+    10.77.0.1/24                                       10.77.0.2/24
+    fd77::1/64                                         fd77::2/64
+
+The node's ports carry no addresses and have IPv6 disabled: whatever the node
+attaches to them (XDP) is the only thing that moves frames between the hosts.
+
+Host details that matter (see the platform notes):
+- GRO is on on the hosts' eth0 so the veth has NAPI: frames the node
+  XDP-redirects into ext0/ext1 are then received by the host instead of
+  silently vanishing;
+- transmit checksum offload is off on the hosts' eth0: partial checksums are
+  not completed across the XDP/AF_XDP path;
+- IPv6 addresses are added without DAD, with no link-local address and no
+  router solicitations, and both hosts hold permanent neighbour entries for
+  each other, so a test's traffic needs no ARP or ND.
+
+The configuration is kept in a state file under STATE_DIR so that `show` and
+`down` work from another process (`Testbed.load(name)`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import errno
+import ipaddress
+import json
+import os
+import re
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from . import netns
+
+STATE_DIR = "/run/nfactor"
+
+IFNAMSIZ = 16  # the kernel's limit, NUL included: names have at most 15 bytes
+# The longest name derived from a testbed's name is f"{name}-node"; keeping it
+# within an interface name's limit lets other modules reuse derived names for
+# interfaces, comm names and the like.
+MAX_NAME_LEN = IFNAMSIZ - 1 - len("-node")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+_MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+
+ROLES = ("src", "dst", "node")
+HOSTS = ("src", "dst")
+PORTS = ("ext0", "ext1")  # keys of show()["node"]["ports"]; ext0 faces src
+
+# IPv6 settings of the hosts' interfaces.  Quiet: no router solicitations or
+# autoconf, no DAD, no link-local address (the static neighbour entries need
+# no ND); and the MLD reports that cannot be avoided go out at once instead of
+# over the next second or two (report intervals of 1 ms instead of 1 s).
+HOST_IPV6_CONF = (
+    ("accept_ra", 0),
+    ("router_solicitations", 0),
+    ("accept_dad", 0),
+    ("addr_gen_mode", 1),  # none
+    ("mldv1_unsolicited_report_interval", 1),
+    ("mldv2_unsolicited_report_interval", 1),
+)
+
+IFA_F_NODAD = 0x02
+IFA_F_TENTATIVE = 0x40
+IFA_F_DADFAILED = 0x08
+NUD_PERMANENT = 0x80
+IFF_UP = 0x1
+
+
+class TestbedError(Exception):
+    """The testbed could not be built, inspected or removed."""
+
+
+class TestbedExists(TestbedError):
+    """Some namespace of the testbed already exists."""
+
+
+# --------------------------------------------------------------------------
+# configuration
+
+
+def validate_name(name: Any) -> str:
+    """Check a testbed name; return it or raise ValueError."""
+    if not isinstance(name, str):
+        raise ValueError(f"testbed name must be a string, not {type(name).__name__}")
+    if not name:
+        raise ValueError("testbed name must not be empty")
+    if len(name) > MAX_NAME_LEN:
+        raise ValueError(
+            f"testbed name {name!r} is too long ({len(name)} > {MAX_NAME_LEN} "
+            f"characters): {name + '-node'!r} must stay within {IFNAMSIZ - 1} characters"
+        )
+    if not _NAME_RE.match(name):
+        raise ValueError(
+            f"testbed name {name!r} is invalid: use letters, digits, '_' and '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def validate_ifname(ifname: Any, what: str = "interface name") -> str:
+    """The kernel's rules for a network device name (dev_valid_name)."""
+    if not isinstance(ifname, str) or not ifname:
+        raise ValueError(f"{what} must be a non-empty string, not {ifname!r}")
+    if len(ifname.encode()) > IFNAMSIZ - 1:
+        raise ValueError(f"{what} {ifname!r} is longer than {IFNAMSIZ - 1} bytes")
+    if ifname in (".", "..") or any(c in "/:" or c.isspace() for c in ifname):
+        raise ValueError(f"{what} {ifname!r} is invalid (no '/', ':', spaces, '.' or '..')")
+    return ifname
+
+
+def _check_mac(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not _MAC_RE.match(value.lower()):
+        raise ValueError(f"{what} {value!r} is not a MAC address like 02:77:00:00:00:01")
+    mac = value.lower()
+    first = int(mac[:2], 16)
+    if first & 1:
+        raise ValueError(f"{what} {mac} is a multicast address")
+    if mac == "00:00:00:00:00:00":
+        raise ValueError(f"{what} must not be all zeros")
+    return mac
+
+
+def _check_host_pair(version: int, src: Any, dst: Any, prefixlen: Any) -> tuple[str, str]:
+    kind = f"IPv{version}"
+    bits = 32 if version == 4 else 128
+    if isinstance(prefixlen, bool) or not isinstance(prefixlen, int) or not 1 <= prefixlen <= bits:
+        raise ValueError(f"{kind} prefix length must be an integer in 1..{bits}, not {prefixlen!r}")
+    addrs = []
+    for role, value in (("src", src), ("dst", dst)):
+        try:
+            addr = ipaddress.ip_address(value)
+        except ValueError:
+            raise ValueError(f"{role} {kind} address {value!r} is not an IP address") from None
+        if addr.version != version:
+            raise ValueError(f"{role} {kind} address {value!r} is not an {kind} address")
+        if addr.is_multicast or addr.is_unspecified or addr.is_loopback or addr.is_link_local:
+            raise ValueError(f"{role} {kind} address {value} is not a usable unicast address")
+        addrs.append(addr)
+    if addrs[0] == addrs[1]:
+        raise ValueError(f"src and dst {kind} addresses are the same ({addrs[0]})")
+    net = ipaddress.ip_network(f"{addrs[0]}/{prefixlen}", strict=False)
+    if addrs[1] not in net:
+        raise ValueError(f"src and dst {kind} addresses {addrs[0]} and {addrs[1]} are not in one /{prefixlen}")
+    if version == 4 and prefixlen < 31:
+        for role, addr in zip(("src", "dst"), addrs):
+            if addr in (net.network_address, net.broadcast_address):
+                raise ValueError(f"{role} IPv4 address {addr} is the network or broadcast address of {net}")
+    return str(addrs[0]), str(addrs[1])
+
+
+@dataclass(frozen=True)
+class TestbedConfig:
+    """The address plan of a testbed; the defaults are the built-in testbed."""
+
+    __test__ = False  # not a pytest test class despite the name
+
+    name: str = "nfx"
+    host_ifname: str = "eth0"  # each host's interface
+    port0_ifname: str = "ext0"  # node port facing src
+    port1_ifname: str = "ext1"  # node port facing dst
+    src_mac: str = "02:77:00:00:00:01"
+    dst_mac: str = "02:77:00:00:00:02"
+    port0_mac: str = "02:77:00:00:01:00"
+    port1_mac: str = "02:77:00:00:01:01"
+    src_ipv4: str = "10.77.0.1"
+    dst_ipv4: str = "10.77.0.2"
+    ipv4_prefixlen: int = 24
+    src_ipv6: str = "fd77::1"
+    dst_ipv6: str = "fd77::2"
+    ipv6_prefixlen: int = 64
+
+    def __post_init__(self) -> None:
+        validate_name(self.name)
+        validate_ifname(self.host_ifname, "host interface name")
+        validate_ifname(self.port0_ifname, "node port 0 name")
+        validate_ifname(self.port1_ifname, "node port 1 name")
+        if self.port0_ifname == self.port1_ifname:
+            raise ValueError(f"node ports must have different names (both {self.port0_ifname!r})")
+        macs = {}
+        for field in ("src_mac", "dst_mac", "port0_mac", "port1_mac"):
+            mac = _check_mac(getattr(self, field), field)
+            if mac in macs:
+                raise ValueError(f"{field} {mac} is the same as {macs[mac]}")
+            macs[mac] = field
+            object.__setattr__(self, field, mac)
+        v4 = _check_host_pair(4, self.src_ipv4, self.dst_ipv4, self.ipv4_prefixlen)
+        v6 = _check_host_pair(6, self.src_ipv6, self.dst_ipv6, self.ipv6_prefixlen)
+        # store the canonical text (e.g. "fd77:0::1" -> "fd77::1")
+        object.__setattr__(self, "src_ipv4", v4[0])
+        object.__setattr__(self, "dst_ipv4", v4[1])
+        object.__setattr__(self, "src_ipv6", v6[0])
+        object.__setattr__(self, "dst_ipv6", v6[1])
+
+    # derived names -------------------------------------------------------
+    def netns_name(self, role: str) -> str:
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r} (one of {', '.join(ROLES)})")
+        return f"{self.name}-{role}"
+
+    @property
+    def namespaces(self) -> dict[str, str]:
+        return {role: self.netns_name(role) for role in ROLES}
+
+    def host(self, role: str) -> dict[str, Any]:
+        """The planned settings of host `role` ("src" or "dst")."""
+        if role not in HOSTS:
+            raise ValueError(f"unknown host {role!r} (src or dst)")
+        peer = "dst" if role == "src" else "src"
+        return {
+            "netns": self.netns_name(role),
+            "ifname": self.host_ifname,
+            "mac": getattr(self, f"{role}_mac"),
+            "ipv4": getattr(self, f"{role}_ipv4"),
+            "ipv6": getattr(self, f"{role}_ipv6"),
+            "peer_mac": getattr(self, f"{peer}_mac"),
+            "peer_ipv4": getattr(self, f"{peer}_ipv4"),
+            "peer_ipv6": getattr(self, f"{peer}_ipv6"),
+            "port": self.port0_ifname if role == "src" else self.port1_ifname,
+            "port_mac": self.port0_mac if role == "src" else self.port1_mac,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TestbedConfig":
+        if not isinstance(data, dict):
+            raise ValueError(f"testbed config must be a mapping, not {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown testbed config field(s): {', '.join(unknown)}")
+        return cls(**data)
+
+
+def state_path(name: str) -> str:
+    return os.path.join(STATE_DIR, f"testbed-{validate_name(name)}.json")
+
+
+def list_testbeds() -> list[str]:
+    """Testbeds known on this machine: those with a state file, plus those whose
+    three namespaces exist without one (e.g. after the state file was lost)."""
+    names: set[str] = set()
+    try:
+        entries = os.listdir(STATE_DIR)
+    except FileNotFoundError:
+        entries = []
+    for entry in entries:
+        m = re.match(r"^testbed-(.+)\.json$", entry)
+        if m:
+            try:
+                names.add(validate_name(m.group(1)))
+            except ValueError:
+                pass
+    present = set(netns.listing())
+    for ns in present:
+        if ns.endswith("-node"):
+            name = ns[: -len("-node")]
+            if f"{name}-src" in present and f"{name}-dst" in present:
+                try:
+                    names.add(validate_name(name))
+                except ValueError:
+                    pass
+    return sorted(names)
+
+
+# --------------------------------------------------------------------------
+# helpers that run inside a namespace
+
+
+def _sysctl_set(key: str, value: int | str) -> None:
+    """Write /proc/sys/net/<key> of the calling thread's namespace."""
+    with open(f"/proc/sys/net/{key}", "w") as f:
+        f.write(f"{value}\n")
+
+
+def _sysctl_get(key: str) -> str:
+    with open(f"/proc/sys/net/{key}") as f:
+        return f.read().strip()
+
+
+def _link_index(ipr: IPRoute, ifname: str) -> int | None:
+    found = ipr.link_lookup(ifname=ifname)
+    return found[0] if found else None
+
+
+def _ethtool(ns: str, args: list[str]) -> str:
+    try:
+        return netns.run(ns, ["ethtool", *args]).stdout
+    except FileNotFoundError:
+        raise TestbedError("ethtool is not installed (Debian package 'ethtool'; vm/provision.sh installs it)") from None
+    except subprocess.CalledProcessError as e:
+        raise TestbedError(
+            f"ethtool {' '.join(args)} failed in {ns}: {(e.stderr or e.stdout or '').strip()}"
+        ) from None
+
+
+def offloads(ns: str, ifname: str) -> dict[str, bool]:
+    """GRO and transmit checksum offload of `ifname` in namespace `ns` (from `ethtool -k`)."""
+    features = {}
+    for line in _ethtool(ns, ["-k", ifname]).splitlines():
+        key, sep, rest = line.partition(":")
+        if sep and rest.strip():
+            features[key.strip()] = rest.split()[0] == "on"
+    try:
+        return {"gro": features["generic-receive-offload"], "tx_checksum": features["tx-checksumming"]}
+    except KeyError as e:
+        raise TestbedError(f"ethtool -k {ifname} in {ns} reports no {e.args[0]!r}") from None
+
+
+# --------------------------------------------------------------------------
+
+
+class Testbed:
+    __test__ = False  # not a pytest test class despite the name
+
+    def __init__(self, config: TestbedConfig | None = None, name: str | None = None):
+        if config is None:
+            config = TestbedConfig() if name is None else TestbedConfig(name=name)
+        elif name is not None and name != config.name:
+            config = dataclasses.replace(config, name=name)
+        self.config = config
+
+    def __repr__(self) -> str:
+        return f"Testbed(name={self.name!r})"
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def namespaces(self) -> dict[str, str]:
+        return self.config.namespaces
+
+    @property
+    def state_path(self) -> str:
+        return state_path(self.name)
+
+    # state file ------------------------------------------------------------
+    @classmethod
+    def load(cls, name: str) -> "Testbed":
+        """The testbed `name` as recorded by `up` (possibly in another process)."""
+        path = state_path(name)
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            raise TestbedError(f"no testbed {name!r}: state file {path} not found") from None
+        except (OSError, ValueError) as e:
+            raise TestbedError(f"cannot read testbed state {path}: {e}") from None
+        try:
+            config = TestbedConfig.from_dict(data["config"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise TestbedError(f"bad testbed state {path}: {e}") from None
+        if config.name != name:
+            raise TestbedError(f"bad testbed state {path}: it describes testbed {config.name!r}")
+        return cls(config)
+
+    def _write_state(self) -> None:
+        os.makedirs(STATE_DIR, exist_ok=True)
+        path = self.state_path
+        tmp = f"{path}.{os.getpid()}.tmp"
+        data = {"version": 1, "created": time.time(), "config": self.config.to_dict()}
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+
+    def _remove_state(self) -> bool:
+        try:
+            os.unlink(self.state_path)
+            return True
+        except FileNotFoundError:
+            return False
+
+    # up ----------------------------------------------------------------------
+    def up(self) -> dict:
+        """Build the testbed; return `show()`.
+
+        Raises TestbedExists if any of its namespaces exists already.  A failure
+        half-way removes what this call built and re-raises the error."""
+        cfg = self.config
+        present = [ns for ns in cfg.namespaces.values() if netns.exists(ns)]
+        if present:
+            raise TestbedExists(
+                f"testbed {cfg.name!r} already exists (namespace(s) {', '.join(present)}); "
+                f"remove it first with Testbed(name={cfg.name!r}).down() "
+                f"(or: " + "; ".join(f"ip netns delete {ns}" for ns in present) + ")"
+            )
+        created: list[str] = []
+        wrote_state = False
+        step = "writing the state file"
+        try:
+            self._write_state()
+            wrote_state = True
+            for role in ROLES:
+                step = f"creating namespace {cfg.netns_name(role)}"
+                try:
+                    netns.create(cfg.netns_name(role))
+                except netns.NetnsError as e:  # lost a race with another `up`
+                    raise TestbedExists(str(e)) from None
+                created.append(cfg.netns_name(role))
+            for role in HOSTS:
+                step = f"preparing host {cfg.netns_name(role)}"
+                self._prepare_host(role)
+            step = "creating the veth pairs"
+            self._build_node()
+            for role in HOSTS:
+                step = f"configuring host {cfg.netns_name(role)}"
+                self._build_host(role)
+            step = "checking host offloads"
+            self._check_offloads()
+            step = "waiting for the hosts to fall quiet"
+            self._settle()
+        except BaseException as e:
+            e.add_note(f"testbed {cfg.name!r}: failed while {step}; removed what was built")
+            self._rollback(created, wrote_state)
+            raise
+        return self.show()
+
+    def _rollback(self, created: list[str], wrote_state: bool) -> None:
+        for ns in reversed(created):
+            try:
+                netns.remove(ns)
+            except Exception:
+                pass
+        if wrote_state:
+            self._remove_state()
+
+    def _build_node(self) -> None:
+        cfg = self.config
+        node = cfg.netns_name("node")
+        pairs = [
+            (cfg.port0_ifname, cfg.port0_mac, cfg.netns_name("src"), cfg.src_mac),
+            (cfg.port1_ifname, cfg.port1_mac, cfg.netns_name("dst"), cfg.dst_mac),
+        ]
+        with netns.entered(node), IPRoute() as ipr:
+            ipr.link("set", index=_link_index(ipr, "lo"), state="up")
+            for port, port_mac, host_ns, host_mac in pairs:
+                # The veth is created in the node's namespace with its peer
+                # placed straight into the host's: no end ever shows up in
+                # the caller's namespace, so testbeds cannot collide there.
+                fd = os.open(netns.path(host_ns), os.O_RDONLY)
+                try:
+                    ipr.link(
+                        "add",
+                        ifname=port,
+                        kind="veth",
+                        address=port_mac,
+                        peer={"ifname": cfg.host_ifname, "address": host_mac, "net_ns_fd": fd},
+                    )
+                finally:
+                    os.close(fd)
+                # before the link goes up, so it never gets a link-local address
+                _sysctl_set(f"ipv6/conf/{port}/disable_ipv6", 1)
+            for port, *_ in pairs:
+                ipr.link("set", index=_link_index(ipr, port), state="up")
+
+    def _prepare_host(self, role: str) -> None:
+        """Before the host's interface exists: lo up, and IPv6 defaults that
+        the interface inherits when it is born in this namespace."""
+        with netns.entered(self.config.netns_name(role)), IPRoute() as ipr:
+            ipr.link("set", index=_link_index(ipr, "lo"), state="up")
+            for key, value in HOST_IPV6_CONF:
+                _sysctl_set(f"ipv6/conf/default/{key}", value)
+
+    def _build_host(self, role: str) -> None:
+        h = self.config.host(role)
+        ns, ifname = h["netns"], h["ifname"]
+        with netns.entered(ns), IPRoute() as ipr:
+            idx = _link_index(ipr, ifname)
+            if idx is None:
+                raise TestbedError(f"{ifname} did not appear in {ns}")
+            for key, value in HOST_IPV6_CONF:
+                _sysctl_set(f"ipv6/conf/{ifname}/{key}", value)
+            # offloads before the link carries traffic
+            _ethtool(ns, ["-K", ifname, "tx", "off", "gro", "on"])
+            ipr.link("set", index=idx, state="up")
+            ipr.addr("add", index=idx, address=h["ipv4"], prefixlen=self.config.ipv4_prefixlen)
+            ipr.addr("add", index=idx, address=h["ipv6"], prefixlen=self.config.ipv6_prefixlen,
+                     flags=IFA_F_NODAD)
+            # after the link is up: taking a link down flushes even permanent entries
+            for family, dst in ((socket.AF_INET, h["peer_ipv4"]), (socket.AF_INET6, h["peer_ipv6"])):
+                ipr.neigh("add", family=family, dst=dst, lladdr=h["peer_mac"], ifindex=idx,
+                          state=NUD_PERMANENT)
+
+    def _check_offloads(self) -> None:
+        for role in HOSTS:
+            ns = self.config.netns_name(role)
+            got = offloads(ns, self.config.host_ifname)
+            if not got["gro"] or got["tx_checksum"]:
+                raise TestbedError(
+                    f"{self.config.host_ifname} in {ns}: wanted GRO on and tx checksumming off, "
+                    f"ethtool reports gro={'on' if got['gro'] else 'off'}, "
+                    f"tx-checksumming={'on' if got['tx_checksum'] else 'off'}"
+                )
+
+    def _settle(self, quiet: float = 0.1, deadline: float = 2.0) -> None:
+        """Wait until no frame has reached the node's ports for `quiet` seconds.
+
+        The hosts send a few MLD reports after their link and address come up
+        (the report interval is shortened to 1 ms above, so they are over in
+        some 20 ms); waiting here means a test that counts frames at the node
+        starts from silence."""
+        cfg = self.config
+        with netns.entered(cfg.netns_name("node")), IPRoute() as ipr:
+            indexes = [_link_index(ipr, p) for p in (cfg.port0_ifname, cfg.port1_ifname)]
+
+            def counters() -> list[int]:
+                return [ipr.get_links(i)[0].get("IFLA_STATS64")["rx_packets"] for i in indexes]
+
+            end = time.monotonic() + deadline
+            last, since = counters(), time.monotonic()
+            while time.monotonic() < end:
+                time.sleep(0.01)
+                now = counters()
+                if now != last:
+                    last, since = now, time.monotonic()
+                elif time.monotonic() - since >= quiet:
+                    return
+
+    # down --------------------------------------------------------------------
+    def down(self) -> list[str]:
+        """Remove the testbed's namespaces (the veths go with them) and its state
+        file.  Idempotent; missing pieces are fine.  Returns what it removed."""
+        cfg = self.config
+        removed: list[str] = []
+        errors: list[str] = []
+        node = cfg.netns_name("node")
+        # Cut the wires first: a process still inside a namespace keeps it (and
+        # its veths) alive after the name is gone.
+        if netns.exists(node):
+            try:
+                with netns.entered(node), IPRoute() as ipr:
+                    for port in (cfg.port0_ifname, cfg.port1_ifname):
+                        idx = _link_index(ipr, port)
+                        if idx is not None:
+                            try:
+                                ipr.link("del", index=idx)
+                            except NetlinkError as e:
+                                if e.code != errno.ENODEV:
+                                    raise
+            except Exception as e:
+                errors.append(f"deleting the ports in {node}: {e}")
+        for role in ("node", "src", "dst"):
+            ns = cfg.netns_name(role)
+            if netns.exists(ns):
+                try:
+                    netns.remove(ns)
+                    removed.append(ns)
+                except Exception as e:
+                    errors.append(f"removing namespace {ns}: {e}")
+        if self._remove_state():
+            removed.append(self.state_path)
+        if errors:
+            raise TestbedError(f"testbed {cfg.name!r} not fully removed: " + "; ".join(errors))
+        return removed
+
+    # show --------------------------------------------------------------------
+    def show(self, with_offloads: bool = True) -> dict:
+        """The testbed as the live system has it (missing parts are None).
+
+        "up" is true when all three namespaces and four interfaces exist, the
+        interfaces are administratively up and the hosts have their addresses.
+        With `with_offloads`, each present host also reports
+        "offloads": {"gro": bool, "tx_checksum": bool} (from ethtool)."""
+        cfg = self.config
+        info: dict[str, Any] = {
+            "name": cfg.name,
+            "namespaces": dict(cfg.namespaces),
+            "hosts": {},
+            "node": {"netns": cfg.netns_name("node"), "ports": {}},
+            "up": False,
+        }
+        ok = True
+        for role in HOSTS:
+            host = self._show_host(role, with_offloads)
+            info["hosts"][role] = host
+            ok = ok and host["up"] and host["ipv4"] == cfg.host(role)["ipv4"] \
+                and host["ipv6"] == cfg.host(role)["ipv6"]
+        ports = self._show_ports()
+        info["node"]["ports"] = ports
+        ok = ok and all(p["up"] for p in ports.values())
+        info["up"] = bool(ok)
+        return info
+
+    @staticmethod
+    def _link_info(ipr: IPRoute, ifname: str) -> dict[str, Any] | None:
+        idx = _link_index(ipr, ifname)
+        if idx is None:
+            return None
+        link = ipr.get_links(idx)[0]
+        return {
+            "ifindex": idx,
+            "mac": link.get("IFLA_ADDRESS"),
+            "up": bool(link["flags"] & IFF_UP),
+            "operstate": link.get("IFLA_OPERSTATE"),
+        }
+
+    def _show_host(self, role: str, with_offloads: bool) -> dict[str, Any]:
+        plan = self.config.host(role)
+        ns, ifname = plan["netns"], plan["ifname"]
+        host: dict[str, Any] = {"netns": ns, "ifname": ifname, "mac": None, "ipv4": None,
+                                "ipv6": None, "ifindex": None, "up": False, "operstate": None}
+        if not netns.exists(ns):
+            return host
+        with netns.entered(ns), IPRoute() as ipr:
+            link = self._link_info(ipr, ifname)
+            if link is None:
+                return host
+            host.update(link)
+            for family, key in ((socket.AF_INET, "ipv4"), (socket.AF_INET6, "ipv6")):
+                addrs = [
+                    a.get("IFA_ADDRESS")
+                    for a in ipr.get_addr(family=family, index=link["ifindex"])
+                    if a["scope"] == 0
+                    and not (a.get("IFA_FLAGS", a["flags"]) & (IFA_F_TENTATIVE | IFA_F_DADFAILED))
+                ]
+                if addrs:
+                    host[key] = plan[key] if plan[key] in addrs else addrs[0]
+        if with_offloads:
+            host["offloads"] = offloads(ns, ifname)
+        return host
+
+    def _show_ports(self) -> dict[str, dict[str, Any]]:
+        cfg = self.config
+        node = cfg.netns_name("node")
+        ports: dict[str, dict[str, Any]] = {}
+        names = dict(zip(PORTS, (cfg.port0_ifname, cfg.port1_ifname)))
+        for key, ifname in names.items():
+            ports[key] = {"ifname": ifname, "mac": None, "ifindex": None, "up": False, "operstate": None}
+        if not netns.exists(node):
+            return ports
+        with netns.entered(node), IPRoute() as ipr:
+            for key, ifname in names.items():
+                link = self._link_info(ipr, ifname)
+                if link is not None:
+                    ports[key].update(link)
+        return ports
+
+    def is_up(self) -> bool:
+        return self.show(with_offloads=False)["up"]

@@ -1,0 +1,729 @@
+"""A pure-Python AF_XDP socket (socket + ctypes + mmap, no libxdp).
+
+One `XskSocket` owns one UMEM and the four rings of one socket bound to one
+(device, queue).  Frames cycle through the UMEM without ever being copied in
+Python:
+
+    FILL --kernel--> RX --forward_batch/handler--> TX --kernel--> COMPLETION
+      ^                          | handler returned False                |
+      +--------------------------+---------------------------------------+
+
+plus a small reserve of frames kept out of FILL (`_free`) for `send_frame`,
+which injects frames the node builds itself (e.g. migration markers).
+
+Memory ordering: the rings are single-producer/single-consumer queues shared
+with the kernel.  On x86 (TSO) stores are not reordered with older stores and
+loads are not reordered with older loads, so writing descriptors and then the
+producer index, or reading the producer index and then the descriptors, with
+plain loads and stores through memoryview casts is enough.  A weakly ordered
+architecture (arm64, ...) would need acquire/release barriers around the index
+accesses; this module does not provide them.
+
+The socket binds to the device in the network namespace the socket was
+*created* in, so create `XskSocket` while inside the namespace of the device.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno as _errno
+import mmap
+import os
+import select
+import socket
+import struct
+import time
+from array import array
+
+__all__ = [
+    "AF_XDP", "SOL_XDP", "XDP_COPY", "XDP_ZEROCOPY", "XDP_USE_NEED_WAKEUP",
+    "XskError", "Ring", "XskSocket",
+]
+
+# --- UAPI constants (linux/if_xdp.h) ---------------------------------------
+AF_XDP = 44
+SOL_XDP = 283
+
+XDP_SHARED_UMEM = 1 << 0
+XDP_COPY = 1 << 1
+XDP_ZEROCOPY = 1 << 2
+XDP_USE_NEED_WAKEUP = 1 << 3
+
+XDP_RING_NEED_WAKEUP = 1 << 0
+
+XDP_MMAP_OFFSETS = 1
+XDP_RX_RING = 2
+XDP_TX_RING = 3
+XDP_UMEM_REG = 4
+XDP_UMEM_FILL_RING = 5
+XDP_UMEM_COMPLETION_RING = 6
+XDP_STATISTICS = 7
+XDP_OPTIONS = 8
+XDP_MAX_TX_SKB_BUDGET = 9
+
+XDP_OPTIONS_ZEROCOPY = 1 << 0
+
+XDP_PGOFF_RX_RING = 0
+XDP_PGOFF_TX_RING = 0x80000000
+XDP_UMEM_PGOFF_FILL_RING = 0x100000000
+XDP_UMEM_PGOFF_COMPLETION_RING = 0x180000000
+
+# The kernel puts received data XDP_PACKET_HEADROOM bytes into the chunk (copy
+# mode), after the UMEM headroom.
+XDP_PACKET_HEADROOM = 256
+
+_SOCKADDR_XDP = struct.Struct("HHIII")       # family, flags, ifindex, queue_id, shared_umem_fd
+_UMEM_REG = struct.Struct("QQIIII")          # addr, len, chunk_size, headroom, flags, tx_metadata_len
+_MMAP_OFFSETS_LEN = 16 * 8                   # 4 x {producer, consumer, desc, flags}
+_MMAP_OFFSETS_V1_LEN = 12 * 8                # before 5.4: no flags
+_STATS_FIELDS = ("rx_dropped", "rx_invalid_descs", "tx_invalid_descs",
+                 "rx_ring_full", "rx_fill_ring_empty_descs", "tx_ring_empty_descs")
+
+U32 = 0xFFFFFFFF
+
+# errnos the copy-mode TX kick may return without anything being wrong:
+# EAGAIN (skb budget used up, completion ring full, device busy: kick again),
+# EBUSY (skb dropped by the device), ENOBUFS, ENETDOWN (device/peer down).
+_KICK_TOLERATED = {
+    _errno.EAGAIN: "tx_kick_eagain",
+    _errno.EBUSY: "tx_kick_ebusy",
+    _errno.ENOBUFS: "tx_kick_enobufs",
+    _errno.ENETDOWN: "tx_kick_enetdown",
+}
+_KICK_RETRIES = 8
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.bind.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+_libc.bind.restype = ctypes.c_int
+
+
+class XskError(OSError):
+    """Setting up or binding an AF_XDP socket failed."""
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+# --- rings -----------------------------------------------------------------
+class Ring:
+    """One AF_XDP ring: index arithmetic over shared memory.
+
+    `buf` is anything exporting a writable buffer (the ring's mmap, or a
+    bytearray in tests); `producer`, `consumer`, `desc` and `flags` are byte
+    offsets into it (`flags` may be None).  `words` is the size of an entry in
+    u64: 1 for FILL/COMPLETION (an address), 2 for RX/TX (a descriptor
+    {u64 addr; u32 len; u32 options}, read as addr, then len | options << 32).
+
+    Indices are free-running u32 counters: the number of entries in the ring is
+    (producer - consumer) mod 2**32, the slot of index i is i & (size - 1).
+
+    The user side of a ring is either its producer (FILL, TX: `free`, `push`)
+    or its consumer (RX, COMPLETION: `available`, `peek`, `release`).  It keeps
+    its own index cached in `.cached` and publishes it with one store per
+    batch; the kernel's index is read from memory every time.
+    """
+
+    __slots__ = ("size", "mask", "words", "prod", "cons", "flags", "desc", "cached",
+                 "_views")
+
+    def __init__(self, buf, size: int, producer: int, consumer: int, desc: int,
+                 flags: int | None = None, *, words: int = 1, user_produces: bool):
+        if not _is_pow2(size):
+            raise ValueError(f"ring size must be a power of two, not {size}")
+        if words not in (1, 2):
+            raise ValueError("words must be 1 or 2")
+        whole = memoryview(buf)
+        self.size = size
+        self.mask = size - 1
+        self.words = words
+        self.prod = whole[producer:producer + 4].cast("I")
+        self.cons = whole[consumer:consumer + 4].cast("I")
+        self.flags = whole[flags:flags + 4].cast("I") if flags is not None else None
+        self.desc = whole[desc:desc + size * words * 8].cast("Q")
+        whole.release()
+        self._views = [v for v in (self.prod, self.cons, self.flags, self.desc) if v is not None]
+        self.cached = self.prod[0] if user_produces else self.cons[0]
+
+    # producer side (FILL, TX) ---------------------------------------------
+    def free(self) -> int:
+        """Entries the user may still produce."""
+        return self.size - ((self.cached - self.cons[0]) & U32)
+
+    def outstanding(self) -> int:
+        """Entries produced by the user and not yet consumed by the kernel."""
+        return (self.cached - self.cons[0]) & U32
+
+    def push(self, words) -> int:
+        """Write the entries in `words` (a flat sequence of u64, `words` per
+        entry) at the producer index and publish them with one store.  The
+        caller checks `free()` first; returns the number of entries."""
+        n = len(words) // self.words
+        if not n:
+            return 0
+        start = self.cached
+        self._write(start, words, n)
+        self.cached = (start + n) & U32
+        self.prod[0] = self.cached
+        return n
+
+    def _write(self, start: int, words, n: int) -> None:
+        w = self.words
+        i = (start & self.mask) * w
+        end = i + n * w
+        limit = self.size * w
+        if not isinstance(words, array):
+            words = array("Q", words)
+        if end <= limit:
+            self.desc[i:end] = words
+        else:
+            first = limit - i
+            self.desc[i:limit] = words[:first]
+            self.desc[0:end - limit] = words[first:]
+
+    def push_from(self, src: "Ring", n: int) -> None:
+        """Produce the next `n` entries of consumer ring `src` (not consumed
+        from it: call src.release) with memory-to-memory copies, no Python
+        ints.  Both rings must have the same entry size; the caller checks
+        `free()` and `src.available()`."""
+        w = self.words
+        si, di = src.cached, self.cached
+        left = n
+        while left:
+            s_slot, d_slot = si & src.mask, di & self.mask
+            k = min(left, src.size - s_slot, self.size - d_slot)
+            self.desc[d_slot * w:(d_slot + k) * w] = src.desc[s_slot * w:(s_slot + k) * w]
+            si += k
+            di += k
+            left -= k
+        self.cached = di & U32
+        self.prod[0] = self.cached
+
+    # consumer side (RX, COMPLETION) ---------------------------------------
+    def available(self) -> int:
+        """Entries the kernel produced that the user has not consumed."""
+        return (self.prod[0] - self.cached) & U32
+
+    def peek(self, n: int) -> list[int]:
+        """The next `n` entries (n <= available()) as a flat list of u64,
+        without consuming them."""
+        w = self.words
+        i = (self.cached & self.mask) * w
+        end = i + n * w
+        limit = self.size * w
+        if end <= limit:
+            return self.desc[i:end].tolist()
+        return self.desc[i:limit].tolist() + self.desc[0:end - limit].tolist()
+
+    def release(self, n: int) -> None:
+        """Hand `n` consumed entries back to the kernel (one store)."""
+        self.cached = (self.cached + n) & U32
+        self.cons[0] = self.cached
+
+    def consume(self, n: int) -> list[int]:
+        """peek + release."""
+        words = self.peek(n)
+        self.release(n)
+        return words
+
+    def needs_wakeup(self) -> bool:
+        return self.flags is not None and bool(self.flags[0] & XDP_RING_NEED_WAKEUP)
+
+    def close(self) -> None:
+        for v in self._views:
+            v.release()
+        self._views = []
+
+
+# --- the socket ------------------------------------------------------------
+class XskSocket:
+    """An AF_XDP socket with its own UMEM, bound to (ifindex, queue).
+
+    frame_size: UMEM chunk size (power of two, 2048..page size); the largest
+    frame received is frame_size - 256.  num_frames: chunks in the UMEM.
+    ring_size: entries of each of the four rings (power of two).
+    copy_mode: True forces XDP_COPY (the only mode veth has), False forces
+    XDP_ZEROCOPY, None lets the kernel choose.  tx_budget: descriptors one
+    copy-mode TX kick may send (XDP_MAX_TX_SKB_BUDGET, kernel >= 6.17; the
+    kernel accepts 32..ring_size and answers EACCES otherwise, so it is
+    clamped to ring_size; kernel default 32), 0 to leave the kernel's default.
+    bind_timeout: how long to retry a bind that fails with EBUSY (the queue
+    of a socket closed just before is released asynchronously).
+    """
+
+    def __init__(self, ifindex: int, queue: int = 0, *, frame_size: int = 2048,
+                 num_frames: int = 4096, ring_size: int = 2048,
+                 copy_mode: bool | None = True, tx_budget: int = 256,
+                 bind_timeout: float = 1.0):
+        if not _is_pow2(frame_size) or not 2048 <= frame_size <= mmap.PAGESIZE:
+            raise ValueError(f"frame_size must be a power of two in 2048..{mmap.PAGESIZE}")
+        if not _is_pow2(ring_size):
+            raise ValueError(f"ring_size must be a power of two, not {ring_size}")
+        if num_frames < 8:
+            raise ValueError("num_frames must be at least 8")
+        self._closed = True          # until fully set up; close() is then a no-op
+        self._sock = None
+        self._umem = None
+        self._maps: list[mmap.mmap] = []
+        self._rings: list[Ring] = []
+        self._anchor = None
+        self.ifindex = ifindex
+        self.queue = queue
+        self.frame_size = frame_size
+        self.num_frames = num_frames
+        self.ring_size = ring_size
+        self.max_frame_len = frame_size - XDP_PACKET_HEADROOM
+
+        # counters (plain attributes: cheap to bump in the hot loop)
+        self.rx_packets = self.rx_bytes = 0
+        self.tx_packets = self.tx_bytes = 0
+        self.dropped_by_handler = 0
+        self.tx_dropped_ring_full = 0
+        self.tx_ring_full_waits = 0
+        self.tx_kicks = self.tx_kick_errors = 0
+        self.rx_wakeups = 0
+        self.frames_injected = 0
+        self.inject_no_frame = 0
+        self._kick_errno = dict.fromkeys(_KICK_TOLERATED.values(), 0)
+
+        try:
+            self._setup(copy_mode, tx_budget, bind_timeout)
+        except BaseException:
+            self._closed = False
+            self.close()
+            raise
+        self._closed = False
+
+    # setup ------------------------------------------------------------------
+    def _setup(self, copy_mode, tx_budget, bind_timeout) -> None:
+        sock = self._sock = socket.socket(AF_XDP, socket.SOCK_RAW, 0)
+        self.fd = sock.fileno()
+        size = self.num_frames * self.frame_size
+
+        # UMEM: anonymous mmap is page aligned.  The ctypes anchor pins the
+        # buffer (mmap.close() refuses while it is exported) for as long as the
+        # kernel has it registered.
+        umem = self._umem = mmap.mmap(-1, size, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS
+                                      | getattr(mmap, "MAP_POPULATE", 0))
+        self._anchor = ctypes.c_char.from_buffer(umem)
+        self.umem_addr = ctypes.addressof(self._anchor)
+        sock.setsockopt(SOL_XDP, XDP_UMEM_REG,
+                        _UMEM_REG.pack(self.umem_addr, size, self.frame_size, 0, 0, 0))
+
+        rs = self.ring_size
+        for opt in (XDP_UMEM_FILL_RING, XDP_UMEM_COMPLETION_RING, XDP_RX_RING, XDP_TX_RING):
+            sock.setsockopt(SOL_XDP, opt, struct.pack("I", rs))
+
+        # More than 32 descriptors per copy-mode kick (kernel >= 6.17).
+        self.tx_budget = 32
+        self.tx_budget_set = False
+        tx_budget = min(tx_budget, rs)
+        if tx_budget > 32:
+            try:
+                sock.setsockopt(SOL_XDP, XDP_MAX_TX_SKB_BUDGET, struct.pack("I", tx_budget))
+                self.tx_budget = tx_budget
+                self.tx_budget_set = True
+            except OSError:
+                pass
+
+        raw = sock.getsockopt(SOL_XDP, XDP_MMAP_OFFSETS, _MMAP_OFFSETS_LEN)
+        if len(raw) >= _MMAP_OFFSETS_LEN:
+            off = struct.unpack_from("16Q", raw)
+            rx_off, tx_off, fr_off, cr_off = (off[i:i + 4] for i in range(0, 16, 4))
+        elif len(raw) >= _MMAP_OFFSETS_V1_LEN:
+            off = struct.unpack_from("12Q", raw)
+            rx_off, tx_off, fr_off, cr_off = (off[i:i + 3] + (None,) for i in range(0, 12, 3))
+        else:
+            raise XskError(_errno.EINVAL, f"XDP_MMAP_OFFSETS returned {len(raw)} bytes")
+
+        def ring(offs, pgoff, words, user_produces):
+            length = offs[2] + rs * words * 8
+            m = mmap.mmap(self.fd, length, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                          prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=pgoff)
+            self._maps.append(m)
+            r = Ring(m, rs, offs[0], offs[1], offs[2], offs[3], words=words,
+                     user_produces=user_produces)
+            self._rings.append(r)
+            return r
+
+        self._rx = ring(rx_off, XDP_PGOFF_RX_RING, 2, False)
+        self._tx = ring(tx_off, XDP_PGOFF_TX_RING, 2, True)
+        self._fill = ring(fr_off, XDP_UMEM_PGOFF_FILL_RING, 1, True)
+        self._comp = ring(cr_off, XDP_UMEM_PGOFF_COMPLETION_RING, 1, False)
+
+        # Prime FILL; keep a reserve (and whatever FILL cannot hold) for send_frame.
+        self._reserve = max(1, min(64, self.num_frames // 16))
+        addrs = [i * self.frame_size for i in range(self.num_frames)]
+        n_fill = min(self._fill.size, self.num_frames - self._reserve)
+        self._fill.push(addrs[:n_fill])
+        self._free = addrs[n_fill:]
+        self._frame_mask = ~(self.frame_size - 1)
+
+        self._bind(copy_mode, rx_off[3] is not None, bind_timeout)
+        self._view = memoryview(umem)
+        self._poll = select.poll()
+        self._poll.register(self.fd, select.POLLIN)
+
+    def _bind(self, copy_mode, have_flags: bool, bind_timeout: float) -> None:
+        mode = {True: XDP_COPY, False: XDP_ZEROCOPY, None: 0}[copy_mode]
+        attempts = [mode | XDP_USE_NEED_WAKEUP, mode] if have_flags else [mode]
+        deadline = time.monotonic() + bind_timeout
+        err = 0
+        for flags in attempts:
+            addr = _SOCKADDR_XDP.pack(AF_XDP, flags, self.ifindex, self.queue, 0)
+            while _libc.bind(self.fd, addr, len(addr)) != 0:
+                err = ctypes.get_errno()
+                # A socket closed a moment ago keeps its (device, queue) until
+                # the kernel's deferred release has run (~20 ms measured).
+                if err != _errno.EBUSY or time.monotonic() >= deadline:
+                    break
+                time.sleep(0.005)
+            else:
+                self.bind_flags = flags
+                self.need_wakeup = bool(flags & XDP_USE_NEED_WAKEUP)
+                break
+            if err != _errno.EINVAL:      # only an unknown flag is worth a retry
+                self._bind_failed(mode, err)
+        else:
+            self._bind_failed(mode, err)
+        try:
+            opt = self._sock.getsockopt(SOL_XDP, XDP_OPTIONS, 4)
+            self.zero_copy = bool(struct.unpack("I", opt)[0] & XDP_OPTIONS_ZEROCOPY)
+        except OSError:
+            self.zero_copy = False
+
+    def _bind_failed(self, mode: int, err: int):
+        try:
+            name = socket.if_indextoname(self.ifindex)
+        except OSError:
+            name = "?"
+        what = {XDP_COPY: "copy", XDP_ZEROCOPY: "zero-copy", 0: "any"}[mode]
+        raise XskError(err, f"AF_XDP bind to {name} (ifindex {self.ifindex}) queue {self.queue} "
+                            f"in {what} mode failed: [errno {err}] {os.strerror(err)}")
+
+    # hot path ---------------------------------------------------------------
+    def forward_batch(self, handler, max_n: int = 64) -> int:
+        """Take up to max_n received frames; call handler(frame) for each
+        (a writable memoryview into the UMEM, valid only during the call);
+        frames for which it returns True are queued for TX on this socket,
+        the others go back to FILL.  Then kick TX once and reclaim completions.
+        Returns the number of frames received (0 if none)."""
+        rx = self._rx
+        cons = rx.cached
+        n = (rx.prod[0] - cons) & U32
+        if not n:
+            self._idle()
+            return 0
+        if n > max_n:
+            n = max_n
+        words = rx.peek(n)
+        view = self._view
+        drop = None
+        # RX descriptors carry options == 0 (we never bind with XDP_USE_SG),
+        # so the second word is the length and the descriptor can go to TX
+        # unchanged.
+        it = iter(words)
+        for addr, ln in zip(it, it):
+            if not handler(view[addr:addr + ln]):
+                if drop is None:
+                    drop = [addr]
+                else:
+                    drop.append(addr)
+        self.rx_packets += n
+        nbytes = sum(words[1::2])
+        self.rx_bytes += nbytes
+
+        tx = self._tx
+        if drop is None:
+            k = n
+            # common case: every frame forwarded, copy the descriptors ring to ring
+            if (tx.cached - tx.cons[0]) & U32 > tx.size - k:
+                k = self._tx_make_room(k)
+            if k == n:
+                tx.push_from(rx, n)
+            else:
+                tx.push(words[:2 * k])
+                drop = words[2 * k::2]
+                nbytes = sum(words[2 * k + 1::2])
+                self.tx_dropped_ring_full += n - k
+                nbytes = sum(words[1:2 * k:2])
+        else:
+            self.dropped_by_handler += len(drop)
+            k = n - len(drop)
+            if k:
+                dropped = set(drop)
+                fwd = array("Q")
+                for i in range(0, 2 * n, 2):
+                    if words[i] not in dropped:
+                        fwd.append(words[i])
+                        fwd.append(words[i + 1])
+                if (tx.cached - tx.cons[0]) & U32 > tx.size - k:
+                    room = self._tx_make_room(k)
+                    if room < k:
+                        self.tx_dropped_ring_full += k - room
+                        drop.extend(fwd[2 * room::2])
+                        del fwd[2 * room:]
+                        k = room
+                if k:
+                    tx.push(fwd)
+                nbytes = sum(fwd[1::2])
+            else:
+                nbytes = 0
+        rx.cached = cons = (cons + n) & U32
+        rx.cons[0] = cons
+        if drop:
+            self._to_fill(drop)
+        if k:
+            self.tx_packets += k
+            self.tx_bytes += nbytes
+            self._kick()
+        self.reclaim()
+        return n
+
+    def _tx_make_room(self, k: int) -> int:
+        """TX has fewer than k free slots: let the kernel send and complete,
+        then return how many of the k fit."""
+        self.tx_ring_full_waits += 1
+        self._kick()
+        self.reclaim()
+        return min(k, self._tx.free())
+
+    def _idle(self) -> None:
+        """Nothing received: keep TX moving, reclaim, wake the driver if asked."""
+        tx = self._tx
+        if tx.cached != tx.cons[0]:
+            self._kick()
+        self.reclaim()
+        fill = self._fill
+        if self.need_wakeup and fill.flags[0] & XDP_RING_NEED_WAKEUP:
+            self.rx_wakeups += 1
+            try:
+                self._sock.recv(0, socket.MSG_DONTWAIT)
+            except OSError:
+                pass
+
+    def _kick(self) -> None:
+        """Make the kernel send what is queued on TX (copy mode sends only on
+        sendmsg; one call sends at most tx_budget descriptors)."""
+        tx = self._tx
+        if self.need_wakeup and not tx.flags[0] & XDP_RING_NEED_WAKEUP:
+            return
+        for _ in range(_KICK_RETRIES):
+            self.tx_kicks += 1
+            try:
+                self._sock.send(b"", socket.MSG_DONTWAIT)
+                return
+            except OSError as e:
+                key = _KICK_TOLERATED.get(e.errno)
+                if key is None:
+                    raise
+                self.tx_kick_errors += 1
+                self._kick_errno[key] += 1
+                if e.errno != _errno.EAGAIN or tx.cached == tx.cons[0]:
+                    return
+                # budget used up or completion ring full: make room, go again
+                self.reclaim()
+
+    def _to_fill(self, addrs) -> None:
+        """Give frames to FILL; what does not fit goes to the free pool."""
+        fill = self._fill
+        free = fill.free()
+        if len(addrs) <= free:
+            fill.push(addrs)
+        else:
+            if free:
+                fill.push(addrs[:free])
+            mask = self._frame_mask
+            self._free.extend(a & mask for a in addrs[free:])
+
+    def reclaim(self) -> int:
+        """Move completed TX frames to FILL (topping up the send_frame reserve
+        first, and feeding FILL from surplus free frames).  Returns the number
+        of completions."""
+        comp = self._comp
+        n = (comp.prod[0] - comp.cached) & U32
+        free = self._free
+        if n:
+            fill = self._fill
+            want = self._reserve - len(free)
+            if want <= 0 and n <= fill.free():
+                fill.push_from(comp, n)         # common case: memory to memory
+                comp.release(n)
+            else:
+                addrs = comp.peek(n)
+                comp.release(n)
+                if want > 0:
+                    mask = self._frame_mask
+                    free.extend(a & mask for a in addrs[:want])
+                    addrs = addrs[want:]
+                if addrs:
+                    self._to_fill(addrs)
+        if len(free) > self._reserve:
+            fill = self._fill
+            room = fill.free()
+            if room:
+                k = min(room, len(free) - self._reserve)
+                fill.push(free[-k:])
+                del free[-k:]
+        return n
+
+    # lower-level API ----------------------------------------------------------
+    def recv_batch(self, max_n: int = 64) -> list[tuple[int, int]]:
+        """Consume up to max_n descriptors from RX as (addr, len).  The caller
+        owns the frames: hand each to transmit() or recycle()."""
+        rx = self._rx
+        n = rx.available()
+        if not n:
+            return []
+        if n > max_n:
+            n = max_n
+        words = rx.consume(n)
+        self.rx_packets += n
+        out = [(words[i], words[i + 1] & U32) for i in range(0, 2 * n, 2)]
+        self.rx_bytes += sum(ln for _, ln in out)
+        return out
+
+    def frame(self, addr: int, length: int) -> memoryview:
+        """A writable view of `length` bytes of the UMEM at `addr`."""
+        return self._view[addr:addr + length]
+
+    def transmit(self, descs) -> int:
+        """Queue (addr, len) descriptors on TX and kick.  Returns how many were
+        queued (from the front); the caller still owns the others."""
+        tx = self._tx
+        k = len(descs)
+        if not k:
+            return 0
+        free = tx.free()
+        if free < k:
+            self.tx_ring_full_waits += 1
+            self._kick()
+            self.reclaim()
+            free = tx.free()
+            k = min(k, free)
+        if k:
+            words = array("Q")
+            nbytes = 0
+            for addr, ln in descs[:k]:
+                words.append(addr)
+                words.append(ln)
+                nbytes += ln
+            tx.push(words)
+            self.tx_packets += k
+            self.tx_bytes += nbytes
+        self._kick()
+        return k
+
+    def recycle(self, addrs) -> None:
+        """Give frames (addresses) back to FILL."""
+        self._to_fill([a & self._frame_mask for a in addrs])
+
+    def send_frame(self, data) -> bool:
+        """Copy `data` into a free frame and transmit it.  False if there is no
+        free frame or no room on TX (nothing is sent then)."""
+        ln = len(data)
+        if ln > self.frame_size:
+            raise ValueError(f"frame of {ln} bytes does not fit a {self.frame_size}-byte chunk")
+        free = self._free
+        if not free:
+            self.reclaim()
+        tx = self._tx
+        if free and not tx.free():
+            self._kick()
+            self.reclaim()
+        if not free or not tx.free():
+            self.inject_no_frame += 1
+            return False
+        addr = free.pop()
+        self._view[addr:addr + ln] = data
+        tx.push((addr, ln))
+        self.tx_packets += 1
+        self.tx_bytes += ln
+        self.frames_injected += 1
+        self._kick()
+        return True
+
+    def rx_pending(self) -> int:
+        rx = self._rx
+        return (rx.prod[0] - rx.cached) & U32
+
+    def wait(self, timeout_ms: int) -> bool:
+        """Wait up to timeout_ms for received frames; True if RX has some."""
+        rx = self._rx
+        if (rx.prod[0] - rx.cached) & U32:
+            return True
+        tx = self._tx
+        if tx.cached != tx.cons[0]:
+            self._kick()
+        try:
+            self._poll.poll(timeout_ms)
+        except InterruptedError:   # pragma: no cover - PEP 475 retries for us
+            pass
+        return bool((rx.prod[0] - rx.cached) & U32)
+
+    def statistics(self) -> dict:
+        stats: dict = {}
+        raw = self._sock.getsockopt(SOL_XDP, XDP_STATISTICS, len(_STATS_FIELDS) * 8)
+        vals = struct.unpack_from(f"{len(raw) // 8}Q", raw)
+        stats.update(zip(_STATS_FIELDS, vals))
+        stats.update(
+            rx_packets=self.rx_packets, rx_bytes=self.rx_bytes,
+            tx_packets=self.tx_packets, tx_bytes=self.tx_bytes,
+            dropped_by_handler=self.dropped_by_handler,
+            tx_dropped_ring_full=self.tx_dropped_ring_full,
+            tx_ring_full_waits=self.tx_ring_full_waits,
+            tx_kicks=self.tx_kicks, tx_kick_errors=self.tx_kick_errors,
+            **self._kick_errno,
+            rx_wakeups=self.rx_wakeups,
+            frames_injected=self.frames_injected, inject_no_frame=self.inject_no_frame,
+            free_frames=len(self._free),
+            fill_queued=self._fill.outstanding(), tx_queued=self._tx.outstanding(),
+            rx_pending=self.rx_pending(),
+            tx_budget=self.tx_budget, tx_budget_set=self.tx_budget_set,
+            need_wakeup=self.need_wakeup, zero_copy=self.zero_copy,
+        )
+        return stats
+
+    # lifetime -----------------------------------------------------------------
+    def close(self) -> None:
+        """Close the socket and unmap rings and UMEM.  Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._sock is not None:
+            self._sock.close()      # unbinds; the kernel drops its UMEM pin
+        for r in self._rings:
+            r.close()
+        self._rings = []
+        self._rx = self._tx = self._fill = self._comp = None
+        for m in self._maps:
+            m.close()
+        self._maps = []
+        view = getattr(self, "_view", None)
+        if view is not None:
+            view.release()
+            self._view = None
+        self._anchor = None
+        if self._umem is not None:
+            try:
+                self._umem.close()
+            except BufferError:
+                # someone still holds a frame view: the mapping goes when it does
+                pass
+            self._umem = None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> "XskSocket":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass

@@ -1,0 +1,1 @@
+"""Network functions (NF modules) for NFActor-XDP runtimes."""
