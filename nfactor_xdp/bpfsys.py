@@ -213,7 +213,7 @@ def prog_test_run(prog_fd: int, data: bytes, *, repeat: int = 1, ctx: bytes | No
         len(ctx) if ctx is not None else 0, len(cout) if cout is not None else 0,
         _addr(cin), _addr(cout), flags, 0, batch_size))
     bpf(BPF_PROG_TEST_RUN, attr)
-    retval, _, _, size_out, _, _, _, duration, _, ctx_out_size = struct.unpack_from("IIIIQQIIII", attr)
+    _, retval, _, size_out, _, _, _, duration, _, ctx_out_size = struct.unpack_from("IIIIQQIIII", attr)
     return {
         "retval": retval,
         "data": dout.raw[:size_out] if dout is not None else b"",
@@ -222,6 +222,7 @@ def prog_test_run(prog_fd: int, data: bytes, *, repeat: int = 1, ctx: bytes | No
     }
 
 
-def xdp_md(ingress_ifindex: int = 0, rx_queue_index: int = 0) -> bytes:
-    """struct xdp_md for a test run: data/data_end/data_meta must be zero."""
-    return struct.pack("IIIIII", 0, 0, 0, ingress_ifindex, rx_queue_index, 0)
+def xdp_md(data_len: int, ingress_ifindex: int = 0, rx_queue_index: int = 0) -> bytes:
+    """struct xdp_md for a test run: data is the metadata length (0), data_end
+    must equal the frame's length, data_meta and egress_ifindex zero."""
+    return struct.pack("IIIIII", 0, data_len, 0, ingress_ifindex, rx_queue_index, 0)

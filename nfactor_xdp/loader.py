@@ -116,7 +116,7 @@ class Programs:
         last = None
         for m in modes:
             try:
-                bcc.BPF.attach_xdp(ifname, self.fns[which], XDP_MODES[m])
+                bcc.BPF.attach_xdp(ifname.encode(), self.fns[which], XDP_MODES[m])
                 return m
             except Exception as e:
                 last = e
@@ -137,7 +137,7 @@ def detach(ifname: str) -> None:
     bcc = _bcc()
     for flags in (XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE):
         try:
-            bcc.BPF.remove_xdp(ifname, flags)
+            bcc.BPF.remove_xdp(ifname.encode(), flags)
         except Exception:
             pass
 

@@ -99,9 +99,18 @@ class Node:
 
     # --- bring up ----------------------------------------------------------
     def up(self) -> None:
-        cfg = self.cfg
-        os.makedirs(cfg.run_dir, mode=0o700, exist_ok=True)
+        os.makedirs(self.cfg.run_dir, mode=0o700, exist_ok=True)
         self._write_state("starting")
+        self.setup_switch()
+        for rt in self.runtimes:
+            self._spawn(rt)
+        self._wait_ready(self.runtimes)
+        self._write_state("running")
+
+    def setup_switch(self) -> None:
+        """Programs loaded, ports made, maps filled, programs attached; no
+        runtime process yet (all runtimes are `starting`)."""
+        cfg = self.cfg
         with IPRoute() as ipr:
             for port in (cfg.ext0, cfg.ext1):
                 if _ifindex(ipr, port) is None:
@@ -133,10 +142,6 @@ class Node:
             self._attach(rt.sw, "vswitch")
         for port in (self.cfg.ext0, self.cfg.ext1):
             self._attach(port, "vswitch")
-        for rt in self.runtimes:
-            self._spawn(rt)
-        self._wait_ready(self.runtimes)
-        self._write_state("running")
 
     def _make_runtime_port(self, ipr: IPRoute, rt_id: int, sw: str, port: str) -> None:
         if _ifindex(ipr, sw) is None:

@@ -90,7 +90,7 @@ def _bpf_xdp_features():
     b = BPF(text=_PROBE_PROG)
     fn = b.load_func("probe", BPF.XDP)
     frame = bytes(60)
-    r = prog_test_run(fn.fd, frame, ctx=xdp_md())
+    r = prog_test_run(fn.fd, frame, ctx=xdp_md(len(frame)))
     if r["retval"] != 2:
         raise RuntimeError(f"BPF_PROG_TEST_RUN returned {r['retval']}, expected XDP_PASS")
     ns = f"nfx-probe-{uuid.uuid4().hex[:6]}"

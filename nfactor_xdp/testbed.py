@@ -56,6 +56,14 @@ ROLES = ("src", "dst", "node")
 HOSTS = ("src", "dst")
 PORTS = ("ext0", "ext1")  # keys of show()["node"]["ports"]; ext0 faces src
 
+# The node's ports get these interface indexes, so that no veth end has the
+# same index as its peer (a host's eth0 is 2 in its fresh namespace).  Linux
+# delays a carrier change by up to a second (linkwatch's rate limit) when it
+# is not "urgent", and a device whose ifindex equals its iflink (the peer's
+# index) is not urgent: with both ends at index 2, the host's IPv6 saw its
+# link come up (and sent its MLD reports) up to a second late.
+PORT_IFINDEX = (10, 11)
+
 # IPv6 settings of the hosts' interfaces.  Quiet: no router solicitations or
 # autoconf, no DAD, no link-local address (the static neighbour entries need
 # no ND); and the MLD reports that cannot be avoided go out at once instead of
@@ -441,12 +449,12 @@ class Testbed:
         cfg = self.config
         node = cfg.netns_name("node")
         pairs = [
-            (cfg.port0_ifname, cfg.port0_mac, cfg.netns_name("src"), cfg.src_mac),
-            (cfg.port1_ifname, cfg.port1_mac, cfg.netns_name("dst"), cfg.dst_mac),
+            (cfg.port0_ifname, PORT_IFINDEX[0], cfg.port0_mac, cfg.netns_name("src"), cfg.src_mac),
+            (cfg.port1_ifname, PORT_IFINDEX[1], cfg.port1_mac, cfg.netns_name("dst"), cfg.dst_mac),
         ]
         with netns.entered(node), IPRoute() as ipr:
             ipr.link("set", index=_link_index(ipr, "lo"), state="up")
-            for port, port_mac, host_ns, host_mac in pairs:
+            for port, ifindex, port_mac, host_ns, host_mac in pairs:
                 # The veth is created in the node's namespace with its peer
                 # placed straight into the host's: no end ever shows up in
                 # the caller's namespace, so testbeds cannot collide there.
@@ -455,6 +463,7 @@ class Testbed:
                     ipr.link(
                         "add",
                         ifname=port,
+                        index=ifindex,
                         kind="veth",
                         address=port_mac,
                         peer={"ifname": cfg.host_ifname, "address": host_mac, "net_ns_fd": fd},

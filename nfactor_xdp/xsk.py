@@ -34,6 +34,8 @@ import socket
 import struct
 import time
 from array import array
+from itertools import chain, compress
+from operator import not_
 
 __all__ = [
     "AF_XDP", "SOL_XDP", "XDP_COPY", "XDP_ZEROCOPY", "XDP_USE_NEED_WAKEUP",
@@ -262,18 +264,33 @@ class XskSocket:
         if num_frames < 8:
             raise ValueError("num_frames must be at least 8")
         self._closed = True          # until fully set up; close() is then a no-op
+        self._init_state(ifindex, queue, frame_size, num_frames, ring_size)
+        try:
+            self._setup(copy_mode, tx_budget, bind_timeout)
+        except BaseException:
+            self._closed = False
+            self.close()
+            raise
+        self._closed = False
+
+    def _init_state(self, ifindex, queue, frame_size, num_frames, ring_size) -> None:
         self._sock = None
         self._umem = None
+        self._view = None
         self._maps: list[mmap.mmap] = []
         self._rings: list[Ring] = []
         self._anchor = None
+        self.fd = -1
         self.ifindex = ifindex
         self.queue = queue
         self.frame_size = frame_size
         self.num_frames = num_frames
         self.ring_size = ring_size
         self.max_frame_len = frame_size - XDP_PACKET_HEADROOM
-
+        self.tx_budget = 32
+        self.tx_budget_set = False
+        self.need_wakeup = False
+        self.zero_copy = False
         # counters (plain attributes: cheap to bump in the hot loop)
         self.rx_packets = self.rx_bytes = 0
         self.tx_packets = self.tx_bytes = 0
@@ -286,13 +303,32 @@ class XskSocket:
         self.inject_no_frame = 0
         self._kick_errno = dict.fromkeys(_KICK_TOLERATED.values(), 0)
 
-        try:
-            self._setup(copy_mode, tx_budget, bind_timeout)
-        except BaseException:
-            self._closed = False
-            self.close()
-            raise
+    def _prime(self, umem) -> None:
+        """Give FILL its frames; keep a reserve (and whatever FILL cannot
+        hold) in the free pool for send_frame."""
+        self._view = memoryview(umem)
+        self._reserve = max(1, min(64, self.num_frames // 16))
+        addrs = [i * self.frame_size for i in range(self.num_frames)]
+        n_fill = min(self._fill.size, self.num_frames - self._reserve)
+        self._fill.push(addrs[:n_fill])
+        self._free = addrs[n_fill:]
+        self._frame_mask = ~(self.frame_size - 1)
+
+    @classmethod
+    def _over_rings(cls, umem, rx: Ring, tx: Ring, fill: Ring, comp: Ring, *,
+                    frame_size: int = 2048, kick=None) -> "XskSocket":
+        """An XskSocket without a kernel socket, over rings and UMEM the
+        caller provides (bytearrays): for unit tests and benchmarks of the
+        ring logic.  `kick` replaces the TX kick (default: nothing)."""
+        self = cls.__new__(cls)
+        self._closed = True
+        self._init_state(0, 0, frame_size, len(umem) // frame_size, rx.size)
+        self._rx, self._tx, self._fill, self._comp = rx, tx, fill, comp
+        self._rings = [rx, tx, fill, comp]
+        self._kick = kick or (lambda: None)
+        self._prime(umem)
         self._closed = False
+        return self
 
     # setup ------------------------------------------------------------------
     def _setup(self, copy_mode, tx_budget, bind_timeout) -> None:
@@ -315,8 +351,6 @@ class XskSocket:
             sock.setsockopt(SOL_XDP, opt, struct.pack("I", rs))
 
         # More than 32 descriptors per copy-mode kick (kernel >= 6.17).
-        self.tx_budget = 32
-        self.tx_budget_set = False
         tx_budget = min(tx_budget, rs)
         if tx_budget > 32:
             try:
@@ -351,16 +385,8 @@ class XskSocket:
         self._fill = ring(fr_off, XDP_UMEM_PGOFF_FILL_RING, 1, True)
         self._comp = ring(cr_off, XDP_UMEM_PGOFF_COMPLETION_RING, 1, False)
 
-        # Prime FILL; keep a reserve (and whatever FILL cannot hold) for send_frame.
-        self._reserve = max(1, min(64, self.num_frames // 16))
-        addrs = [i * self.frame_size for i in range(self.num_frames)]
-        n_fill = min(self._fill.size, self.num_frames - self._reserve)
-        self._fill.push(addrs[:n_fill])
-        self._free = addrs[n_fill:]
-        self._frame_mask = ~(self.frame_size - 1)
-
+        self._prime(umem)
         self._bind(copy_mode, rx_off[3] is not None, bind_timeout)
-        self._view = memoryview(umem)
         self._poll = select.poll()
         self._poll.register(self.fd, select.POLLIN)
 
@@ -444,19 +470,16 @@ class XskSocket:
             else:
                 tx.push(words[:2 * k])
                 drop = words[2 * k::2]
-                nbytes = sum(words[2 * k + 1::2])
                 self.tx_dropped_ring_full += n - k
                 nbytes = sum(words[1:2 * k:2])
         else:
             self.dropped_by_handler += len(drop)
             k = n - len(drop)
             if k:
-                dropped = set(drop)
-                fwd = array("Q")
-                for i in range(0, 2 * n, 2):
-                    if words[i] not in dropped:
-                        fwd.append(words[i])
-                        fwd.append(words[i + 1])
+                # the descriptors not dropped, in order (addresses are unique)
+                addrs = words[0::2]
+                keep = map(not_, map(set(drop).__contains__, addrs))
+                fwd = array("Q", chain.from_iterable(compress(zip(addrs, words[1::2]), keep)))
                 if (tx.cached - tx.cons[0]) & U32 > tx.size - k:
                     room = self._tx_make_room(k)
                     if room < k:
@@ -662,10 +685,12 @@ class XskSocket:
         return bool((rx.prod[0] - rx.cached) & U32)
 
     def statistics(self) -> dict:
+        """Kernel XDP_STATISTICS (the fields this kernel has) and this
+        socket's own counters and ring levels."""
         stats: dict = {}
-        raw = self._sock.getsockopt(SOL_XDP, XDP_STATISTICS, len(_STATS_FIELDS) * 8)
-        vals = struct.unpack_from(f"{len(raw) // 8}Q", raw)
-        stats.update(zip(_STATS_FIELDS, vals))
+        if self._sock is not None and not self._closed:
+            raw = self._sock.getsockopt(SOL_XDP, XDP_STATISTICS, len(_STATS_FIELDS) * 8)
+            stats.update(zip(_STATS_FIELDS, struct.unpack_from(f"{len(raw) // 8}Q", raw)))
         stats.update(
             rx_packets=self.rx_packets, rx_bytes=self.rx_bytes,
             tx_packets=self.tx_packets, tx_bytes=self.tx_bytes,
