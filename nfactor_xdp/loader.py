@@ -155,3 +155,25 @@ def remove_pins(node: str) -> list[str]:
         if e.errno not in (errno.ENOENT, errno.ENOTEMPTY):
             raise
     return removed
+
+
+_PASS_PROG = "int nfx_host_pass(struct xdp_md *ctx) { return XDP_PASS; }"
+
+
+def attach_pass(ifname: str, ns: str | None = None) -> None:
+    """Give a veth NAPI by attaching an XDP_PASS program to it.
+
+    Frames XDP-redirected into a veth are only received by its peer if the
+    peer has NAPI (an XDP program, or GRO on some kernels); otherwise the
+    kernel drops them after bpf_redirect_map() returned success.  The
+    testbed's hosts get this; so should any veth a user puts on ext0/ext1.
+    """
+    from . import netns
+    bcc = _bcc()
+    mod = bcc.BPF(text=_PASS_PROG)
+    try:
+        fn = mod.load_func("nfx_host_pass", bcc.BPF.XDP)
+        with netns.entered(ns):
+            bcc.BPF.attach_xdp(ifname.encode(), fn, XDP_FLAGS_DRV_MODE)
+    finally:
+        mod.cleanup()

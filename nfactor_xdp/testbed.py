@@ -31,6 +31,7 @@ import ipaddress
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import time
@@ -41,6 +42,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from . import netns
+from .loader import attach_pass
 
 STATE_DIR = "/run/nfactor"
 
@@ -49,8 +51,8 @@ IFNAMSIZ = 16  # the kernel's limit, NUL included: names have at most 15 bytes
 # within an interface name's limit lets other modules reuse derived names for
 # interfaces, comm names and the like.
 MAX_NAME_LEN = IFNAMSIZ - 1 - len("-node")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
-_MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # used with fullmatch
+_MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 
 ROLES = ("src", "dst", "node")
 HOSTS = ("src", "dst")
@@ -87,6 +89,8 @@ IFF_UP = 0x1
 class TestbedError(Exception):
     """The testbed could not be built, inspected or removed."""
 
+    __test__ = False  # not a pytest test class despite the name
+
 
 class TestbedExists(TestbedError):
     """Some namespace of the testbed already exists."""
@@ -107,7 +111,7 @@ def validate_name(name: Any) -> str:
             f"testbed name {name!r} is too long ({len(name)} > {MAX_NAME_LEN} "
             f"characters): {name + '-node'!r} must stay within {IFNAMSIZ - 1} characters"
         )
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         raise ValueError(
             f"testbed name {name!r} is invalid: use letters, digits, '_' and '-', "
             "starting with a letter or digit"
@@ -127,7 +131,7 @@ def validate_ifname(ifname: Any, what: str = "interface name") -> str:
 
 
 def _check_mac(value: Any, what: str) -> str:
-    if not isinstance(value, str) or not _MAC_RE.match(value.lower()):
+    if not isinstance(value, str) or not _MAC_RE.fullmatch(value.lower()):
         raise ValueError(f"{what} {value!r} is not a MAC address like 02:77:00:00:00:01")
     mac = value.lower()
     first = int(mac[:2], 16)
@@ -145,6 +149,8 @@ def _check_host_pair(version: int, src: Any, dst: Any, prefixlen: Any) -> tuple[
         raise ValueError(f"{kind} prefix length must be an integer in 1..{bits}, not {prefixlen!r}")
     addrs = []
     for role, value in (("src", src), ("dst", dst)):
+        if not isinstance(value, str):
+            raise ValueError(f"{role} {kind} address must be a string, not {value!r}")
         try:
             addr = ipaddress.ip_address(value)
         except ValueError:
@@ -292,21 +298,16 @@ def _sysctl_set(key: str, value: int | str) -> None:
         f.write(f"{value}\n")
 
 
-def _sysctl_get(key: str) -> str:
-    with open(f"/proc/sys/net/{key}") as f:
-        return f.read().strip()
-
-
 def _link_index(ipr: IPRoute, ifname: str) -> int | None:
     found = ipr.link_lookup(ifname=ifname)
     return found[0] if found else None
 
 
 def _ethtool(ns: str, args: list[str]) -> str:
+    if shutil.which("ethtool") is None:
+        raise TestbedError("ethtool is not installed (Debian package 'ethtool'; vm/provision.sh installs it)")
     try:
         return netns.run(ns, ["ethtool", *args]).stdout
-    except FileNotFoundError:
-        raise TestbedError("ethtool is not installed (Debian package 'ethtool'; vm/provision.sh installs it)") from None
     except subprocess.CalledProcessError as e:
         raise TestbedError(
             f"ethtool {' '.join(args)} failed in {ns}: {(e.stderr or e.stdout or '').strip()}"
@@ -407,10 +408,10 @@ class Testbed:
             )
         created: list[str] = []
         wrote_state = False
-        step = "writing the state file"
+        step = "starting"
         try:
-            self._write_state()
-            wrote_state = True
+            # the namespaces first: creating one fails if it exists, which
+            # claims the name before the state file is (over)written
             for role in ROLES:
                 step = f"creating namespace {cfg.netns_name(role)}"
                 try:
@@ -418,6 +419,9 @@ class Testbed:
                 except netns.NetnsError as e:  # lost a race with another `up`
                     raise TestbedExists(str(e)) from None
                 created.append(cfg.netns_name(role))
+            step = "writing the state file"
+            self._write_state()
+            wrote_state = True
             for role in HOSTS:
                 step = f"preparing host {cfg.netns_name(role)}"
                 self._prepare_host(role)
@@ -428,6 +432,8 @@ class Testbed:
                 self._build_host(role)
             step = "checking host offloads"
             self._check_offloads()
+            step = "waiting for the links to come up"
+            self._wait_links_up()
             step = "waiting for the hosts to fall quiet"
             self._settle()
         except BaseException as e:
@@ -494,6 +500,10 @@ class Testbed:
                 _sysctl_set(f"ipv6/conf/{ifname}/{key}", value)
             # offloads before the link carries traffic
             _ethtool(ns, ["-K", ifname, "tx", "off", "gro", "on"])
+            # GRO alone does not give this kernel's veth NAPI for frames the
+            # node XDP-redirects into ext0/ext1 (they vanish, err -95): an
+            # XDP_PASS program does.
+            attach_pass(ifname, ns)
             ipr.link("set", index=idx, state="up")
             ipr.addr("add", index=idx, address=h["ipv4"], prefixlen=self.config.ipv4_prefixlen)
             ipr.addr("add", index=idx, address=h["ipv6"], prefixlen=self.config.ipv6_prefixlen,
@@ -513,6 +523,23 @@ class Testbed:
                     f"ethtool reports gro={'on' if got['gro'] else 'off'}, "
                     f"tx-checksumming={'on' if got['tx_checksum'] else 'off'}"
                 )
+
+    def _wait_links_up(self, deadline: float = 3.0) -> None:
+        """Poll until all four interfaces report operstate UP (carrier seen)."""
+        cfg = self.config
+        links = [(cfg.netns_name("node"), cfg.port0_ifname), (cfg.netns_name("node"), cfg.port1_ifname),
+                 (cfg.netns_name("src"), cfg.host_ifname), (cfg.netns_name("dst"), cfg.host_ifname)]
+        end = time.monotonic() + deadline
+        for ns, ifname in links:
+            with netns.entered(ns), IPRoute() as ipr:
+                idx = _link_index(ipr, ifname)
+                while True:
+                    state = ipr.get_links(idx)[0].get("IFLA_OPERSTATE")
+                    if state == "UP":
+                        break
+                    if time.monotonic() >= end:
+                        raise TestbedError(f"{ifname} in {ns} is still {state} after {deadline} s")
+                    time.sleep(0.005)
 
     def _settle(self, quiet: float = 0.1, deadline: float = 2.0) -> None:
         """Wait until no frame has reached the node's ports for `quiet` seconds.

@@ -295,6 +295,7 @@ class XskSocket:
         self.rx_packets = self.rx_bytes = 0
         self.tx_packets = self.tx_bytes = 0
         self.dropped_by_handler = 0
+        self.handler_errors = 0
         self.tx_dropped_ring_full = 0
         self.tx_ring_full_waits = 0
         self.tx_kicks = self.tx_kick_errors = 0
@@ -433,7 +434,13 @@ class XskSocket:
         (a writable memoryview into the UMEM, valid only during the call);
         frames for which it returns True are queued for TX on this socket,
         the others go back to FILL.  Then kick TX once and reclaim completions.
-        Returns the number of frames received (0 if none)."""
+        Returns the number of frames received (0 if none).
+
+        If the handler raises, the whole batch is recycled to FILL (counted in
+        dropped_by_handler and handler_errors) and the exception propagates.
+        A kick error other than EAGAIN/EBUSY/ENOBUFS/ENETDOWN (e.g. ENXIO:
+        the device went away and the kernel unbound the socket) raises
+        OSError."""
         rx = self._rx
         cons = rx.cached
         n = (rx.prod[0] - cons) & U32
@@ -449,12 +456,17 @@ class XskSocket:
         # so the second word is the length and the descriptor can go to TX
         # unchanged.
         it = iter(words)
-        for addr, ln in zip(it, it):
-            if not handler(view[addr:addr + ln]):
-                if drop is None:
-                    drop = [addr]
-                else:
-                    drop.append(addr)
+        try:
+            for addr, ln in zip(it, it):
+                if not handler(view[addr:addr + ln]):
+                    if drop is None:
+                        drop = [addr]
+                    else:
+                        drop.append(addr)
+        except BaseException:
+            # keep the rings consistent: the whole batch goes back to FILL
+            self._abort_batch(words, n)
+            raise
         self.rx_packets += n
         nbytes = sum(words[1::2])
         self.rx_bytes += nbytes
@@ -502,6 +514,15 @@ class XskSocket:
             self._kick()
         self.reclaim()
         return n
+
+    def _abort_batch(self, words, n: int) -> None:
+        rx = self._rx
+        self.rx_packets += n
+        self.rx_bytes += sum(words[1::2])
+        self.handler_errors += 1
+        self.dropped_by_handler += n
+        rx.release(n)
+        self._to_fill(words[0::2])
 
     def _tx_make_room(self, k: int) -> int:
         """TX has fewer than k free slots: let the kernel send and complete,
@@ -645,6 +666,8 @@ class XskSocket:
         """Copy `data` into a free frame and transmit it.  False if there is no
         free frame or no room on TX (nothing is sent then)."""
         ln = len(data)
+        if not ln:
+            raise ValueError("empty frame")
         if ln > self.frame_size:
             raise ValueError(f"frame of {ln} bytes does not fit a {self.frame_size}-byte chunk")
         free = self._free
@@ -694,19 +717,19 @@ class XskSocket:
         stats.update(
             rx_packets=self.rx_packets, rx_bytes=self.rx_bytes,
             tx_packets=self.tx_packets, tx_bytes=self.tx_bytes,
-            dropped_by_handler=self.dropped_by_handler,
+            dropped_by_handler=self.dropped_by_handler, handler_errors=self.handler_errors,
             tx_dropped_ring_full=self.tx_dropped_ring_full,
             tx_ring_full_waits=self.tx_ring_full_waits,
             tx_kicks=self.tx_kicks, tx_kick_errors=self.tx_kick_errors,
             **self._kick_errno,
             rx_wakeups=self.rx_wakeups,
             frames_injected=self.frames_injected, inject_no_frame=self.inject_no_frame,
-            free_frames=len(self._free),
-            fill_queued=self._fill.outstanding(), tx_queued=self._tx.outstanding(),
-            rx_pending=self.rx_pending(),
             tx_budget=self.tx_budget, tx_budget_set=self.tx_budget_set,
             need_wakeup=self.need_wakeup, zero_copy=self.zero_copy,
         )
+        if not self._closed:          # ring levels: frames in FILL, in flight on TX
+            stats.update(free_frames=len(self._free), fill_queued=self._fill.outstanding(),
+                         tx_queued=self._tx.outstanding(), rx_pending=self.rx_pending())
         return stats
 
     # lifetime -----------------------------------------------------------------

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import os
+import select
 import socket
 import struct
+import subprocess
 import time
 import uuid
 
@@ -152,11 +155,244 @@ def test_constructor_validates_arguments():
 
 
 # --------------------------------------------------------------------------
+# unit tests: XskSocket's frame logic over bytearray rings and a fake kernel
+# --------------------------------------------------------------------------
+class FakeKernel:
+    """The kernel's side of the four rings, in Python: `deliver` plays the
+    receive path (FILL -> RX), `kick` the copy-mode transmit (TX -> wire,
+    COMPLETION)."""
+
+    FS = 2048
+
+    def __init__(self, ring_size=8, num_frames=32, *, tx_size=None, start=0):
+        def rings(size, words, user_produces):
+            mem = bytearray(DESC + size * words * 8)
+            for off in (PROD, CONS):
+                struct.pack_into("I", mem, off, start)
+            mk = lambda up: Ring(mem, size, PROD, CONS, DESC, FLAGS, words=words, user_produces=up)
+            return mk(user_produces), mk(not user_produces)
+
+        rx, self.rx = rings(ring_size, 2, False)
+        tx, self.tx = rings(tx_size or ring_size, 2, True)
+        fill, self.fill = rings(ring_size, 1, True)
+        comp, self.comp = rings(ring_size, 1, False)
+        self.umem = bytearray(num_frames * self.FS)
+        self.num_frames = num_frames
+        self.sock = XskSocket._over_rings(self.umem, rx, tx, fill, comp,
+                                          frame_size=self.FS, kick=self.kick)
+        self.wire: list[bytes] = []
+        self.sending = True
+        self.kicks = 0
+        self.fill_empty = 0
+
+    def deliver(self, payloads) -> int:
+        n = 0
+        for data in payloads:
+            if not self.fill.available() or not self.rx.free():
+                self.fill_empty += 1
+                continue
+            base = self.fill.consume(1)[0] & ~(self.FS - 1)
+            addr = base + xsk.XDP_PACKET_HEADROOM
+            self.umem[addr:addr + len(data)] = data
+            self.rx.push([addr, len(data)])
+            n += 1
+        return n
+
+    def kick(self):
+        self.kicks += 1
+        if not self.sending:
+            return
+        n = min(self.tx.available(), self.comp.free())
+        descs = self.tx.consume(n)
+        for i in range(0, len(descs), 2):
+            a, ln = descs[i], descs[i + 1] & U32
+            self.wire.append(bytes(self.umem[a:a + ln]))
+        self.comp.push(descs[0::2])
+
+    def census(self, held=()) -> list[int]:
+        """Every frame (chunk base) wherever it is; each must appear once."""
+        m = ~(self.FS - 1)
+
+        def pending(user_ring, words):
+            # entries between the consumer and producer indices of a ring
+            n = (user_ring.prod[0] - user_ring.cons[0]) & U32
+            out, idx = [], user_ring.cons[0]
+            for i in range(n):
+                slot = ((idx + i) & user_ring.mask) * words
+                out.append(user_ring.desc[slot])
+            return out
+
+        s = self.sock
+        where = (pending(s._fill, 1) + pending(s._rx, 2)
+                 + pending(s._tx, 2) + pending(s._comp, 1)
+                 + list(s._free) + list(held))
+        return sorted(a & m for a in where)
+
+    def all_frames(self):
+        return [i * self.FS for i in range(self.num_frames)]
+
+
+def payload(i, size=60):
+    return bytes([i & 0xFF]) * size
+
+
+@pytest.mark.parametrize("start", [0, 2**32 - 5])
+def test_fake_forward_all_in_order_and_frames_cycle(start):
+    k = FakeKernel(ring_size=8, num_frames=16, start=start)
+    s = k.sock
+    assert k.census() == k.all_frames()
+    sent = [payload(i, 60 + i) for i in range(200)]
+    for i in range(0, 200, 5):                   # many times the UMEM
+        assert k.deliver(sent[i:i + 5]) == 5
+        assert s.forward_batch(lambda f: True, 4) == 4
+        assert s.forward_batch(lambda f: True, 4) == 1
+        assert k.census() == k.all_frames()
+    assert k.wire == sent
+    assert s.rx_packets == s.tx_packets == 200
+    assert s.rx_bytes == s.tx_bytes == sum(map(len, sent))
+    assert s.dropped_by_handler == 0 and k.fill_empty == 0
+
+
+def test_fake_handler_sees_frame_and_can_rewrite():
+    k = FakeKernel()
+    seen = []
+
+    def h(frame):
+        seen.append(bytes(frame))
+        frame[0] = 0xEE
+        return True
+
+    k.deliver([payload(1), payload(2, 70)])
+    assert k.sock.forward_batch(h) == 2
+    assert seen == [payload(1), payload(2, 70)]
+    assert k.wire == [b"\xee" + payload(1)[1:], b"\xee" + payload(2, 70)[1:]]
+
+
+def test_fake_mixed_verdicts_keep_order_and_recycle_drops():
+    k = FakeKernel(ring_size=16, num_frames=64)
+    s = k.sock
+    sent = [payload(i, 64 + i) for i in range(120)]
+    for i in range(0, 120, 12):
+        k.deliver(sent[i:i + 12])
+        assert s.forward_batch(lambda f: f[0] % 3 != 0, 64) == 12
+        assert k.census() == k.all_frames()
+    assert k.wire == [p for p in sent if p[0] % 3 != 0]
+    assert s.dropped_by_handler == 40 and s.tx_packets == 80
+    assert s.tx_bytes == sum(len(p) for p in sent if p[0] % 3 != 0)
+    # everything dropped
+    k.deliver(sent[:10])
+    assert s.forward_batch(lambda f: False) == 10
+    assert s.dropped_by_handler == 50 and s.tx_packets == 80
+    assert k.census() == k.all_frames()
+
+
+def test_fake_tx_ring_full_drops_excess_without_losing_frames():
+    k = FakeKernel(ring_size=16, num_frames=64, tx_size=4)
+    k.sending = False                            # the device sends nothing
+    s = k.sock
+    k.deliver([payload(i) for i in range(10)])
+    assert s.forward_batch(lambda f: True) == 10
+    assert s.tx_packets == 4 and s.tx_dropped_ring_full == 6
+    assert s.tx_ring_full_waits == 1
+    assert k.census() == k.all_frames()
+    # the same with a mixed batch
+    k.deliver([payload(i) for i in range(10)])
+    assert s.forward_batch(lambda f: f[0] % 2 == 0) == 10
+    assert s.tx_packets == 4 and s.tx_dropped_ring_full == 11
+    assert s.dropped_by_handler == 5
+    assert k.census() == k.all_frames()
+    k.sending = True                             # the device wakes up
+    k.deliver([payload(1)])
+    s.forward_batch(lambda f: True)
+    assert len(k.wire) == 5
+    s.reclaim()
+    assert k.census() == k.all_frames()
+
+
+def test_fake_recv_batch_transmit_recycle():
+    k = FakeKernel(ring_size=8, num_frames=32)
+    s = k.sock
+    k.deliver([payload(i, 50 + i) for i in range(6)])
+    assert s.rx_pending() == 6
+    descs = s.recv_batch(4)
+    assert len(descs) == 4 and s.rx_pending() == 2
+    assert [bytes(s.frame(a, n)) for a, n in descs] == [payload(i, 50 + i) for i in range(4)]
+    held = [a for a, _ in descs]
+    assert k.census(held) == k.all_frames()
+    assert s.transmit(descs[:3]) == 3
+    s.recycle([descs[3][0]])
+    assert k.wire == [payload(i, 50 + i) for i in range(3)]
+    rest = s.recv_batch()
+    assert [n for _, n in rest] == [54, 55]
+    s.recycle(a for a, _ in rest)
+    s.reclaim()
+    assert k.census() == k.all_frames()
+    assert s.recv_batch() == []
+    assert s.transmit([]) == 0
+
+
+def test_fake_send_frame_uses_reserve_and_reports_exhaustion():
+    k = FakeKernel(ring_size=8, num_frames=16)
+    s = k.sock
+    free = len(s._free)
+    assert free >= 1
+    k.sending = False
+    results = [s.send_frame(payload(i, 80)) for i in range(20)]
+    queued = min(free, 8)                        # free frames, then TX slots
+    assert results == [True] * queued + [False] * (20 - queued)
+    assert s.frames_injected == queued and s.inject_no_frame == 20 - queued
+    k.sending = True
+    k.kick()
+    assert k.wire == [payload(i, 80) for i in range(queued)]
+    s.reclaim()
+    assert k.census() == k.all_frames()
+    assert s.send_frame(b"x" * 100) is True
+    with pytest.raises(ValueError):
+        s.send_frame(bytes(k.FS + 1))
+
+
+def test_fake_handler_exception_recycles_batch():
+    k = FakeKernel(ring_size=8, num_frames=32)
+    s = k.sock
+
+    def boom(frame):
+        if frame[0] == 3:
+            raise RuntimeError("NF bug")
+        return True
+
+    k.deliver([payload(i) for i in range(6)])
+    with pytest.raises(RuntimeError):
+        s.forward_batch(boom)
+    assert s.rx_pending() == 0 and s.handler_errors == 1
+    assert s.dropped_by_handler == 6 and k.wire == []
+    assert k.census() == k.all_frames()
+    k.deliver([payload(i) for i in range(4, 8)])
+    assert s.forward_batch(boom) == 4
+    assert k.wire == [payload(i) for i in range(4, 8)]
+
+
+def test_fake_statistics_and_close():
+    k = FakeKernel()
+    s = k.sock
+    k.deliver([payload(1)])
+    s.forward_batch(lambda f: True)
+    st = s.statistics()
+    for key in ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "dropped_by_handler",
+                "tx_kicks", "tx_kick_errors", "tx_ring_full_waits", "free_frames",
+                "fill_queued", "tx_queued", "rx_pending"):
+        assert key in st
+    assert st["rx_packets"] == 1 and st["tx_packets"] == 1
+    s.close()
+    s.close()
+    assert s.closed
+    assert s.statistics()["rx_packets"] == 1     # counters survive close
+
+
+# --------------------------------------------------------------------------
 # root tests: a real AF_XDP socket on a veth in a private namespace
 # --------------------------------------------------------------------------
 ETH_TYPE = 0x88B5                     # IEEE local experimental
 MARK = b"NFXSKTEST"
-ETH_P_ALL = 0x0003
 PACKET_OUTGOING = 4
 DEADLINE = 5.0
 
@@ -166,7 +402,7 @@ XDP_SRC = r"""
 
 BPF_XSKMAP(xsks, 4);
 
-int xsk_redirect(struct xdp_md *ctx)
+int xr_TAG(struct xdp_md *ctx)
 {
     void *data = (void *)(long)ctx->data;
     void *end = (void *)(long)ctx->data_end;
@@ -178,7 +414,7 @@ int xsk_redirect(struct xdp_md *ctx)
     return xsks.redirect_map(0, XDP_DROP);
 }
 
-int xdp_pass(struct xdp_md *ctx)
+int xp_TAG(struct xdp_md *ctx)
 {
     return XDP_PASS;
 }
@@ -208,7 +444,7 @@ class Bed:
         with netns.entered(self.ns):
             s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_TYPE))
             s.bind((dev, 0))
-        s.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)        # SO_RCVBUFFORCE
+        s.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_RCVBUFFORCE", 33), 8 << 20)
         s.setblocking(False)
         return s
 
@@ -231,7 +467,9 @@ def bed():
     from pyroute2 import IPRoute
     from nfactor_xdp import netns
 
-    ns = f"xsk-{uuid.uuid4().hex[:8]}"
+    tag = uuid.uuid4().hex[:8]
+    ns = f"xsk-{tag}"
+    progs = (f"xr_{tag}", f"xp_{tag}")           # unique names: find leftovers
     bpf = None
     attached = []
     netns.create(ns)
@@ -247,10 +485,11 @@ def bed():
                 ipr.link("set", index=idx_b, state="up")
                 mac_a = _mac(ipr.get_links(idx_a)[0].get_attr("IFLA_ADDRESS"))
                 mac_b = _mac(ipr.get_links(idx_b)[0].get_attr("IFLA_ADDRESS"))
-            bpf = BPF(text=XDP_SRC.encode())
-            BPF.attach_xdp(b"a", bpf.load_func(b"xsk_redirect", BPF.XDP), 0)
+            bpf = BPF(text=XDP_SRC.replace("TAG", tag).encode())
+            BPF.attach_xdp(b"a", bpf.load_func(progs[0].encode(), BPF.XDP), 0)
             attached.append(b"a")
-            BPF.attach_xdp(b"b", bpf.load_func(b"xdp_pass", BPF.XDP), 0)
+            # b needs an XDP program (NAPI) to receive what the socket sends
+            BPF.attach_xdp(b"b", bpf.load_func(progs[1].encode(), BPF.XDP), 0)
             attached.append(b"b")
         yield Bed(ns, bpf, idx_a, idx_b, mac_a, mac_b)
     finally:
@@ -263,6 +502,17 @@ def bed():
                 bpf.cleanup()
             netns.remove(ns)
     assert ns not in netns.listing()
+    deadline = time.monotonic() + DEADLINE      # programs are freed after an RCU grace period
+    while any(p in loaded_prog_names() for p in progs):
+        assert time.monotonic() < deadline, f"XDP programs {progs} still loaded"
+        time.sleep(0.01)
+
+
+def loaded_prog_names() -> set[str]:
+    out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True)
+    if out.returncode != 0:
+        return set()
+    return {p.get("name", "") for p in json.loads(out.stdout or "[]")}
 
 
 def drain_rx(s: XskSocket, want: int) -> list[bytes]:
@@ -297,7 +547,7 @@ def capture(p: socket.socket, want: int, *, pump=None, tag: bytes | None = None)
                 continue
             got.append(data)
         if pump is None and len(got) < want:
-            time.sleep(0.001)        # polling interval, not synchronisation
+            select.select([p], [], [], 0.05)
     return got
 
 
@@ -308,7 +558,7 @@ def test_receive_exact_bytes_and_counts(bed):
     tx = bed.packet_socket()
     with bed.socket() as s:
         st = s.statistics()
-        assert st["tx_budget_set"] in (True, False)
+        assert st["tx_budget"] == (256 if st["tx_budget_set"] else 32)
         frames = [bed.frame(i, size=60 + (i * 7) % 1400) for i in range(1000)]
         got: list[bytes] = []
         for i in range(0, len(frames), 100):     # interleave: exercise FILL recycling
@@ -490,3 +740,24 @@ def test_bind_failure_names_interface_queue_and_errno(bed):
         with pytest.raises(XskError) as ei:
             XskSocket(987654, 0)
     assert ei.value.errno == errno.ENODEV
+
+
+@pytest.mark.root
+@pytest.mark.netns
+@needs_root
+def test_reopen_right_after_close_and_busy_queue(bed):
+    from nfactor_xdp import netns
+    cap = bed.packet_socket()
+    # The kernel releases a closed socket's queue asynchronously; the
+    # constructor retries EBUSY for bind_timeout, so a restart can rebind.
+    for i in range(5):
+        with bed.socket() as s:
+            assert s.send_frame(bed.frame(i, tag=b"R"))
+            assert capture(cap, 1, pump=s.reclaim, tag=b"R") == [bed.frame(i, tag=b"R")]
+    with bed.socket() as s:
+        with netns.entered(bed.ns):
+            with pytest.raises(XskError) as ei:
+                XskSocket(bed.idx_a, 0, bind_timeout=0.05)
+        assert ei.value.errno == errno.EBUSY and "queue 0" in str(ei.value)
+        assert s.statistics()["rx_dropped"] == 0
+    cap.close()

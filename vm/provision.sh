@@ -15,7 +15,7 @@ log() { printf '[provision] %s\n' "$*"; }
 
 # 1. Debian packages.  python3-bpfcc is built for /usr/bin/python3 only.
 PKGS=(python3-bpfcc bpfcc-tools linux-headers-amd64 python3-venv python3-pip
-      iproute2 bpftool tcpdump ethtool procps curl git)
+      iproute2 iputils-ping bpftool tcpdump ethtool procps curl git)
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -48,6 +48,11 @@ fi
 if ! mountpoint -q /sys/fs/bpf; then
     log "mounting bpffs on /sys/fs/bpf"
     mount -t bpf bpf /sys/fs/bpf
+fi
+
+# 3b. tracefs, so the node can count redirects the kernel failed after XDP.
+if [ ! -d /sys/kernel/tracing/events ]; then
+    mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null || log "warning: cannot mount tracefs"
 fi
 
 # 4. A venv on the system Python (the one BCC is built for) that sees bcc.

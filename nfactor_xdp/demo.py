@@ -1,0 +1,166 @@
+"""`nfactorctl demo`: the node on the built-in testbed, with real traffic.
+
+testbed up -> node up -> UDP flows (echoed back by the sink) and TCP
+connections (HTTP downloads) for a while, with a live table of what each
+runtime does -> summary -> node down -> testbed down -> check that nothing
+is left behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from . import netns, nodectl
+from .nodeconf import NodeConfig
+from .testbed import Testbed, TestbedConfig
+
+TCP_CLIENTS = 4
+
+
+def _tool(ns: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "nfactor_xdp.traffic", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _result(p: subprocess.Popen, timeout: float) -> dict:
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        out, err = p.communicate()
+    lines = [ln for ln in out.splitlines() if ln.strip()]
+    try:
+        return json.loads(lines[-1])
+    except (IndexError, ValueError):
+        return {"error": err.strip()[-300:]}
+
+
+def _table(st: dict, prev: dict, dt: float, elapsed: float) -> str:
+    rows = [f"t={elapsed:5.1f}s  switch: {st['switch_flows']} flows, "
+            f"{st['switch'].get('to_runtime', 0)} frames to runtimes, "
+            f"{st['switch'].get('other_forward', 0)} other forwarded, "
+            f"{sum(v for k, v in st['switch'].items() if k.startswith('drop_'))} dropped",
+            f"  {'runtime':<8}{'core':>5}{'pid':>8}{'flows':>8}{'frames':>10}{'pps':>9}{'placed':>8}"]
+    for r in st["runtimes"]:
+        frames = r.get("frames") or 0
+        pps = (frames - prev.get(r["id"], 0)) / dt if dt else 0
+        prev[r["id"]] = frames
+        rows.append(f"  rt{r['id']:<6}{r['core']:>5}{r.get('pid') or '-':>8}{r.get('flows') or 0:>8}"
+                    f"{frames:>10}{pps:>9.0f}{r['switch'].get('flows_placed', 0):>8}")
+    return "\n".join(rows)
+
+
+def _leftovers(tb_name: str, node: str) -> list[str]:
+    left = [n for n in netns.listing() if n.startswith(f"{tb_name}-")]
+    if os.path.exists(f"/sys/fs/bpf/nfactor/{node}"):
+        left.append(f"/sys/fs/bpf/nfactor/{node}")
+    if os.path.exists(f"/run/nfactor/{node}"):
+        left.append(f"/run/nfactor/{node}")
+    return left
+
+
+def run_demo(name: str = "demo", runtimes: int = 2, duration: float = 10.0, udp_flows: int = 200,
+             tcp_flows: int = 100, out=print) -> int:
+    if os.geteuid() != 0:
+        out("error: the demo needs root (namespaces, XDP)")
+        return 1
+    tb = Testbed(TestbedConfig(name=name))
+    if tb.is_up():
+        out(f"testbed {name} exists from an earlier run; removing it")
+        nodectl.stop(name)
+        tb.down()
+    procs: list[subprocess.Popen] = []
+    rc = 1
+    try:
+        out(f"[1/5] testbed {name}: hosts {name}-src and {name}-dst around node namespace {name}-node")
+        tb.up()
+        show = tb.show()
+        src_ns, dst_ns = show["hosts"]["src"]["netns"], show["hosts"]["dst"]["netns"]
+        dst_ip = show["hosts"]["dst"]["ipv4"].split("/")[0]
+        out(f"[2/5] node {name}: XDP switch on ext0/ext1, {runtimes} runtimes")
+        cfg = NodeConfig(name=name, netns=show["namespaces"]["node"], runtimes=runtimes)
+        nodectl.start(cfg)
+
+        pps = max(100.0, udp_flows * 20.0)
+        packets = max(1, int(duration * pps / udp_flows))
+        per_client = max(1, tcp_flows // TCP_CLIENTS)
+        out(f"[3/5] traffic for ~{duration:.0f}s: {udp_flows} UDP flows x {packets} datagrams (echoed), "
+            f"{per_client * TCP_CLIENTS} TCP connections (HTTP GET, 256 KiB each)")
+        sink = _tool(dst_ns, "udp-sink", "--echo", "--expect", str(udp_flows * packets),
+                     "--timeout", str(duration + 20))
+        web = _tool(dst_ns, "http-serve", "--bind", dst_ip, "--timeout", str(duration + 20))
+        procs += [sink, web]
+        for p in (sink, web):
+            p.stdout.readline()  # "ready"
+        sender = _tool(src_ns, "udp-send", "--dst", dst_ip, "--flows", str(udp_flows), "--packets", str(packets),
+                       "--pps", str(pps), "--echo", "--echo-wait", "5")
+        procs.append(sender)
+        clients = []
+        for i in range(TCP_CLIENTS):
+            c = _tool(src_ns, "http-get", "--host", dst_ip, "--size", str(256 << 10), "--count", str(per_client),
+                      "--seed", str(1000 * i))
+            clients.append(c)
+            procs.append(c)
+
+        start = last = time.monotonic()
+        prev: dict = {}
+        tty = sys.stdout.isatty()
+        height = 0
+        while sender.poll() is None or any(c.poll() is None for c in clients):
+            time.sleep(1.0)  # the refresh period of the live table
+            now = time.monotonic()
+            table = _table(nodectl.status(name), prev, now - last, now - start)
+            last = now
+            if tty and height:
+                sys.stdout.write(f"\x1b[{height}F\x1b[J")
+            out(table)
+            height = table.count("\n") + 1
+            if now - start > duration + 60:
+                out("traffic did not finish in time; stopping it")
+                break
+
+        sent = _result(sender, 30)
+        got = _result(sink, 30)
+        http = [_result(c, 30) for c in clients]
+        st = nodectl.status(name)
+        out("[4/5] summary")
+        echoes = sum(map(len, sent.get("echoes", {}).values()))
+        out(f"  UDP: {sent.get('sent', 0)} datagrams sent on {udp_flows} flows, {got.get('received', 0)} "
+            f"received by the sink, {echoes} echoes back at the source")
+        ok = sum(h.get("ok", 0) for h in http)
+        total = sum(h.get("requests", 0) for h in http)
+        out(f"  TCP: {ok}/{total} HTTP downloads complete with the right SHA-256")
+        for r in st["runtimes"]:
+            out(f"  rt{r['id']} (core {r['core']}): {r['switch'].get('flows_placed', 0)} flows placed, "
+                f"{r.get('frames', 0)} frames processed")
+        drops = {k: v for k, v in st["switch"].items() if k.startswith("drop_") and v}
+        out(f"  switch: {st['switch'].get('flow_new', 0)} flows placed round-robin, "
+            f"{st['switch'].get('other_forward', 0)} non-flow frames forwarded, drops: {drops or 'none'}, "
+            f"failed redirects: {st['switch'].get('redirect_err', 0)}")
+        complete = (got.get("received") == sent.get("sent") and echoes == sent.get("sent") and ok == total)
+        out("  result: every datagram and download arrived" if complete
+            else "  result: some traffic was lost (see the counters above)")
+        rc = 0 if complete else 2
+    except KeyboardInterrupt:
+        out("interrupted")
+        rc = 130
+    except Exception as e:
+        out(f"error: {e}")
+        rc = 1
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        out(f"[5/5] node down, testbed down")
+        nodectl.stop(name)
+        tb.down()
+        left = _leftovers(name, name)
+        out("  nothing left behind (namespaces, XDP programs, pins, state)" if not left
+            else f"  LEFT BEHIND: {left}")
+        if left and rc == 0:
+            rc = 1
+    return rc

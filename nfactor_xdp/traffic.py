@@ -1,0 +1,243 @@
+"""Test and demo traffic with real sockets, run inside the testbed's host
+namespaces (`ip netns exec NS python -m nfactor_xdp.traffic ...`); each tool
+prints one JSON object when done.
+
+  udp-sink    receive sequence-numbered datagrams, optionally echo them back
+  udp-send    send K sequence-numbered datagrams on each of N flows, paced,
+              and collect the echoes
+  http-serve  a threaded HTTP server that serves N bytes of a seeded stream
+  http-get    fetch URLs over many TCP connections, checking size and digest
+
+Payload of a datagram: magic, flow id, sequence number, then padding.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import http.server
+import json
+import random
+import select
+import socket
+import socketserver
+import struct
+import sys
+import time
+import urllib.request
+
+MAGIC = 0x4E464158  # "NFAX"
+HDR = struct.Struct("!III")
+
+
+def _socket(family: int, bind: tuple, rcvbuf: int = 8 << 20) -> socket.socket:
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, rcvbuf)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(bind)
+    return s
+
+
+def _family(addr: str) -> int:
+    return socket.AF_INET6 if ":" in addr else socket.AF_INET
+
+
+def udp_sink(a) -> dict:
+    s = _socket(_family(a.bind), (a.bind, a.port))
+    s.setblocking(False)
+    seqs: dict[str, list[int]] = {}
+    bad = received = 0
+    deadline = time.monotonic() + a.timeout
+    last = time.monotonic()
+    print(json.dumps({"ready": True}), flush=True)
+    while time.monotonic() < deadline:
+        if a.expect and received >= a.expect:
+            break
+        if a.idle and received and time.monotonic() - last > a.idle:
+            break
+        r, _, _ = select.select([s], [], [], 0.05)
+        if not r:
+            continue
+        while True:
+            try:
+                data, peer = s.recvfrom(65535)
+            except BlockingIOError:
+                break
+            received += 1
+            last = time.monotonic()
+            if len(data) < HDR.size or HDR.unpack_from(data)[0] != MAGIC:
+                bad += 1
+                continue
+            _, flow, seq = HDR.unpack_from(data)
+            seqs.setdefault(f"{peer[0]}:{peer[1]}", []).append(seq)
+            if a.echo:
+                s.sendto(data, peer)
+    return {"received": received, "bad": bad, "flows": seqs}
+
+
+def udp_send(a) -> dict:
+    fam = _family(a.dst)
+    bind = a.src or ("::" if fam == socket.AF_INET6 else "0.0.0.0")
+    socks = [_socket(fam, (bind, a.base_port + i if a.base_port else 0)) for i in range(a.flows)]
+    for s in socks:
+        s.setblocking(False)
+    pad = b"\0" * max(0, a.size - HDR.size)
+    interval = 1.0 / a.pps if a.pps else 0.0
+    echoes: dict[str, list[int]] = {}
+    sent = 0
+    start = time.monotonic()
+
+    def drain(timeout: float) -> None:
+        r, _, _ = select.select(socks, [], [], timeout)
+        for s in r:
+            while True:
+                try:
+                    data = s.recv(65535)
+                except BlockingIOError:
+                    break
+                if len(data) >= HDR.size:
+                    _, flow, seq = HDR.unpack_from(data)
+                    echoes.setdefault(str(s.getsockname()[1]), []).append(seq)
+
+    for seq in range(a.packets):
+        for i, s in enumerate(socks):
+            while True:
+                try:
+                    s.sendto(HDR.pack(MAGIC, i, seq) + pad, (a.dst, a.port))
+                    break
+                except BlockingIOError:
+                    drain(0.001)
+            sent += 1
+            if interval:
+                ahead = start + sent * interval - time.monotonic()
+                if ahead > 0:
+                    drain(ahead)
+        if a.echo and not interval:
+            drain(0)
+    if a.echo:
+        deadline = time.monotonic() + a.echo_wait
+        while time.monotonic() < deadline and sum(map(len, echoes.values())) < sent:
+            drain(0.05)
+    ports = {str(s.getsockname()[1]): i for i, s in enumerate(socks)}
+    return {"sent": sent, "flows": a.flows, "packets": a.packets, "ports": ports,
+            "elapsed": time.monotonic() - start, "echoes": echoes}
+
+
+def _stream(seed: int, size: int):
+    rnd = random.Random(seed)
+    left = size
+    while left:
+        n = min(left, 65536)
+        yield rnd.randbytes(n)
+        left -= n
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):  # /<bytes>/<seed>
+        try:
+            _, size, seed = self.path.split("/")[:3]
+            size, seed = int(size), int(seed)
+        except ValueError:
+            size, seed = 1024, 0
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(size))
+        self.end_headers()
+        for chunk in _stream(seed, size):
+            self.wfile.write(chunk)
+
+    def log_message(self, *args):
+        pass
+
+
+class _Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+def http_serve(a) -> dict:
+    srv_cls = _Server
+    if ":" in a.bind:
+        srv_cls = type("_Server6", (_Server,), {"address_family": socket.AF_INET6})
+    srv = srv_cls((a.bind, a.port), _Handler)
+    print(json.dumps({"ready": True}), flush=True)
+    srv.timeout = 0.2
+    deadline = time.monotonic() + a.timeout
+    while time.monotonic() < deadline:
+        srv.handle_request()
+    return {"served": True}
+
+
+def http_get(a) -> dict:
+    host = f"[{a.host}]" if ":" in a.host else a.host
+    results = []
+    deadline = time.monotonic() + a.duration if a.duration else None
+    i = 0
+    while True:
+        seed = a.seed + i
+        url = f"http://{host}:{a.port}/{a.size}/{seed}"
+        expect = hashlib.sha256(b"".join(_stream(seed, a.size))).hexdigest()
+        t0 = time.monotonic()
+        try:
+            with urllib.request.urlopen(url, timeout=a.timeout) as r:
+                h = hashlib.sha256()
+                n = 0
+                while chunk := r.read(65536):
+                    h.update(chunk)
+                    n += len(chunk)
+            results.append({"seed": seed, "bytes": n, "ok": n == a.size and h.hexdigest() == expect,
+                            "seconds": round(time.monotonic() - t0, 4)})
+        except OSError as e:
+            results.append({"seed": seed, "ok": False, "error": str(e)})
+        i += 1
+        if deadline is None and i >= a.count:
+            break
+        if deadline is not None and time.monotonic() >= deadline:
+            break
+    return {"requests": len(results), "ok": sum(r["ok"] for r in results), "results": results}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="nfactor-traffic", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("udp-sink")
+    p.add_argument("--bind", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=9000)
+    p.add_argument("--expect", type=int, default=0, help="stop after this many datagrams")
+    p.add_argument("--idle", type=float, default=0.0, help="stop after this long without datagrams")
+    p.add_argument("--timeout", type=float, default=30.0)
+    p.add_argument("--echo", action="store_true")
+    p = sub.add_parser("udp-send")
+    p.add_argument("--dst", required=True)
+    p.add_argument("--src")
+    p.add_argument("--port", type=int, default=9000)
+    p.add_argument("--flows", type=int, default=10)
+    p.add_argument("--packets", type=int, default=100)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--pps", type=float, default=2000.0, help="total send rate (0: as fast as possible)")
+    p.add_argument("--base-port", type=int, default=0)
+    p.add_argument("--echo", action="store_true")
+    p.add_argument("--echo-wait", type=float, default=5.0)
+    p = sub.add_parser("http-serve")
+    p.add_argument("--bind", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--timeout", type=float, default=60.0)
+    p = sub.add_parser("http-get")
+    p.add_argument("--host", required=True)
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--size", type=int, default=1 << 20)
+    p.add_argument("--count", type=int, default=1)
+    p.add_argument("--duration", type=float, default=0.0, help="repeat requests for this long instead")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--timeout", type=float, default=20.0)
+    a = ap.parse_args(argv)
+    fn = {"udp-sink": udp_sink, "udp-send": udp_send, "http-serve": http_serve, "http-get": http_get}[a.cmd]
+    print(json.dumps(fn(a)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
