@@ -148,7 +148,8 @@ enum nfx_counter {
 	NFX_CNT_DROP_RT_OTHER,		/* dropped: non-flow frame from a runtime port */
 	NFX_CNT_DROP_UNKNOWN_PORT,	/* dropped: frame on a port with no role */
 	NFX_CNT_DROP_NO_PORT,		/* dropped: redirect target slot has no device */
-	NFX_CNT_REDIRECT_ERR,		/* redirects that failed after the program returned them (tracer) */
+	NFX_CNT_REDIRECT_ERR,		/* switch redirects the kernel failed after the program returned (tracer) */
+	NFX_CNT_SOCKET_FULL,		/* frames a runtime's AF_XDP socket could not take: RX ring full (tracer) */
 	NFX_CNT_XMIT_DROP,		/* frames a target port dropped on redirected transmit (tracer) */
 	NFX_CNT_MAX,
 };

@@ -9,22 +9,27 @@
 
 #include "nfactor_maps.h"
 
-static __always_inline int our_prog(int prog_id)
+/* Which counter a failed redirect of program prog_id goes to; 0: not ours. */
+static __always_inline __u32 counter_of(int prog_id)
 {
 	__u32 zero = 0;
 	struct nfx_config *cfg = config.lookup(&zero);
 
 	if (!cfg || prog_id == 0)
 		return 0;
-	return (__u32)prog_id == (__u32)cfg->prog_ids || (__u32)prog_id == (__u32)(cfg->prog_ids >> 32);
+	if ((__u32)prog_id == (__u32)cfg->prog_ids)
+		return NFX_CNT_REDIRECT_ERR;
+	if ((__u32)prog_id == (__u32)(cfg->prog_ids >> 32))
+		return NFX_CNT_SOCKET_FULL;
+	return 0;
 }
 
 TRACEPOINT_PROBE(xdp, xdp_redirect_err)
 {
-	__u32 i = NFX_CNT_REDIRECT_ERR;
+	__u32 i = counter_of(args->prog_id);
 	__u64 *c;
 
-	if (!our_prog(args->prog_id))
+	if (!i)
 		return 0;
 	c = counters.lookup(&i);
 	if (c)

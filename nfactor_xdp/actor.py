@@ -14,10 +14,14 @@ from .packet import describe_key
 
 
 class Actor:
-    __slots__ = ("key", "orig_dir", "packets", "bytes", "first_seen", "last_seen", "mailbox")
+    __slots__ = ("key", "proto", "orig_dir", "packets", "bytes", "dropped", "first_seen", "last_seen",
+                 "mailbox", "fast_keys")
 
     def __init__(self, key: bytes, orig_dir: int, now: float):
         self.key = key
+        self.proto = key[36]
+        self.dropped = 0
+        self.fast_keys: list[bytes] = []  # the runtime's fast-path entries for this flow
         self.orig_dir = orig_dir       # direction of the first frame seen here
         self.packets = [0, 0]          # per direction (packet.LO_TO_HI, HI_TO_LO)
         self.bytes = [0, 0]

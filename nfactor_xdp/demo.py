@@ -89,14 +89,14 @@ def run_demo(name: str = "demo", runtimes: int = 2, duration: float = 10.0, udp_
         per_client = max(1, tcp_flows // TCP_CLIENTS)
         out(f"[3/5] traffic for ~{duration:.0f}s: {udp_flows} UDP flows x {packets} datagrams (echoed), "
             f"{per_client * TCP_CLIENTS} TCP connections (HTTP GET, 256 KiB each)")
-        sink = _tool(dst_ns, "udp-sink", "--echo", "--expect", str(udp_flows * packets),
+        sink = _tool(dst_ns, "udp-sink", "--echo", "--brief", "--expect", str(udp_flows * packets),
                      "--timeout", str(duration + 20))
         web = _tool(dst_ns, "http-serve", "--bind", dst_ip, "--timeout", str(duration + 20))
         procs += [sink, web]
         for p in (sink, web):
             p.stdout.readline()  # "ready"
         sender = _tool(src_ns, "udp-send", "--dst", dst_ip, "--flows", str(udp_flows), "--packets", str(packets),
-                       "--pps", str(pps), "--echo", "--echo-wait", "5")
+                       "--pps", str(pps), "--echo", "--echo-wait", "5", "--brief")
         procs.append(sender)
         clients = []
         for i in range(TCP_CLIENTS):
@@ -127,9 +127,11 @@ def run_demo(name: str = "demo", runtimes: int = 2, duration: float = 10.0, udp_
         http = [_result(c, 30) for c in clients]
         st = nodectl.status(name)
         out("[4/5] summary")
-        echoes = sum(map(len, sent.get("echoes", {}).values()))
+        echoes = sent.get("echoed", 0)
+        in_order = all(f["in_order"] for f in got.get("flows", {}).values())
         out(f"  UDP: {sent.get('sent', 0)} datagrams sent on {udp_flows} flows, {got.get('received', 0)} "
-            f"received by the sink, {echoes} echoes back at the source")
+            f"received by the sink ({'each flow in order' if in_order else 'REORDERED'}), "
+            f"{echoes} echoes back at the source")
         ok = sum(h.get("ok", 0) for h in http)
         total = sum(h.get("requests", 0) for h in http)
         out(f"  TCP: {ok}/{total} HTTP downloads complete with the right SHA-256")
@@ -140,7 +142,8 @@ def run_demo(name: str = "demo", runtimes: int = 2, duration: float = 10.0, udp_
         out(f"  switch: {st['switch'].get('flow_new', 0)} flows placed round-robin, "
             f"{st['switch'].get('other_forward', 0)} non-flow frames forwarded, drops: {drops or 'none'}, "
             f"failed redirects: {st['switch'].get('redirect_err', 0)}")
-        complete = (got.get("received") == sent.get("sent") and echoes == sent.get("sent") and ok == total)
+        complete = (got.get("received") == sent.get("sent") and echoes == sent.get("sent") and ok == total
+                    and in_order)
         out("  result: every datagram and download arrived" if complete
             else "  result: some traffic was lost (see the counters above)")
         rc = 0 if complete else 2

@@ -147,7 +147,12 @@ class Node:
         if _ifindex(ipr, sw) is None:
             if _ifindex(ipr, port) is not None:
                 ipr.link("del", index=_ifindex(ipr, port))
-            ipr.link("add", ifname=sw, kind="veth", peer=port)
+            # One queue each way: the AF_XDP socket is bound to queue 0, and a
+            # multi-queue veth would pick the queue by the sending CPU
+            # (frames on queue 1 would never reach the socket, and one flow
+            # could be processed on two CPUs at once, out of order).
+            ipr.link("add", ifname=sw, kind="veth", num_tx_queues=1, num_rx_queues=1,
+                     peer={"ifname": port, "num_tx_queues": 1, "num_rx_queues": 1})
         for name in (sw, port):
             # Nothing but the runtime's frames may cross this link.
             _set_sysctl(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "1")

@@ -109,7 +109,7 @@ def status(name: str) -> dict:
         live = runtime_query(name, rt["id"], "status")
         entry["live"] = live is not None
         if live:
-            for k in ("pid", "flows", "frames", "forwarded", "dropped_by_chain", "dropped_not_flow",
+            for k in ("pid", "flows", "frames", "forwarded", "dropped", "dropped_by_chain", "dropped_not_flow",
                       "flows_created", "flows_expired", "xsk", "uptime"):
                 entry[k] = live.get(k)
         out["runtimes"].append(entry)

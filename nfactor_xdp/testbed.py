@@ -472,7 +472,13 @@ class Testbed:
                         index=ifindex,
                         kind="veth",
                         address=port_mac,
-                        peer={"ifname": cfg.host_ifname, "address": host_mac, "net_ns_fd": fd},
+                        # One queue, as a NIC's RSS would give one flow: with
+                        # several, a veth picks the queue by sending CPU and
+                        # frames of one flow could be handled out of order.
+                        num_tx_queues=1,
+                        num_rx_queues=1,
+                        peer={"ifname": cfg.host_ifname, "address": host_mac, "net_ns_fd": fd,
+                              "num_tx_queues": 1, "num_rx_queues": 1},
                     )
                 finally:
                     os.close(fd)

@@ -72,7 +72,14 @@ def udp_sink(a) -> dict:
             seqs.setdefault(f"{peer[0]}:{peer[1]}", []).append(seq)
             if a.echo:
                 s.sendto(data, peer)
+    if a.brief:
+        return {"received": received, "bad": bad, "flows": _brief(seqs)}
     return {"received": received, "bad": bad, "flows": seqs}
+
+
+def _brief(seqs: dict[str, list[int]]) -> dict:
+    """Per flow: how many, and whether they came exactly once and in order."""
+    return {k: {"count": len(v), "in_order": v == list(range(len(v)))} for k, v in seqs.items()}
 
 
 def udp_send(a) -> dict:
@@ -120,7 +127,8 @@ def udp_send(a) -> dict:
             drain(0.05)
     ports = {str(s.getsockname()[1]): i for i, s in enumerate(socks)}
     return {"sent": sent, "flows": a.flows, "packets": a.packets, "ports": ports,
-            "elapsed": time.monotonic() - start, "echoes": echoes}
+            "elapsed": time.monotonic() - start, "echoed": sum(map(len, echoes.values())),
+            "echoes": _brief(echoes) if a.brief else echoes}
 
 
 def _stream(seed: int, size: int):
@@ -210,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--idle", type=float, default=0.0, help="stop after this long without datagrams")
     p.add_argument("--timeout", type=float, default=30.0)
     p.add_argument("--echo", action="store_true")
+    p.add_argument("--brief", action="store_true", help="per-flow counts instead of sequence lists")
     p = sub.add_parser("udp-send")
     p.add_argument("--dst", required=True)
     p.add_argument("--src")
@@ -221,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base-port", type=int, default=0)
     p.add_argument("--echo", action="store_true")
     p.add_argument("--echo-wait", type=float, default=5.0)
+    p.add_argument("--brief", action="store_true", help="per-flow counts instead of sequence lists")
     p = sub.add_parser("http-serve")
     p.add_argument("--bind", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8080)

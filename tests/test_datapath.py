@@ -63,7 +63,7 @@ def test_udp_flows_arrive_exactly_once_in_order_and_replies_return(node):
     total = 2 * flows * packets
     assert sw["flow_new"] == flows
     assert sw["to_runtime"] == total and sw["to_ext"] == total
-    assert sw["redirect_err"] == 0 and sw["xmit_drop"] == 0
+    assert sw["redirect_err"] == 0 and sw["xmit_drop"] == 0 and sw["socket_full"] == 0
     per_rt = {r["id"]: r for r in st["runtimes"]}
     assert sum(r["frames"] for r in per_rt.values()) == total
     assert sum(r["forwarded"] for r in per_rt.values()) == total
