@@ -67,8 +67,10 @@ def test_udp_flows_arrive_exactly_once_in_order_and_replies_return(node):
     per_rt = {r["id"]: r for r in st["runtimes"]}
     assert sum(r["frames"] for r in per_rt.values()) == total
     assert sum(r["forwarded"] for r in per_rt.values()) == total
-    # round-robin: the flows are spread over both runtimes
-    assert sorted(r["flows"] for r in per_rt.values()) == [flows // 2, flows // 2]
+    # round-robin (a cursor per CPU: exact on each CPU, so the runtimes' shares
+    # differ by at most one flow per CPU that saw new flows)
+    shares = sorted(r["flows"] for r in per_rt.values())
+    assert sum(shares) == flows and shares[1] - shares[0] <= os.cpu_count()
     for r in per_rt.values():
         assert r["switch"]["to_rt_packets"] == r["frames"] == r["switch"]["from_rt_packets"]
         assert r["xsk"]["rx_dropped"] == 0
