@@ -180,7 +180,7 @@ def _measure(tb_show: dict, sink: _Sink, frame: bytes, flows: int, duration: flo
 
 
 def run_forward_bench(counts: list[int], duration: float = 5.0, flows: int = 64, size: int = 64,
-                      name: str = "bench") -> dict:
+                      name: str = "bench", batch: int = 64) -> dict:
     if os.geteuid() != 0:
         raise SystemExit("error: the benchmark needs root")
     tb = Testbed(TestbedConfig(name=name))
@@ -191,7 +191,8 @@ def run_forward_bench(counts: list[int], duration: float = 5.0, flows: int = 64,
     result = {"benchmark": "forward", "machine": {"cpus": os.cpu_count(), "kernel": platform.release(),
                                                   "cpu": _cpu_model()},
               "load": {"flows": flows, "frame_bytes": size, "generator_cpu": GEN_CPU,
-                       "duration_s": duration, "mode": "XDP live frames, as fast as one CPU can"},
+                       "duration_s": duration, "mode": "XDP live frames, as fast as one CPU can",
+                       "runtime_batch": batch},
               "measurements": []}
     sink = None
     try:
@@ -204,7 +205,7 @@ def run_forward_bench(counts: list[int], duration: float = 5.0, flows: int = 64,
         ceiling = None
         for label, n, bypass in runs:
             cores = [1] if n == 1 else []  # one runtime: keep it off the generator's CPU
-            cfg = NodeConfig(name=name, netns=node_ns, runtimes=n, cores=cores)
+            cfg = NodeConfig(name=name, netns=node_ns, runtimes=n, cores=cores, batch=batch)
             state = nodectl.start(cfg)
             try:
                 with NodeMaps(name) as maps:
@@ -212,6 +213,9 @@ def run_forward_bench(counts: list[int], duration: float = 5.0, flows: int = 64,
                 pids = [r["pid"] for r in state["runtimes"]]
                 m = _measure(show, sink, frame, flows, duration, pids)
                 st = nodectl.status(name)
+                m["runtime_idle_waits"] = sum(r.get("idle_waits") or 0 for r in st["runtimes"])
+                m["runtime_kicks"] = sum((r.get("xsk") or {}).get("tx_kicks", 0) for r in st["runtimes"])
+                m["runtime_kick_errors"] = sum((r.get("xsk") or {}).get("tx_kick_errors", 0) for r in st["runtimes"])
                 m["xsk_rx_dropped"] = sum((r.get("xsk") or {}).get("rx_dropped", 0) for r in st["runtimes"])
                 m["switch_drops"] = {k: v for k, v in st["switch"].items() if k.startswith("drop_") and v}
                 m["redirect_err"] = st["switch"]["redirect_err"]

@@ -264,12 +264,13 @@ def bench():
 @click.option("--duration", default=5.0, show_default=True, help="Seconds per measurement.")
 @click.option("--flows", "nflows", default=64, show_default=True, help="Flows in the offered load.")
 @click.option("--size", default=64, show_default=True, help="Frame size in bytes.")
+@click.option("--batch", default=64, show_default=True, help="Frames a runtime takes per loop iteration.")
 @click.option("--output", "-o", default="bench-forward.json", show_default=True, help="JSON output file ('-' for stdout).")
-def bench_forward(runtimes, duration, nflows, size, output):
+def bench_forward(runtimes, duration, nflows, size, batch, output):
     """Pass-through rate with 1 and 2 runtimes and the XDP-only ceiling, same run."""
     from .bench import run_forward_bench
     counts = [int(x) for x in runtimes.split(",") if x.strip()]
-    result = run_forward_bench(counts, duration=duration, flows=nflows, size=size)
+    result = run_forward_bench(counts, duration=duration, flows=nflows, size=size, batch=batch)
     text = json.dumps(result, indent=2)
     if output == "-":
         click.echo(text)

@@ -164,8 +164,8 @@ class Node:
         # Starting: keeps the flows it had (pinned table), takes no new ones.
         self.maps.set_runtime(rt_id, L.C["NFX_RT_STARTING"], sw_idx)
 
-    def _attach(self, ifname: str, which: str) -> None:
-        self.xdp_modes[ifname] = self.progs.attach(ifname, which, self.cfg.xdp_mode)
+    def _attach(self, ifname: str, which: str, mode: str | None = None) -> None:
+        self.xdp_modes[ifname] = self.progs.attach(ifname, which, mode or self.cfg.xdp_mode)
         self.attached.append(ifname)
 
     def _spawn(self, rt: RuntimeProc) -> None:

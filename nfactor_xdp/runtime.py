@@ -38,7 +38,7 @@ class Runtime:
         self.stopping = False
         self.started = time.time()
         self.now = time.monotonic()
-        self.stats = {"dropped_not_flow": 0, "flows_created": 0, "flows_expired": 0}
+        self.stats = {"dropped_not_flow": 0, "flows_created": 0, "flows_expired": 0, "idle_waits": 0}
         self.xsk: XskSocket | None = None
         self.maps: NodeMaps | None = None
         self.ctl: rtctl.Server | None = None
@@ -110,6 +110,7 @@ class Runtime:
                 # Under load, still answer queries and do housekeeping.
                 ctl.serve_pending()
             else:
+                self.stats["idle_waits"] += 1
                 for fd, _ in poller.poll(IDLE_POLL_MS):
                     if fd == ctl.fileno():
                         ctl.serve_pending()
