@@ -6,6 +6,7 @@ import ctypes
 import errno
 import os
 import shutil
+import warnings
 
 from . import layouts as L
 from .bpfsys import prog_info
@@ -16,6 +17,10 @@ XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
 XDP_MODES = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}
 TRACEFS = "/sys/kernel/tracing"
+
+
+# BCC 0.26 warns on every str argument; the calls are correct either way.
+warnings.filterwarnings("ignore", category=DeprecationWarning, module="bcc")
 
 
 class LoaderError(RuntimeError):

@@ -211,3 +211,31 @@ def test_down_leaves_nothing_behind(testbed, node_factory):
     assert not os.path.exists(f"/run/nfactor/{n.name}")
     progs = subprocess.run(["bpftool", "prog", "show"], capture_output=True, text=True).stdout
     assert "nfx_vswitch" not in progs and "nfx_steer" not in progs
+
+
+def test_foreground_node_stops_cleanly_on_ctrl_c(testbed):
+    from nfactor_xdp import nodeconf
+    name = "fg" + testbed.name[-4:]
+    node_ns = testbed.show()["namespaces"]["node"]
+    p = subprocess.Popen([PY, "-m", "nfactor_xdp.cli", "up", "--foreground", "--name", name, "--netns", node_ns,
+                          "--runtimes", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: (nodeconf.read_state(name) or {}).get("phase") == "running", timeout=30,
+                 what="the foreground node to run")
+        p.send_signal(signal.SIGINT)
+        out, _ = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, out
+    assert "down" in out
+    assert not os.path.exists(f"/sys/fs/bpf/nfactor/{name}")
+    links = netns.run(node_ns, ["ip", "-o", "link", "show"]).stdout
+    assert "xdp" not in links and "sw-rt" not in links
+
+
+def test_probe_finds_everything_here():
+    r = subprocess.run([PY, "-m", "nfactor_xdp.cli", "probe", "--json"], capture_output=True, text=True, timeout=120)
+    checks = json.loads(r.stdout)
+    assert r.returncode == 0, [c for c in checks if not c["ok"]]
+    assert all(c["ok"] for c in checks)
