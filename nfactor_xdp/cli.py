@@ -8,6 +8,7 @@ frames leave by the opposite interface.
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -68,9 +69,11 @@ def main():
 @click.option("--xdp-mode", type=click.Choice(["native", "generic", "auto"]), default="native", show_default=True,
               help="XDP attach mode; auto falls back to generic where native is unsupported.")
 @click.option("--idle-timeout", default=30.0, show_default=True, help="Seconds before an idle flow's actor is released.")
+@click.option("--policy", type=click.Path(exists=True, dir_okay=False),
+              help="Policy file (service chain rules, NF config) to install; default: the node's saved one.")
 @click.option("--foreground", is_flag=True, help="Run the agent in this process until Ctrl-C.")
 def up(name, ext0, ext1, netns, testbed_name, runtimes, cores, other_action, flow_table_size, xdp_mode,
-       idle_timeout, foreground):
+       idle_timeout, policy, foreground):
     """Bring a node up on two interfaces.
 
     Loads the XDP switch (maps pinned, so a restarted node keeps its flows),
@@ -91,14 +94,17 @@ def up(name, ext0, ext1, netns, testbed_name, runtimes, cores, other_action, flo
         ext1 = show["node"]["ports"]["ext1"]["ifname"]
     cfg = NodeConfig(name=name, ext0=ext0, ext1=ext1, netns=netns, runtimes=runtimes, cores=_cores(cores),
                      other_action=other_action, flow_table_size=flow_table_size, xdp_mode=xdp_mode,
-                     idle_timeout=idle_timeout)
+                     idle_timeout=idle_timeout, policy=os.path.abspath(policy) if policy else None)
     try:
         cfg.validate()
+        if policy:
+            from .rules import load_policy
+            load_policy(policy)  # a bad policy is refused here, with its reason
         if foreground:
             from .node import run_foreground
             sys.exit(run_foreground(cfg))
         state = nodectl.start(cfg)
-    except (ConfigError, nodectl.NodeCtlError, OSError, RuntimeError) as e:
+    except (ConfigError, nodectl.NodeCtlError, OSError, RuntimeError, ValueError) as e:
         _fail(str(e))
     rts = ", ".join(f"rt{r['id']} (core {r['core']}, pid {r['pid']})" for r in state["runtimes"])
     click.echo(f"node {name} up on {ext0}/{ext1}{' in ' + netns if netns else ''}: {rts}")
@@ -163,11 +169,13 @@ def flows(name, as_json, limit):
     if as_json:
         _emit_json(out)
         return
-    click.echo(f"{'runtime':>7} {'pkts orig':>10} {'pkts reply':>10}  flow")
+    click.echo(f"{'runtime':>7} {'pkts orig':>10} {'pkts reply':>10} {'dropped':>8}  {'chain':<36} flow")
     for f in out["flows"]:
         p = f["packets"] or {}
         rt = f["runtime"] if f["runtime"] is not None else f"({f['switch_runtime']})"
-        click.echo(f"{rt!s:>7} {p.get('orig', '-')!s:>10} {p.get('reply', '-')!s:>10}  {f['flow']}")
+        chain = "->".join(f.get("chain") or []) or "-"
+        click.echo(f"{rt!s:>7} {p.get('orig', '-')!s:>10} {p.get('reply', '-')!s:>10} "
+                   f"{f.get('dropped', '-')!s:>8}  {chain:<36} {f['flow']}")
     click.echo(f"{len(out['flows'])} flows")
 
 
@@ -186,6 +194,112 @@ def probe(as_json):
             if not c["ok"] and c["hint"]:
                 click.echo(f"{'':<8} {'':<24} -> {c['hint']}")
     sys.exit(0 if all(c["ok"] for c in checks) else 1)
+
+
+@main.group()
+def rules():
+    """Service chain rules: which NFs a new flow goes through (longest prefix match).
+
+    \b
+    A rule matches a flow's first packet: source/destination prefixes,
+    protocol, source/destination port or range, each 'any' by default.
+    The chain is a comma-separated list of NFs, first NF first:
+      nfactorctl rules add --proto tcp --dport 80 --chain flow_monitor,firewall,http_parser
+    Rules apply to new flows; existing flows keep their chain.
+    """
+
+
+def _rules_done(name, policy, what):
+    from . import nodectl
+    took = nodectl.put_policy(name, policy)
+    click.echo(f"{what}; {'pushed to runtimes ' + ', '.join(map(str, took)) if took else 'saved (node not running)'}")
+
+
+@rules.command("list")
+@name_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def rules_list(name, as_json):
+    """The node's rules, most specific first, and the default chain."""
+    from . import nf, nodectl
+    try:
+        policy = nodectl.get_policy(name)
+    except ValueError as e:
+        _fail(str(e))
+    table = policy.table()
+    rows = [r.to_dict() for r in table.rules]
+    if as_json:
+        _emit_json({"rules": rows, "default_chain": nf.chain_names(policy.default_chain),
+                    "nfs": nf.known()})
+        return
+    click.echo(f"{'id':>3} {'src':<18} {'dst':<18} {'proto':<5} {'sport':<11} {'dport':<11} chain")
+    for r in rows:
+        click.echo(f"{r['id']:>3} {r['src']:<18} {r['dst']:<18} {r['proto']:<5} {r['sport']:<11} "
+                   f"{r['dport']:<11} {'->'.join(r['chain']) or '(none)'}")
+    click.echo(f"default chain: {'->'.join(nf.chain_names(policy.default_chain)) or '(none: pass through)'}")
+
+
+@rules.command("add")
+@name_option
+@click.option("--src", default="any", show_default=True, help="Source prefix (the flow's first sender).")
+@click.option("--dst", default="any", show_default=True, help="Destination prefix.")
+@click.option("--proto", default="any", show_default=True, help="tcp, udp or any.")
+@click.option("--sport", default="any", show_default=True, help="Source port or range (1000-2000).")
+@click.option("--dport", default="any", show_default=True, help="Destination port or range.")
+@click.option("--chain", required=True, help="NFs in order, comma-separated (see `rules list --json`).")
+def rules_add(name, src, dst, proto, sport, dport, chain):
+    """Add a rule."""
+    from . import nodectl
+    from .rules import RuleError
+    try:
+        policy = nodectl.get_policy(name)
+        rule = policy.add({"src": src, "dst": dst, "proto": proto, "sport": sport, "dport": dport,
+                           "chain": chain})
+    except (RuleError, ValueError) as e:
+        _fail(str(e))
+    _rules_done(name, policy, f"rule {rule.id} added")
+
+
+@rules.command("del")
+@name_option
+@click.argument("rule_id", type=int)
+def rules_del(name, rule_id):
+    """Delete rule RULE_ID."""
+    from . import nodectl
+    from .rules import RuleError
+    try:
+        policy = nodectl.get_policy(name)
+        policy.delete(rule_id)
+    except (RuleError, ValueError) as e:
+        _fail(str(e))
+    _rules_done(name, policy, f"rule {rule_id} deleted")
+
+
+@rules.command("default")
+@name_option
+@click.option("--chain", required=True, help="NFs for flows no rule matches ('' for none).")
+def rules_default(name, chain):
+    """Set the chain of flows that no rule matches."""
+    from . import nodectl
+    from .rules import RuleError, parse_chain
+    try:
+        policy = nodectl.get_policy(name)
+        policy.default_chain = parse_chain(chain, "--chain")
+    except (RuleError, ValueError) as e:
+        _fail(str(e))
+    _rules_done(name, policy, "default chain set")
+
+
+@rules.command("load")
+@name_option
+@click.argument("policy_file", type=click.Path(exists=True, dir_okay=False))
+def rules_load(name, policy_file):
+    """Replace the node's whole policy (rules, default chain, NF config) from a JSON file."""
+    from .rules import RuleError, load_policy
+    try:
+        policy = load_policy(policy_file)
+    except RuleError as e:
+        _fail(str(e))
+    _rules_done(name, policy, f"policy loaded ({len(policy.rules)} rules)")
 
 
 @main.group()

@@ -13,11 +13,28 @@ import subprocess
 import sys
 import time
 
-from . import netns, nodectl
+from . import netns, nodeconf, nodectl
 from .nodeconf import NodeConfig
 from .testbed import Testbed, TestbedConfig
 
 TCP_CLIENTS = 4
+UDP_BASE_PORT = 43000
+BLOCKED_UDP_FLOWS = 20  # the first flows' source ports are blocked by the firewall
+
+
+def demo_policy(blocked: int) -> dict:
+    """HTTP through the paper's full chain; UDP through monitor and firewall,
+    which drops the first `blocked` UDP flows."""
+    return {
+        "default_chain": ["flow_monitor"],
+        "rules": [
+            {"proto": "tcp", "dport": "8080", "chain": ["flow_monitor", "firewall", "http_parser"]},
+            {"proto": "udp", "chain": ["flow_monitor", "firewall"]},
+        ],
+        "nf_config": {"firewall": {"rules": [
+            {"proto": "udp", "sport": f"{UDP_BASE_PORT}-{UDP_BASE_PORT + blocked - 1}", "action": "drop"},
+        ]}},
+    }
 
 
 def _tool(ns: str, *args: str) -> subprocess.Popen:
@@ -80,23 +97,31 @@ def run_demo(name: str = "demo", runtimes: int = 2, duration: float = 10.0, udp_
         show = tb.show()
         src_ns, dst_ns = show["hosts"]["src"]["netns"], show["hosts"]["dst"]["netns"]
         dst_ip = show["hosts"]["dst"]["ipv4"].split("/")[0]
-        out(f"[2/5] node {name}: XDP switch on ext0/ext1, {runtimes} runtimes")
-        cfg = NodeConfig(name=name, netns=show["namespaces"]["node"], runtimes=runtimes)
+        blocked = min(BLOCKED_UDP_FLOWS, udp_flows // 2)
+        policy_file = os.path.join(nodeconf.run_dir(name) + "-demo-policy.json")
+        os.makedirs(nodeconf.RUN_ROOT, exist_ok=True)
+        with open(policy_file, "w") as f:
+            json.dump(demo_policy(blocked), f)
+        out(f"[2/5] node {name}: XDP switch on ext0/ext1, {runtimes} runtimes; chains: TCP/8080 "
+            f"flow_monitor->firewall->http_parser, UDP flow_monitor->firewall ({blocked} UDP flows blocked)")
+        cfg = NodeConfig(name=name, netns=show["namespaces"]["node"], runtimes=runtimes, policy=policy_file)
         nodectl.start(cfg)
+        os.unlink(policy_file)
 
         pps = max(100.0, udp_flows * 20.0)
         packets = max(1, int(duration * pps / udp_flows))
         per_client = max(1, tcp_flows // TCP_CLIENTS)
         out(f"[3/5] traffic for ~{duration:.0f}s: {udp_flows} UDP flows x {packets} datagrams (echoed), "
             f"{per_client * TCP_CLIENTS} TCP connections (HTTP GET, 256 KiB each)")
-        sink = _tool(dst_ns, "udp-sink", "--echo", "--brief", "--expect", str(udp_flows * packets),
+        sink = _tool(dst_ns, "udp-sink", "--echo", "--brief", "--expect", str((udp_flows - blocked) * packets),
                      "--timeout", str(duration + 20))
         web = _tool(dst_ns, "http-serve", "--bind", dst_ip, "--timeout", str(duration + 20))
         procs += [sink, web]
         for p in (sink, web):
             p.stdout.readline()  # "ready"
         sender = _tool(src_ns, "udp-send", "--dst", dst_ip, "--flows", str(udp_flows), "--packets", str(packets),
-                       "--pps", str(pps), "--echo", "--echo-wait", "5", "--brief")
+                       "--pps", str(pps), "--echo", "--echo-wait", "5", "--brief",
+                       "--base-port", str(UDP_BASE_PORT))
         procs.append(sender)
         clients = []
         for i in range(TCP_CLIENTS):
@@ -126,12 +151,20 @@ def run_demo(name: str = "demo", runtimes: int = 2, duration: float = 10.0, udp_
         got = _result(sink, 30)
         http = [_result(c, 30) for c in clients]
         st = nodectl.status(name)
+        flows = nodectl.flows(name)["flows"]
         out("[4/5] summary")
         echoes = sent.get("echoed", 0)
         in_order = all(f["in_order"] for f in got.get("flows", {}).values())
+        drop_flows = [f for f in flows if (f.get("nfs") or {}).get("firewall", {}).get("verdict") == "drop"]
+        expected = (udp_flows - blocked) * packets
         out(f"  UDP: {sent.get('sent', 0)} datagrams sent on {udp_flows} flows, {got.get('received', 0)} "
             f"received by the sink ({'each flow in order' if in_order else 'REORDERED'}), "
             f"{echoes} echoes back at the source")
+        out(f"  firewall: {len(drop_flows)} flows blocked, {sum(f.get('dropped') or 0 for f in drop_flows)} "
+            f"datagrams dropped; e.g. {drop_flows[0]['flow'] if drop_flows else '-'}")
+        parsed = [f["nfs"]["http_parser"] for f in flows if "http_parser" in (f.get("nfs") or {})]
+        out(f"  http_parser: {sum(h.get('n_requests', 0) for h in parsed)} requests and "
+            f"{sum(h.get('n_responses', 0) for h in parsed)} responses parsed on {len(parsed)} connections")
         ok = sum(h.get("ok", 0) for h in http)
         total = sum(h.get("requests", 0) for h in http)
         out(f"  TCP: {ok}/{total} HTTP downloads complete with the right SHA-256")
@@ -142,8 +175,8 @@ def run_demo(name: str = "demo", runtimes: int = 2, duration: float = 10.0, udp_
         out(f"  switch: {st['switch'].get('flow_new', 0)} flows placed round-robin, "
             f"{st['switch'].get('other_forward', 0)} non-flow frames forwarded, drops: {drops or 'none'}, "
             f"failed redirects: {st['switch'].get('redirect_err', 0)}")
-        complete = (got.get("received") == sent.get("sent") and echoes == sent.get("sent") and ok == total
-                    and in_order)
+        complete = (got.get("received") == expected and echoes == expected and ok == total and in_order
+                    and len(drop_flows) == blocked)
         out("  result: every datagram and download arrived" if complete
             else "  result: some traffic was lost (see the counters above)")
         rc = 0 if complete else 2

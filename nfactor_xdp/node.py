@@ -32,6 +32,7 @@ from . import netns, nodeconf, rtctl
 from .loader import LoaderError, Programs, detach, remove_pins
 from .maps import NodeMaps
 from .nodeconf import ConfigError, NodeConfig
+from .rules import RuleError, load_policy, save_policy
 
 READY_TIMEOUT = 20.0
 STOP_TIMEOUT = 5.0
@@ -101,6 +102,8 @@ class Node:
     def up(self) -> None:
         os.makedirs(self.cfg.run_dir, mode=0o700, exist_ok=True)
         self._write_state("starting")
+        if self.cfg.policy:
+            save_policy(load_policy(self.cfg.policy), nodeconf.policy_path(self.cfg.name))
         self.setup_switch()
         for rt in self.runtimes:
             self._spawn(rt)
@@ -172,7 +175,8 @@ class Node:
         log = open(nodeconf.log_path(self.cfg.name, f"rt{rt.id}"), "ab")
         argv = [sys.executable, "-m", "nfactor_xdp.runtime", "--node", self.cfg.name,
                 "--id", str(rt.id), "--ifname", rt.port, "--core", str(rt.core),
-                "--idle-timeout", str(self.cfg.idle_timeout), "--batch", str(self.cfg.batch)]
+                "--idle-timeout", str(self.cfg.idle_timeout), "--batch", str(self.cfg.batch),
+                "--policy", nodeconf.policy_path(self.cfg.name)]
         rt.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
         rt.state = "starting"
@@ -335,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = NodeConfig.from_dict(json.loads(a.config_json))
         return run_foreground(cfg)
-    except (NodeError, LoaderError, ConfigError, OSError) as e:
+    except (NodeError, LoaderError, ConfigError, RuleError, OSError) as e:
         print(f"node: error: {e}", file=sys.stderr, flush=True)
         return 1
 

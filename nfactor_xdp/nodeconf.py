@@ -3,6 +3,7 @@
   /sys/fs/bpf/nfactor/<name>/   pinned maps (kept across agent restarts)
   /run/nfactor/<name>/          node.json (state), runtime sockets
   /var/log/nfactor/<name>/      agent and runtime logs (kept after down)
+  /var/lib/nfactor/<name>/      policy.json: service chain rules, NF config (kept)
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from .maps import pin_dir
 
 RUN_ROOT = "/run/nfactor"
 LOG_ROOT = "/var/log/nfactor"
+LIB_ROOT = "/var/lib/nfactor"
 DEFAULT_NODE = "nfx"
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,14}$")
 
@@ -35,6 +37,10 @@ def log_dir(name: str) -> str:
 def log_path(name: str, what: str = "node") -> str:
     os.makedirs(log_dir(name), exist_ok=True)
     return os.path.join(log_dir(name), f"{what}.log")
+
+
+def policy_path(name: str) -> str:
+    return os.path.join(LIB_ROOT, name, "policy.json")
 
 
 def state_path(name: str) -> str:
@@ -63,6 +69,7 @@ class NodeConfig:
     xdp_mode: str = "native"          # native, generic or auto
     idle_timeout: float = 30.0        # seconds before an idle flow's actor is released
     batch: int = 64
+    policy: str | None = None         # policy file to install at up (else the node's saved one)
 
     def validate(self) -> "NodeConfig":
         if not _NAME_RE.match(self.name):

@@ -13,6 +13,7 @@ from . import node as node_mod
 from . import nodeconf, rtctl
 from .maps import NodeMaps
 from .nodeconf import NodeConfig
+from .rules import Policy, load_policy, save_policy
 
 START_TIMEOUT = 60.0
 
@@ -130,15 +131,40 @@ def flows(name: str, limit: int | None = None) -> dict:
     out = []
     for key in sorted(set(placed) | set(actors)):
         p, a = placed.get(key), actors.get(key)
-        out.append({
+        entry = {
             "key": key, "flow": (p or a)["flow"],
             "switch_runtime": p["runtime"] if p else None,
             "runtime": a["runtime"] if a else None,
             "packets": a["packets"] if a else None, "bytes": a["bytes"] if a else None,
-        })
+        }
+        if a:
+            for k in ("chain", "rule", "dropped", "closed", "nfs", "nf_errors", "errors"):
+                if k in a:
+                    entry[k] = a[k]
+        out.append(entry)
         if limit and len(out) >= limit:
             break
     return {"node": name, "flows": out}
+
+
+def get_policy(name: str) -> Policy:
+    path = nodeconf.policy_path(name)
+    return load_policy(path) if os.path.exists(path) else Policy()
+
+
+def put_policy(name: str, policy: Policy) -> list[int]:
+    """Save a node's policy and push it to its running runtimes; returns the
+    runtimes that took it."""
+    save_policy(policy, nodeconf.policy_path(name))
+    took = []
+    state = nodeconf.read_state(name) or {}
+    for rt in state.get("runtimes", []):
+        try:
+            rtctl.request(nodeconf.runtime_socket(name, rt["id"]), "set_policy", policy=policy.to_dict())
+            took.append(rt["id"])
+        except rtctl.RtctlError:
+            pass  # not running: it reads the saved policy when it starts
+    return took
 
 
 def counters_doc() -> dict[str, str]:

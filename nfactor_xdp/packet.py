@@ -103,13 +103,6 @@ def classify(frame) -> tuple[int, bytes | None, int, int]:
     return OTHER, None, 0, -1
 
 
-_TCP_FIN, _TCP_RST = 0x01, 0x04
-
-
-def tcp_flags(frame, l4: int) -> int:
-    return frame[l4 + 13] if l4 >= 0 else 0
-
-
 def describe_key(key: bytes) -> str:
     from .maps import FlowKey
     return str(FlowKey.from_bytes(key))
@@ -117,3 +110,93 @@ def describe_key(key: bytes) -> str:
 
 KEY_SIZE = 40
 assert struct.calcsize("16s16sHHB3x") == KEY_SIZE
+
+
+ORIG, REPLY = 0, 1
+
+
+class Packet:
+    """What an NF sees of a frame: parsed headers on demand, the payload as a
+    view of the frame (no copy).  `frame` and `payload` are only valid during
+    process_packet(); copy what must outlive it (bytes(pkt.payload)).
+
+    direction: ORIG (0) for the direction of the flow's first packet, REPLY (1)
+    for the other.
+    """
+    __slots__ = ("frame", "direction", "l4", "proto", "now")
+
+    def __init__(self, frame, direction: int, l4: int, proto: int, now: float = 0.0):
+        self.frame = frame
+        self.direction = direction
+        self.l4 = l4          # offset of the TCP/UDP header, -1 for a fragment
+        self.proto = proto    # TCP (6) or UDP (17)
+        self.now = now        # the runtime's clock (time.monotonic) for this batch
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    @property
+    def ip_version(self) -> int:
+        return self.frame[14] >> 4
+
+    @property
+    def src(self) -> str:
+        return self._addr(26, 22)
+
+    @property
+    def dst(self) -> str:
+        return self._addr(30, 38)
+
+    def _addr(self, v4: int, v6: int) -> str:
+        import ipaddress
+        f = self.frame
+        if self.ip_version == 4:
+            return str(ipaddress.IPv4Address(bytes(f[v4:v4 + 4])))
+        return str(ipaddress.IPv6Address(bytes(f[v6:v6 + 16])))
+
+    @property
+    def sport(self) -> int:
+        return (self.frame[self.l4] << 8) | self.frame[self.l4 + 1] if self.l4 >= 0 else 0
+
+    @property
+    def dport(self) -> int:
+        return (self.frame[self.l4 + 2] << 8) | self.frame[self.l4 + 3] if self.l4 >= 0 else 0
+
+    @property
+    def is_tcp(self) -> bool:
+        return self.proto == TCP
+
+    @property
+    def tcp_flags(self) -> int:
+        return self.frame[self.l4 + 13] if self.l4 >= 0 and self.is_tcp else 0
+
+    @property
+    def seq(self) -> int:
+        return int.from_bytes(self.frame[self.l4 + 4:self.l4 + 8], "big") if self.l4 >= 0 else 0
+
+    @property
+    def ack(self) -> int:
+        return int.from_bytes(self.frame[self.l4 + 8:self.l4 + 12], "big") if self.l4 >= 0 else 0
+
+    @property
+    def ip_end(self) -> int:
+        """End of the IP packet inside the frame (Ethernet padding excluded)."""
+        f = self.frame
+        if self.ip_version == 4:
+            return min(len(f), 14 + ((f[16] << 8) | f[17]))
+        return min(len(f), 54 + ((f[18] << 8) | f[19]))
+
+    @property
+    def payload_offset(self) -> int:
+        if self.l4 < 0:
+            return self.ip_end
+        if self.is_tcp:
+            return min(self.ip_end, self.l4 + (self.frame[self.l4 + 12] >> 4) * 4)
+        return min(self.ip_end, self.l4 + 8)
+
+    @property
+    def payload(self):
+        return self.frame[self.payload_offset:self.ip_end]
+
+
+TCP_FIN, TCP_SYN, TCP_RST, TCP_PSH, TCP_ACK = 0x01, 0x02, 0x04, 0x08, 0x10

@@ -14,19 +14,22 @@ import socket
 import sys
 import time
 
+from . import nf as nf_api
 from . import nodeconf, rtctl
 from .actor import Actor
 from .maps import NodeMaps
-from .packet import FLOW, classify
+from .packet import FLOW, Packet, classify
+from .rules import Policy, RuleError, load_policy
 from .xsk import XskSocket
 
 HOUSEKEEPING_INTERVAL = 1.0
 IDLE_POLL_MS = 100
+CLOSE_LINGER = 2.0  # seconds an actor outlives its TCP close (last ACKs, retransmits)
 
 
 class Runtime:
     def __init__(self, node: str, rt_id: int, ifname: str, core: int | None,
-                 idle_timeout: float = 30.0, batch: int = 64):
+                 idle_timeout: float = 30.0, batch: int = 64, policy: Policy | None = None):
         self.node = node
         self.id = rt_id
         self.ifname = ifname
@@ -39,6 +42,11 @@ class Runtime:
         self.started = time.time()
         self.now = time.monotonic()
         self.stats = {"dropped_not_flow": 0, "flows_created": 0, "flows_expired": 0, "idle_waits": 0}
+        self.policy = Policy()
+        self.table = self.policy.table()
+        self.nf_instances: dict[int, nf_api.NetworkFunction] = {}
+        self.policy_version = 0
+        self.set_policy(policy or Policy())
         self.xsk: XskSocket | None = None
         self.maps: NodeMaps | None = None
         self.ctl: rtctl.Server | None = None
@@ -85,14 +93,39 @@ class Runtime:
             return False
         actor = self.flows.get(key)
         if actor is None:
-            actor = self.flows[key] = Actor(key, direction, self.now)
-            self.stats["flows_created"] += 1
+            actor = self.flows[key] = self.new_actor(frame, key, direction, l4)
         if l4 == 34 and frame[14] == 0x45:
             raw = frame[26:38].tobytes()
             if raw not in self.fast:
                 self.fast[raw] = (actor, direction)
                 actor.fast_keys.append(raw)
         return actor.on_packet(frame, direction, l4, self.now)
+
+    def new_actor(self, frame, key: bytes, direction: int, l4: int) -> Actor:
+        """A flow's first frame: find its chain (rules see the first frame's
+        orientation) and give it an actor with a fresh state per NF."""
+        first = Packet(frame, 0, l4, key[36])
+        chain, rule_id = self.table.lookup(first.src, first.dst, first.proto, first.sport, first.dport)
+        nfs = [self.nf_instance(t) for t in nf_api.decode_chain(chain)]
+        self.stats["flows_created"] += 1
+        return Actor(key, direction, self.now, chain, nfs, rule_id)
+
+    def nf_instance(self, type_id: int) -> nf_api.NetworkFunction:
+        """One instance of each NF per runtime, shared by every actor (paper 3.4)."""
+        inst = self.nf_instances.get(type_id)
+        if inst is None:
+            cls = nf_api.by_id(type_id)
+            inst = self.nf_instances[type_id] = cls()
+            inst.init(self.policy.nf_config.get(cls.name, {}))
+        return inst
+
+    def set_policy(self, policy: Policy) -> None:
+        """New rules apply to new flows; NFs get their new config at once."""
+        for inst in self.nf_instances.values():
+            inst.init(policy.nf_config.get(inst.name, {}))
+        self.policy = policy
+        self.table = policy.table()
+        self.policy_version += 1
 
     def run(self) -> None:
         xsk, ctl, handle, batch = self.xsk, self.ctl, self.handle, self.batch
@@ -119,12 +152,17 @@ class Runtime:
                 next_housekeeping = self.now + HOUSEKEEPING_INTERVAL
 
     def expire_idle(self) -> None:
-        limit = self.now - self.idle_timeout
-        idle = [k for k, a in self.flows.items() if a.last_seen < limit]
-        for k in idle:
-            for raw in self.flows.pop(k).fast_keys:
+        """Release actors idle for idle_timeout, or closed (FIN both ways, RST)
+        for CLOSE_LINGER."""
+        idle, closed = self.now - self.idle_timeout, self.now - CLOSE_LINGER
+        gone = [k for k, a in self.flows.items()
+                if a.last_seen < idle or (a.closed_at and a.closed_at < closed)]
+        for k in gone:
+            actor = self.flows.pop(k)
+            for raw in actor.fast_keys:
                 self.fast.pop(raw, None)
-        self.stats["flows_expired"] += len(idle)
+            actor.end()
+        self.stats["flows_expired"] += len(gone)
 
     # --- queries -------------------------------------------------------------
     def on_request(self, req: dict) -> dict:
@@ -138,7 +176,15 @@ class Runtime:
             actors = list(self.flows.values())
             if isinstance(limit, int) and limit >= 0:
                 actors = actors[:limit]
-            return {"ok": True, "id": self.id, "flows": [a.summary() for a in actors]}
+            return {"ok": True, "id": self.id, "flows": [a.summary(detail=bool(req.get("detail", True)))
+                                                          for a in actors]}
+        if op == "set_policy":
+            try:
+                policy = Policy.from_dict(req.get("policy"))
+            except RuleError as e:
+                return {"ok": False, "error": str(e)}
+            self.set_policy(policy)
+            return {"ok": True, "policy_version": self.policy_version}
         raise ValueError(f"unknown op {op!r}")
 
     def packet_counts(self) -> dict:
@@ -153,6 +199,8 @@ class Runtime:
             "state": "running", "uptime": round(time.time() - self.started, 3),
             "flows": len(self.flows), **self.stats, **self.packet_counts(),
             "xsk": self.xsk.statistics(), "query_errors": self.ctl.errors,
+            "policy_version": self.policy_version, "rules": len(self.policy.rules),
+            "nf_errors": sum(a.nf_errors for a in self.flows.values()),
         }
 
 
@@ -164,8 +212,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--core", type=int)
     ap.add_argument("--idle-timeout", type=float, default=30.0)
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--policy", help="policy file (service chain rules, NF config)")
     a = ap.parse_args(argv)
-    rt = Runtime(a.node, a.id, a.ifname, a.core, a.idle_timeout, a.batch)
+    policy = None
+    if a.policy and os.path.exists(a.policy):
+        try:
+            policy = load_policy(a.policy)
+        except RuleError as e:
+            print(f"runtime {a.id}: bad policy, starting with none: {e}", file=sys.stderr, flush=True)
+    rt = Runtime(a.node, a.id, a.ifname, a.core, a.idle_timeout, a.batch, policy)
 
     def on_signal(signum, frame):
         rt.stopping = True

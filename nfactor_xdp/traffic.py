@@ -207,6 +207,46 @@ def http_get(a) -> dict:
     return {"requests": len(results), "ok": sum(r["ok"] for r in results), "results": results}
 
 
+def tcp_hostile(a) -> dict:
+    """Send something hostile to an HTTP server over one TCP connection."""
+    rnd = random.Random(a.seed)
+    if a.mode == "huge-header":
+        parts = [b"GET /huge HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * a.size + b"\r\n\r\n"]
+    elif a.mode == "junk":
+        parts = [rnd.randbytes(a.size)]
+    elif a.mode == "bytewise":
+        req = b"GET /bytewise/path HTTP/1.1\r\nHost: byte.example\r\nConnection: close\r\n\r\n"
+        parts = [req[i:i + 1] for i in range(len(req))]
+    else:
+        raise SystemExit(f"unknown mode {a.mode}")
+    fam = _family(a.host)
+    s = socket.socket(fam, socket.SOCK_STREAM)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    s.settimeout(a.timeout)
+    s.connect((a.host, a.port))
+    sent = 0
+    reply = b""
+    try:
+        for part in parts:
+            try:
+                s.sendall(part)
+            except (BrokenPipeError, ConnectionResetError):
+                break  # the server gave up on us first: that is an answer too
+            sent += len(part)
+            if len(parts) > 1:
+                time.sleep(0.002)  # pacing: one segment per byte on the wire
+        try:
+            while chunk := s.recv(65536):
+                reply += chunk
+                if a.mode == "bytewise" and b"\r\n\r\n" in reply and len(reply) > 100:
+                    break
+        except (socket.timeout, ConnectionResetError):
+            pass
+    finally:
+        s.close()
+    return {"sent": sent, "reply_bytes": len(reply), "status_line": reply.split(b"\r\n", 1)[0].decode(errors="replace")}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="nfactor-traffic", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -243,8 +283,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=0.0, help="repeat requests for this long instead")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--timeout", type=float, default=20.0)
+    p = sub.add_parser("tcp-hostile")
+    p.add_argument("--host", required=True)
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--mode", choices=["huge-header", "junk", "bytewise"], required=True)
+    p.add_argument("--size", type=int, default=100_000)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--timeout", type=float, default=10.0)
     a = ap.parse_args(argv)
-    fn = {"udp-sink": udp_sink, "udp-send": udp_send, "http-serve": http_serve, "http-get": http_get}[a.cmd]
+    fn = {"udp-sink": udp_sink, "udp-send": udp_send, "http-serve": http_serve, "http-get": http_get,
+          "tcp-hostile": tcp_hostile}[a.cmd]
     print(json.dumps(fn(a)), flush=True)
     return 0
 

@@ -80,7 +80,7 @@ def testbed():
 
 
 class RunningNode:
-    def __init__(self, tb, name: str, runtimes: int):
+    def __init__(self, tb, name: str, runtimes: int, policy: str | None = None):
         from nfactor_xdp import nodectl
         from nfactor_xdp.nodeconf import NodeConfig
         show = tb.show()
@@ -93,7 +93,7 @@ class RunningNode:
         self.dst_ip = show["hosts"]["dst"]["ipv4"].split("/")[0]
         self.src_ip6 = show["hosts"]["src"]["ipv6"].split("/")[0]
         self.dst_ip6 = show["hosts"]["dst"]["ipv6"].split("/")[0]
-        self.cfg = NodeConfig(name=name, netns=show["namespaces"]["node"], runtimes=runtimes)
+        self.cfg = NodeConfig(name=name, netns=show["namespaces"]["node"], runtimes=runtimes, policy=policy)
         self.state = nodectl.start(self.cfg)
 
     def status(self) -> dict:
@@ -116,8 +116,14 @@ class RunningNode:
 def node_factory(testbed):
     nodes = []
 
-    def make(runtimes: int = 2) -> RunningNode:
-        n = RunningNode(testbed, f"n{uuid.uuid4().hex[:5]}", runtimes)
+    def make(runtimes: int = 2, policy: dict | None = None) -> RunningNode:
+        name = f"n{uuid.uuid4().hex[:5]}"
+        path = None
+        if policy is not None:
+            path = f"/tmp/nfactor-test-policy-{name}.json"
+            with open(path, "w") as f:
+                json.dump(policy, f)
+        n = RunningNode(testbed, name, runtimes, path)
         nodes.append(n)
         return n
 
@@ -125,6 +131,8 @@ def node_factory(testbed):
     for n in nodes:
         n.stop()
         assert not os.path.exists(f"/sys/fs/bpf/nfactor/{n.name}"), "pins left behind"
+        for leftover in (f"/tmp/nfactor-test-policy-{n.name}.json", f"/var/lib/nfactor/{n.name}"):
+            subprocess.run(["rm", "-rf", leftover], check=False)
 
 
 @pytest.fixture

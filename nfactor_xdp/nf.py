@@ -1,0 +1,168 @@
+"""The NF API (paper 3.4): a network function is one small class whose flow
+state is kept apart from its logic, so that the runtime can snapshot,
+migrate and replicate the state without the NF knowing.
+
+    class Counter(NetworkFunction):
+        name, type_id = "counter", 9
+        def allocate_flow_state(self):
+            return {"packets": 0}
+        def process_packet(self, pkt, state):
+            state["packets"] += 1
+            return True          # False drops the packet and ends the chain
+
+The runtime calls init(config) once when it loads the NF (and again when the
+node's policy changes), allocate_flow_state() when a flow's actor is
+created, and process_packet(pkt, state) for each of the flow's packets.
+serialize()/deserialize() default to msgpack over the state's plain data (a
+dict, or an object's attributes), so an NF author usually writes neither.
+
+NFs are known by name and by a 4-bit type id (1..15): a service chain is a
+64-bit integer with one id per nibble, the first NF in the low nibble.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import msgpack
+
+MAX_TYPE_ID = 15
+MAX_CHAIN = 16  # 64 bits / 4
+
+
+class NFError(ValueError):
+    pass
+
+
+class NetworkFunction:
+    name: str = ""
+    type_id: int = 0
+
+    def __init__(self) -> None:
+        self.config: dict = {}
+
+    # --- the five methods of the paper's API --------------------------------
+    def init(self, config: dict) -> None:
+        """Called once at load (and on policy change) with this NF's config."""
+        self.config = config or {}
+
+    def allocate_flow_state(self) -> Any:
+        return {}
+
+    def process_packet(self, pkt, state) -> bool:
+        return True
+
+    def serialize(self, state) -> bytes:
+        return msgpack.packb(_plain(state), use_bin_type=True)
+
+    def deserialize(self, data: bytes):
+        plain = msgpack.unpackb(data, raw=False, strict_map_key=False)
+        fresh = self.allocate_flow_state()
+        if isinstance(fresh, dict) or not isinstance(plain, dict):
+            return plain
+        for k, v in plain.items():
+            setattr(fresh, k, v)
+        return fresh
+
+    # --- optional --------------------------------------------------------
+    def summary(self, state) -> dict:
+        """What `nfactorctl flows` shows of a flow's state (default: all of it)."""
+        p = _plain(state)
+        return p if isinstance(p, dict) else {"state": p}
+
+    def flow_ended(self, state) -> None:
+        """The flow's actor is being released (FIN/RST or idle)."""
+
+
+def _plain(state):
+    if isinstance(state, dict) or state is None or isinstance(state, (int, float, str, bytes, list)):
+        return state
+    if hasattr(state, "__dict__"):
+        return dict(vars(state))
+    slots = getattr(type(state), "__slots__", None)
+    if slots:
+        return {k: getattr(state, k) for k in slots if hasattr(state, k)}
+    raise NFError(f"cannot serialize a {type(state).__name__}: give the NF serialize()/deserialize()")
+
+
+# --- registry ----------------------------------------------------------------
+_BY_NAME: dict[str, type[NetworkFunction]] = {}
+_BY_ID: dict[int, type[NetworkFunction]] = {}
+BUILTIN_MODULES = ("nfs.flow_monitor", "nfs.firewall", "nfs.http_parser", "nfs.rate_limiter")
+
+
+def register(cls: type[NetworkFunction]) -> type[NetworkFunction]:
+    """Class decorator: make an NF known by its name and type id."""
+    if not issubclass(cls, NetworkFunction):
+        raise NFError(f"{cls!r} is not a NetworkFunction")
+    if not cls.name or not cls.name.replace("_", "").isalnum():
+        raise NFError(f"{cls.__name__}: name must be a non-empty identifier")
+    if not isinstance(cls.type_id, int) or not 1 <= cls.type_id <= MAX_TYPE_ID:
+        raise NFError(f"{cls.__name__}: type_id must be 1..{MAX_TYPE_ID} (4 bits, 0 ends a chain)")
+    for table, key in ((_BY_NAME, cls.name), (_BY_ID, cls.type_id)):
+        other = table.get(key)
+        if other is not None and other is not cls and other.__qualname__ != cls.__qualname__:
+            raise NFError(f"{cls.__name__}: {key!r} is taken by {other.__name__}")
+    _BY_NAME[cls.name] = cls
+    _BY_ID[cls.type_id] = cls
+    return cls
+
+
+def load_modules(modules=BUILTIN_MODULES) -> None:
+    for mod in modules:
+        try:
+            importlib.import_module(mod)
+        except ImportError as e:
+            raise NFError(f"cannot import NF module {mod!r}: {e}") from None
+
+
+def by_name(name: str) -> type[NetworkFunction]:
+    load_modules()
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise NFError(f"unknown NF {name!r} (known: {', '.join(sorted(_BY_NAME))})") from None
+
+
+def by_id(type_id: int) -> type[NetworkFunction]:
+    load_modules()
+    try:
+        return _BY_ID[type_id]
+    except KeyError:
+        raise NFError(f"unknown NF type id {type_id}") from None
+
+
+def known() -> dict[str, int]:
+    load_modules()
+    return {n: c.type_id for n, c in sorted(_BY_NAME.items())}
+
+
+# --- chains --------------------------------------------------------------------
+def encode_chain(nfs) -> int:
+    """A list of NF names or type ids -> the 64-bit chain (first NF in the low nibble)."""
+    nfs = list(nfs)
+    if len(nfs) > MAX_CHAIN - 1:
+        raise NFError(f"a chain holds at most {MAX_CHAIN - 1} NFs")
+    chain = 0
+    for i, nf in enumerate(nfs):
+        tid = by_name(nf).type_id if isinstance(nf, str) else int(nf)
+        if not 1 <= tid <= MAX_TYPE_ID:
+            raise NFError(f"NF type id {tid} out of 1..{MAX_TYPE_ID}")
+        chain |= tid << (4 * i)
+    return chain
+
+
+def decode_chain(chain: int) -> list[int]:
+    if not 0 <= chain < 1 << 64:
+        raise NFError("a chain is a 64-bit unsigned integer")
+    ids = []
+    while chain & 0xF:
+        ids.append(chain & 0xF)
+        chain >>= 4
+    if chain:
+        raise NFError("chain has NFs after its end (a zero nibble)")
+    return ids
+
+
+def chain_names(chain: int) -> list[str]:
+    return [by_id(t).name for t in decode_chain(chain)]

@@ -1,0 +1,233 @@
+"""Firewall NF: ordered allow/drop rules per flow, with TCP connection tracking.
+
+Config (the "firewall" entry of the policy's nf_config):
+
+    {"rules": [{"src": "any", "dst": "10.0.0.2", "proto": "tcp", "sport": "any",
+                "dport": "80", "action": "drop"}, ...],
+     "default": "allow",        # verdict when no rule matches: "allow" | "drop"
+     "strict_tcp": false}       # see "strict_tcp" below
+
+A rule's match fields are those of a service rule (nfactor_xdp.rules.FlowMatch:
+prefixes, tcp/udp, ports or ranges, each may be omitted or "any"); "action" is
+required.  Unknown keys are errors.  init() validates the whole config before
+changing anything (a bad config raises RuleError naming the rule index and
+field, e.g. "firewall.rules[2].dport: ...", and the NF keeps its previous
+config), and bumps `self.version` on every successful call.
+
+Matching
+    Rules are tried in order and the first match wins.  They match the flow's
+    orientation as of its first packet: src is the side that sent it.  A packet
+    in the REPLY direction has its addresses and ports swapped before
+    matching, so "dst 10.0.0.2 dport 80" covers both directions of a
+    connection to that server.  Frames with no L4 header (IP fragments, which
+    are flows of their own with ports 0) match port rules as ports 0.
+
+When the verdict is computed
+    On the flow's first packet, and again on the first packet after the NF's
+    config version changed (a policy change).  A drop verdict is sticky: a
+    dropped flow drops every later packet at once, without looking at it,
+    whatever the config says later.  An allowed flow can become dropped by a
+    later config.  A deserialized flow state (migration, replication) is
+    re-evaluated on its next packet against the config of the NF that received
+    it (its config version is reset to -1).
+
+Connection tracking (TCP, per flow, from flags and directions)
+    new          no packet seen yet
+    syn_sent     ORIG sent a SYN (without ACK) as the first packet
+    syn_recv     REPLY answered with a SYN (normally SYN+ACK)
+    established  ORIG acked the SYN+ACK; or the flow was picked up mid-stream
+                 (first packet not a bare SYN: flagged "midstream")
+    fin_wait     one side sent a FIN
+    closing      both sides sent a FIN
+    closed       an ACK without FIN after both FINs; or an RST (flagged "reset")
+    A bare SYN from ORIG on a closed flow reopens it (syn_sent, flags cleared).
+    Out-of-order flags are otherwise ignored (the state does not move);
+    sequence numbers are not checked.  UDP flows are "udp"; TCP fragments (no
+    header to read) are "untracked".
+
+strict_tcp (false by default)
+    - a TCP flow whose first packet is not a bare SYN (SYN without ACK, FIN,
+      RST) is dropped: sticky, reason "invalid".  This is a property of the
+      flow, so turning strict_tcp on later also drops flows that were picked
+      up mid-stream while it was off.
+    - once an RST was seen, every later packet of the flow is dropped and
+      counted (not sticky in the verdict, but the flow is closed anyway).
+
+Flow state (a plain dict, so the default msgpack serialize works):
+    verdict  "pending" | "allow" | "drop"
+    rule     index of the matching rule in config["rules"], -1 for none
+    reason   "" | "rule" | "default" | "invalid"
+    ct       connection tracking state (above)
+    seen     bits: 1 FIN from ORIG, 2 FIN from REPLY, 4 RST, 8 mid-stream start
+    dropped  packets dropped by this NF
+    cfg      config version the verdict was computed with (-1: never)
+"""
+from __future__ import annotations
+
+import ipaddress
+
+from nfactor_xdp.nf import NetworkFunction, register
+from nfactor_xdp.packet import ORIG, REPLY, TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
+from nfactor_xdp.rules import FlowMatch, RuleError
+
+ALLOW, DROP, PENDING = "allow", "drop", "pending"
+ACTIONS = (ALLOW, DROP)
+CONFIG_KEYS = {"rules", "default", "strict_tcp"}
+RULE_KEYS = {"src", "dst", "proto", "sport", "dport", "action"}
+
+FIN_ORIG, FIN_REPLY, SEEN_RST, SEEN_MIDSTREAM = 1, 2, 4, 8
+_FIN_BOTH = FIN_ORIG | FIN_REPLY
+_SYN_ACK_FIN_RST = TCP_SYN | TCP_ACK | TCP_FIN | TCP_RST
+_CHANGES_STATE = TCP_SYN | TCP_FIN | TCP_RST
+ESTABLISHED = "established"
+
+STATE_KEYS = ("verdict", "rule", "reason", "ct", "seen", "dropped", "cfg")
+
+
+def _track(state: dict, flags: int, d: int) -> None:
+    """Advance the TCP connection tracking state of a flow by one packet."""
+    ct = state["ct"]
+    if ct == "new":
+        if flags & _SYN_ACK_FIN_RST == TCP_SYN:
+            state["ct"] = "syn_sent"
+            return
+        state["seen"] |= SEEN_MIDSTREAM
+        ct = ESTABLISHED
+    if flags & TCP_RST:
+        state["ct"] = "closed"
+        state["seen"] |= SEEN_RST
+        return
+    if ct == "syn_sent":
+        if flags & TCP_SYN and d == REPLY:
+            ct = "syn_recv"
+    elif ct == "syn_recv":
+        if flags & TCP_ACK and not flags & TCP_SYN and d == ORIG:
+            ct = ESTABLISHED
+    elif ct == "closing":
+        if flags & TCP_ACK and not flags & TCP_FIN:
+            ct = "closed"
+    elif ct == "closed":
+        if flags & _SYN_ACK_FIN_RST == TCP_SYN and d == ORIG:
+            state["ct"] = "syn_sent"
+            state["seen"] = 0
+            return
+    if flags & TCP_FIN and ct != "closed":
+        seen = state["seen"] = state["seen"] | (FIN_REPLY if d else FIN_ORIG)
+        ct = "closing" if seen & _FIN_BOTH == _FIN_BOTH else "fin_wait"
+    state["ct"] = ct
+
+
+@register
+class Firewall(NetworkFunction):
+    name = "firewall"
+    type_id = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.version = 0
+        self.rules: tuple = ()          # ((FlowMatch, action), ...) in config order
+        self.default = ALLOW
+        self.strict_tcp = False
+
+    # --- config -------------------------------------------------------------
+    def init(self, config: dict) -> None:
+        config = {} if config is None else config
+        if not isinstance(config, dict):
+            raise RuleError("firewall: config must be an object")
+        unknown = set(config) - CONFIG_KEYS
+        if unknown:
+            raise RuleError(f"firewall: unknown config keys {sorted(unknown)} "
+                            f"(known: {', '.join(sorted(CONFIG_KEYS))})")
+        raw = config.get("rules", [])
+        if raw is None:
+            raw = []
+        if not isinstance(raw, list):
+            raise RuleError("firewall.rules: must be a list of rules")
+        rules = []
+        for i, r in enumerate(raw):
+            where = f"firewall.rules[{i}]"
+            if not isinstance(r, dict):
+                raise RuleError(f"{where}: must be an object")
+            extra = set(r) - RULE_KEYS
+            if extra:
+                raise RuleError(f"{where}: unknown fields {sorted(extra)} "
+                                f"(known: {', '.join(sorted(RULE_KEYS))})")
+            if "action" not in r:
+                raise RuleError(f"{where}.action: missing (allow or drop)")
+            action = r["action"]
+            if action not in ACTIONS:
+                raise RuleError(f"{where}.action: {action!r} is not allow or drop")
+            rules.append((FlowMatch.parse(r, where), action))
+        default = config.get("default", ALLOW)
+        if default not in ACTIONS:
+            raise RuleError(f"firewall.default: {default!r} is not allow or drop")
+        strict = config.get("strict_tcp", False)
+        if not isinstance(strict, bool):
+            raise RuleError(f"firewall.strict_tcp: {strict!r} is not true or false")
+        # all valid: switch over
+        self.config = config
+        self.rules = tuple(rules)
+        self.default = default
+        self.strict_tcp = strict
+        self.version += 1
+
+    # --- flow state ---------------------------------------------------------
+    def allocate_flow_state(self) -> dict:
+        return {"verdict": PENDING, "rule": -1, "reason": "", "ct": "new", "seen": 0,
+                "dropped": 0, "cfg": -1}
+
+    def deserialize(self, data: bytes) -> dict:
+        plain = super().deserialize(data)
+        if not isinstance(plain, dict):
+            raise ValueError("firewall: serialized flow state is not a map")
+        state = self.allocate_flow_state()
+        state.update((k, plain[k]) for k in STATE_KEYS if k in plain)
+        state["cfg"] = -1  # versions are per process: re-evaluate on the next packet
+        return state
+
+    def summary(self, state: dict) -> dict:
+        return {"verdict": state["verdict"], "rule": state["rule"], "reason": state["reason"],
+                "conntrack": state["ct"], "dropped": state["dropped"],
+                "midstream": bool(state["seen"] & SEEN_MIDSTREAM),
+                "reset": bool(state["seen"] & SEEN_RST)}
+
+    # --- packets --------------------------------------------------------------
+    def process_packet(self, pkt, state: dict) -> bool:
+        if state["verdict"] == DROP:  # sticky
+            state["dropped"] += 1
+            return False
+        if pkt.proto == TCP:
+            l4 = pkt.l4
+            if l4 >= 0:
+                if self.strict_tcp and state["seen"] & SEEN_RST:
+                    state["dropped"] += 1
+                    return False
+                flags = pkt.frame[l4 + 13]
+                if flags & _CHANGES_STATE or state["ct"] != ESTABLISHED:
+                    _track(state, flags, pkt.direction)
+            elif state["ct"] == "new":
+                state["ct"] = "untracked"
+        elif state["ct"] == "new":
+            state["ct"] = "udp"
+        if state["cfg"] != self.version:
+            self._evaluate(pkt, state)
+            if state["verdict"] == DROP:
+                state["dropped"] += 1
+                return False
+        return True
+
+    def _evaluate(self, pkt, state: dict) -> None:
+        state["cfg"] = self.version
+        if self.strict_tcp and state["seen"] & SEEN_MIDSTREAM:
+            state["verdict"], state["rule"], state["reason"] = DROP, -1, "invalid"
+            return
+        src, dst = ipaddress.ip_address(pkt.src), ipaddress.ip_address(pkt.dst)
+        sport, dport = pkt.sport, pkt.dport
+        if pkt.direction == REPLY:
+            src, dst, sport, dport = dst, src, dport, sport
+        proto = pkt.proto
+        for i, (match, action) in enumerate(self.rules):
+            if match.matches(src, dst, proto, sport, dport):
+                state["verdict"], state["rule"], state["reason"] = action, i, "rule"
+                return
+        state["verdict"], state["rule"], state["reason"] = self.default, -1, "default"

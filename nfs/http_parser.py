@@ -1,0 +1,412 @@
+"""http_parser: an HTTP/1.x observer.  It follows each TCP flow's two byte
+streams, parses requests (ORIG direction) and responses (REPLY direction)
+across packet boundaries, and records what it saw.  It never drops a packet.
+
+Flow state (a plain dict, so the default msgpack serialize() carries it over
+a migration, half-parsed header included):
+
+    requests    [{"method", "path", "host", "version"}, ...]  the most recent
+                max_records requests (strings; long fields cut to max_field_bytes)
+    responses   [{"status": int, "reason", "version"}, ...]   likewise
+    n_requests, n_responses   totals (records dropped from the lists included)
+    errors      [{"dir": "orig"|"reply", "error": str}, ...]   the first max_errors
+    n_errors    total errors; every error stops parsing its direction (desync)
+    special     [[ordinal, "HEAD"|"CONNECT"], ...]   requests whose response
+                is parsed differently, not yet answered (at most max_records)
+    answered    final (non-1xx) responses seen: the ordinal of the request the
+                next final response answers (responses come in request order)
+    dirs        [orig, reply], each {"seq": next expected TCP sequence number
+                (-1 = not known yet), "mode": see below, "buf": bytes of an
+                incomplete header block / chunk line (<= max_header_bytes),
+                "left": body or chunk bytes still to skip (trailer bytes read,
+                in "trailer" mode), "desync": bool}
+
+Modes: header (waiting for a start line), body (skipping "left" bytes),
+chunk_size / chunk_data / chunk_end / trailer (chunked body), close (a body
+delimited by the end of the connection: nothing more to parse), tunnel (after
+101 Switching Protocols, CONNECT or the HTTP/2 preface: not HTTP/1.x any more).
+
+Config: max_header_bytes (8192), max_records (32), max_errors (8),
+max_field_bytes (256).
+"""
+from __future__ import annotations
+
+from nfactor_xdp.nf import NetworkFunction, NFError, register
+from nfactor_xdp.packet import TCP, TCP_RST, TCP_SYN
+
+HEADER, BODY, CLOSE, TUNNEL = "header", "body", "close", "tunnel"
+CHUNK_SIZE, CHUNK_DATA, CHUNK_END, TRAILER = "chunk_size", "chunk_data", "chunk_end", "trailer"
+_STOPPED = (CLOSE, TUNNEL)
+_DIR_NAMES = ("orig", "reply")
+
+_MASK = 0xFFFFFFFF
+_HALF = 0x80000000
+
+# RFC 9110 tchar, minus the letters and digits (checked by translate(None, ...))
+_TCHAR = (b"!#$%&'*+-.^_`|~0123456789"
+          b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+_HEX = b"0123456789abcdefABCDEF"
+_DIGITS = b"0123456789"
+_MAX_METHOD = 24
+_SUMMARY_LAST = 5
+
+DEFAULTS = {"max_header_bytes": 8192, "max_records": 32, "max_errors": 8, "max_field_bytes": 256}
+
+
+def _is_version(v: bytes) -> bool:
+    return (len(v) == 8 and v[:5] == b"HTTP/" and 48 <= v[5] <= 57 and v[6] == 46
+            and 48 <= v[7] <= 57)
+
+
+def _request_line(line: bytes):
+    """(method, target, version) of a request line, or None if it is not one."""
+    parts = line.split()
+    if (len(parts) != 3 or len(parts[0]) > _MAX_METHOD or parts[0].translate(None, _TCHAR)
+            or not _is_version(parts[2])):
+        return None
+    return parts
+
+
+def _status_line(line: bytes):
+    """(version, status, reason) of a status line, or None if it is not one."""
+    parts = line.split(b" ", 2)
+    if len(parts) < 2 or not _is_version(parts[0]) or len(parts[1]) != 3 or parts[1].translate(None, _DIGITS):
+        return None
+    return parts[0], int(parts[1]), parts[2].strip() if len(parts) == 3 else b""
+
+
+def _looks_like_start(blob: bytes, start: int, end: int, is_request: bool) -> bool:
+    """Could blob[start:end], the beginning of a header block, start an HTTP message?"""
+    nl = blob.find(b"\n", start, end)
+    if nl >= 0:  # the start line is complete: it must be a valid one
+        line = blob[start:nl].rstrip(b"\r")
+        return (_request_line(line) if is_request else _status_line(line)) is not None
+    if not is_request:
+        head = blob[start:min(end, start + 5)]
+        return head == b"HTTP/"[:len(head)]
+    head = blob[start:min(end, start + _MAX_METHOD + 1)]
+    sp = head.find(b" ")
+    method = head if sp < 0 else head[:sp]
+    if sp == 0 or len(method) > _MAX_METHOD:
+        return False
+    return not method.translate(None, _TCHAR)
+
+
+def _push(lst: list, item, cap: int) -> None:
+    lst.append(item)
+    if len(lst) > cap:
+        del lst[:len(lst) - cap]
+
+
+@register
+class HttpParser(NetworkFunction):
+    name = "http_parser"
+    type_id = 3
+
+    max_header_bytes = DEFAULTS["max_header_bytes"]
+    max_records = DEFAULTS["max_records"]
+    max_errors = DEFAULTS["max_errors"]
+    max_field_bytes = DEFAULTS["max_field_bytes"]
+
+    def init(self, config: dict) -> None:
+        config = {} if config is None else config
+        if not isinstance(config, dict):
+            raise NFError("http_parser: config must be an object")
+        unknown = set(config) - set(DEFAULTS)
+        if unknown:
+            raise NFError(f"http_parser: unknown config keys {sorted(unknown)} (known: {', '.join(DEFAULTS)})")
+        values = {**DEFAULTS, **config}
+        for key, value in values.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise NFError(f"http_parser.{key}: must be a positive integer, not {value!r}")
+        if values["max_header_bytes"] < 64:
+            raise NFError("http_parser.max_header_bytes: must be at least 64")
+        for key, value in values.items():  # all checked: apply
+            setattr(self, key, value)
+        self.config = config
+
+    def allocate_flow_state(self) -> dict:
+        return {
+            "requests": [], "responses": [], "n_requests": 0, "n_responses": 0,
+            "errors": [], "n_errors": 0, "special": [], "answered": 0,
+            "dirs": [{"seq": -1, "mode": HEADER, "buf": b"", "left": 0, "desync": False},
+                     {"seq": -1, "mode": HEADER, "buf": b"", "left": 0, "desync": False}],
+        }
+
+    # --- per packet: the TCP stream ------------------------------------------
+    def process_packet(self, pkt, state) -> bool:
+        if pkt.proto != TCP:
+            return True
+        payload = pkt.payload
+        n = len(payload)
+        if not n:  # pure ACK (or FIN/RST): only a SYN tells us anything
+            d = state["dirs"][pkt.direction]
+            if d["seq"] < 0 and pkt.tcp_flags & TCP_SYN:
+                d["seq"] = (pkt.seq + 1) & _MASK
+            return True
+        direction = pkt.direction
+        d = state["dirs"][direction]
+        if d["desync"] or d["mode"] in _STOPPED:
+            return True
+        flags = pkt.tcp_flags
+        if flags & TCP_RST:  # data on a RST is a diagnostic, not stream content
+            return True
+        seq = pkt.seq
+        if flags & TCP_SYN:  # data on a SYN (TCP Fast Open) starts after the SYN
+            seq = (seq + 1) & _MASK
+            if d["seq"] < 0:
+                d["seq"] = seq
+        expected = d["seq"]
+        if expected < 0:
+            expected = seq
+        old = (expected - seq) & _MASK
+        if old:
+            if old >= _HALF:  # data after a hole: lost or reordered, we cannot parse on
+                self._fail(state, d, direction, f"seq gap ({(seq - expected) & _MASK} bytes missing)")
+                return True
+            if old >= n:      # a pure retransmission
+                return True
+            payload = payload[old:]  # overlap: keep the new bytes only
+            n -= old
+        d["seq"] = (expected + n) & _MASK
+        mode = d["mode"]
+        if (mode == BODY or mode == CHUNK_DATA) and d["left"] >= n:  # all body: no copy
+            d["left"] -= n
+            if not d["left"]:
+                d["mode"] = HEADER if mode == BODY else CHUNK_END
+            return True
+        self._feed(state, d, direction, bytes(payload))
+        return True
+
+    # --- the HTTP/1.x byte stream ------------------------------------------------
+    def _feed(self, state: dict, d: dict, direction: int, data: bytes) -> None:
+        pos, n = 0, len(data)
+        while pos < n and not d["desync"]:
+            mode = d["mode"]
+            if mode == HEADER:
+                pos = self._header(state, d, direction, data, pos, n)
+            elif mode == BODY or mode == CHUNK_DATA:
+                take = min(d["left"], n - pos)
+                pos += take
+                d["left"] -= take
+                if not d["left"]:
+                    d["mode"] = HEADER if mode == BODY else CHUNK_END
+            elif mode == CHUNK_SIZE or mode == CHUNK_END or mode == TRAILER:
+                line, pos = self._line(state, d, direction, data, pos, n)
+                if line is not None:
+                    self._chunk_line(state, d, direction, mode, line)
+            else:  # close, tunnel: nothing more to parse in this direction
+                return
+
+    def _line(self, state, d, direction, data, pos, n):
+        """One line of a chunked body (without its CR LF), or None if incomplete."""
+        i = data.find(b"\n", pos)
+        if i < 0:
+            buf = d["buf"] + data[pos:]
+            if len(buf) > self.max_header_bytes:
+                self._fail(state, d, direction, "chunk line too long")
+            else:
+                d["buf"] = buf
+            return None, n
+        line = data[pos:i]
+        if d["buf"]:
+            line = d["buf"] + line
+            d["buf"] = b""
+        if line[-1:] == b"\r":
+            line = line[:-1]
+        return line, i + 1
+
+    def _chunk_line(self, state, d, direction, mode, line: bytes) -> None:
+        if mode == CHUNK_SIZE:
+            size = line.split(b";", 1)[0].strip(b" \t")
+            if not size or len(size) > 16 or size.translate(None, _HEX):
+                self._fail(state, d, direction, "bad chunk size")
+                return
+            d["left"] = int(size, 16)
+            d["mode"] = CHUNK_DATA if d["left"] else TRAILER
+        elif mode == CHUNK_END:
+            if line:
+                self._fail(state, d, direction, "bad chunk end")
+            else:
+                d["mode"] = CHUNK_SIZE
+        elif line:  # a trailer field: skipped, but bounded like a header block
+            d["left"] += len(line) + 2
+            if d["left"] > self.max_header_bytes:
+                self._fail(state, d, direction, "header too large")
+        else:  # the empty line that ends the message
+            d["mode"] = HEADER
+            d["left"] = 0
+
+    def _header(self, state, d, direction, data: bytes, pos: int, n: int) -> int:
+        """Look for the end of a header block starting at data[pos] (after d["buf"]);
+        parse it when complete, else keep it in d["buf"].  Returns the new pos."""
+        limit = self.max_header_bytes
+        is_request = direction == 0
+        buf = d["buf"]
+        if buf:
+            blob = buf + data[pos:pos + limit + 4]
+            start, search = 0, max(0, len(buf) - 2)
+        else:
+            while pos < n and (data[pos] == 13 or data[pos] == 10):  # empty lines between messages
+                pos += 1
+            if pos == n:
+                return n
+            blob, start, search = data, pos, pos
+        bound = start + limit + 4
+        end = blob.find(b"\n\r\n", search, bound)
+        if end >= 0:
+            lf = blob.find(b"\n\n", search, end + 1)
+            end = lf + 2 if lf >= 0 else end + 3
+        else:
+            end = blob.find(b"\n\n", search, bound)
+            if end >= 0:
+                end += 2
+        if end < 0:  # incomplete: keep it, if it is small and looks like HTTP
+            total = len(buf) + n - pos
+            if not _looks_like_start(blob, start, min(len(blob), bound), is_request):
+                self._fail(state, d, direction, "not http")
+            elif total > limit:
+                self._fail(state, d, direction, "header too large")
+            else:
+                d["buf"] = blob[start:] if not buf else blob
+            return n
+        d["buf"] = b""
+        block = blob[start:end]
+        new_pos = pos + end - len(buf) if buf else end
+        if len(block) > limit:
+            self._fail(state, d, direction,
+                       "header too large" if _looks_like_start(block, 0, len(block), is_request) else "not http")
+            return new_pos
+        line = block[:block.find(b"\n")].rstrip(b"\r")
+        if is_request:
+            self._request(state, d, line, block)
+        else:
+            self._response(state, d, line, block)
+        return new_pos
+
+    @staticmethod
+    def _fields(block: bytes) -> tuple:
+        """(Host, [Content-Length values], Transfer-Encoding) of a header block
+        (None when absent).  Field names are matched at line starts of the
+        lowercased block: faster than splitting it into lines."""
+        low = block.lower()
+        found = []
+        for name in (b"\nhost:", b"\ncontent-length:", b"\ntransfer-encoding:"):
+            values = []
+            i = low.find(name)
+            while i >= 0:
+                i += len(name)
+                e = low.find(b"\n", i)  # always found: a block ends with an empty line
+                values.append(block[i:e].strip())
+                i = low.find(name, e)
+            found.append(values)
+        hosts, lengths, codings = found
+        lengths = [v.strip() for value in lengths for v in value.split(b",")] if lengths else None
+        return (hosts[0] if hosts else None, lengths,
+                b",".join(codings).lower() if codings else None)
+
+    def _text(self, b: bytes) -> str:
+        return b[:self.max_field_bytes].decode("utf-8", "backslashreplace")
+
+    def _content_length(self, state, d, direction, lengths: list):
+        first = lengths[0]
+        if (not first or len(first) > 18 or first.translate(None, _DIGITS)
+                or any(v != first for v in lengths)):
+            self._fail(state, d, direction, "bad content-length")
+            return None
+        return int(first)
+
+    def _body(self, state, d, direction, lengths, te) -> None:
+        """Set the mode for a message body given its framing headers."""
+        if te is not None:
+            if te.rsplit(b",", 1)[-1].strip() == b"chunked":
+                d["mode"] = CHUNK_SIZE
+            elif direction == 0:  # a request body needs a length
+                self._fail(state, d, direction, "bad transfer-encoding")
+            else:
+                d["mode"] = CLOSE
+        elif lengths is not None:
+            length = self._content_length(state, d, direction, lengths)
+            if length:
+                d["mode"], d["left"] = BODY, length
+        elif direction == 1:
+            d["mode"] = CLOSE
+
+    def _request(self, state, d, line: bytes, block: bytes) -> None:
+        parts = _request_line(line)
+        if parts is None:
+            self._fail(state, d, 0, "not http")
+            return
+        method, target, version = parts
+        host, lengths, te = self._fields(block)
+        text = method.decode("ascii")
+        _push(state["requests"], {"method": text, "path": self._text(target),
+                                  "host": self._text(host) if host else "",
+                                  "version": version.decode("ascii")}, self.max_records)
+        ordinal = state["n_requests"]
+        state["n_requests"] = ordinal + 1
+        if method == b"PRI" and version == b"HTTP/2.0":  # HTTP/2 with prior knowledge
+            self._tunnel(state)
+            return
+        if text == "HEAD" or text == "CONNECT":
+            _push(state["special"], [ordinal, text], self.max_records)
+            if text == "CONNECT":  # what follows is tunnel data (or, after a refusal, lost to us)
+                d["mode"], d["buf"] = TUNNEL, b""
+                return
+        self._body(state, d, 0, lengths, te)
+
+    def _response(self, state, d, line: bytes, block: bytes) -> None:
+        parts = _status_line(line)
+        if parts is None:
+            self._fail(state, d, 1, "not http")
+            return
+        version, status, reason = parts
+        _push(state["responses"], {"status": status, "reason": self._text(reason),
+                                   "version": version.decode("ascii")}, self.max_records)
+        state["n_responses"] += 1
+        if status < 200:  # interim: no body, and the final response is still to come
+            if status == 101:
+                self._tunnel(state)
+            return
+        answered = state["answered"]
+        state["answered"] = answered + 1
+        special = state["special"]
+        while special and special[0][0] < answered:
+            del special[0]
+        method = None
+        if special and special[0][0] == answered:
+            method = special.pop(0)[1]
+        if method == "HEAD" or status == 204 or status == 304:
+            return
+        if method == "CONNECT" and status < 300:
+            self._tunnel(state)
+            return
+        _, lengths, te = self._fields(block)
+        self._body(state, d, 1, lengths, te)
+
+    # --- bookkeeping ---------------------------------------------------------------
+    @staticmethod
+    def _tunnel(state) -> None:
+        for d in state["dirs"]:
+            d["mode"], d["buf"], d["left"] = TUNNEL, b"", 0
+
+    def _fail(self, state, d, direction: int, error: str) -> None:
+        d["desync"] = True
+        d["buf"] = b""
+        d["left"] = 0
+        state["n_errors"] += 1
+        if len(state["errors"]) < self.max_errors:
+            state["errors"].append({"dir": _DIR_NAMES[direction], "error": error})
+
+    def summary(self, state) -> dict:
+        dirs = state["dirs"]
+        return {
+            "n_requests": state["n_requests"],
+            "n_responses": state["n_responses"],
+            "last_requests": [f"{r['method']} {r['path'][:64]}" for r in state["requests"][-_SUMMARY_LAST:]],
+            "last_statuses": [r["status"] for r in state["responses"][-_SUMMARY_LAST:]],
+            "errors": [f"{e['dir']}: {e['error']}" for e in state["errors"]],
+            "n_errors": state["n_errors"],
+            "in_sync": {name: not d["desync"] for name, d in zip(_DIR_NAMES, dirs)},
+            "mode": {name: d["mode"] for name, d in zip(_DIR_NAMES, dirs)},
+        }

@@ -1,0 +1,89 @@
+"""Service chain rules: parsing with clear errors, longest-prefix-first
+matching, the policy file round trip."""
+import json
+
+import pytest
+
+from nfactor_xdp.nf import encode_chain
+from nfactor_xdp.rules import Policy, RuleError, load_policy, save_policy
+
+FM, FW, HP = "flow_monitor", "firewall", "http_parser"
+
+
+def policy(*rules, default=()):
+    return Policy.from_dict({"rules": list(rules), "default_chain": list(default)})
+
+
+def test_default_chain_when_nothing_matches():
+    t = policy({"dport": "80", "chain": [FM]}, default=[FW]).table()
+    assert t.lookup("10.0.0.1", "10.0.0.2", 17, 5, 53) == (encode_chain([FW]), 0)
+
+
+def test_longest_prefix_wins_regardless_of_order():
+    p = policy({"dst": "10.0.0.0/8", "chain": [FM]},
+               {"dst": "10.1.0.0/16", "chain": [FW]},
+               {"dst": "10.1.2.0/24", "chain": [HP]})
+    t = p.table()
+    assert t.lookup("1.1.1.1", "10.1.2.3", 6, 1, 2)[0] == encode_chain([HP])
+    assert t.lookup("1.1.1.1", "10.1.9.3", 6, 1, 2)[0] == encode_chain([FW])
+    assert t.lookup("1.1.1.1", "10.9.9.3", 6, 1, 2)[0] == encode_chain([FM])
+
+
+def test_protocol_and_narrow_ports_break_prefix_ties():
+    t = policy({"chain": [FM]},
+               {"proto": "tcp", "chain": [FW]},
+               {"proto": "tcp", "dport": "8000-8100", "chain": [HP]},
+               {"proto": "tcp", "dport": "8080", "chain": [FM, FW]}).table()
+    assert t.lookup("1.1.1.1", "2.2.2.2", 17, 1, 8080)[0] == encode_chain([FM])
+    assert t.lookup("1.1.1.1", "2.2.2.2", 6, 1, 9000)[0] == encode_chain([FW])
+    assert t.lookup("1.1.1.1", "2.2.2.2", 6, 1, 8050)[0] == encode_chain([HP])
+    assert t.lookup("1.1.1.1", "2.2.2.2", 6, 1, 8080)[0] == encode_chain([FM, FW])
+
+
+def test_ipv6_rules_do_not_match_ipv4():
+    t = policy({"src": "fd00::/8", "chain": [FM]}).table()
+    assert t.lookup("10.0.0.1", "10.0.0.2", 6, 1, 2)[1] == 0
+    assert t.lookup("fd00::1", "fd00::2", 6, 1, 2)[1] == 1
+
+
+@pytest.mark.parametrize("rule,msg", [
+    ({"dst": "10.0.0.300/8", "chain": [FM]}, "dst"),
+    ({"proto": "icmp", "chain": [FM]}, "proto"),
+    ({"dport": "90-80", "chain": [FM]}, "dport"),
+    ({"dport": "99999", "chain": [FM]}, "dport"),
+    ({"sport": "x", "chain": [FM]}, "sport"),
+    ({"chain": ["nope"]}, "unknown NF"),
+    ({"dport": "80"}, "needs a chain"),
+    ({"colour": "red", "chain": [FM]}, "unknown fields"),
+    ({"src": "10.0.0.0/8", "dst": "fd00::/8", "chain": [FM]}, "different IP versions"),
+])
+def test_bad_rules_are_rejected_with_the_reason(rule, msg):
+    with pytest.raises(RuleError, match=msg):
+        policy(rule)
+
+
+def test_policy_file_round_trip_keeps_ids(tmp_path):
+    p = policy({"dport": "80", "chain": [FM, HP]}, {"proto": "udp", "chain": [FM]}, default=[FM])
+    p.nf_config = {"firewall": {"rules": []}}
+    p.delete(1)
+    p.add({"dport": "443", "chain": [FW]})
+    path = str(tmp_path / "p.json")
+    save_policy(p, path)
+    back = load_policy(path)
+    assert [r.id for r in back.rules] == [2, 3]
+    assert back.default_chain == p.default_chain and back.nf_config == p.nf_config
+
+
+def test_bad_policy_files(tmp_path):
+    f = tmp_path / "bad.json"
+    f.write_text("{not json")
+    with pytest.raises(RuleError, match="not valid JSON"):
+        load_policy(str(f))
+    f.write_text(json.dumps({"rulez": []}))
+    with pytest.raises(RuleError, match="unknown keys"):
+        load_policy(str(f))
+    f.write_text(json.dumps({"nf_config": {"nope": {}}}))
+    with pytest.raises(RuleError, match="unknown NF"):
+        load_policy(str(f))
+    with pytest.raises(RuleError, match="not found"):
+        load_policy(str(tmp_path / "missing.json"))
