@@ -1,12 +1,18 @@
-"""`nfactorctl bench forward`: the node's pass-through rate, measured on the
-built-in testbed with the XDP-only ceiling from the same run.
+"""Benchmarks on the built-in testbed, each with the XDP-only ceiling measured
+in the same run (machines here are noisy: compare ratios).
 
-Load: an XDP program on the source host's eth0 run with BPF_PROG_TEST_RUN in
-live-frames mode (XDP_TX), rotating the UDP source port over N flows, on
-CPU 0.  Count: an XDP program on the sink's eth0 that counts and drops.
-Ceiling: the switch in bypass mode (ext0 -> ext1 in XDP, no runtime).
-Each runtime count is a fresh node; CPU time of the runtimes is split into
-user (Python) and system (kernel: AF_XDP copy, veth, TX path).
+  forward   pass-through rate (no NF) with 1 and 2 runtimes, offered as fast
+            as one CPU can generate
+  chains    zero-loss rate per service chain (each NF alone, the three
+            together) with 1 and 2 runtimes, found by a binary search over
+            the offered rate (paper Fig. 6a)
+
+Load: an XDP program on the source host's eth0, run with BPF_PROG_TEST_RUN in
+live-frames mode (XDP_TX) on CPU 0, rotating the source port over N flows;
+in `tcp-http` mode every frame carries a complete HTTP request with the
+flow's next sequence number (each packet is a new request to parse: the
+parser's worst case).  Count: an XDP program on the sink's eth0 that counts
+and drops.  Ceiling: the switch in bypass mode (ext0 -> ext1 in XDP).
 """
 from __future__ import annotations
 
@@ -23,23 +29,54 @@ from . import netns, nodectl
 from .bpfsys import BpfMap
 from .maps import NodeMaps
 from .nodeconf import NodeConfig
+from .rules import Policy, parse_chain
 from .testbed import Testbed, TestbedConfig
 
 GEN_CPU = 0
-CHUNK = 1_000_000
+CALL_SECONDS = 0.25  # length of one generator call: setting up live frames costs ~20 ms a call
+HTTP_REQUEST = b"GET /bench HTTP/1.1\r\nHost: bench.example\r\nUser-Agent: nfactor-bench\r\n\r\n"
 
 _GEN_PROG = r"""
 #include <uapi/linux/if_ether.h>
 #include <uapi/linux/ip.h>
+#include <uapi/linux/tcp.h>
 #include <uapi/linux/udp.h>
-BPF_PERCPU_ARRAY(seq, u32, 1);
+struct params { u32 base; u32 flows; u32 tcp; u32 step; u64 gap_ns; };
+struct pace { u64 next_ns; u64 sent; u32 seq; u32 pad; };
+BPF_PERCPU_ARRAY(pace, struct pace, 1);
+BPF_ARRAY(params, struct params, 1);
 int gen(struct xdp_md *ctx) {
     void *data = (void *)(long)ctx->data, *end = (void *)(long)ctx->data_end;
-    struct udphdr *uh = data + sizeof(struct ethhdr) + sizeof(struct iphdr);
-    u32 zero = 0, *s = seq.lookup(&zero);
-    if ((void *)(uh + 1) > end || !s)
+    void *l4 = data + sizeof(struct ethhdr) + sizeof(struct iphdr);
+    u32 zero = 0, n, f;
+    struct pace *s = pace.lookup(&zero);
+    struct params *p = params.lookup(&zero);
+    if (!s || !p || p->flows == 0)
         return XDP_ABORTED;
-    uh->source = bpf_htons(BASE_PORT + (*s)++ % FLOWS);
+    if (p->gap_ns) {
+        /* paced: frames leave evenly spaced; the loop spins through the rest */
+        u64 now = bpf_ktime_get_ns();
+        if (now < s->next_ns)
+            return XDP_DROP;
+        s->next_ns += p->gap_ns;
+        if (s->next_ns + 32 * p->gap_ns < now)  /* fell behind: catch up by 32 frames at most */
+            s->next_ns = now - 32 * p->gap_ns;
+    }
+    s->sent++;
+    n = s->seq++;
+    f = n % p->flows;
+    if (p->tcp) {
+        struct tcphdr *th = l4;
+        if ((void *)(th + 1) > end)
+            return XDP_ABORTED;
+        th->source = bpf_htons(p->base + f);
+        th->seq = bpf_htonl(1 + (n / p->flows) * p->step);
+    } else {
+        struct udphdr *uh = l4;
+        if ((void *)(uh + 1) > end)
+            return XDP_ABORTED;
+        uh->source = bpf_htons(p->base + f);
+    }
     return XDP_TX;
 }
 """
@@ -54,42 +91,89 @@ int sink(struct xdp_md *ctx) {
 """
 
 
-def _frame(show: dict, size: int) -> bytes:
-    from scapy.layers.inet import IP, UDP
+def _frame(show: dict, size: int, tcp_http: bool) -> bytes:
+    from scapy.layers.inet import IP, TCP, UDP
     from scapy.layers.l2 import Ether
     src, dst = show["hosts"]["src"], show["hosts"]["dst"]
-    pkt = Ether(src=src["mac"], dst=dst["mac"]) / IP(src=src["ipv4"].split("/")[0],
-                                                      dst=dst["ipv4"].split("/")[0]) / UDP(sport=10000, dport=9)
-    raw = bytes(pkt)
+    l3 = Ether(src=src["mac"], dst=dst["mac"]) / IP(src=src["ipv4"].split("/")[0], dst=dst["ipv4"].split("/")[0])
+    if tcp_http:
+        raw = bytes(l3 / TCP(sport=10000, dport=80, flags="PA", seq=1, ack=1) / HTTP_REQUEST)
+        return raw[:50] + b"\0\0" + raw[52:]  # checksum left 0: the sink does not check it
+    raw = bytes(l3 / UDP(sport=10000, dport=9))
     raw += b"\0" * max(0, size - len(raw))
-    # UDP checksum 0 (none, valid for IPv4): the generator rewrites the port
-    return raw[:40] + b"\0\0" + raw[42:]
+    return raw[:40] + b"\0\0" + raw[42:]  # UDP checksum 0: none, valid for IPv4
 
 
-def generate(ns: str, ifname: str, frame: bytes, flows: int, duration: float) -> dict:
-    """Runs in the source namespace: send as fast as one CPU can for `duration`."""
+def generator_main(ns: str, ifname: str) -> None:
+    """The generator process, in the source namespace, pinned to GEN_CPU.
+    Reads JSON commands on stdin, answers one JSON line each."""
+    import socket
+
     from bcc import BPF
 
     from .bpfsys import BPF_F_TEST_XDP_LIVE_FRAMES, prog_test_run, xdp_md
     os.sched_setaffinity(0, {GEN_CPU})
-    b = BPF(text=_GEN_PROG, cflags=[f"-DFLOWS={flows}", "-DBASE_PORT=10000"])
+    b = BPF(text=_GEN_PROG)
     fn = b.load_func("gen", BPF.XDP)
+    params = b["params"]
     netns.enter(ns)
-    import socket
     ifindex = socket.if_nametoindex(ifname)
-    # compiled: tell the parent, and start when it has taken its readings
     print(json.dumps({"ready": True}), flush=True)
-    sys.stdin.readline()
-    sent = 0
-    start = time.monotonic()
-    while time.monotonic() - start < duration:
-        prog_test_run(fn.fd, frame, repeat=CHUNK // 10, ctx=xdp_md(len(frame), ifindex),
-                      flags=BPF_F_TEST_XDP_LIVE_FRAMES, data_out_size=0, batch_size=64)
-        sent += CHUNK // 10
-    return {"sent": sent, "seconds": time.monotonic() - start}
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd.get("cmd") != "run":
+            break
+        frame = bytes.fromhex(cmd["frame"])
+        p = params[ctypes.c_int(0)]
+        p.base, p.flows, p.tcp, p.step = cmd["base"], cmd["flows"], int(cmd["tcp"]), len(HTTP_REQUEST)
+        p.gap_ns = int(1e9 / cmd["rate"]) if cmd["rate"] else 0
+        params[ctypes.c_int(0)] = p
+        pace_map = BpfMap(b["pace"].map_fd, ctypes.c_uint32, type(b["pace"].Leaf._type_()), owned=False)
+
+        def sent_so_far():
+            return sum(v.sent for v in pace_map.get(0))
+        ctx = xdp_md(len(frame), ifindex)
+        sent0, start = sent_so_far(), time.monotonic()
+        repeat = 100_000
+        while True:
+            left = cmd["seconds"] - (time.monotonic() - start)
+            if left <= 0:
+                break
+            t0 = time.monotonic()
+            prog_test_run(fn.fd, frame, repeat=repeat, ctx=ctx, flags=BPF_F_TEST_XDP_LIVE_FRAMES,
+                          data_out_size=0, batch_size=64)
+            took = max(1e-4, time.monotonic() - t0)
+            # size the next call to about CALL_SECONDS (or what is left of the trial)
+            repeat = max(10_000, int(repeat * min(CALL_SECONDS, max(0.02, left - took)) / took))
+        print(json.dumps({"sent": sent_so_far() - sent0, "seconds": time.monotonic() - start}), flush=True)
 
 
-class _Sink:
+class Generator:
+    def __init__(self, ns: str, ifname: str = "eth0"):
+        self.p = subprocess.Popen([sys.executable, "-m", "nfactor_xdp.bench", "--gen", ns, ifname],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if not self.p.stdout.readline():
+            raise RuntimeError(f"generator failed: {self.p.stderr.read()[-500:]}")
+
+    def run(self, frame: bytes, *, rate: float, seconds: float, base: int, flows: int, tcp: bool) -> dict:
+        self.p.stdin.write(json.dumps({"cmd": "run", "frame": frame.hex(), "rate": rate, "seconds": seconds,
+                                       "base": base, "flows": flows, "tcp": tcp}) + "\n")
+        self.p.stdin.flush()
+        line = self.p.stdout.readline()
+        if not line:
+            raise RuntimeError(f"generator died: {self.p.stderr.read()[-500:]}")
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.p.poll() is None:
+            self.p.stdin.close()
+            try:
+                self.p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+
+
+class Sink:
     def __init__(self, ns: str, ifname: str):
         from bcc import BPF
 
@@ -100,11 +184,21 @@ class _Sink:
         with netns.entered(ns):
             detach(ifname)
             BPF.attach_xdp(ifname.encode(), fn, 1 << 2)
-
         self.rx = BpfMap(self.bpf["rx"].map_fd, ctypes.c_uint32, ctypes.c_uint64, owned=False)
 
     def count(self) -> int:
         return sum(v.value for v in self.rx.get(0))
+
+    def settle(self, timeout: float = 2.0) -> int:
+        """Frames still in flight drain within milliseconds: poll until the count stops moving."""
+        last, deadline = self.count(), time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            time.sleep(0.05)  # polling interval while the count settles
+            now = self.count()
+            if now == last:
+                return now
+            last = now
+        return last
 
     def close(self) -> None:
         from .loader import attach_pass, detach
@@ -128,125 +222,151 @@ def _cpu_times(pids: list[int]) -> tuple[float, float]:
     return user, system
 
 
-def _cpu_split() -> list[list[int]]:
-    """Per CPU: user+nice, system, softirq, idle+iowait, in clock ticks."""
-    out = []
-    with open("/proc/stat") as f:
-        for line in f:
-            if line.startswith("cpu") and line[3].isdigit():
-                v = [int(x) for x in line.split()[1:]]
-                out.append([v[0] + v[1], v[2], v[6], v[3] + v[4], sum(v[:8])])
-    return out
+class Bench:
+    """A testbed, a generator, a sink, and a node restarted per runtime count."""
 
+    def __init__(self, name: str = "bench", flows: int = 64, size: int = 64, batch: int = 64):
+        if os.geteuid() != 0:
+            raise SystemExit("error: benchmarks need root")
+        self.name, self.flows, self.size, self.batch = name, flows, size, batch
+        self.tb = Testbed(TestbedConfig(name=name))
+        if self.tb.is_up():
+            nodectl.stop(name)
+            self.tb.down()
+        self.gen = self.sink = None
+        self.base = 10000
+        self.tb.up()
+        try:
+            self.show = self.tb.show()
+            self.sink = Sink(self.show["hosts"]["dst"]["netns"], self.show["hosts"]["dst"]["ifname"])
+            self.gen = Generator(self.show["hosts"]["src"]["netns"])
+        except Exception:
+            self.close()
+            raise
+        self.pids: list[int] = []
 
-def _cpu_shares(before: list, after: list) -> list[dict]:
-    shares = []
-    for b, a in zip(before, after):
-        total = max(1, a[4] - b[4])
-        shares.append({k: round((a[i] - b[i]) / total, 3)
-                       for i, k in enumerate(("user", "system", "softirq", "idle"))})
-    return shares
+    def machine(self) -> dict:
+        cpu = platform.processor()
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+        except OSError:
+            pass
+        return {"cpus": os.cpu_count(), "kernel": platform.release(), "cpu": cpu}
 
+    def node_up(self, runtimes: int, bypass: bool = False) -> None:
+        nodectl.stop(self.name)
+        cores = [1] if runtimes == 1 else []  # one runtime: keep it off the generator's CPU
+        cfg = NodeConfig(name=self.name, netns=self.show["namespaces"]["node"], runtimes=runtimes, cores=cores,
+                         batch=self.batch)
+        nodectl.put_policy(self.name, Policy())
+        state = nodectl.start(cfg)
+        self.pids = [r["pid"] for r in state["runtimes"]]
+        with NodeMaps(self.name) as maps:
+            maps.write_config(mode=L.C["NFX_MODE_BYPASS" if bypass else "NFX_MODE_FLOWS"])
 
-def _measure(tb_show: dict, sink: _Sink, frame: bytes, flows: int, duration: float, pids: list[int]) -> dict:
-    src_ns = tb_show["hosts"]["src"]["netns"]
-    gen = subprocess.Popen([sys.executable, "-m", "nfactor_xdp.bench", "--gen", src_ns, str(flows),
-                            str(duration), frame.hex()], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
-    if not gen.stdout.readline():
-        raise RuntimeError(f"generator failed: {gen.stderr.read()[-500:]}")
-    c0 = sink.count()
-    u0, s0 = _cpu_times(pids)
-    cpu0 = _cpu_split()
-    out, err = gen.communicate("go\n", timeout=duration + 60)
-    if gen.returncode != 0:
-        raise RuntimeError(f"generator failed: {err[-500:]}")
-    g = json.loads(out.strip().splitlines()[-1])
-    # frames still in flight drain within a few ms; poll until the count settles
-    last, deadline = sink.count(), time.monotonic() + 2
-    while time.monotonic() < deadline:
-        time.sleep(0.05)  # polling interval while the count settles
-        now = sink.count()
-        if now == last:
-            break
-        last = now
-    u1, s1 = _cpu_times(pids)
-    cpu1 = _cpu_split()
-    got = last - c0
-    return {"offered": g["sent"], "forwarded": got, "seconds": g["seconds"],
-            "offered_mpps": g["sent"] / g["seconds"] / 1e6, "forwarded_mpps": got / g["seconds"] / 1e6,
-            "runtime_cpu_user_s": round(u1 - u0, 3), "runtime_cpu_system_s": round(s1 - s0, 3),
-            "cpu_shares": _cpu_shares(cpu0, cpu1)}
+    def set_chain(self, chain: list[str]) -> None:
+        """New flows (a fresh source-port range) get this chain."""
+        p = Policy(default_chain=parse_chain(chain))
+        nodectl.put_policy(self.name, p)
+        self.base += self.flows
+
+    def trial(self, rate: float, seconds: float, tcp: bool) -> dict:
+        frame = _frame(self.show, self.size, tcp)
+        c0 = self.sink.count()
+        u0, s0 = _cpu_times(self.pids)
+        g = self.gen.run(frame, rate=rate, seconds=seconds, base=self.base, flows=self.flows, tcp=tcp)
+        got = self.sink.settle() - c0
+        u1, s1 = _cpu_times(self.pids)
+        return {"offered": g["sent"], "forwarded": got, "seconds": g["seconds"],
+                "offered_mpps": g["sent"] / g["seconds"] / 1e6, "forwarded_mpps": got / g["seconds"] / 1e6,
+                "lost": g["sent"] - got,
+                "runtime_cpu_user_s": round(u1 - u0, 3), "runtime_cpu_system_s": round(s1 - s0, 3)}
+
+    def zero_loss(self, tcp: bool, seconds: float = 1.0, steps: int = 7) -> dict:
+        """Binary search of the highest offered rate with no loss."""
+        top = self.trial(0, seconds, tcp)  # as fast as possible: an upper bound
+        lo, hi = 0.0, top["forwarded"] / top["seconds"] * 1.3
+        best = None
+        for _ in range(steps):
+            mid = (lo + hi) / 2
+            t = self.trial(mid, seconds, tcp)
+            if t["lost"] == 0:
+                lo, best = mid, t
+            else:
+                hi = mid
+        return {"zero_loss_mpps": (best["offered_mpps"] if best else 0.0), "max_forwarded_mpps":
+                top["forwarded_mpps"], "search_steps": steps, "trial_seconds": seconds}
+
+    def status(self) -> dict:
+        st = nodectl.status(self.name)
+        return {"socket_full": st["switch"]["socket_full"], "redirect_err": st["switch"]["redirect_err"],
+                "xmit_drop": st["switch"]["xmit_drop"],
+                "switch_drops": {k: v for k, v in st["switch"].items() if k.startswith("drop_") and v},
+                "runtime_idle_waits": sum(r.get("idle_waits") or 0 for r in st["runtimes"]),
+                "nf_errors": sum((r.get("nf_errors") or 0) for r in st["runtimes"])}
+
+    def close(self) -> None:
+        if self.gen:
+            self.gen.close()
+        if self.sink:
+            self.sink.close()
+        nodectl.stop(self.name)
+        self.tb.down()
 
 
 def run_forward_bench(counts: list[int], duration: float = 5.0, flows: int = 64, size: int = 64,
                       name: str = "bench", batch: int = 64) -> dict:
-    if os.geteuid() != 0:
-        raise SystemExit("error: the benchmark needs root")
-    tb = Testbed(TestbedConfig(name=name))
-    if tb.is_up():
-        nodectl.stop(name)
-        tb.down()
-    tb.up()
-    result = {"benchmark": "forward", "machine": {"cpus": os.cpu_count(), "kernel": platform.release(),
-                                                  "cpu": _cpu_model()},
-              "load": {"flows": flows, "frame_bytes": size, "generator_cpu": GEN_CPU,
-                       "duration_s": duration, "mode": "XDP live frames, as fast as one CPU can",
-                       "runtime_batch": batch},
-              "measurements": []}
-    sink = None
+    b = Bench(name, flows, size, batch)
     try:
-        show = tb.show()
-        frame = _frame(show, size)
-        sink = _Sink(show["hosts"]["dst"]["netns"], show["hosts"]["dst"]["ifname"])
-        node_ns = show["namespaces"]["node"]
-        runs = [("xdp-ceiling (bypass)", 1, True)] + [(f"{n} runtime{'s' if n > 1 else ''}", n, False)
-                                                        for n in counts]
+        result = {"benchmark": "forward", "machine": b.machine(),
+                  "load": {"flows": flows, "frame_bytes": size, "generator_cpu": GEN_CPU, "duration_s": duration,
+                           "mode": "UDP, XDP live frames, as fast as one CPU can", "runtime_batch": batch},
+                  "measurements": []}
         ceiling = None
-        for label, n, bypass in runs:
-            cores = [1] if n == 1 else []  # one runtime: keep it off the generator's CPU
-            cfg = NodeConfig(name=name, netns=node_ns, runtimes=n, cores=cores, batch=batch)
-            state = nodectl.start(cfg)
-            try:
-                with NodeMaps(name) as maps:
-                    maps.write_config(mode=L.C["NFX_MODE_BYPASS" if bypass else "NFX_MODE_FLOWS"])
-                pids = [r["pid"] for r in state["runtimes"]]
-                m = _measure(show, sink, frame, flows, duration, pids)
-                st = nodectl.status(name)
-                m["runtime_idle_waits"] = sum(r.get("idle_waits") or 0 for r in st["runtimes"])
-                m["runtime_kicks"] = sum((r.get("xsk") or {}).get("tx_kicks", 0) for r in st["runtimes"])
-                m["runtime_kick_errors"] = sum((r.get("xsk") or {}).get("tx_kick_errors", 0) for r in st["runtimes"])
-                m["xsk_rx_dropped"] = sum((r.get("xsk") or {}).get("rx_dropped", 0) for r in st["runtimes"])
-                m["switch_drops"] = {k: v for k, v in st["switch"].items() if k.startswith("drop_") and v}
-                m["redirect_err"] = st["switch"]["redirect_err"]
-                m["socket_full"] = st["switch"]["socket_full"]
-                m["xmit_drop"] = st["switch"]["xmit_drop"]
-            finally:
-                nodectl.stop(name)
-            m.update(label=label, runtimes=0 if bypass else n, cores=cores or "all")
-            if bypass:
-                ceiling = m["forwarded_mpps"]
-            m["ratio_to_ceiling"] = m["forwarded_mpps"] / ceiling if ceiling else 0.0
+        for label, n, bypass in [("xdp-ceiling (bypass)", 1, True)] + \
+                [(f"{n} runtime{'s' if n > 1 else ''}", n, False) for n in counts]:
+            b.node_up(n, bypass)
+            m = b.trial(0, duration, tcp=False)
+            m.update(b.status(), label=label, runtimes=0 if bypass else n)
+            ceiling = ceiling or m["forwarded_mpps"]
+            m["ratio_to_ceiling"] = m["forwarded_mpps"] / ceiling
             result["measurements"].append(m)
+        return result
     finally:
-        if sink:
-            sink.close()
-        nodectl.stop(name)
-        tb.down()
-    return result
+        b.close()
 
 
-def _cpu_model() -> str:
+CHAINS = [[], ["flow_monitor"], ["firewall"], ["http_parser"], ["flow_monitor", "firewall", "http_parser"]]
+
+
+def run_chain_bench(counts: list[int], trial: float = 1.0, steps: int = 7, flows: int = 64,
+                    name: str = "bench") -> dict:
+    b = Bench(name, flows)
     try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+        result = {"benchmark": "chains", "machine": b.machine(),
+                  "load": {"flows": flows, "generator_cpu": GEN_CPU,
+                           "mode": "TCP, every frame a full HTTP request with the flow's next sequence number",
+                           "frame_bytes": len(_frame(b.show, 64, True)),
+                           "zero_loss": "binary search over the offered rate, no frame lost in a trial"},
+                  "measurements": []}
+        b.node_up(1, bypass=True)
+        ceiling = b.zero_loss(tcp=True, seconds=trial, steps=steps)
+        ceiling.update(label="xdp-ceiling (bypass)", runtimes=0, chain=[])
+        result["measurements"].append(ceiling)
+        for n in counts:
+            b.node_up(n)
+            for chain in CHAINS:
+                b.set_chain(chain)
+                m = b.zero_loss(tcp=True, seconds=trial, steps=steps)
+                m.update(b.status(), label=f"{n} runtime{'s' if n > 1 else ''}: {'->'.join(chain) or 'no NF'}",
+                         runtimes=n, chain=chain,
+                         ratio_to_ceiling=m["zero_loss_mpps"] / ceiling["zero_loss_mpps"])
+                result["measurements"].append(m)
+        return result
+    finally:
+        b.close()
 
 
-if __name__ == "__main__" and len(sys.argv) == 6 and sys.argv[1] == "--gen":
-    _, _, ns, nflows, dur, frame_hex = sys.argv
-    print(json.dumps(generate(ns, "eth0", bytes.fromhex(frame_hex), int(nflows), float(dur))))
+if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--gen":
+    generator_main(sys.argv[2], sys.argv[3])

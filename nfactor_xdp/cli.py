@@ -397,5 +397,27 @@ def bench_forward(runtimes, duration, nflows, size, batch, output):
                        f"({m['ratio_to_ceiling']:.1%} of ceiling), offered {m['offered_mpps']:.3f} Mpps")
 
 
+@bench.command("chains")
+@click.option("--runtimes", default="1,2", show_default=True, help="Runtime counts to measure, comma-separated.")
+@click.option("--trial", default=1.0, show_default=True, help="Seconds per trial of the zero-loss search.")
+@click.option("--steps", default=7, show_default=True, help="Binary search steps per chain.")
+@click.option("--output", "-o", default="bench-chains.json", show_default=True, help="JSON output file ('-' for stdout).")
+def bench_chains(runtimes, trial, steps, output):
+    """Zero-loss rate per service chain (each NF alone, all three) with 1 and 2 runtimes (paper Fig. 6a)."""
+    from .bench import run_chain_bench
+    counts = [int(x) for x in runtimes.split(",") if x.strip()]
+    result = run_chain_bench(counts, trial=trial, steps=steps)
+    text = json.dumps(result, indent=2)
+    if output == "-":
+        click.echo(text)
+    else:
+        with open(output, "w") as f:
+            f.write(text + "\n")
+        click.echo(f"wrote {output}")
+        for m in result["measurements"]:
+            click.echo(f"  {m['label']:<52} zero-loss {m['zero_loss_mpps']:.3f} Mpps "
+                       f"(max forwarded {m['max_forwarded_mpps']:.3f})")
+
+
 if __name__ == "__main__":
     main()

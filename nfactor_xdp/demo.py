@@ -134,8 +134,16 @@ def run_demo(name: str = "demo", runtimes: int = 2, duration: float = 10.0, udp_
         prev: dict = {}
         tty = sys.stdout.isatty()
         height = 0
+        seen_http: dict[str, dict] = {}  # TCP flows end and are released: keep what they parsed
+
+        def note_http(flow_list):
+            for f in flow_list:
+                if "http_parser" in (f.get("nfs") or {}):
+                    seen_http[f["key"]] = f["nfs"]["http_parser"]
+
         while sender.poll() is None or any(c.poll() is None for c in clients):
             time.sleep(1.0)  # the refresh period of the live table
+            note_http(nodectl.flows(name)["flows"])
             now = time.monotonic()
             table = _table(nodectl.status(name), prev, now - last, now - start)
             last = now
@@ -152,6 +160,7 @@ def run_demo(name: str = "demo", runtimes: int = 2, duration: float = 10.0, udp_
         http = [_result(c, 30) for c in clients]
         st = nodectl.status(name)
         flows = nodectl.flows(name)["flows"]
+        note_http(flows)
         out("[4/5] summary")
         echoes = sent.get("echoed", 0)
         in_order = all(f["in_order"] for f in got.get("flows", {}).values())
@@ -162,9 +171,10 @@ def run_demo(name: str = "demo", runtimes: int = 2, duration: float = 10.0, udp_
             f"{echoes} echoes back at the source")
         out(f"  firewall: {len(drop_flows)} flows blocked, {sum(f.get('dropped') or 0 for f in drop_flows)} "
             f"datagrams dropped; e.g. {drop_flows[0]['flow'] if drop_flows else '-'}")
-        parsed = [f["nfs"]["http_parser"] for f in flows if "http_parser" in (f.get("nfs") or {})]
+        parsed = list(seen_http.values())
         out(f"  http_parser: {sum(h.get('n_requests', 0) for h in parsed)} requests and "
-            f"{sum(h.get('n_responses', 0) for h in parsed)} responses parsed on {len(parsed)} connections")
+            f"{sum(h.get('n_responses', 0) for h in parsed)} responses parsed on {len(parsed)} connections "
+            f"seen live (connections end and their actors are released within seconds)")
         ok = sum(h.get("ok", 0) for h in http)
         total = sum(h.get("requests", 0) for h in http)
         out(f"  TCP: {ok}/{total} HTTP downloads complete with the right SHA-256")
