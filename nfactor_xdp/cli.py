@@ -71,9 +71,16 @@ def main():
 @click.option("--idle-timeout", default=30.0, show_default=True, help="Seconds before an idle flow's actor is released.")
 @click.option("--policy", type=click.Path(exists=True, dir_okay=False),
               help="Policy file (service chain rules, NF config) to install; default: the node's saved one.")
-@click.option("--foreground", is_flag=True, help="Run the agent in this process until Ctrl-C.")
+@click.option("--heartbeat", default=0.1, show_default=True, help="Seconds between runtime heartbeats.")
+@click.option("--miss-limit", default=3, show_default=True, help="Missed heartbeats before a runtime is failed.")
+@click.option("--max-runtimes", default=0, show_default=True,
+              help="Scale out up to this many runtimes when overloaded (0: no scale-out).")
+@click.option("--scale-threshold", default=0.8, show_default=True,
+              help="Average runtime CPU load (0-1) that triggers scale-out after --scale-window seconds.")
+@click.option("--scale-window", default=2.0, show_default=True, help="Seconds the overload must last.")
+@click.option("--foreground", is_flag=True, help="Run the supervisor in this process until Ctrl-C (systemd).")
 def up(name, ext0, ext1, netns, testbed_name, runtimes, cores, other_action, flow_table_size, xdp_mode,
-       idle_timeout, policy, foreground):
+       idle_timeout, policy, heartbeat, miss_limit, max_runtimes, scale_threshold, scale_window, foreground):
     """Bring a node up on two interfaces.
 
     Loads the XDP switch (maps pinned, so a restarted node keeps its flows),
@@ -94,7 +101,9 @@ def up(name, ext0, ext1, netns, testbed_name, runtimes, cores, other_action, flo
         ext1 = show["node"]["ports"]["ext1"]["ifname"]
     cfg = NodeConfig(name=name, ext0=ext0, ext1=ext1, netns=netns, runtimes=runtimes, cores=_cores(cores),
                      other_action=other_action, flow_table_size=flow_table_size, xdp_mode=xdp_mode,
-                     idle_timeout=idle_timeout, policy=os.path.abspath(policy) if policy else None)
+                     idle_timeout=idle_timeout, policy=os.path.abspath(policy) if policy else None,
+                     heartbeat=heartbeat, miss_limit=miss_limit, max_runtimes=max_runtimes,
+                     scale_threshold=scale_threshold, scale_window=scale_window)
     try:
         cfg.validate()
         if policy:
@@ -138,14 +147,23 @@ def status(name, as_json, all_counters):
         _emit_json(st)
         return
     cfg = st["config"] or {}
-    click.echo(f"node {name}: {st['phase']} (agent pid {st['agent_pid']}"
+    click.echo(f"node {name}: {st['phase']} (supervisor pid {st['agent_pid']}"
                f"{'' if st['agent_alive'] else ', DEAD'}), ports {cfg.get('ext0')}/{cfg.get('ext1')}"
                f"{' in ' + cfg['netns'] if cfg.get('netns') else ''}, {st['switch_flows']} flows in the switch")
-    click.echo(f"{'rt':>3} {'state':<9} {'switch':<9} {'pid':>7} {'core':>4} {'flows':>7} {'to rt':>10} "
+    c = st.get("controller", {})
+    if c.get("alive"):
+        click.echo(f"controller: pid {c['pid']}, view v{c['view_version']}, {c['rules']} rules, "
+                   f"{c['restarts']} restarts, {c['stats']['failures_detected']} failures detected, "
+                   f"rejected frames {sum((c.get('rejected') or {}).values())}")
+    else:
+        click.echo(f"controller: NOT ANSWERING ({c.get('restarts', 0)} restarts)")
+    click.echo(f"{'rt':>3} {'state':<9} {'switch':<9} {'pid':>7} {'core':>4} {'cpu':>5} {'flows':>7} {'to rt':>10} "
                f"{'from rt':>10} {'frames':>10} {'restarts':>8}")
     for r in st["runtimes"]:
         sw = r.get("switch", {})
+        cpu = r.get("load", {}).get("cpu")
         click.echo(f"{r['id']:>3} {r['state']:<9} {r['switch_state']:<9} {r.get('pid') or '-':>7} {r['core']:>4} "
+                   f"{'-' if cpu is None else f'{cpu:.0%}':>5} "
                    f"{r.get('flows', '-') if r['live'] else '-':>7} {sw.get('to_rt_packets', 0):>10} "
                    f"{sw.get('from_rt_packets', 0):>10} {r.get('frames', '-') if r['live'] else '-':>10} "
                    f"{r.get('restarts', 0):>8}")
@@ -300,6 +318,46 @@ def rules_load(name, policy_file):
     except RuleError as e:
         _fail(str(e))
     _rules_done(name, policy, f"policy loaded ({len(policy.rules)} rules)")
+
+
+@main.group()
+def runtime():
+    """Operate on runtimes: add one, stop one for good, or kill one (failure injection)."""
+
+
+def _runtime_call(name, msg, body, what):
+    from . import nodectl
+    from .messages import MsgType
+    try:
+        reply = nodectl.control_call(name, "supervisor", getattr(MsgType, msg), body, timeout=2.0)
+    except nodectl.NodeCtlError as e:
+        _fail(str(e))
+    click.echo(f"{what} runtime {reply.get('id')}")
+
+
+@runtime.command("add")
+@name_option
+def runtime_add(name):
+    """Start one more runtime (new port, next core); new flows start going to it."""
+    _runtime_call(name, "RUNTIME_ADD", {}, "added")
+
+
+@runtime.command("stop")
+@name_option
+@click.option("--id", "rt_id", type=int, required=True, help="Runtime id.")
+def runtime_stop(name, rt_id):
+    """Stop a runtime for good.  Its flows are placed anew (their NF state is lost
+    until migration drains a runtime first)."""
+    _runtime_call(name, "RUNTIME_STOP", {"id": rt_id}, "stopped")
+
+
+@runtime.command("kill")
+@name_option
+@click.option("--id", "rt_id", type=int, required=True, help="Runtime id.")
+def runtime_kill(name, rt_id):
+    """kill -9 a runtime (failure injection): the controller marks it failed, the
+    supervisor restarts it, it rejoins as running."""
+    _runtime_call(name, "RUNTIME_KILL", {"id": rt_id}, "killed")
 
 
 @main.group()

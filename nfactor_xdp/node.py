@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -31,6 +32,7 @@ from . import layouts as L
 from . import netns, nodeconf, rtctl
 from .loader import LoaderError, Programs, detach, remove_pins
 from .maps import NodeMaps
+from .messages import ClusterKey, Endpoint, Message, MsgType
 from .nodeconf import ConfigError, NodeConfig
 from .rules import RuleError, load_policy, save_policy
 
@@ -73,11 +75,19 @@ def _ifindex(ipr: IPRoute, name: str) -> int | None:
     return found[0] if found else None
 
 
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class RuntimeProc:
+    """The supervisor's record of a runtime process (the controller keeps the view)."""
+
     def __init__(self, rt_id: int, core: int, sw: str, port: str):
         self.id, self.core, self.sw, self.port = rt_id, core, sw, port
         self.proc: subprocess.Popen | None = None
-        self.state = "starting"
+        self.state = "starting"   # process: starting, running, exited
         self.restarts = 0
         self.started_at = 0.0
         self.failed_at = 0.0
@@ -85,7 +95,7 @@ class RuntimeProc:
     def info(self) -> dict:
         return {"id": self.id, "core": self.core, "port": self.port, "switch_port": self.sw,
                 "pid": self.proc.pid if self.proc else None, "state": self.state,
-                "restarts": self.restarts, "socket": None}
+                "restarts": self.restarts}
 
 
 class Node:
@@ -97,6 +107,12 @@ class Node:
         self.stopping = False
         self.attached: list[str] = []
         self.xdp_modes: dict[str, str] = {}
+        self.control_port = free_udp_port()
+        self.supervisor_port = free_udp_port()
+        self.ep: Endpoint | None = None
+        self.controller: subprocess.Popen | None = None
+        self.controller_restarts = 0
+        self.controller_started = 0.0
 
     # --- bring up ----------------------------------------------------------
     def up(self) -> None:
@@ -105,6 +121,9 @@ class Node:
         if self.cfg.policy:
             save_policy(load_policy(self.cfg.policy), nodeconf.policy_path(self.cfg.name))
         self.setup_switch()
+        self.ep = Endpoint(("127.0.0.1", self.supervisor_port),
+                           ClusterKey.load_or_create(nodeconf.cluster_key_path()), "supervisor")
+        self._spawn_controller()
         for rt in self.runtimes:
             self._spawn(rt)
         self._wait_ready(self.runtimes)
@@ -167,6 +186,36 @@ class Node:
         # Starting: keeps the flows it had (pinned table), takes no new ones.
         self.maps.set_runtime(rt_id, L.C["NFX_RT_STARTING"], sw_idx)
 
+    def add_runtime(self) -> RuntimeProc:
+        """A new runtime at run time (scale-out or operator): port, programs, process."""
+        used = {rt.id for rt in self.runtimes}
+        rt_id = next(i for i in range(L.C["NFX_MAX_RUNTIMES"]) if i not in used)
+        sw, port = nodeconf.runtime_ports(rt_id)
+        rt = RuntimeProc(rt_id, self.cfg.core_of(rt_id), sw, port)
+        with IPRoute() as ipr:
+            self._make_runtime_port(ipr, rt_id, sw, port)
+        self._attach(port, "steer")
+        self._attach(sw, "vswitch")
+        self.runtimes.append(rt)
+        self._spawn(rt)
+        return rt
+
+    def remove_runtime(self, rt: RuntimeProc) -> None:
+        """Stop a runtime for good; its flows are placed anew (without
+        migration their NF state is lost)."""
+        self.runtimes.remove(rt)
+        self._notify_controller(MsgType.RUNTIME_STOP, {"id": rt.id})
+        if rt.proc:
+            stop_processes([rt.proc.pid])
+        with IPRoute() as ipr:
+            for name in (rt.port, rt.sw):
+                if _ifindex(ipr, name) is not None:
+                    detach(name)
+            idx = _ifindex(ipr, rt.sw)
+            if idx is not None:
+                ipr.link("del", index=idx)
+        self.maps.set_runtime_state(rt.id, L.C["NFX_RT_NONE"])
+
     def _attach(self, ifname: str, which: str, mode: str | None = None) -> None:
         self.xdp_modes[ifname] = self.progs.attach(ifname, which, mode or self.cfg.xdp_mode)
         self.attached.append(ifname)
@@ -176,16 +225,34 @@ class Node:
         argv = [sys.executable, "-m", "nfactor_xdp.runtime", "--node", self.cfg.name,
                 "--id", str(rt.id), "--ifname", rt.port, "--core", str(rt.core),
                 "--idle-timeout", str(self.cfg.idle_timeout), "--batch", str(self.cfg.batch),
-                "--policy", nodeconf.policy_path(self.cfg.name)]
+                "--policy", nodeconf.policy_path(self.cfg.name),
+                "--controller", str(self.control_port), "--heartbeat", str(self.cfg.heartbeat)]
         rt.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
         rt.state = "starting"
         rt.started_at = time.monotonic()
 
+    def _spawn_controller(self) -> None:
+        cfg = self.cfg
+        log = open(nodeconf.log_path(cfg.name, "controller"), "ab")
+        conf = {"heartbeat": cfg.heartbeat, "miss_limit": cfg.miss_limit, "scale_threshold": cfg.scale_threshold,
+                "scale_window": cfg.scale_window, "max_runtimes": cfg.max_runtimes}
+        self.controller = subprocess.Popen(
+            [sys.executable, "-m", "nfactor_xdp.controller", "--node", cfg.name, "--port", str(self.control_port),
+             "--supervisor", str(self.supervisor_port), "--config-json", json.dumps(conf)],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        log.close()
+        self.controller_started = time.monotonic()
+
+    def _notify_controller(self, msg_type, body: dict) -> None:
+        if self.ep:
+            self.ep.send(("127.0.0.1", self.control_port), msg_type, body)
+
     def _ready(self, rt: RuntimeProc) -> bool:
+        """Running: its socket is registered and the controller has it in the view."""
         try:
-            return rtctl.request(nodeconf.runtime_socket(self.cfg.name, rt.id), "ping",
-                                 timeout=0.5).get("state") == "running"
+            return bool(rtctl.request(nodeconf.runtime_socket(self.cfg.name, rt.id), "ping",
+                                      timeout=0.5).get("registered"))
         except rtctl.RtctlError:
             return False
 
@@ -198,48 +265,93 @@ class Node:
                     raise NodeError(f"runtime {rt.id} exited with {rt.proc.returncode} while starting; "
                                     f"see {nodeconf.log_path(self.cfg.name, f'rt{rt.id}')}")
                 if self._ready(rt):
-                    self._mark(rt, "running")
+                    rt.state = "running"
                     waiting.remove(rt)
             if waiting:
                 if time.monotonic() > deadline:
                     raise NodeError(f"runtimes {[r.id for r in waiting]} not ready after {READY_TIMEOUT}s")
                 time.sleep(0.05)  # polling interval while waiting for a deadline
 
-    def _mark(self, rt: RuntimeProc, state: str) -> None:
-        rt.state = state
-        self.maps.set_runtime_state(rt.id, L.C[f"NFX_RT_{state.upper()}"])
-
     # --- keep running ------------------------------------------------------
     def supervise(self) -> None:
-        """Restart runtimes that die, until asked to stop."""
+        """The paper's guard: restart the controller and any runtime that
+        dies, serve operator requests, until asked to stop."""
         while not self.stopping:
-            for rt in self.runtimes:
-                if rt.proc.poll() is None:
-                    if rt.state == "starting" and self._ready(rt):
-                        self._mark(rt, "running")
-                        self._write_state("running")
-                    continue
-                if rt.state != "failed":
-                    self._mark(rt, "failed")
-                    rt.failed_at = time.monotonic()
-                    self._write_state("running")
-                if time.monotonic() - rt.failed_at >= RESTART_BACKOFF:
-                    rt.restarts += 1
-                    self._spawn(rt)
-                    self._write_state("running")
-            sig = signal.sigtimedwait([signal.SIGTERM, signal.SIGINT, signal.SIGCHLD], 0.1)
+            changed = self._reap()
+            for msg, addr in self.ep.receive(32):
+                changed |= self.on_request(msg, addr)
+            if changed:
+                self._write_state("running")
+            sig = signal.sigtimedwait([signal.SIGTERM, signal.SIGINT, signal.SIGCHLD], 0.02)
             if sig is not None and sig.si_signo in (signal.SIGTERM, signal.SIGINT):
                 self.stopping = True
+
+    def _reap(self) -> bool:
+        changed = False
+        now = time.monotonic()
+        if self.controller.poll() is not None and now - self.controller_started >= RESTART_BACKOFF / 5:
+            self.controller_restarts += 1
+            self._spawn_controller()
+            changed = True
+        for rt in self.runtimes:
+            if rt.proc.poll() is None:
+                if rt.state == "starting" and self._ready(rt):
+                    rt.state = "running"
+                    changed = True
+                continue
+            if rt.state != "exited":
+                # the controller marks it failed in the view and the switch at once
+                rt.state = "exited"
+                rt.failed_at = now
+                self._notify_controller(MsgType.RUNTIME_EXITED, {"id": rt.id, "code": rt.proc.returncode})
+                changed = True
+            if now - rt.failed_at >= RESTART_BACKOFF:
+                rt.restarts += 1
+                self._spawn(rt)
+                changed = True
+        return changed
+
+    def on_request(self, msg: Message, addr) -> bool:
+        """Operator and controller requests; bad ones get an error reply."""
+        body = msg.body if isinstance(msg.body, dict) else {}
+        rt = next((r for r in self.runtimes if r.id == body.get("id")), None)
+        try:
+            if msg.type == MsgType.RUNTIME_ADD:
+                if len(self.runtimes) >= L.C["NFX_MAX_RUNTIMES"]:
+                    raise NodeError("no free runtime slot")
+                new = self.add_runtime()
+                self.ep.send(addr, MsgType.REPLY, {"ok": True, "id": new.id}, rid=msg.rid)
+                return True
+            if msg.type in (MsgType.RUNTIME_STOP, MsgType.RUNTIME_KILL):
+                if rt is None:
+                    raise NodeError(f"no runtime {body.get('id')!r}")
+                if msg.type == MsgType.RUNTIME_KILL:
+                    os.kill(rt.proc.pid, signal.SIGKILL)  # failure injection: the guard restarts it
+                else:
+                    self.remove_runtime(rt)
+                self.ep.send(addr, MsgType.REPLY, {"ok": True, "id": rt.id}, rid=msg.rid)
+                return True
+            if msg.type == MsgType.STATUS:
+                self.ep.send(addr, MsgType.REPLY, {"ok": True, "runtimes": [r.info() for r in self.runtimes]},
+                             rid=msg.rid)
+                return False
+        except (NodeError, OSError) as e:
+            self.ep.send(addr, MsgType.REPLY, {"ok": False, "error": str(e)}, rid=msg.rid)
+        return False
 
     # --- take down -----------------------------------------------------------
     def down(self) -> None:
         self._write_state("stopping")
+        stop_processes([rt.proc.pid for rt in self.runtimes if rt.proc])
+        if self.controller:
+            stop_processes([self.controller.pid])
         for rt in self.runtimes:
             try:
                 self.maps.set_runtime_state(rt.id, L.C["NFX_RT_NONE"])
             except OSError:
                 pass
-        stop_processes([rt.proc.pid for rt in self.runtimes if rt.proc])
+        if self.ep:
+            self.ep.close()
         self.maps.close()
         self.progs.close()
         teardown(self.cfg)
@@ -249,6 +361,9 @@ class Node:
             "phase": phase, "agent_pid": os.getpid(), "config": self.cfg.to_dict(),
             "runtimes": [rt.info() for rt in self.runtimes],
             "xdp_modes": self.xdp_modes, "tracer": self.progs.tracing,
+            "control_port": self.control_port, "supervisor_port": self.supervisor_port,
+            "controller": {"pid": self.controller.pid if self.controller else None,
+                           "restarts": self.controller_restarts},
             "updated": time.time(),
         })
 
@@ -297,6 +412,11 @@ def teardown(cfg: NodeConfig) -> list[str]:
                     ipr.link("del", index=idx)
                     done.append(f"link {sw}")
     done += [f"pin {p}" for p in remove_pins(cfg.name)]
+    for suffix in ("", "-wal", "-shm"):
+        try:
+            os.unlink(nodeconf.controller_log_path(cfg.name) + suffix)
+        except FileNotFoundError:
+            pass
     shutil.rmtree(cfg.run_dir, ignore_errors=True)
     try:
         os.rmdir(nodeconf.RUN_ROOT)
@@ -310,6 +430,9 @@ def force_down(name: str) -> list[str]:
     state = nodeconf.read_state(name) or {}
     cfg = NodeConfig.from_dict(state.get("config", {"name": name}))
     pids = [r["pid"] for r in state.get("runtimes", []) if r.get("pid") and _pid_alive(r["pid"])]
+    ctl = (state.get("controller") or {}).get("pid")
+    if ctl and _pid_alive(ctl):
+        pids.append(ctl)
     stop_processes(pids)
     return teardown(cfg)
 

@@ -39,6 +39,14 @@ def log_path(name: str, what: str = "node") -> str:
     return os.path.join(log_dir(name), f"{what}.log")
 
 
+def cluster_key_path() -> str:
+    return os.path.join(LIB_ROOT, "cluster.key")
+
+
+def controller_log_path(name: str) -> str:
+    return os.path.join(LIB_ROOT, name, "controller.db")
+
+
 def policy_path(name: str) -> str:
     return os.path.join(LIB_ROOT, name, "policy.json")
 
@@ -70,6 +78,11 @@ class NodeConfig:
     idle_timeout: float = 30.0        # seconds before an idle flow's actor is released
     batch: int = 64
     policy: str | None = None         # policy file to install at up (else the node's saved one)
+    heartbeat: float = 0.1            # seconds between a runtime's heartbeats
+    miss_limit: int = 3               # missed heartbeats before the controller marks a runtime failed
+    scale_threshold: float = 0.8      # average runtime CPU load (0..1) that triggers scale-out
+    scale_window: float = 2.0         # ... when it lasts this many seconds
+    max_runtimes: int = 0             # scale-out limit (0: no scale-out)
 
     def validate(self) -> "NodeConfig":
         if not _NAME_RE.match(self.name):
@@ -91,6 +104,14 @@ class NodeConfig:
             raise ConfigError("idle_timeout must be positive")
         if not 1 <= self.batch <= 1024:
             raise ConfigError("batch must be 1..1024")
+        if not 0.01 <= self.heartbeat <= 10:
+            raise ConfigError("heartbeat must be 0.01..10 seconds")
+        if not 1 <= self.miss_limit <= 100:
+            raise ConfigError("miss_limit must be 1..100")
+        if not 0 < self.scale_threshold <= 1:
+            raise ConfigError("scale_threshold must be in (0, 1]")
+        if not 0 <= self.max_runtimes <= L.C["NFX_MAX_RUNTIMES"]:
+            raise ConfigError(f"max_runtimes must be 0..{L.C['NFX_MAX_RUNTIMES']}")
         ncpu = os.cpu_count() or 1
         for c in self.cores:
             if not 0 <= c < ncpu:

@@ -10,9 +10,10 @@ import time
 
 from . import layouts as L
 from . import node as node_mod
-from . import nodeconf, rtctl
+from . import netns, nodeconf, rtctl
 from .maps import NodeMaps
 from .nodeconf import NodeConfig
+from .messages import ClusterKey, Endpoint, MessageTimeout, MsgType
 from .rules import Policy, load_policy, save_policy
 
 START_TIMEOUT = 60.0
@@ -46,8 +47,9 @@ def start(cfg: NodeConfig, timeout: float = START_TIMEOUT) -> dict:
     if nodeconf.read_state(cfg.name):
         # A previous agent died: clear what it left running, keep the pins.
         state = nodeconf.read_state(cfg.name) or {}
-        node_mod.stop_processes([r["pid"] for r in state.get("runtimes", [])
-                                 if r.get("pid") and node_mod._pid_alive(r["pid"])])
+        pids = [r["pid"] for r in state.get("runtimes", []) if r.get("pid")]
+        pids.append((state.get("controller") or {}).get("pid"))
+        node_mod.stop_processes([p for p in pids if p and node_mod._pid_alive(p)])
     os.makedirs(cfg.run_dir, mode=0o700, exist_ok=True)
     logpath = nodeconf.log_path(cfg.name)
     with open(logpath, "ab") as log:
@@ -84,9 +86,36 @@ def stop(name: str, timeout: float = 30.0, purge: bool = False) -> list[str]:
     return removed
 
 
-def runtime_query(name: str, rt_id: int, op: str, **args) -> dict | None:
+def _endpoint(ns: str | None = None) -> Endpoint:
+    """An endpoint on the node's control network: its loopback is that of the
+    node's namespace (a socket stays in the namespace it was made in)."""
+    with netns.entered(ns if ns and netns.exists(ns) else None):
+        return Endpoint(("127.0.0.1", 0), ClusterKey.load_or_create(nodeconf.cluster_key_path()), "nfactorctl")
+
+
+def control_call(name: str, to: str, msg_type, body: dict, timeout: float = 1.0) -> dict:
+    """A request to the node's controller or supervisor (to: 'control' or 'supervisor')."""
+    state = nodeconf.read_state(name)
+    if state is None:
+        raise NodeCtlError(f"node {name!r} is not up")
+    port = state.get(f"{to}_port")
+    if not port:
+        raise NodeCtlError(f"node {name!r} has no {to} address in its state")
+    ep = _endpoint((state.get("config") or {}).get("netns"))
     try:
-        return rtctl.request(nodeconf.runtime_socket(name, rt_id), op, **args)
+        reply = ep.call(("127.0.0.1", port), msg_type, body, timeout=timeout, retries=3)
+    except MessageTimeout as e:
+        raise NodeCtlError(str(e)) from None
+    finally:
+        ep.close()
+    if reply.body.get("ok") is False:
+        raise NodeCtlError(reply.body.get("error", "refused"))
+    return reply.body
+
+
+def runtime_query(name: str, rt_id: int, op: str, timeout: float = 0.5, **args) -> dict | None:
+    try:
+        return rtctl.request(nodeconf.runtime_socket(name, rt_id), op, timeout=timeout, **args)
     except rtctl.RtctlError:
         return None
 
@@ -103,8 +132,22 @@ def status(name: str) -> dict:
         table = maps.runtime_table() if maps.exists() else {}
         out["switch"] = maps.counters() if maps.exists() else {}
         out["switch_flows"] = sum(1 for _ in maps["flows"].keys()) if maps.exists() else 0
+    try:
+        ctl = control_call(name, "control", MsgType.STATUS, {}, timeout=0.3)
+        view = {e["id"]: e for e in ctl["view"]["runtimes"]}
+        out["controller"] = {"pid": ctl.get("pid"), "alive": True, "view_version": ctl["view"]["version"],
+                             "stats": ctl.get("stats"), "rejected": ctl.get("rejected"), "log": ctl.get("log"),
+                             "rules": len(ctl.get("policy", {}).get("rules", [])),
+                             "restarts": (state.get("controller") or {}).get("restarts", 0)}
+    except NodeCtlError:
+        view = {}
+        out["controller"] = {"alive": False, "restarts": (state.get("controller") or {}).get("restarts", 0)}
     for rt in state.get("runtimes", []):
         entry = dict(rt)
+        entry["process"] = entry.pop("state")
+        v = view.get(rt["id"], {})
+        entry["state"] = v.get("state", "unknown")
+        entry["load"] = v.get("load", {})
         entry["switch_state"] = table.get(rt["id"], {}).get("state", "none")
         entry["switch"] = table.get(rt["id"], {}).get("switch", {})
         live = runtime_query(name, rt["id"], "status")
@@ -153,18 +196,13 @@ def get_policy(name: str) -> Policy:
 
 
 def put_policy(name: str, policy: Policy) -> list[int]:
-    """Save a node's policy and push it to its running runtimes; returns the
-    runtimes that took it."""
+    """Save a node's policy and, if it is up, hand it to the controller, which
+    logs it and pushes it to every runtime; returns the runtimes it went to."""
     save_policy(policy, nodeconf.policy_path(name))
-    took = []
-    state = nodeconf.read_state(name) or {}
-    for rt in state.get("runtimes", []):
-        try:
-            rtctl.request(nodeconf.runtime_socket(name, rt["id"]), "set_policy", policy=policy.to_dict())
-            took.append(rt["id"])
-        except rtctl.RtctlError:
-            pass  # not running: it reads the saved policy when it starts
-    return took
+    if not agent_alive(name):
+        return []
+    reply = control_call(name, "control", MsgType.RULES, {"policy": policy.to_dict()})
+    return reply.get("pushed_to", [])
 
 
 def counters_doc() -> dict[str, str]:

@@ -18,6 +18,7 @@ from . import nf as nf_api
 from . import nodeconf, rtctl
 from .actor import Actor
 from .maps import NodeMaps
+from .messages import ClusterKey, Endpoint, Message, MsgType
 from .packet import FLOW, Packet, classify
 from .rules import Policy, RuleError, load_policy
 from .xsk import XskSocket
@@ -29,7 +30,8 @@ CLOSE_LINGER = 2.0  # seconds an actor outlives its TCP close (last ACKs, retran
 
 class Runtime:
     def __init__(self, node: str, rt_id: int, ifname: str, core: int | None,
-                 idle_timeout: float = 30.0, batch: int = 64, policy: Policy | None = None):
+                 idle_timeout: float = 30.0, batch: int = 64, policy: Policy | None = None,
+                 controller: int | None = None, heartbeat: float = 0.1):
         self.node = node
         self.id = rt_id
         self.ifname = ifname
@@ -50,6 +52,12 @@ class Runtime:
         self.xsk: XskSocket | None = None
         self.maps: NodeMaps | None = None
         self.ctl: rtctl.Server | None = None
+        self.controller = ("127.0.0.1", controller) if controller else None
+        self.heartbeat = heartbeat
+        self.ep: Endpoint | None = None
+        self.registered = False
+        self.view: dict = {}
+        self._load_mark = (time.monotonic(), sum(os.times()[:2]), 0)
 
     # --- lifecycle ---------------------------------------------------------
     def start(self) -> None:
@@ -61,6 +69,54 @@ class Runtime:
         self.ctl = rtctl.Server(nodeconf.runtime_socket(self.node, self.id), self.on_request)
         # Registering the socket is what makes frames flow to us.
         self.maps["xsks"].set(self.id, self.xsk.fd)
+        if self.controller:
+            self.ep = Endpoint(("127.0.0.1", 0), ClusterKey.load_or_create(nodeconf.cluster_key_path()),
+                               f"rt{self.id}")
+            self.register()
+
+    # --- the controller --------------------------------------------------------
+    def register(self) -> None:
+        """Tell the controller we are up; it marks us running in the switch
+        and answers with the rules and the view.  Retried until it answers."""
+        self.registered = False
+        self.ep.request(self.controller, MsgType.REGISTER,
+                        {"id": self.id, "pid": os.getpid(), "core": self.core, "port": self.ifname},
+                        self.on_registered, timeout=0.2, retries=1_000_000)
+
+    def on_registered(self, msg: Message) -> None:
+        body = msg.body
+        if body.get("policy") is not None:
+            try:
+                self.set_policy(Policy.from_dict(body["policy"]))
+            except RuleError as e:
+                print(f"runtime {self.id}: controller sent a bad policy: {e}", file=sys.stderr, flush=True)
+        self.view = body.get("view") or {}
+        self.registered = True
+
+    def on_control(self, msg: Message, addr) -> None:
+        if msg.type == MsgType.VIEW:
+            self.view = msg.body
+        elif msg.type == MsgType.RULES:
+            try:
+                self.set_policy(Policy.from_dict(msg.body.get("policy")))
+            except (RuleError, AttributeError):
+                pass
+        elif msg.type == MsgType.REGISTER and msg.body.get("again") and self.registered:
+            self.register()  # the controller lost us (e.g. restarted from an old log)
+
+    def load(self) -> dict:
+        """CPU share of one core, memory, flows and packet rate since the last call."""
+        now, cpu, frames = time.monotonic(), sum(os.times()[:2]), self.xsk.rx_packets
+        t0, cpu0, frames0 = self._load_mark
+        self._load_mark = (now, cpu, frames)
+        dt = max(now - t0, 1e-6)
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        return {"cpu": round(min(1.0, (cpu - cpu0) / dt), 3), "rss": rss, "flows": len(self.flows),
+                "pps": round((frames - frames0) / dt, 1)}
+
+    def send_heartbeat(self) -> None:
+        self.ep.send(self.controller, MsgType.HEARTBEAT, {"id": self.id, "load": self.load()})
 
     def stop(self) -> None:
         if self.maps is not None:
@@ -71,6 +127,8 @@ class Runtime:
             self.maps.close()
         if self.ctl is not None:
             self.ctl.close()
+        if self.ep is not None:
+            self.ep.close()
         if self.xsk is not None:
             self.xsk.close()
 
@@ -128,25 +186,37 @@ class Runtime:
         self.policy_version += 1
 
     def run(self) -> None:
-        xsk, ctl, handle, batch = self.xsk, self.ctl, self.handle, self.batch
+        xsk, ctl, handle, batch, ep = self.xsk, self.ctl, self.handle, self.batch, self.ep
         poller = select.poll()
         poller.register(xsk.fd, select.POLLIN)
         poller.register(ctl.fileno(), select.POLLIN)
+        if ep:
+            poller.register(ep.fileno(), select.POLLIN)
         next_housekeeping = time.monotonic() + HOUSEKEEPING_INTERVAL
+        next_heartbeat = time.monotonic()
+        idle_ms = min(IDLE_POLL_MS, int(self.heartbeat * 500) or 1)
         batches = 0
         while not self.stopping:
             self.now = time.monotonic()
             if xsk.forward_batch(handle, batch):
                 batches += 1
-                if batches & 63:
+                if batches & 15:
                     continue
-                # Under load, still answer queries and do housekeeping.
+                # Under load, still answer queries, messages and timers.
                 ctl.serve_pending()
             else:
                 self.stats["idle_waits"] += 1
-                for fd, _ in poller.poll(IDLE_POLL_MS):
+                for fd, _ in poller.poll(idle_ms):
                     if fd == ctl.fileno():
                         ctl.serve_pending()
+                self.now = time.monotonic()
+            if ep:
+                for msg, addr in ep.receive(64):
+                    self.on_control(msg, addr)
+                ep.tick(self.now)
+                if self.now >= next_heartbeat:
+                    self.send_heartbeat()
+                    next_heartbeat = self.now + self.heartbeat
             if self.now >= next_housekeeping:
                 self.expire_idle()
                 next_housekeeping = self.now + HOUSEKEEPING_INTERVAL
@@ -168,7 +238,7 @@ class Runtime:
     def on_request(self, req: dict) -> dict:
         op = req["op"]
         if op == "ping":
-            return {"ok": True, "id": self.id, "state": "running"}
+            return {"ok": True, "id": self.id, "state": "running", "registered": self.registered or not self.ep}
         if op == "status":
             return {"ok": True, **self.status()}
         if op == "flows":
@@ -200,6 +270,8 @@ class Runtime:
             "flows": len(self.flows), **self.stats, **self.packet_counts(),
             "xsk": self.xsk.statistics(), "query_errors": self.ctl.errors,
             "policy_version": self.policy_version, "rules": len(self.policy.rules),
+            "registered": self.registered, "view_version": self.view.get("version"),
+            "control_rejected": dict(self.ep.rejected) if self.ep else {},
             "nf_errors": sum(a.nf_errors for a in self.flows.values()),
         }
 
@@ -213,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--idle-timeout", type=float, default=30.0)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--policy", help="policy file (service chain rules, NF config)")
+    ap.add_argument("--controller", type=int, help="the controller's UDP port on 127.0.0.1")
+    ap.add_argument("--heartbeat", type=float, default=0.1)
     a = ap.parse_args(argv)
     policy = None
     if a.policy and os.path.exists(a.policy):
@@ -220,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
             policy = load_policy(a.policy)
         except RuleError as e:
             print(f"runtime {a.id}: bad policy, starting with none: {e}", file=sys.stderr, flush=True)
-    rt = Runtime(a.node, a.id, a.ifname, a.core, a.idle_timeout, a.batch, policy)
+    rt = Runtime(a.node, a.id, a.ifname, a.core, a.idle_timeout, a.batch, policy, a.controller, a.heartbeat)
 
     def on_signal(signum, frame):
         rt.stopping = True

@@ -1,0 +1,317 @@
+"""The controller (paper 3.1, 4.1): view service, failure detection, rules,
+scale-out, with every change logged before it is applied.
+
+    python -m nfactor_xdp.controller --node NAME --port P --supervisor PORT
+
+- Runtimes REGISTER when they start and HEARTBEAT their load; the controller
+  keeps the cluster view (id, control address, port, state, load).
+- A runtime that misses `miss_limit` heartbeats is marked failed; the
+  supervisor also reports a runtime whose process exited.  Every state change
+  goes to the switch's runtime table at once (a failed or leaving runtime
+  gets no new flows) and the new view is pushed to every runtime.
+- Rules (the node's policy) live here and are pushed to every runtime that
+  registers, and to all of them when they change.
+- Each change of the view or rules is logged (intent, apply, success mark) in
+  an SQLite WAL log; a restarted controller replays it and carries on.
+- Scale-out: when the running runtimes' average CPU load stays above a
+  threshold, the controller asks the supervisor for a new runtime.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import signal
+import sys
+import time
+
+from . import layouts as L
+from . import nodeconf
+from .ctllog import ControllerLog
+from .maps import NodeMaps
+from .messages import ClusterKey, Endpoint, Message, MsgType
+from .rules import Policy, RuleError, load_policy
+
+STATES = ("starting", "running", "leaving", "failed")
+COMPACT_EVERY = 200  # logged changes between compactions
+
+
+class Controller:
+    def __init__(self, node: str, port: int, supervisor_port: int, *, heartbeat: float = 0.1,
+                 miss_limit: int = 3, scale_threshold: float = 0.8, scale_window: float = 2.0,
+                 max_runtimes: int = 0, scale_cooldown: float = 10.0):
+        self.node = node
+        self.key = ClusterKey.load_or_create(nodeconf.cluster_key_path())
+        self.ep = Endpoint(("127.0.0.1", port), self.key, "controller")
+        self.supervisor = ("127.0.0.1", supervisor_port)
+        self.heartbeat = heartbeat
+        self.miss_limit = miss_limit
+        self.scale_threshold = scale_threshold
+        self.scale_window = scale_window
+        self.max_runtimes = max_runtimes
+        self.scale_cooldown = scale_cooldown
+        self.maps = NodeMaps(node)
+        self.log = ControllerLog(nodeconf.controller_log_path(node))
+        self.view: dict[int, dict] = {}      # runtime id -> entry (durable part: id, state, addr, core, port)
+        self.live: dict[int, dict] = {}      # runtime id -> last heartbeat time and load (not logged)
+        self.policy = Policy()
+        self.view_version = 0
+        self.changes = 0
+        self.started = time.monotonic()
+        self.overloaded_since: float | None = None
+        self.last_scale = 0.0
+        self.stopping = False
+        self.stats = {"heartbeats": 0, "registers": 0, "failures_detected": 0, "exits_reported": 0,
+                      "scale_outs": 0, "view_pushes": 0, "replayed_ops": 0, "restarted_at": time.time()}
+
+    # --- durable state -------------------------------------------------------
+    def recover(self) -> None:
+        """Rebuild view and rules from the log; then the switch table from the view."""
+        snapshot, ops, pending = self.log.replay()
+        if snapshot:
+            self.view = {int(k): v for k, v in snapshot["view"].items()}
+            self.policy = Policy.from_dict(snapshot["policy"])
+            self.view_version = snapshot.get("view_version", 0)
+        elif os.path.exists(nodeconf.policy_path(self.node)):
+            try:
+                self.policy = load_policy(nodeconf.policy_path(self.node))
+            except RuleError as e:
+                print(f"controller: ignoring bad policy file: {e}", file=sys.stderr, flush=True)
+        for op in ops:
+            self._apply(op)
+        for seq, op in pending:
+            # died between intent and success mark: every op is idempotent, apply it again
+            self._apply(op)
+            self.log.done(seq)
+        self.stats["replayed_ops"] = len(ops) + len(pending)
+        now = time.monotonic()
+        for rt_id in self.view:
+            # a grace period: runtimes kept running while we were away
+            self.live[rt_id] = {"last": now, "load": {}}
+        self._sync_switch()
+
+    def _change(self, op: dict) -> None:
+        """Log the intent, apply, mark success (paper 4.1)."""
+        seq = self.log.intend(op)
+        self._apply(op)
+        if "id" in op:
+            self._sync_switch(op["id"])
+        self.log.done(seq)
+        self.changes += 1
+        if self.changes % COMPACT_EVERY == 0:
+            self.log.compact(self.snapshot())
+
+    def _apply(self, op: dict) -> None:
+        kind = op["op"]
+        if kind == "state":
+            entry = self.view.setdefault(op["id"], {"id": op["id"]})
+            entry.update({k: v for k, v in op.items() if k not in ("op",)})
+            self.view_version += 1
+        elif kind == "remove":
+            self.view.pop(op["id"], None)
+            self.live.pop(op["id"], None)
+            self.view_version += 1
+        elif kind == "policy":
+            self.policy = Policy.from_dict(op["policy"])
+
+    def snapshot(self) -> dict:
+        return {"view": {str(k): v for k, v in self.view.items()}, "policy": self.policy.to_dict(),
+                "view_version": self.view_version}
+
+    def _sync_switch(self, only: int | None = None) -> None:
+        """The switch's runtime table follows the view (running: new flows;
+        starting/leaving/failed: keep their flows, no new ones; removed: the
+        slot is emptied and its flows are placed anew)."""
+        ids = [only] if only is not None else list(self.view)
+        for rt_id in ids:
+            entry = self.view.get(rt_id)
+            state = entry["state"] if entry else "none"
+            try:
+                self.maps.set_runtime_state(rt_id, L.C[f"NFX_RT_{state.upper()}"])
+            except OSError as e:
+                print(f"controller: cannot update switch table: {e}", file=sys.stderr, flush=True)
+
+    # --- messages ----------------------------------------------------------------
+    def on_message(self, msg: Message, addr) -> None:
+        t, b = msg.type, msg.body
+        if t == MsgType.HEARTBEAT:
+            self.on_heartbeat(b, addr)
+        elif t == MsgType.REGISTER:
+            self.on_register(msg, addr)
+        elif t == MsgType.RUNTIME_EXITED:
+            self.on_exited(b)
+        elif t == MsgType.RUNTIME_STOP:
+            rt = self._rt_id(b)
+            if rt is not None and rt in self.view:
+                self._change({"op": "remove", "id": rt})
+                self.push_view()
+        elif t == MsgType.RULES:
+            self.on_rules(msg, addr)
+        elif t == MsgType.STATUS:
+            self.ep.send(addr, MsgType.REPLY, {"ok": True, **self.status()}, rid=msg.rid)
+        elif t == MsgType.PING:
+            self.ep.send(addr, MsgType.REPLY, {"ok": True}, rid=msg.rid)
+        # anything else is ignored: messages from peers never crash the controller
+
+    def _rt_id(self, body) -> int | None:
+        rt = body.get("id") if isinstance(body, dict) else None
+        return rt if isinstance(rt, int) and 0 <= rt < L.C["NFX_MAX_RUNTIMES"] else None
+
+    def on_register(self, msg: Message, addr) -> None:
+        rt = self._rt_id(msg.body)
+        if rt is None:
+            return
+        self.stats["registers"] += 1
+        self._change({"op": "state", "id": rt, "state": "running", "addr": list(addr),
+                      "pid": msg.body.get("pid"), "core": msg.body.get("core"), "port": msg.body.get("port")})
+        self.live[rt] = {"last": time.monotonic(), "load": {}}
+        self.ep.send(addr, MsgType.REPLY, {"ok": True, "policy": self.policy.to_dict(), "view": self.public_view()},
+                     rid=msg.rid)
+        self.push_view()
+
+    def on_heartbeat(self, body, addr) -> None:
+        rt = self._rt_id(body)
+        if rt is None:
+            return
+        self.stats["heartbeats"] += 1
+        entry = self.view.get(rt)
+        if entry is None or entry.get("state") == "failed":
+            # unknown or given up on (e.g. controller restarted from an old log): it must register again
+            self.ep.send(addr, MsgType.REGISTER, {"again": True})
+            return
+        load = body.get("load") if isinstance(body.get("load"), dict) else {}
+        self.live[rt] = {"last": time.monotonic(), "load": load}
+
+    def on_exited(self, body) -> None:
+        rt = self._rt_id(body)
+        if rt is None or rt not in self.view:
+            return
+        self.stats["exits_reported"] += 1
+        if self.view[rt]["state"] != "failed":
+            self._change({"op": "state", "id": rt, "state": "failed", "why": "process exited"})
+            self.push_view()
+
+    def on_rules(self, msg: Message, addr) -> None:
+        try:
+            policy = Policy.from_dict(msg.body.get("policy"))
+        except (RuleError, AttributeError) as e:
+            self.ep.send(addr, MsgType.REPLY, {"ok": False, "error": str(e)}, rid=msg.rid)
+            return
+        self._change({"op": "policy", "policy": policy.to_dict()})
+        took = self.push_rules()
+        self.ep.send(addr, MsgType.REPLY, {"ok": True, "pushed_to": took}, rid=msg.rid)
+
+    def public_view(self) -> dict:
+        return {"version": self.view_version,
+                "runtimes": [{**e, "load": self.live.get(i, {}).get("load", {})} for i, e in sorted(self.view.items())]}
+
+    def push_view(self) -> None:
+        self.stats["view_pushes"] += 1
+        view = self.public_view()
+        for e in self.view.values():
+            if e.get("state") != "failed" and e.get("addr"):
+                self.ep.send(tuple(e["addr"]), MsgType.VIEW, view)
+
+    def push_rules(self) -> list[int]:
+        took = []
+        for rt, e in sorted(self.view.items()):
+            if e.get("state") in ("running", "leaving") and e.get("addr"):
+                self.ep.send(tuple(e["addr"]), MsgType.RULES, {"policy": self.policy.to_dict()})
+                took.append(rt)
+        return took
+
+    # --- periodic work ---------------------------------------------------------------
+    def detect_failures(self, now: float) -> None:
+        limit = self.heartbeat * self.miss_limit
+        changed = False
+        for rt, e in list(self.view.items()):
+            if e.get("state") not in ("running", "leaving"):
+                continue
+            last = self.live.get(rt, {}).get("last", 0.0)
+            if now - last > limit:
+                self.stats["failures_detected"] += 1
+                self._change({"op": "state", "id": rt, "state": "failed",
+                              "why": f"no heartbeat for {now - last:.2f}s"})
+                changed = True
+        if changed:
+            self.push_view()
+
+    def consider_scale_out(self, now: float) -> None:
+        running = [rt for rt, e in self.view.items() if e.get("state") == "running"]
+        if not running or not self.max_runtimes:
+            return
+        loads = [self.live.get(rt, {}).get("load", {}).get("cpu", 0.0) for rt in running]
+        avg = sum(loads) / len(loads)
+        if avg < self.scale_threshold:
+            self.overloaded_since = None
+            return
+        self.overloaded_since = self.overloaded_since or now
+        if now - self.overloaded_since < self.scale_window or now - self.last_scale < self.scale_cooldown:
+            return
+        if len(self.view) >= self.max_runtimes:
+            return
+        self.last_scale = now
+        self.overloaded_since = None
+        self.stats["scale_outs"] += 1
+        self.ep.send(self.supervisor, MsgType.RUNTIME_ADD, {"why": f"average CPU load {avg:.2f}"})
+
+    def status(self) -> dict:
+        return {"view": self.public_view(), "policy": self.policy.to_dict(), "stats": self.stats,
+                "rejected": dict(self.ep.rejected), "log": self.log.stats(),
+                "heartbeat": self.heartbeat, "miss_limit": self.miss_limit, "pid": os.getpid()}
+
+    def run(self) -> None:
+        poller = select.poll()
+        poller.register(self.ep.fileno(), select.POLLIN)
+        tick = self.heartbeat / 2
+        while not self.stopping:
+            poller.poll(int(tick * 1000))
+            for msg, addr in self.ep.receive(256):
+                self.on_message(msg, addr)
+            now = time.monotonic()
+            self.detect_failures(now)
+            self.consider_scale_out(now)
+            self.ep.tick()
+
+    def close(self) -> None:
+        try:
+            self.log.compact(self.snapshot())
+        except Exception:
+            pass
+        self.log.close()
+        self.maps.close()
+        self.ep.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="nfactor-controller", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--node", required=True)
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--supervisor", type=int, required=True)
+    ap.add_argument("--config-json", default="{}")
+    a = ap.parse_args(argv)
+    cfg = json.loads(a.config_json)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    ctl = Controller(a.node, a.port, a.supervisor, heartbeat=cfg.get("heartbeat", 0.1),
+                     miss_limit=cfg.get("miss_limit", 3), scale_threshold=cfg.get("scale_threshold", 0.8),
+                     scale_window=cfg.get("scale_window", 2.0), max_runtimes=cfg.get("max_runtimes", 0),
+                     scale_cooldown=cfg.get("scale_cooldown", 10.0))
+
+    def on_signal(signum, frame):
+        ctl.stopping = True
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        ctl.recover()
+        print(f"controller {a.node}: up on 127.0.0.1:{a.port}, {len(ctl.view)} runtimes in the view, "
+              f"{ctl.stats['replayed_ops']} ops replayed", flush=True)
+        ctl.run()
+    finally:
+        ctl.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,442 @@
+"""Control messages between the node's processes (controller, runtimes,
+supervisor, CLI), one per UDP datagram on the control network (loopback for
+a single node).
+
+A frame is:
+
+    header  struct "!2sBBQ": b"NX", VERSION, message type, sender's wall clock in ms
+    body    msgpack {"rid": int request id, "from": str sender, "body": map}
+    mac     32-byte HMAC-SHA256 of header + body with the cluster key
+
+Every process of the cluster shares the key (`ClusterKey`).  The MAC is
+checked before the body is unpacked, so unauthenticated bytes never reach
+msgpack.  The timestamp limits (does not prevent) replay of captured frames
+to a window of MAX_SKEW_MS.
+
+`Endpoint` is a non-blocking socket for event loops: `send`, `receive`
+(drains, never raises, counts rejected frames by reason), `request` + `tick`
+for requests with timeouts and retries, and a blocking `call` for CLIs.
+"""
+from __future__ import annotations
+
+import collections
+import enum
+import errno
+import hashlib
+import hmac
+import os
+import random
+import select
+import socket
+import stat
+import struct
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import msgpack
+
+MAGIC = b"NX"
+VERSION = 1
+HEADER = struct.Struct("!2sBBQ")
+MAC_SIZE = 32
+MIN_FRAME = HEADER.size + MAC_SIZE
+MAX_FRAME = 60_000        # whole frame; stays under the UDP datagram limit
+MAX_SKEW_MS = 30_000
+KEY_SIZE = 32
+DEFAULT_KEY_PATH = "/var/lib/nfactor/cluster.key"
+_U64 = 1 << 64
+
+REASONS = ("truncated", "bad_magic", "bad_version", "bad_mac", "stale",
+           "oversized", "bad_body", "unknown_type")
+
+
+class MsgType(enum.IntEnum):
+    HEARTBEAT = 1
+    VIEW = 2
+    RULES = 3
+    REGISTER = 4
+    REPLY = 5
+    RUNTIME_ADD = 6
+    RUNTIME_STOP = 7
+    RUNTIME_KILL = 8
+    STATUS = 9
+    PING = 10
+    RUNTIME_EXITED = 11  # supervisor -> controller: a runtime process died (used by node.py/controller.py)
+    # 20-29: flow migration
+    MIGRATE_CREATE = 20
+    MIGRATE_MOVE = 21
+    MIGRATE_STATE = 22
+    MIGRATE_DONE = 23
+    # 30-39: replication
+    SNAPSHOT = 30
+    SNAPSHOT_FETCH = 31
+
+
+class MessageError(Exception):
+    """A frame that cannot be encoded or was rejected; `reason` is one of REASONS."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+class MessageTimeout(TimeoutError):
+    pass
+
+
+class ClusterKeyError(RuntimeError):
+    pass
+
+
+@dataclass
+class Message:
+    type: MsgType
+    rid: int
+    sender: str
+    body: dict
+    ts: int  # sender's wall clock, ms
+
+    def reply(self, body: dict) -> tuple[MsgType, int, dict]:
+        """(type, rid, body) of the reply to this message: same rid."""
+        return MsgType.REPLY, self.rid, body
+
+
+# --- cluster key ---------------------------------------------------------------
+
+class ClusterKey:
+    @staticmethod
+    def load(path: str = DEFAULT_KEY_PATH) -> bytes:
+        """Read an existing key, refusing one others can read or of the wrong size."""
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ClusterKeyError(f"cluster key {path} is not a regular file")
+            if st.st_mode & 0o077:
+                raise ClusterKeyError(
+                    f"cluster key {path} is readable or writable by group/others "
+                    f"(mode {stat.S_IMODE(st.st_mode):04o}); fix: chmod 600 {path}")
+            data = os.read(fd, KEY_SIZE + 1)
+        finally:
+            os.close(fd)
+        if len(data) != KEY_SIZE:
+            raise ClusterKeyError(
+                f"cluster key {path} has {st.st_size} bytes, "
+                f"expected {KEY_SIZE}; restore the cluster's key file there (or remove it to "
+                f"generate a new one, which every process of the cluster must then share)")
+        return data
+
+    @staticmethod
+    def load_or_create(path: str = DEFAULT_KEY_PATH) -> bytes:
+        """The key at `path`, created (32 random bytes, mode 0600) if absent.
+
+        The new key is written to a private temporary file (O_EXCL) and then
+        hard-linked to `path`: link() fails if the name exists, so when two
+        processes race exactly one wins, and the loser (and any reader) only
+        ever sees a complete key file, never a half-written one.
+        """
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            os.makedirs(parent, mode=0o700, exist_ok=True)
+            os.chmod(parent, 0o700)  # makedirs' mode is filtered by the umask
+        try:
+            return ClusterKey.load(path)
+        except FileNotFoundError:
+            pass
+        tmp = f"{path}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)  # whatever the umask
+            os.write(fd, os.urandom(KEY_SIZE))
+            os.fsync(fd)
+            os.close(fd)
+            fd = -1
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass  # another process won the race: use its key
+        finally:
+            if fd >= 0:
+                os.close(fd)
+            os.unlink(tmp)
+        return ClusterKey.load(path)
+
+
+# --- frames --------------------------------------------------------------------
+
+def _mac(key: bytes, data: bytes) -> bytes:
+    return hmac.new(key, data, hashlib.sha256).digest()
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _is_uint(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < _U64
+
+
+def encode(msg_type: int, rid: int, sender: str, body: dict, key: bytes,
+           ts_ms: int | None = None) -> bytes:
+    try:
+        msg_type = MsgType(msg_type)
+    except ValueError:
+        raise MessageError("unknown_type", f"no message type {msg_type!r}") from None
+    ts_ms = _now_ms() if ts_ms is None else ts_ms
+    if not (_is_uint(rid) and _is_uint(ts_ms) and isinstance(sender, str) and isinstance(body, dict)):
+        raise MessageError("bad_body", "rid and ts must be ints in [0, 2**64), sender a str, body a dict")
+    try:
+        packed = msgpack.packb({"rid": rid, "from": sender, "body": body}, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise MessageError("bad_body", f"body cannot be packed: {e}") from None
+    frame = HEADER.pack(MAGIC, VERSION, msg_type, ts_ms) + packed
+    if len(frame) + MAC_SIZE > MAX_FRAME:
+        raise MessageError("oversized", f"{msg_type.name} frame would be {len(frame) + MAC_SIZE} bytes, "
+                                        f"limit is {MAX_FRAME}")
+    return frame + _mac(key, frame)
+
+
+def _no_ext(code, data):
+    raise ValueError("extension types are not allowed")
+
+
+def decode(data: bytes, key: bytes, now_ms: int | None = None) -> Message:
+    """Parse and authenticate a frame; raises only MessageError."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise MessageError("bad_body", "frame is not bytes")
+    data = bytes(data)
+    if len(data) > MAX_FRAME:
+        raise MessageError("oversized")
+    if len(data) < MIN_FRAME:
+        raise MessageError("truncated")
+    magic, version, type_no, ts = HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise MessageError("bad_magic")
+    if version != VERSION:
+        raise MessageError("bad_version", f"version {version}")
+    signed, mac = data[:-MAC_SIZE], data[-MAC_SIZE:]
+    if not hmac.compare_digest(mac, _mac(key, signed)):
+        raise MessageError("bad_mac")
+    now_ms = _now_ms() if now_ms is None else now_ms
+    if abs(ts - now_ms) > MAX_SKEW_MS:
+        raise MessageError("stale", f"timestamp {ts - now_ms:+d} ms from now")
+    try:
+        msg_type = MsgType(type_no)
+    except ValueError:
+        raise MessageError("unknown_type", f"type {type_no}") from None
+    try:
+        # strict_map_key=False: any body encode() can pack must decode back
+        obj = msgpack.unpackb(signed[HEADER.size:], raw=False, strict_map_key=False, ext_hook=_no_ext)
+    except Exception as e:  # msgpack raises many kinds (ExtraData, ValueError, UnicodeDecodeError...)
+        raise MessageError("bad_body", f"not msgpack: {type(e).__name__}") from None
+    if not (isinstance(obj, dict) and obj.keys() == {"rid", "from", "body"}
+            and _is_uint(obj["rid"]) and isinstance(obj["from"], str) and isinstance(obj["body"], dict)):
+        raise MessageError("bad_body", "not a {rid, from, body} map")
+    return Message(msg_type, obj["rid"], obj["from"], obj["body"], ts)
+
+
+# --- endpoint ------------------------------------------------------------------
+
+@dataclass
+class _Pending:
+    addr: Any
+    msg_type: MsgType
+    body: dict
+    on_reply: Callable[[Message], Any]
+    on_timeout: Callable[[int], Any] | None
+    timeout: float
+    retries: int
+    deadline: float
+    attempts: int = 1
+
+
+def _errname(e: OSError) -> str:
+    return errno.errorcode.get(e.errno, type(e).__name__) if e.errno else type(e).__name__
+
+
+class Endpoint:
+    """A non-blocking UDP socket speaking this protocol.
+
+    Counters: `rejected` (frames dropped by decode reason, plus
+    "unexpected_reply"), `counters` (sent, received, send/recv errors by
+    errno name, duplicate replies, request timeouts...).
+    """
+
+    RCVBUF = 1 << 20   # room for bursts of control messages; the kernel caps it at rmem_max
+    DONE_MEMORY = 1024  # completed rids remembered to tell duplicate replies from unexpected ones
+
+    def __init__(self, bind: tuple[str, int], key: bytes, sender: str):
+        """`bind`: (host, port) to listen on; port 0 picks a free one (see `address`)."""
+        host, port = bind
+        if not isinstance(key, bytes) or len(key) != KEY_SIZE:
+            raise ValueError(f"cluster key must be {KEY_SIZE} bytes")
+        self.key = key
+        self.sender = sender
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.RCVBUF)
+            self.sock.bind((host, port))
+            self.sock.setblocking(False)
+        except BaseException:
+            self.sock.close()
+            raise
+        self.rejected: collections.Counter = collections.Counter()
+        self.counters: collections.Counter = collections.Counter()
+        # random start: a restarted process on the same port won't match replies meant for its predecessor
+        self._next_rid = random.randrange(1, 1 << 31)
+        self._pending: dict[int, _Pending] = {}
+        self._done: collections.OrderedDict[int, None] = collections.OrderedDict()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.sock.getsockname()[:2]
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _new_rid(self) -> int:
+        rid = self._next_rid
+        self._next_rid = self._next_rid + 1 if self._next_rid < (1 << 63) else 1
+        return rid
+
+    def send(self, addr, msg_type: int, body: dict, rid: int | None = None) -> int:
+        """Send one message; returns its rid.  Encoding errors (a bug) raise
+        MessageError; socket errors are counted, never raised (UDP is lossy anyway)."""
+        if rid is None:
+            rid = self._new_rid()
+        frame = encode(msg_type, rid, self.sender, body, self.key)
+        try:
+            self.sock.sendto(frame, addr)
+            self.counters["sent"] += 1
+        except OSError as e:
+            self.counters[f"send_{_errname(e)}"] += 1
+        return rid
+
+    def receive(self, max_n: int = 64) -> list[tuple[Message, Any]]:
+        """Read up to `max_n` datagrams that are waiting; return the valid
+        messages with their source address.  Replies to our requests go to
+        their callbacks instead.  Never raises (callbacks' own errors excepted)."""
+        out = []
+        for _ in range(max_n):
+            try:
+                data, addr = self.sock.recvfrom(65535)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                # e.g. ECONNREFUSED reported for an earlier send: not about this read
+                self.counters[f"recv_{_errname(e)}"] += 1
+                if isinstance(e, ConnectionError):
+                    continue
+                break
+            try:
+                msg = decode(data, self.key)
+            except MessageError as e:
+                self.rejected[e.reason] += 1
+                continue
+            self.counters["received"] += 1
+            if msg.type == MsgType.REPLY:
+                self._route_reply(msg)
+            else:
+                out.append((msg, addr))
+        return out
+
+    def _route_reply(self, msg: Message) -> None:
+        p = self._pending.pop(msg.rid, None)
+        if p is None:
+            if msg.rid in self._done:
+                self.counters["duplicate_reply"] += 1  # a reply to a retry, or a late one
+            else:
+                self.rejected["unexpected_reply"] += 1
+            return
+        self._mark_done(msg.rid)
+        p.on_reply(msg)
+
+    def _mark_done(self, rid: int) -> None:
+        self._done[rid] = None
+        if len(self._done) > self.DONE_MEMORY:
+            self._done.popitem(last=False)
+
+    def request(self, addr, msg_type: int, body: dict, on_reply: Callable[[Message], Any],
+                timeout: float = 0.2, retries: int = 3,
+                on_timeout: Callable[[int], Any] | None = None) -> int:
+        """Send a request and track it: `receive()` hands its reply to
+        `on_reply(msg)`; `tick()` re-sends it (same rid) every `timeout`
+        seconds up to `retries` times, then calls `on_timeout(rid)`."""
+        rid = self.send(addr, msg_type, body)
+        self._pending[rid] = _Pending(addr, MsgType(msg_type), body, on_reply, on_timeout,
+                                      timeout, retries, time.monotonic() + timeout)
+        return rid
+
+    def tick(self, now: float | None = None) -> None:
+        """Re-send or expire requests whose timeout passed (`now`: time.monotonic())."""
+        now = time.monotonic() if now is None else now
+        for rid, p in list(self._pending.items()):
+            if now < p.deadline:
+                continue
+            if p.attempts <= p.retries:
+                p.attempts += 1
+                p.deadline = now + p.timeout
+                self.counters["resent"] += 1
+                self.send(p.addr, p.msg_type, p.body, rid=rid)  # fresh timestamp, same rid
+            else:
+                del self._pending[rid]
+                self._mark_done(rid)  # a reply arriving later is late, not unexpected
+                self.counters["request_timeout"] += 1
+                if p.on_timeout is not None:
+                    p.on_timeout(rid)
+
+    def next_timeout(self, now: float | None = None) -> float | None:
+        """Seconds until `tick()` has something to do (None: no request pending), for poll()."""
+        if not self._pending:
+            return None
+        now = time.monotonic() if now is None else now
+        return max(0.0, min(p.deadline for p in self._pending.values()) - now)
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def call(self, addr, msg_type: int, body: dict, timeout: float = 0.5, retries: int = 3) -> Message:
+        """Blocking request for CLIs and tests: the reply, or MessageTimeout.
+        Other messages arriving meanwhile are dropped (counted as "dropped_during_call")."""
+        result: dict[str, Any] = {}
+        self.request(addr, msg_type, body, on_reply=lambda m: result.setdefault("reply", m),
+                     timeout=timeout, retries=retries,
+                     on_timeout=lambda rid: result.setdefault("timeout", rid))
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        while not result:
+            wait = self.next_timeout()
+            poller.poll(0 if wait is None else int(wait * 1000) + 1)
+            for _ in self.receive():
+                self.counters["dropped_during_call"] += 1
+            if not result:
+                self.tick()
+        if "reply" in result:
+            return result["reply"]
+        raise MessageTimeout(
+            f"no reply from {_fmt_addr(addr)} to {MsgType(msg_type).name} after "
+            f"{retries + 1} attempts {timeout}s apart (is the process there, and does it "
+            f"use the same cluster key?)")
+
+
+def _fmt_addr(addr) -> str:
+    return f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) and len(addr) >= 2 else str(addr)
+
+
+def reply(endpoint: Endpoint, msg: Message, addr, body: dict) -> int:
+    """Answer `msg` (received from `addr`) with `body`, under its rid."""
+    msg_type, rid, body = msg.reply(body)
+    return endpoint.send(addr, msg_type, body, rid=rid)
