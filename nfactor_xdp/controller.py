@@ -85,6 +85,8 @@ class Controller:
             self._apply(op)
             self.log.done(seq)
         self.stats["replayed_ops"] = len(ops) + len(pending)
+        if ops or pending:
+            self.log.compact(self.snapshot())  # what was replayed becomes the new snapshot
         now = time.monotonic()
         for rt_id in self.view:
             # a grace period: runtimes kept running while we were away
