@@ -20,7 +20,7 @@ MAX_ERRORS_KEPT = 4
 class Actor:
     __slots__ = ("key", "proto", "orig_dir", "chain", "rule_id", "nfs", "states", "packets", "bytes",
                  "dropped", "nf_errors", "errors", "first_seen", "last_seen", "fin", "closed_at",
-                 "mailbox", "fast_keys")
+                 "mailbox", "fast_keys", "migration", "buffer")
 
     def __init__(self, key: bytes, orig_dir: int, now: float, chain: int = 0, nfs=(), rule_id: int = 0):
         self.key = key
@@ -41,6 +41,8 @@ class Actor:
         self.closed_at = 0.0           # when FIN both ways or RST was seen
         self.mailbox: deque = deque()
         self.fast_keys: list[bytes] = []  # the runtime's fast-path entries for this flow
+        self.migration = None             # migration.Outgoing while leaving, "in" while arriving
+        self.buffer = None                # frames held while arriving (until the state comes)
 
     def on_packet(self, frame, direction: int, l4: int, now: float) -> bool:
         """Process one frame of the flow; True forwards it, False drops it."""
@@ -97,6 +99,8 @@ class Actor:
             "last_seen": self.last_seen,
             "closed": bool(self.closed_at),
         }
+        if self.migration is not None:
+            out["migrating"] = "in" if self.migration == "in" else f"out to {self.migration.target}"
         if self.nf_errors:
             out["nf_errors"] = self.nf_errors
             out["errors"] = self.errors

@@ -113,6 +113,9 @@ class Node:
         self.controller: subprocess.Popen | None = None
         self.controller_restarts = 0
         self.controller_started = 0.0
+        self.switch_port = free_udp_port()
+        self.switch_agent: subprocess.Popen | None = None
+        self.switch_agent_restarts = 0
 
     # --- bring up ----------------------------------------------------------
     def up(self) -> None:
@@ -124,6 +127,7 @@ class Node:
         self.ep = Endpoint(("127.0.0.1", self.supervisor_port),
                            ClusterKey.load_or_create(nodeconf.cluster_key_path()), "supervisor")
         self._spawn_controller()
+        self._spawn_switch_agent()
         for rt in self.runtimes:
             self._spawn(rt)
         self._wait_ready(self.runtimes)
@@ -226,7 +230,8 @@ class Node:
                 "--id", str(rt.id), "--ifname", rt.port, "--core", str(rt.core),
                 "--idle-timeout", str(self.cfg.idle_timeout), "--batch", str(self.cfg.batch),
                 "--policy", nodeconf.policy_path(self.cfg.name),
-                "--controller", str(self.control_port), "--heartbeat", str(self.cfg.heartbeat)]
+                "--controller", str(self.control_port), "--heartbeat", str(self.cfg.heartbeat),
+                "--switch-agent", str(self.switch_port), "--max-migrations", str(self.cfg.max_migrations)]
         rt.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
         rt.state = "starting"
@@ -243,6 +248,13 @@ class Node:
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
         self.controller_started = time.monotonic()
+
+    def _spawn_switch_agent(self) -> None:
+        log = open(nodeconf.log_path(self.cfg.name, "switchagent"), "ab")
+        self.switch_agent = subprocess.Popen(
+            [sys.executable, "-m", "nfactor_xdp.switchagent", "--node", self.cfg.name, "--port", str(self.switch_port)],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        log.close()
 
     def _notify_controller(self, msg_type, body: dict) -> None:
         if self.ep:
@@ -292,6 +304,10 @@ class Node:
         if self.controller.poll() is not None and now - self.controller_started >= RESTART_BACKOFF / 5:
             self.controller_restarts += 1
             self._spawn_controller()
+            changed = True
+        if self.switch_agent.poll() is not None:
+            self.switch_agent_restarts += 1
+            self._spawn_switch_agent()
             changed = True
         for rt in self.runtimes:
             if rt.proc.poll() is None:
@@ -345,6 +361,8 @@ class Node:
         stop_processes([rt.proc.pid for rt in self.runtimes if rt.proc])
         if self.controller:
             stop_processes([self.controller.pid])
+        if self.switch_agent:
+            stop_processes([self.switch_agent.pid])
         for rt in self.runtimes:
             try:
                 self.maps.set_runtime_state(rt.id, L.C["NFX_RT_NONE"])
@@ -364,6 +382,9 @@ class Node:
             "control_port": self.control_port, "supervisor_port": self.supervisor_port,
             "controller": {"pid": self.controller.pid if self.controller else None,
                            "restarts": self.controller_restarts},
+            "switch_port": self.switch_port,
+            "switch_agent": {"pid": self.switch_agent.pid if self.switch_agent else None,
+                             "restarts": self.switch_agent_restarts},
             "updated": time.time(),
         })
 
@@ -430,9 +451,10 @@ def force_down(name: str) -> list[str]:
     state = nodeconf.read_state(name) or {}
     cfg = NodeConfig.from_dict(state.get("config", {"name": name}))
     pids = [r["pid"] for r in state.get("runtimes", []) if r.get("pid") and _pid_alive(r["pid"])]
-    ctl = (state.get("controller") or {}).get("pid")
-    if ctl and _pid_alive(ctl):
-        pids.append(ctl)
+    for service in ("controller", "switch_agent"):
+        pid = (state.get(service) or {}).get("pid")
+        if pid and _pid_alive(pid):
+            pids.append(pid)
     stop_processes(pids)
     return teardown(cfg)
 

@@ -83,6 +83,7 @@ class NodeConfig:
     scale_threshold: float = 0.8      # average runtime CPU load (0..1) that triggers scale-out
     scale_window: float = 2.0         # ... when it lasts this many seconds
     max_runtimes: int = 0             # scale-out limit (0: no scale-out)
+    max_migrations: int = 1000        # concurrent outgoing migrations per runtime (paper 5.3)
 
     def validate(self) -> "NodeConfig":
         if not _NAME_RE.match(self.name):

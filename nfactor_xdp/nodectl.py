@@ -49,6 +49,7 @@ def start(cfg: NodeConfig, timeout: float = START_TIMEOUT) -> dict:
         state = nodeconf.read_state(cfg.name) or {}
         pids = [r["pid"] for r in state.get("runtimes", []) if r.get("pid")]
         pids.append((state.get("controller") or {}).get("pid"))
+        pids.append((state.get("switch_agent") or {}).get("pid"))
         node_mod.stop_processes([p for p in pids if p and node_mod._pid_alive(p)])
     os.makedirs(cfg.run_dir, mode=0o700, exist_ok=True)
     logpath = nodeconf.log_path(cfg.name)
@@ -188,6 +189,32 @@ def flows(name: str, limit: int | None = None) -> dict:
         if limit and len(out) >= limit:
             break
     return {"node": name, "flows": out}
+
+
+def migrate(name: str, src: int, dst: int, *, count: int | None = None, keys: list[str] | None = None,
+            timeout: float = 120.0) -> dict:
+    """Migrate flows of runtime `src` to `dst` (all, `count` of them, or the
+    given keys) and wait until every migration has finished."""
+    args = {"to": dst}
+    if keys:
+        args["keys"] = keys
+    elif count is not None:
+        args["count"] = count
+    try:
+        started = rtctl.request(nodeconf.runtime_socket(name, src), "migrate", timeout=5.0, **args)
+    except rtctl.RtctlError as e:
+        raise NodeCtlError(f"runtime {src}: {e}") from None
+    deadline = time.monotonic() + timeout
+    report = started
+    while not report.get("done"):
+        if time.monotonic() > deadline:
+            raise NodeCtlError(f"migrations not finished after {timeout}s: {report}")
+        time.sleep(0.01)  # polling the source runtime with a deadline
+        try:
+            report = rtctl.request(nodeconf.runtime_socket(name, src), "migrate_status", batch=started["batch"])
+        except rtctl.RtctlError as e:
+            raise NodeCtlError(f"runtime {src}: {e}") from None
+    return report
 
 
 def get_policy(name: str) -> Policy:

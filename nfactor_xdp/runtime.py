@@ -19,6 +19,7 @@ from . import nodeconf, rtctl
 from .actor import Actor
 from .maps import NodeMaps
 from .messages import ClusterKey, Endpoint, Message, MsgType
+from .migration import Migrator
 from .packet import FLOW, Packet, classify
 from .rules import Policy, RuleError, load_policy
 from .xsk import XskSocket
@@ -31,7 +32,8 @@ CLOSE_LINGER = 2.0  # seconds an actor outlives its TCP close (last ACKs, retran
 class Runtime:
     def __init__(self, node: str, rt_id: int, ifname: str, core: int | None,
                  idle_timeout: float = 30.0, batch: int = 64, policy: Policy | None = None,
-                 controller: int | None = None, heartbeat: float = 0.1):
+                 controller: int | None = None, heartbeat: float = 0.1, switch_agent: int | None = None,
+                 max_migrations: int = 1000):
         self.node = node
         self.id = rt_id
         self.ifname = ifname
@@ -53,6 +55,8 @@ class Runtime:
         self.maps: NodeMaps | None = None
         self.ctl: rtctl.Server | None = None
         self.controller = ("127.0.0.1", controller) if controller else None
+        self.migrator = Migrator(self, ("127.0.0.1", switch_agent) if switch_agent else None, max_migrations)
+        self.last_migration_error = ""
         self.heartbeat = heartbeat
         self.ep: Endpoint | None = None
         self.registered = False
@@ -103,6 +107,10 @@ class Runtime:
                 pass
         elif msg.type == MsgType.REGISTER and msg.body.get("again") and self.registered:
             self.register()  # the controller lost us (e.g. restarted from an old log)
+        elif msg.type == MsgType.MIGRATE_CREATE:
+            self.migrator.on_create(msg, addr)
+        elif msg.type == MsgType.MIGRATE_STATE:
+            self.migrator.on_state(msg, addr)
 
     def load(self) -> dict:
         """CPU share of one core, memory, flows and packet rate since the last call."""
@@ -151,13 +159,34 @@ class Runtime:
             return False
         actor = self.flows.get(key)
         if actor is None:
+            if self.migrator.late_marker(frame):
+                return False
             actor = self.flows[key] = self.new_actor(frame, key, direction, l4)
+        if actor.migration is not None:
+            if actor.migration == "in":
+                self.migrator.buffer(actor, frame, direction, l4)  # until the state arrives
+                return False
+            if self.migrator.on_frame(actor, frame, l4):
+                return False  # the marker: consumed here
+            return actor.on_packet(frame, direction, l4, self.now)
         if l4 == 34 and frame[14] == 0x45:
             raw = frame[26:38].tobytes()
             if raw not in self.fast:
                 self.fast[raw] = (actor, direction)
                 actor.fast_keys.append(raw)
         return actor.on_packet(frame, direction, l4, self.now)
+
+    def drop_fast_path(self, actor: Actor) -> None:
+        for raw in actor.fast_keys:
+            self.fast.pop(raw, None)
+        actor.fast_keys = []
+
+    def transmit(self, frame) -> bool:
+        """Send a frame that is not in the UMEM (a replayed one)."""
+        if self.xsk.send_frame(frame):
+            return True
+        self.xsk.reclaim()
+        return self.xsk.send_frame(frame)
 
     def new_actor(self, frame, key: bytes, direction: int, l4: int) -> Actor:
         """A flow's first frame: find its chain (rules see the first frame's
@@ -214,6 +243,8 @@ class Runtime:
                 for msg, addr in ep.receive(64):
                     self.on_control(msg, addr)
                 ep.tick(self.now)
+                if self.migrator.out:
+                    self.migrator.tick(self.now)
                 if self.now >= next_heartbeat:
                     self.send_heartbeat()
                     next_heartbeat = self.now + self.heartbeat
@@ -248,6 +279,23 @@ class Runtime:
                 actors = actors[:limit]
             return {"ok": True, "id": self.id, "flows": [a.summary(detail=bool(req.get("detail", True)))
                                                           for a in actors]}
+        if op == "migrate":
+            keys = list(self.flows)
+            if req.get("keys"):
+                keys = [bytes.fromhex(k) for k in req["keys"]]
+            elif isinstance(req.get("count"), int):
+                keys = keys[:max(0, req["count"])]
+            keys = [k for k in keys if self.flows.get(k) is not None and self.flows[k].migration is None]
+            try:
+                b = self.migrator.start_batch(int(req["to"]), keys)
+            except (ValueError, KeyError, TypeError) as e:
+                return {"ok": False, "error": str(e)}
+            return {"ok": True, **b.report()}
+        if op == "migrate_status":
+            b = self.migrator.batches.get(req.get("batch"))
+            if b is None:
+                return {"ok": False, "error": "no such migration batch"}
+            return {"ok": True, **b.report(), "last_error": self.last_migration_error}
         if op == "set_policy":
             try:
                 policy = Policy.from_dict(req.get("policy"))
@@ -271,6 +319,7 @@ class Runtime:
             "xsk": self.xsk.statistics(), "query_errors": self.ctl.errors,
             "policy_version": self.policy_version, "rules": len(self.policy.rules),
             "registered": self.registered, "view_version": self.view.get("version"),
+            "migration": {**self.migrator.stats, "in_progress": len(self.migrator.out)},
             "control_rejected": dict(self.ep.rejected) if self.ep else {},
             "nf_errors": sum(a.nf_errors for a in self.flows.values()),
         }
@@ -287,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--policy", help="policy file (service chain rules, NF config)")
     ap.add_argument("--controller", type=int, help="the controller's UDP port on 127.0.0.1")
     ap.add_argument("--heartbeat", type=float, default=0.1)
+    ap.add_argument("--switch-agent", type=int, help="the switch agent's UDP port on 127.0.0.1")
+    ap.add_argument("--max-migrations", type=int, default=1000, help="concurrent outgoing migrations")
     a = ap.parse_args(argv)
     policy = None
     if a.policy and os.path.exists(a.policy):
@@ -294,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
             policy = load_policy(a.policy)
         except RuleError as e:
             print(f"runtime {a.id}: bad policy, starting with none: {e}", file=sys.stderr, flush=True)
-    rt = Runtime(a.node, a.id, a.ifname, a.core, a.idle_timeout, a.batch, policy, a.controller, a.heartbeat)
+    rt = Runtime(a.node, a.id, a.ifname, a.core, a.idle_timeout, a.batch, policy, a.controller, a.heartbeat,
+                 a.switch_agent, a.max_migrations)
 
     def on_signal(signum, frame):
         rt.stopping = True

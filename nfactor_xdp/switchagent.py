@@ -1,0 +1,373 @@
+"""The switch agent: moves a flow from one runtime to another for flow
+migration (paper section 5) and injects the migration marker.
+
+    python -m nfactor_xdp.switchagent --node NAME --port P
+
+It runs in the node's network namespace.  The source runtime S asks it to
+move a flow to the target T (MIGRATE_MOVE).  The agent
+
+1. rewrites the flow's entry in the pinned `flows` map: new frames go to T;
+2. waits for a grace period, so every frame of the flow the XDP switch looked
+   up *before* the update has reached S's port;
+3. sends the marker frame S gave it (the flow's own headers, payload
+   `marker_payload(nonce)`) into S's path, behind all of those frames.
+S forwards nothing of the flow after the marker; T buffers meanwhile.
+
+Why the marker is behind every old frame, by construction:
+- The switch redirects S's frames to `sw-rtS` through a devmap.  A NAPI poll
+  queues its redirects and flushes them into the peer `rtS`'s receive ring at
+  its end, all inside an RCU read-side section (BH disabled).
+- `membarrier(MEMBARRIER_CMD_GLOBAL)` runs `synchronize_rcu()`: it returns
+  only after every NAPI poll running at the time of the map update finished,
+  so its frames are in the ring.  (With one online CPU the kernel skips it:
+  no poll can be half done while this process runs.)
+- The marker is then sent with an AF_PACKET socket on `sw-rtS`.  `veth_xmit`
+  puts it into the same ring: every veth of the node has one queue, and
+  because `rtS` has an XDP program (NAPI), veth turns TSO off on `sw-rtS`,
+  which makes veth_xmit use the NAPI ring rather than the backlog.  The
+  AF_XDP socket of S reads that ring in order.
+
+Moves waiting together are batched: all map updates, one grace period (about
+8 ms on the test machine), then all markers, then the replies.  A repeated
+request is idempotent (re-applied, marker re-sent): that is how a runtime
+re-sends a lost marker.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import ctypes
+import ctypes.util
+import errno
+import os
+import platform
+import select
+import signal
+import socket
+import struct
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+
+from . import layouts as L
+from . import nodeconf, packet
+from .bpfsys import BPF_EXIST, BpfError
+from .maps import NodeMaps
+from .messages import ClusterKey, Endpoint, Message, MsgType, reply
+
+MARKER_MAGIC = 0x4E46414D524B5200  # "NFAMRK\0" + 0
+_MARKER = struct.Struct("!QQ")
+MARKER_SIZE = _MARKER.size
+MAX_MARKER_FRAME = 1514             # Ethernet frame without FCS
+MAX_RUNTIMES = L.C["NFX_MAX_RUNTIMES"]
+MAX_BATCH = 1024                    # moves per grace period, bounds a reply's wait
+
+_SYS_MEMBARRIER = {"x86_64": 324, "aarch64": 283}
+MEMBARRIER_CMD_QUERY = 0
+MEMBARRIER_CMD_GLOBAL = 1
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def marker_payload(nonce: int) -> bytes:
+    """The 16-byte payload of a marker frame."""
+    return _MARKER.pack(MARKER_MAGIC, nonce)
+
+
+def is_marker(payload_bytes, nonce: int) -> bool:
+    """True if an L4 payload is exactly the marker for `nonce`."""
+    return bytes(payload_bytes) == marker_payload(nonce)
+
+
+# --- grace period ----------------------------------------------------------------
+
+class GracePeriodError(RuntimeError):
+    pass
+
+
+def _membarrier(cmd: int) -> int:
+    nr = _SYS_MEMBARRIER.get(platform.machine())
+    if nr is None:
+        raise GracePeriodError(f"membarrier: syscall number unknown on {platform.machine()}")
+    ret = _libc.syscall(ctypes.c_long(nr), ctypes.c_int(cmd), ctypes.c_uint(0), ctypes.c_int(0))
+    if ret < 0:
+        err = ctypes.get_errno()
+        if err == errno.EINVAL:
+            why = "the kernel refuses it (EINVAL: nohz_full CPUs, or the command is unknown)"
+        elif err == errno.ENOSYS:
+            why = "no membarrier syscall (kernel built without CONFIG_MEMBARRIER)"
+        else:
+            why = os.strerror(err)
+        raise GracePeriodError(f"membarrier(cmd={cmd}): {why}; without it migration markers "
+                               f"cannot be ordered behind the flow's frames")
+    return ret
+
+
+def check_grace_period() -> None:
+    """Fail early (and cheaply) if this kernel has no MEMBARRIER_CMD_GLOBAL."""
+    if not _membarrier(MEMBARRIER_CMD_QUERY) & MEMBARRIER_CMD_GLOBAL:
+        raise GracePeriodError("the kernel does not offer MEMBARRIER_CMD_GLOBAL "
+                               "(nohz_full CPUs?); migration markers cannot be ordered")
+
+
+def grace_period() -> float:
+    """Wait until every NAPI poll running now has finished (synchronize_rcu()
+    through membarrier); returns the seconds it took."""
+    t0 = time.perf_counter()
+    _membarrier(MEMBARRIER_CMD_GLOBAL)
+    return time.perf_counter() - t0
+
+
+# --- marker injection --------------------------------------------------------------
+
+class MarkerInjector:
+    """Sends frames out of a switch-side port with one AF_PACKET socket per
+    interface, opened on first use and reopened when a send fails (the
+    interface was re-created: the old socket is bound to a dead ifindex)."""
+
+    SEND_TIMEOUT = 0.1  # a full ring must not stall the agent for long
+
+    def __init__(self):
+        self.socks: dict[str, socket.socket] = {}
+        self.reopens = 0
+
+    def _open(self, ifname: str) -> socket.socket:
+        # protocol 0: the socket only sends, so it never queues received frames
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+        try:
+            s.settimeout(self.SEND_TIMEOUT)
+            s.bind((ifname, 0))
+        except BaseException:
+            s.close()
+            raise
+        return s
+
+    def send(self, ifname: str, frame: bytes) -> None:
+        """Send `frame` on `ifname`; raises OSError if it cannot be sent."""
+        for attempt in range(2):
+            try:
+                s = self.socks.get(ifname)
+                if s is None:
+                    s = self.socks[ifname] = self._open(ifname)
+                s.send(frame)
+                return
+            except OSError:
+                self.drop(ifname)
+                if attempt:
+                    raise
+                self.reopens += 1
+
+    def drop(self, ifname: str) -> None:
+        s = self.socks.pop(ifname, None)
+        if s is not None:
+            s.close()
+
+    def close(self) -> None:
+        for ifname in list(self.socks):
+            self.drop(ifname)
+
+
+# --- requests ----------------------------------------------------------------------
+
+class MoveError(ValueError):
+    """A request refused; `reason` names the counter it goes to."""
+
+    def __init__(self, reason: str, message: str):
+        self.reason = reason
+        super().__init__(message)
+
+
+@dataclass
+class Move:
+    key: bytes
+    to: int
+    src: int
+    marker: bytes | None
+
+
+def _runtime_id(body: dict, name: str) -> int:
+    v = body.get(name)
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < MAX_RUNTIMES:
+        raise MoveError("bad_runtime", f"{name!r} must be a runtime id 0..{MAX_RUNTIMES - 1}, not {v!r}")
+    return v
+
+
+def parse_move(body: dict) -> Move:
+    """Validate a MIGRATE_MOVE body; raises MoveError."""
+    try:
+        key = bytes.fromhex(body["key"])
+    except (KeyError, TypeError, ValueError):
+        raise MoveError("bad_request", "'key' must be the hex of a canonical flow key") from None
+    if len(key) != packet.KEY_SIZE:
+        raise MoveError("bad_request", f"'key' has {len(key)} bytes, expected {packet.KEY_SIZE}")
+    to, src = _runtime_id(body, "to"), _runtime_id(body, "from")
+    marker = body.get("marker")
+    if marker is not None:
+        try:
+            marker = bytes.fromhex(marker)
+        except (TypeError, ValueError):
+            raise MoveError("bad_marker", "'marker' must be the hex of a frame, or None") from None
+        if len(marker) > MAX_MARKER_FRAME:
+            raise MoveError("bad_marker", f"marker frame has {len(marker)} bytes, limit {MAX_MARKER_FRAME}")
+        kind, mkey, _, _ = packet.classify(marker)
+        # only a frame of this very flow may be injected into the runtime's path
+        if kind != packet.FLOW or mkey != key:
+            raise MoveError("bad_marker", "marker frame is not a frame of this flow")
+    return Move(key, to, src, marker)
+
+
+# --- the agent ----------------------------------------------------------------------
+
+class SwitchAgent:
+    def __init__(self, node: str, port: int, key: bytes | None = None, host: str = "127.0.0.1"):
+        self.node = node
+        self.maps = NodeMaps(node)
+        self.flows = self.maps["flows"]  # opened now: fail at start if the node has no pins
+        if key is None:
+            key = ClusterKey.load_or_create(nodeconf.cluster_key_path())
+        self.ep = Endpoint((host, port), key, "switch")
+        self.injector = MarkerInjector()
+        self.stats = collections.Counter({n: 0 for n in (
+            "moves", "batches", "markers_sent", "marker_errors", "membarriers",
+            "membarrier_us_total", "membarrier_us_max", "grace_errors", "internal_errors")})
+        self.rejected: collections.Counter = collections.Counter()
+        self.stopping = False
+
+    def apply(self, mv: Move) -> None:
+        """Point the flow's entry at mv.to, keeping its other fields."""
+        k = L.FlowKey.from_buffer_copy(mv.key)
+        try:
+            cur = self.flows.get(k)
+            if cur is None:
+                raise MoveError("no_such_flow", "no such flow")
+            cur.runtime = mv.to
+            # BPF_EXIST: never re-create an entry the switch evicted meanwhile
+            self.flows.set(k, cur, BPF_EXIST)
+        except BpfError as e:
+            if e.errno == errno.ENOENT:
+                raise MoveError("no_such_flow", "no such flow") from None
+            raise MoveError("map_error", f"flow table update failed: {e}") from None
+
+    def move_batch(self, requests: list[tuple[Message, object]]) -> None:
+        """Map updates for all, one grace period, all markers, then the replies."""
+        moved = []
+        for msg, addr in requests:
+            try:
+                mv = parse_move(msg.body)
+                self.apply(mv)
+            except MoveError as e:
+                self.rejected[e.reason] += 1
+                reply(self.ep, msg, addr, {"ok": False, "error": str(e)})
+                continue
+            moved.append((msg, addr, mv))
+        if not moved:
+            return
+        self.stats["moves"] += len(moved)
+        try:
+            us = round(grace_period() * 1e6)
+        except GracePeriodError as e:
+            # moved, but no marker may go out unordered: the runtime retries
+            self.stats["grace_errors"] += 1
+            for msg, addr, _ in moved:
+                reply(self.ep, msg, addr, {"ok": False, "error": str(e), "moved": True})
+            return
+        self.stats["batches"] += 1
+        self.stats["membarriers"] += 1
+        self.stats["membarrier_us_total"] += us
+        self.stats["membarrier_us_max"] = max(self.stats["membarrier_us_max"], us)
+        answers = []
+        for msg, addr, mv in moved:
+            body = {"ok": True, "grace_us": us, "batch": len(moved)}
+            if mv.marker is not None:
+                ifname = nodeconf.runtime_ports(mv.src)[0]
+                try:
+                    self.injector.send(ifname, mv.marker)
+                    self.stats["markers_sent"] += 1
+                except OSError as e:
+                    self.stats["marker_errors"] += 1
+                    # the flow did move; re-sending the same request re-sends the marker
+                    body = {"ok": False, "moved": True, "grace_us": us, "batch": len(moved),
+                            "error": f"marker not sent on {ifname}: {e.strerror or e}"}
+            answers.append((msg, addr, body))
+        for msg, addr, body in answers:
+            reply(self.ep, msg, addr, body)
+
+    def status(self) -> dict:
+        return {"ok": True, "node": self.node, "pid": os.getpid(), "stats": dict(self.stats),
+                "marker_socket_reopens": self.injector.reopens, "rejected": dict(self.rejected),
+                "endpoint": {"rejected": dict(self.ep.rejected), "counters": dict(self.ep.counters)}}
+
+    def on_message(self, msg: Message, addr) -> None:
+        if msg.type == MsgType.STATUS:
+            reply(self.ep, msg, addr, self.status())
+        elif msg.type == MsgType.PING:
+            reply(self.ep, msg, addr, {"ok": True})
+        else:
+            self.rejected["unexpected_type"] += 1
+            reply(self.ep, msg, addr, {"ok": False, "error": f"the switch agent does not handle {msg.type.name}"})
+
+    def serve_once(self) -> int:
+        """Handle every message waiting, the moves as one batch; returns how many moves."""
+        moves = []
+        while len(moves) < MAX_BATCH:
+            got = self.ep.receive(256)
+            if not got:
+                break
+            for msg, addr in got:
+                if msg.type == MsgType.MIGRATE_MOVE:
+                    moves.append((msg, addr))
+                else:
+                    self.on_message(msg, addr)
+        if moves:
+            self.move_batch(moves)
+        return len(moves)
+
+    def run(self, tick: float = 0.1) -> None:
+        poller = select.poll()
+        poller.register(self.ep.fileno(), select.POLLIN)
+        while not self.stopping:
+            poller.poll(int(tick * 1000))
+            try:
+                self.serve_once()
+            except Exception:
+                # a bug must not take migration down for the whole node
+                self.stats["internal_errors"] += 1
+                traceback.print_exc()
+
+    def close(self) -> None:
+        self.injector.close()
+        self.ep.close()
+        self.maps.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="nfactor-switchagent", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--node", required=True)
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--key", default=None, help="cluster key file (default: the node's)")
+    a = ap.parse_args(argv)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])  # the parent may have blocked them
+    try:
+        check_grace_period()
+    except GracePeriodError as e:
+        print(f"switchagent {a.node}: {e}", file=sys.stderr, flush=True)
+        return 1
+    key = ClusterKey.load_or_create(a.key) if a.key else None
+    agent = SwitchAgent(a.node, a.port, key)
+
+    def on_signal(signum, frame):
+        agent.stopping = True
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        print(f"switchagent {a.node}: up on 127.0.0.1:{a.port}", flush=True)
+        agent.run()
+    finally:
+        agent.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
