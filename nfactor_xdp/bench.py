@@ -6,6 +6,9 @@ in the same run (machines here are noisy: compare ratios).
   chains    zero-loss rate per service chain (each NF alone, the three
             together) with 1 and 2 runtimes, found by a binary search over
             the offered rate (paper Fig. 6a)
+  migration every flow of runtime 0 migrated to runtime 1 under live traffic,
+            per flow count and per-flow rate, and per cap on concurrent
+            migrations (paper Fig. 7-8)
 
 Load: an XDP program on the source host's eth0, run with BPF_PROG_TEST_RUN in
 live-frames mode (XDP_TX) on CPU 0, rotating the source port over N flows;
@@ -254,11 +257,12 @@ class Bench:
             pass
         return {"cpus": os.cpu_count(), "kernel": platform.release(), "cpu": cpu}
 
-    def node_up(self, runtimes: int, bypass: bool = False) -> None:
+    def node_up(self, runtimes: int, bypass: bool = False, max_migrations: int | None = None) -> None:
         nodectl.stop(self.name)
         cores = [1] if runtimes == 1 else []  # one runtime: keep it off the generator's CPU
+        extra = {} if max_migrations is None else {"max_migrations": max_migrations}
         cfg = NodeConfig(name=self.name, netns=self.show["namespaces"]["node"], runtimes=runtimes, cores=cores,
-                         batch=self.batch)
+                         batch=self.batch, **extra)
         nodectl.put_policy(self.name, Policy())
         state = nodectl.start(cfg)
         self.pids = [r["pid"] for r in state["runtimes"]]
@@ -363,6 +367,190 @@ def run_chain_bench(counts: list[int], trial: float = 1.0, steps: int = 7, flows
                          runtimes=n, chain=chain,
                          ratio_to_ceiling=m["zero_loss_mpps"] / ceiling["zero_loss_mpps"])
                 result["measurements"].append(m)
+        return result
+    finally:
+        b.close()
+
+
+
+# --- migration (paper Fig. 7-8) ------------------------------------------------------
+
+MIGRATION_PAPER_US = 636        # the paper's average per-flow migration time
+MIGRATION_MAX_OFFERED = 150_000  # frames/s two runtimes carry here with flow_monitor (measured in the run)
+_POLL = 0.02                    # polling interval while waiting for flows / policy (always with a deadline)
+
+
+def _rt_status(name: str, rt_id: int) -> dict:
+    return nodectl.runtime_query(name, rt_id, "status", timeout=1.0) or {}
+
+
+def _switch_agent_stats(name: str) -> dict:
+    """The switch agent's STATUS counters (moves, batches, membarrier_us_*)."""
+    from .messages import MsgType
+    try:
+        return dict(nodectl.control_call(name, "switch", MsgType.STATUS, {}, timeout=0.5).get("stats") or {})
+    except nodectl.NodeCtlError as e:
+        return {"error": str(e)}
+
+
+def _migration_node(b: Bench, chain: list[str], max_migrations: int | None = None, timeout: float = 10.0) -> None:
+    """A fresh 2-runtime node (no flows of earlier trials), `chain` in force on both
+    runtimes and runtime 1 running in runtime 0's view (a migration target)."""
+    b.node_up(2, max_migrations=max_migrations)
+    before = [_rt_status(b.name, i).get("policy_version") or 0 for i in (0, 1)]
+    b.set_chain(chain)
+    deadline = time.monotonic() + timeout
+    while True:
+        sts = [_rt_status(b.name, i) for i in (0, 1)]
+        if all((st.get("policy_version") or 0) > v and st.get("registered") for st, v in zip(sts, before)):
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"runtimes did not take the policy within {timeout}s: {sts}")
+        time.sleep(_POLL)
+
+
+def _migration_trial(b: Bench, flows: int, rate: float, budget: float, tail: float = 0.5,
+                     fill_timeout: float = 10.0) -> dict:
+    """Traffic on `flows` new UDP flows at `rate` frames/s each; once every flow has
+    its actor, migrate all flows of runtime 0 to runtime 1 while the traffic goes
+    on.  The generator runs for the fill time + `budget` + `tail` seconds (it
+    cannot be stopped early)."""
+    import threading
+    base = b.base
+    b.base += flows  # fresh source ports: new flows
+    frame = _frame(b.show, b.size, False)
+    fill = 1.0 / rate  # one turn of the source-port rotation: every flow has sent once
+    seconds = round(fill + 0.3 + budget + tail, 2)
+    box: dict = {}
+
+    def run_gen():
+        try:
+            box["gen"] = b.gen.run(frame, rate=flows * rate, seconds=seconds, base=base, flows=flows, tcp=False)
+        except Exception as e:  # reported with the trial
+            box["error"] = repr(e)
+
+    c0 = b.sink.count()
+    t0 = time.monotonic()
+    th = threading.Thread(target=run_gen, name="bench-generator", daemon=True)
+    th.start()
+    out = {"flows": flows, "rate_per_flow_pps": rate, "offered_pps": flows * rate, "generator_seconds": seconds,
+           "source_ports": [base, base + flows - 1]}
+    try:
+        deadline = t0 + fill + fill_timeout
+        while True:
+            actors = [_rt_status(b.name, i).get("flows") or 0 for i in (0, 1)]
+            if sum(actors) >= flows or time.monotonic() > deadline or not th.is_alive():
+                break
+            time.sleep(_POLL)
+        with NodeMaps(b.name) as maps:
+            out["switch_flows"] = sum(1 for _ in maps["flows"].keys())
+        t_ready = time.monotonic()
+        out.update(fill_seconds=round(t_ready - t0, 3), actors_before=actors, on_source=actors[0])
+        if sum(actors) < flows:
+            raise RuntimeError(f"only {sum(actors)} of {flows} flows reached the runtimes in {t_ready - t0:.1f}s")
+        sa0 = _switch_agent_stats(b.name)
+        s_start = b.sink.count()
+        report = nodectl.migrate(b.name, 0, 1, timeout=max(60.0, budget * 10))
+        t_done = time.monotonic()
+        s_done = b.sink.count()
+        sa1 = _switch_agent_stats(b.name)
+    finally:
+        th.join(seconds + 30)
+    got = b.sink.settle() - c0
+    if "error" in box:
+        raise RuntimeError(f"generator: {box['error']}")
+    g = box["gen"]
+    sts = [_rt_status(b.name, i) for i in (0, 1)]
+    window = t_done - t_ready
+    sa = {k: sa1.get(k, 0) - sa0.get(k, 0) for k in ("moves", "batches", "membarriers", "membarrier_us_total",
+                                                     "markers_sent", "marker_errors", "grace_errors")}
+    grace_us = sa["membarrier_us_total"] / sa["membarriers"] if sa["membarriers"] else 0.0
+    mig = {k: sum((st.get("migration") or {}).get(k, 0) for st in sts)
+           for k in ("marker_resends", "late_markers", "buffer_overflow", "replayed", "replay_tx_fail",
+                     "after_marker", "in_refused")}
+    out.update({
+        "migrated": report["succeeded"], "failed": report["failed"], "retried": report["retried"],
+        "total": report["total"], "seconds": report["seconds"], "avg_flow_us": report["avg_flow_us"],
+        "flows_per_second": round(report["succeeded"] / report["seconds"], 1) if report["seconds"] else None,
+        "last_error": report.get("last_error") or None,
+        "traffic_throughout": window + (t_ready - t0) < g["seconds"],  # the generator outlasted the migration
+        "offered": g["sent"], "forwarded": got, "lost": g["sent"] - got, "sink_lost_frames": g["sent"] != got,
+        "offered_pps_measured": round(g["sent"] / g["seconds"], 1),
+        "sink_pps_during_migration": round((s_done - s_start) / window, 1) if window > 0 else None,
+        "actors_after": [st.get("flows") for st in sts],
+        "switch_agent": {**sa, "grace_us_avg": round(grace_us, 1), "grace_us_max": sa1.get("membarrier_us_max"),
+                         "moves_per_grace": round(sa["moves"] / sa["membarriers"], 1) if sa["membarriers"] else None,
+                         "grace_share_of_batch": round(sa["membarrier_us_total"] / 1e6 / report["seconds"], 3)
+                         if report["seconds"] else None},
+        "runtime_migration": mig,
+        "xsk_rx_dropped": sum(((st.get("xsk") or {}).get("rx_dropped") or 0) for st in sts),
+    })
+    out.update(b.status())
+    return out
+
+
+def run_migration_bench(flow_counts=(100, 1000, 10000), rates=(10, 50, 100), caps=(100, 500, 1000, 2000),
+                        cap_flows: int = 2000, cap_rate: float = 10.0, max_offered_pps: float | None = None,
+                        tail: float = 0.5, ceiling_seconds: float = 2.0, name: str = "bench") -> dict:
+    """Flow migration under live traffic (paper Fig. 7-8): every flow of runtime 0
+    migrated to runtime 1, (1) per flow count and per-flow rate, (2) per cap on
+    concurrent migrations.  Each trial has a fresh node, so runtime 0 holds about
+    half of that trial's flows and nothing else."""
+    t_start = time.monotonic()
+    b = Bench(name)
+    try:
+        result = {"benchmark": "migration", "machine": b.machine(),
+                  "load": {"mode": "UDP, XDP live frames, paced, source port rotating over the trial's flows",
+                           "frame_bytes": len(_frame(b.show, b.size, False)), "generator_cpu": GEN_CPU,
+                           "chain": ["flow_monitor"], "runtimes": 2,
+                           "what": "a fresh node per trial; once every flow has its actor, nfactorctl migrate "
+                                   "--from 0 --to 1 --all while the traffic goes on; seconds: the whole batch, "
+                                   "avg_flow_us: each flow's migration from its start to its completion "
+                                   "(queueing behind the concurrency cap excluded)",
+                           "tail_s": tail},
+                  "paper_reference": {"avg_per_flow_us": MIGRATION_PAPER_US}}
+        # context: the XDP-only ceiling and what two runtimes carry with flow_monitor
+        ctx = []
+        b.node_up(1, bypass=True)
+        ceiling = b.trial(0, ceiling_seconds, tcp=False)
+        ceiling.update(label="xdp-ceiling (bypass)", runtimes=0, ratio_to_ceiling=1.0)
+        ctx.append(ceiling)
+        _migration_node(b, ["flow_monitor"])
+        carry = b.trial(0, ceiling_seconds, tcp=False)
+        carry.update(b.status(), label="2 runtimes: flow_monitor", runtimes=2,
+                     ratio_to_ceiling=carry["forwarded_mpps"] / ceiling["forwarded_mpps"])
+        ctx.append(carry)
+        measured = carry["forwarded"] / carry["seconds"]
+        limit = max_offered_pps if max_offered_pps is not None else min(MIGRATION_MAX_OFFERED, measured)
+        result["context"] = ctx
+        result["offered_limit_pps"] = {"limit": round(limit), "measured_2_runtimes_pps": round(measured),
+                                       "nominal": MIGRATION_MAX_OFFERED, "given": max_offered_pps}
+
+        def budget(n):  # seconds of traffic left for the migration itself (generous: ~2 ms per migrating flow)
+            return 1.0 + n / 2 * 0.002
+
+        def one(label, n, rate, cap=None):
+            m = {"label": label, "flows": n, "rate_per_flow_pps": rate, "offered_pps": n * rate,
+                 "max_migrations": cap if cap is not None else NodeConfig.max_migrations}
+            if n * rate > limit:
+                m.update(skipped=True, reason=f"offered {n * rate:.0f} frames/s exceeds what 2 runtimes carry "
+                                              f"here ({limit:.0f}/s)")
+                return m
+            try:
+                _migration_node(b, ["flow_monitor"], max_migrations=cap)
+                m.update(_migration_trial(b, n, rate, budget(n), tail=tail), skipped=False)
+            except (nodectl.NodeCtlError, RuntimeError) as e:
+                m.update(skipped=False, error=str(e))
+            return m
+
+        result["fig7_flows_rates"] = [one(f"{n} flows x {r} pps", n, r) for n in flow_counts for r in rates]
+        n2 = cap_flows
+        if n2 * cap_rate > limit:
+            n2 = int(limit // cap_rate)
+        result["fig8_caps"] = {"flows": n2, "rate_per_flow_pps": cap_rate, "asked_flows": cap_flows,
+                               "measurements": [one(f"{n2} flows, cap {c}", n2, cap_rate, cap=c) for c in caps]}
+        result["run"] = {"flow_counts": list(flow_counts), "rates": list(rates), "caps": list(caps),
+                         "seconds": round(time.monotonic() - t_start, 1)}
         return result
     finally:
         b.close()

@@ -508,5 +508,55 @@ def bench_chains(runtimes, trial, steps, output):
                        f"(max forwarded {m['max_forwarded_mpps']:.3f})")
 
 
+
+@bench.command("migration")
+@click.option("--flows", "flow_counts", default="100,1000,10000", show_default=True,
+              help="Flow counts (Fig. 7), comma-separated.")
+@click.option("--rates", default="10,50,100", show_default=True, help="Packets/s per flow (Fig. 7), comma-separated.")
+@click.option("--caps", default="100,500,1000,2000", show_default=True,
+              help="Caps on concurrent migrations per runtime (Fig. 8), comma-separated.")
+@click.option("--cap-flows", default=2000, show_default=True, help="Flows for the cap measurements (at 10 pps each).")
+@click.option("--max-offered", type=float, default=None,
+              help="Skip trials offering more frames/s than this (default: what 2 runtimes carry, measured, "
+                   "at most 150000).")
+@click.option("--output", "-o", default="bench-migration.json", show_default=True,
+              help="JSON output file ('-' for stdout).")
+def bench_migration(flow_counts, rates, caps, cap_flows, max_offered, output):
+    """Migrate every flow of runtime 0 to runtime 1 under live traffic: time per flow and
+    per batch by flow count and rate, and by concurrency cap (paper Fig. 7-8)."""
+    from .bench import run_migration_bench
+
+    def ints(value, what):
+        try:
+            return [int(x) for x in value.split(",") if x.strip()]
+        except ValueError:
+            raise click.BadParameter("a comma-separated list of integers", param_hint=what) from None
+    result = run_migration_bench(flow_counts=ints(flow_counts, "--flows"), rates=ints(rates, "--rates"),
+                                 caps=ints(caps, "--caps"), cap_flows=cap_flows, max_offered_pps=max_offered)
+    text = json.dumps(result, indent=2)
+    if output == "-":
+        click.echo(text)
+        return
+    with open(output, "w") as f:
+        f.write(text + "\n")
+    click.echo(f"wrote {output}")
+    for m in result["context"]:
+        click.echo(f"  {m['label']:<26} {m['forwarded_mpps']:.3f} Mpps forwarded "
+                   f"({m['ratio_to_ceiling']:.1%} of ceiling)")
+    click.echo(f"  {'trial':<26} {'migrated':>8} {'failed':>6} {'retried':>7} {'batch ms':>9} {'us/flow':>8} "
+               f"{'grace ms':>8} {'graces':>6} {'lost':>6}")
+    for m in result["fig7_flows_rates"] + result["fig8_caps"]["measurements"]:
+        if m.get("skipped"):
+            click.echo(f"  {m['label']:<26} skipped: {m['reason']}")
+        elif m.get("error"):
+            click.echo(f"  {m['label']:<26} error: {m['error']}")
+        else:
+            sa = m["switch_agent"]
+            click.echo(f"  {m['label']:<26} {m['migrated']:>8} {m['failed']:>6} {m['retried']:>7} "
+                       f"{m['seconds'] * 1000:>9.1f} {m['avg_flow_us']:>8.0f} {sa['grace_us_avg'] / 1000:>8.1f} "
+                       f"{sa['membarriers']:>6} {m['lost']:>6}")
+    click.echo(f"  paper: {result['paper_reference']['avg_per_flow_us']} us per flow")
+
+
 if __name__ == "__main__":
     main()

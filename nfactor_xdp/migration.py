@@ -101,6 +101,8 @@ class Migrator:
         self.batches: dict[int, Batch] = {}
         self.next_batch = 1
         self.recent: dict[bytes, float] = {}  # marker payloads of finished migrations -> expiry
+        # failure injection for tests: lose the next N replies of a step / ignore N creates
+        self.faults = {"drop_reply_create": 0, "drop_reply_move": 0, "drop_reply_state": 0, "ignore_create": 0}
         self.stats = {"late_markers": 0, "out_started": 0, "out_succeeded": 0, "out_failed": 0, "marker_resends": 0,
                       "in_created": 0, "in_completed": 0, "in_refused": 0, "replayed": 0,
                       "replay_tx_fail": 0, "buffer_overflow": 0, "after_marker": 0}
@@ -151,7 +153,27 @@ class Migrator:
                            lambda msg, m=m: self._created(m, msg), timeout=0.2, retries=3,
                            on_timeout=lambda rid, m=m: self._fail(m, "target did not answer create"))
 
+    def _lost(self, fault: str) -> bool:
+        if self.faults.get(fault, 0) > 0:
+            self.faults[fault] -= 1
+            self.stats["injected_faults"] = self.stats.get("injected_faults", 0) + 1
+            return True
+        return False
+
+    def _current(self, m: Outgoing) -> bool:
+        return self.out.get(m.key) is m
+
     def _created(self, m: Outgoing, msg) -> None:
+        if not self._current(m) or m.step != "create":
+            return  # a duplicate reply
+        if self._lost("drop_reply_create"):
+            m.resends += 1
+            actor = self.rt.flows[m.key]
+            body = {"key": m.key.hex(), "chain": actor.chain, "rule": actor.rule_id, "orig_dir": actor.orig_dir}
+            self.rt.ep.request(self.peer(m.target), MsgType.MIGRATE_CREATE, body,
+                               lambda msg, m=m: self._created(m, msg), timeout=0.2, retries=3,
+                               on_timeout=lambda rid, m=m: self._fail(m, "target did not answer create"))
+            return
         if not msg.body.get("ok"):
             self._fail(m, f"target refused: {msg.body.get('error')}")
             return
@@ -168,6 +190,12 @@ class Migrator:
                            on_timeout=lambda rid, m=m: self._rollback(m, "switch agent did not answer"))
 
     def _moved(self, m: Outgoing, msg) -> None:
+        if not self._current(m):
+            return
+        if self._lost("drop_reply_move"):
+            m.resends += 1
+            self._move(m)
+            return
         if msg.body.get("ok") or msg.body.get("moved"):
             # moved; if the marker could not be sent, the marker timer asks again
             if m.step == "move":
@@ -176,12 +204,14 @@ class Migrator:
             self._rollback(m, f"switch agent refused: {msg.body.get('error')}")
 
     def on_frame(self, actor, frame, l4: int) -> bool:
-        """A frame of a flow that is leaving.  True: it was the marker."""
+        """A frame of a flow that is leaving.  True: it was the marker (or a
+        re-sent copy of it), which is consumed here."""
         m = actor.migration
-        if m.step in ("move", "marker") and l4 >= 0 and len(frame) >= l4 + 8 and \
+        if m.step != "create" and l4 >= 0 and len(frame) >= l4 + 8 and \
                 bytes(frame[-len(m.payload):]) == m.payload:
-            m.marker_seen = True
-            self._send_state(m, actor)
+            if not m.marker_seen:
+                m.marker_seen = True
+                self._send_state(m, actor)
             return True
         if m.marker_seen:
             self.stats["after_marker"] += 1  # cannot happen by construction: counted to show it does not
@@ -194,7 +224,7 @@ class Migrator:
                 "first_seen_age": time.monotonic() - actor.first_seen}
         self.rt.ep.request(self.peer(m.target) or ("127.0.0.1", 9), MsgType.MIGRATE_STATE, body,
                            lambda msg, m=m: self._done(m, msg), timeout=0.2, retries=5,
-                           on_timeout=lambda rid, m=m: self._fail(m, "target did not take the state"))
+                           on_timeout=lambda rid, m=m: self._rollback(m, "target did not take the state"))
 
     def late_marker(self, frame) -> bool:
         """A re-sent marker that arrives after its migration ended: drop it
@@ -213,6 +243,12 @@ class Migrator:
         self.recent[m.payload] = now + 5.0
 
     def _done(self, m: Outgoing, msg) -> None:
+        if not self._current(m):
+            return
+        if self._lost("drop_reply_state"):
+            m.resends += 1
+            self._send_state(m, self.rt.flows[m.key])
+            return
         if not msg.body.get("ok"):
             self._fail(m, f"target refused the state: {msg.body.get('error')}")
             return
@@ -225,12 +261,30 @@ class Migrator:
         self._finish(self.batches.get(m.batch), m, ok=True)
 
     def _rollback(self, m: Outgoing, why: str) -> None:
-        """The switch may point at the target: point it back (no marker needed)."""
+        """The switch may point at the target: point it back (no marker
+        needed), and take back what the target buffered meanwhile."""
         if self.switch_agent is not None:
             body = {"key": m.key.hex(), "to": self.rt.id, "from": m.target, "marker": None}
-            self.rt.ep.request(self.switch_agent, MsgType.MIGRATE_MOVE, body, lambda msg: None,
-                               timeout=0.3, retries=3)
+            self.rt.ep.request(self.switch_agent, MsgType.MIGRATE_MOVE, body,
+                               lambda msg, m=m: self._abort_target(m), timeout=0.3, retries=5)
         self._fail(m, why)
+
+    def _abort_target(self, m: Outgoing) -> None:
+        peer = self.peer(m.target)
+        if peer is not None:
+            self.rt.ep.request(peer, MsgType.MIGRATE_DONE, {"key": m.key.hex(), "abort": True},
+                               lambda msg, m=m: self._take_back(m, msg), timeout=0.2, retries=3)
+
+    def _take_back(self, m: Outgoing, msg) -> None:
+        """Frames the target held for an aborted migration: process them here
+        (after a rollback they may come after newer frames: no loss, but
+        order is only kept on the migration's normal path)."""
+        actor = self.rt.flows.get(m.key)
+        for hexframe, direction, l4 in msg.body.get("frames", []):
+            frame = bytearray.fromhex(hexframe)
+            self.stats["taken_back"] = self.stats.get("taken_back", 0) + 1
+            if actor is not None and actor.on_packet(memoryview(frame), direction, l4, self.rt.now):
+                self.rt.transmit(frame)
 
     def _fail(self, m: Outgoing, why: str) -> None:
         self._remember(m)
@@ -270,8 +324,10 @@ class Migrator:
 
     # --- target side -------------------------------------------------------------
     def on_create(self, msg, addr) -> None:
-        from .actor import Actor
         from . import nf as nf_api
+        from .actor import Actor
+        if self._lost("ignore_create"):
+            return
         b = msg.body
         try:
             key = bytes.fromhex(b["key"])
@@ -297,6 +353,27 @@ class Migrator:
         self.rt.flows[key] = actor
         self.stats["in_created"] += 1
         self.rt.ep.send(addr, MsgType.REPLY, {"ok": True}, rid=msg.rid)
+
+    def on_abort(self, msg, addr) -> None:
+        """The source gave up: hand back what was buffered and forget the flow."""
+        try:
+            key = bytes.fromhex(msg.body["key"])
+        except (KeyError, ValueError, TypeError):
+            self.rt.ep.send(addr, MsgType.REPLY, {"ok": False, "error": "bad key"}, rid=msg.rid)
+            return
+        actor = self.rt.flows.get(key)
+        frames = []
+        if actor is not None and actor.migration == "in":
+            room = 50_000  # what fits in one control message
+            for d, direction, l4 in actor.buffer:
+                room -= 2 * len(d) + 16
+                if room < 0:
+                    self.stats["abort_overflow"] = self.stats.get("abort_overflow", 0) + 1
+                    continue
+                frames.append([d.hex(), direction, l4])
+            del self.rt.flows[key]
+            self.stats["in_aborted"] = self.stats.get("in_aborted", 0) + 1
+        self.rt.ep.send(addr, MsgType.REPLY, {"ok": True, "frames": frames}, rid=msg.rid)
 
     def buffer(self, actor, frame, direction: int, l4: int) -> None:
         if len(actor.buffer) >= MAX_BUFFER:

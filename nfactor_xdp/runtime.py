@@ -111,6 +111,8 @@ class Runtime:
             self.migrator.on_create(msg, addr)
         elif msg.type == MsgType.MIGRATE_STATE:
             self.migrator.on_state(msg, addr)
+        elif msg.type == MsgType.MIGRATE_DONE and msg.body.get("abort"):
+            self.migrator.on_abort(msg, addr)
 
     def load(self) -> dict:
         """CPU share of one core, memory, flows and packet rate since the last call."""
@@ -291,6 +293,11 @@ class Runtime:
             except (ValueError, KeyError, TypeError) as e:
                 return {"ok": False, "error": str(e)}
             return {"ok": True, **b.report()}
+        if op == "fault":  # failure injection for tests
+            for k, v in req.items():
+                if k in self.migrator.faults and isinstance(v, int):
+                    self.migrator.faults[k] = v
+            return {"ok": True, "faults": self.migrator.faults}
         if op == "migrate_status":
             b = self.migrator.batches.get(req.get("batch"))
             if b is None:

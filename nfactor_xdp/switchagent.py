@@ -237,6 +237,10 @@ class SwitchAgent:
     def apply(self, mv: Move) -> None:
         """Point the flow's entry at mv.to, keeping its other fields."""
         k = L.FlowKey.from_buffer_copy(mv.key)
+        rt = self.maps["runtimes"].get(mv.to)
+        if mv.to != mv.src and (rt is None or rt.state != L.C["NFX_RT_RUNNING"]):
+            # a dead or leaving target would swallow the flow's frames
+            raise MoveError("target_not_running", f"runtime {mv.to} is not running")
         try:
             cur = self.flows.get(k)
             if cur is None:

@@ -100,3 +100,83 @@ def test_migrate_refuses_bad_requests(node_factory):
     assert r.returncode == 1 and "say which flows" in r.stderr
     r = n.cli("migrate", "--name", n.name, "--from", "0", "--to", "1", "--all", "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["total"] == 0
+
+
+def _stream(n, flows=10, packets=800, pps=2000, base=49000):
+    sink = Proc(n.dst_ns, "udp-sink", "--expect", str(flows * packets), "--timeout", "60").wait_ready()
+    sender = Proc(n.src_ns, "udp-send", "--dst", n.dst_ip, "--flows", str(flows), "--packets", str(packets),
+                  "--pps", str(pps), "--base-port", str(base))
+    wait_for(lambda: len(n.flows()["flows"]) == flows, timeout=10, what="flows placed")
+    return sink, sender, flows, packets
+
+
+def _all_arrived_in_order(sink, sender, flows, packets):
+    sent, got = sender.result(), sink.result()
+    assert sent["sent"] == got["received"] == flows * packets
+    assert all(seqs == list(range(packets)) for seqs in got["flows"].values())
+
+
+@pytest.mark.parametrize("fault", ["drop_reply_create", "drop_reply_move", "drop_reply_state"])
+def test_lost_responses_are_retried_and_nothing_is_lost(node_factory, fault):
+    n = node_factory(2, POLICY)
+    sink, sender, flows, packets = _stream(n)
+    src = 0
+    moving = len(_flows_on(n, src))
+    assert nodectl.runtime_query(n.name, src, "fault", **{fault: 3})["ok"]
+    r = nodectl.migrate(n.name, src, 1)
+    assert r["succeeded"] == moving and r["failed"] == 0 and r["retried"] >= 1, r
+    _all_arrived_in_order(sink, sender, flows, packets)
+    st = nodectl.runtime_query(n.name, src, "status")["migration"]
+    assert st["injected_faults"] == 3 and st["after_marker"] == 0
+
+
+def test_target_that_never_answers_leaves_the_flow_at_the_source(node_factory):
+    n = node_factory(2, POLICY)
+    sink, sender, flows, packets = _stream(n)
+    before = {f["key"]: f["nfs"]["flow_monitor"]["packets"]["orig"] for f in _flows_on(n, 0)}
+    assert nodectl.runtime_query(n.name, 1, "fault", ignore_create=1000)["ok"]
+    r = nodectl.migrate(n.name, 0, 1)
+    assert r["failed"] == len(before) and r["succeeded"] == 0, r
+    _all_arrived_in_order(sink, sender, flows, packets)
+    for f in _flows_on(n, 0):  # still processed at the source, state intact
+        if f["key"] in before:
+            assert f["nfs"]["flow_monitor"]["packets"]["orig"] == packets > before[f["key"]]
+
+
+def test_killed_target_and_killed_switch_agent(node_factory):
+    import os
+    import signal
+    from nfactor_xdp import nodeconf
+    n = node_factory(2, POLICY)
+    sink, sender, flows, packets = _stream(n, packets=1500)
+    ports_on_0 = {int(f["flow"].split()[1].rsplit(":", 1)[1]) for f in _flows_on(n, 0)}
+    # the target dies: the switch agent refuses to move flows to a runtime that is not running
+    victim = next(r for r in n.status()["runtimes"] if r["id"] == 1)
+    os.kill(victim["pid"], signal.SIGKILL)
+    wait_for(lambda: next(r for r in n.status()["runtimes"] if r["id"] == 1)["switch_state"] != "running",
+             timeout=5, what="target failed")
+    # refused by the source's view, or (if its view is late) by the switch agent
+    try:
+        r = nodectl.migrate(n.name, 0, 1)
+        assert r["succeeded"] == 0
+    except nodectl.NodeCtlError as e:
+        assert "not running" in str(e)
+    wait_for(lambda: next(r for r in n.status()["runtimes"] if r["id"] == 1)["state"] == "running",
+             timeout=20, what="target back")
+    # the switch agent dies just before a migration: retried against its successor, or rolled back
+    agent = nodeconf.read_state(n.name)["switch_agent"]["pid"]
+    os.kill(agent, signal.SIGKILL)
+    r = nodectl.migrate(n.name, 0, 1)
+    assert r["succeeded"] + r["failed"] == r["total"]
+    sent, got = sender.result(), sink.result()
+    assert nodeconf.read_state(n.name)["switch_agent"]["restarts"] >= 1
+    # the migrating flows (runtime 0's) lost nothing and kept their order; the killed
+    # runtime's own flows lost what reached it while it was down, and the switch counted it
+    for peer, seqs in got["flows"].items():
+        if int(peer.rsplit(":", 1)[1]) in ports_on_0:
+            assert seqs == list(range(packets)), peer
+        else:
+            assert seqs == sorted(set(seqs)), peer  # never duplicated or reordered
+    lost = sent["sent"] - got["received"]
+    # dropped at its port while it was down, plus what sat in its socket's RX ring (2048) when it died
+    assert lost <= n.status()["runtimes"][1]["switch"]["no_socket"] + 2048
