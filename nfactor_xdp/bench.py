@@ -393,6 +393,30 @@ def _switch_agent_stats(name: str) -> dict:
         return {"error": str(e)}
 
 
+def _udp_counters(ns: str) -> dict:
+    """UDP counters of the node's namespace (control messages travel its loopback)."""
+    try:
+        with netns.entered(ns), open("/proc/thread-self/net/snmp") as f:
+            rows = [ln.split() for ln in f if ln.startswith("Udp:")]
+        return {k: int(v) for k, v in zip(rows[0][1:], rows[1][1:])}
+    except (OSError, IndexError, ValueError):
+        return {}
+
+
+def _placement(name: str) -> dict:
+    """After a migration: does the switch send each flow to the runtime holding its actor?"""
+    with NodeMaps(name) as maps:
+        placed = {f["key"]: f["runtime"] for f in maps.flows()}
+    where: dict[str, list[int]] = {}
+    for i in (0, 1):
+        for a in (nodectl.runtime_query(name, i, "flows", timeout=10.0, detail=False) or {}).get("flows", []):
+            where.setdefault(a["key"], []).append(i)
+    return {"switch_flows": len(placed),
+            "switch_not_at_actor": sum(1 for k, rt in placed.items() if k in where and rt not in where[k]),
+            "actor_on_both_runtimes": sum(1 for v in where.values() if len(v) > 1),
+            "switch_entry_without_actor": sum(1 for k in placed if k not in where)}
+
+
 def _migration_node(b: Bench, chain: list[str], max_migrations: int | None = None, timeout: float = 10.0) -> None:
     """A fresh 2-runtime node (no flows of earlier trials), `chain` in force on both
     runtimes and runtime 1 running in runtime 0's view (a migration target)."""
@@ -448,12 +472,17 @@ def _migration_trial(b: Bench, flows: int, rate: float, budget: float, tail: flo
         out.update(fill_seconds=round(t_ready - t0, 3), actors_before=actors, on_source=actors[0])
         if sum(actors) < flows:
             raise RuntimeError(f"only {sum(actors)} of {flows} flows reached the runtimes in {t_ready - t0:.1f}s")
-        sa0 = _switch_agent_stats(b.name)
+        sa0, udp0 = _switch_agent_stats(b.name), _udp_counters(b.show["namespaces"]["node"])
         s_start = b.sink.count()
-        report = nodectl.migrate(b.name, 0, 1, timeout=max(60.0, budget * 10))
+        try:
+            report = nodectl.migrate(b.name, 0, 1, timeout=10.0 + 2 * budget)
+        except nodectl.NodeCtlError as e:
+            # not finished in time: keep what the source runtime says (a fresh node: its first batch)
+            out["error"] = str(e)[:300]
+            report = nodectl.runtime_query(b.name, 0, "migrate_status", batch=1) or {}
         t_done = time.monotonic()
         s_done = b.sink.count()
-        sa1 = _switch_agent_stats(b.name)
+        sa1, udp1 = _switch_agent_stats(b.name), _udp_counters(b.show["namespaces"]["node"])
     finally:
         th.join(seconds + 30)
     got = b.sink.settle() - c0
@@ -469,9 +498,10 @@ def _migration_trial(b: Bench, flows: int, rate: float, budget: float, tail: flo
            for k in ("marker_resends", "late_markers", "buffer_overflow", "replayed", "replay_tx_fail",
                      "after_marker", "in_refused")}
     out.update({
-        "migrated": report["succeeded"], "failed": report["failed"], "retried": report["retried"],
-        "total": report["total"], "seconds": report["seconds"], "avg_flow_us": report["avg_flow_us"],
-        "flows_per_second": round(report["succeeded"] / report["seconds"], 1) if report["seconds"] else None,
+        "migrated": report.get("succeeded"), "failed": report.get("failed"), "retried": report.get("retried"),
+        "total": report.get("total"), "in_progress": report.get("in_progress"), "seconds": report.get("seconds"),
+        "avg_flow_us": report.get("avg_flow_us"),
+        "flows_per_second": round(report["succeeded"] / report["seconds"], 1) if report.get("seconds") else None,
         "last_error": report.get("last_error") or None,
         "traffic_throughout": window + (t_ready - t0) < g["seconds"],  # the generator outlasted the migration
         "offered": g["sent"], "forwarded": got, "lost": g["sent"] - got, "sink_lost_frames": g["sent"] != got,
@@ -481,10 +511,12 @@ def _migration_trial(b: Bench, flows: int, rate: float, budget: float, tail: flo
         "switch_agent": {**sa, "grace_us_avg": round(grace_us, 1), "grace_us_max": sa1.get("membarrier_us_max"),
                          "moves_per_grace": round(sa["moves"] / sa["membarriers"], 1) if sa["membarriers"] else None,
                          "grace_share_of_batch": round(sa["membarrier_us_total"] / 1e6 / report["seconds"], 3)
-                         if report["seconds"] else None},
+                         if report.get("seconds") else None},
         "runtime_migration": mig,
+        "node_udp": {k: udp1.get(k, 0) - udp0.get(k, 0) for k in ("InDatagrams", "RcvbufErrors", "InErrors")},
         "xsk_rx_dropped": sum(((st.get("xsk") or {}).get("rx_dropped") or 0) for st in sts),
     })
+    out["placement_after"] = _placement(b.name)
     out.update(b.status())
     return out
 

@@ -77,10 +77,18 @@ def main():
               help="Scale out up to this many runtimes when overloaded (0: no scale-out).")
 @click.option("--scale-threshold", default=0.8, show_default=True,
               help="Average runtime CPU load (0-1) that triggers scale-out after --scale-window seconds.")
-@click.option("--scale-window", default=2.0, show_default=True, help="Seconds the overload must last.")
+@click.option("--scale-window", default=2.0, show_default=True, help="Seconds the overload (or idleness) must last.")
+@click.option("--scale-in-threshold", default=0.0, show_default=True,
+              help="Average runtime CPU load (0-1) under which the least loaded runtime is drained (0: off).")
+@click.option("--min-runtimes", default=1, show_default=True, help="Scale-in never goes below this.")
+@click.option("--migrate-threshold", default=0.0, show_default=True,
+              help="A runtime over this CPU load (0-1) for a second migrates a fifth of its flows to the least "
+                   "loaded runtime (0: off).")
+@click.option("--max-migrations", default=1000, show_default=True, help="Concurrent migrations per runtime.")
 @click.option("--foreground", is_flag=True, help="Run the supervisor in this process until Ctrl-C (systemd).")
 def up(name, ext0, ext1, netns, testbed_name, runtimes, cores, other_action, flow_table_size, xdp_mode,
-       idle_timeout, policy, heartbeat, miss_limit, max_runtimes, scale_threshold, scale_window, foreground):
+       idle_timeout, policy, heartbeat, miss_limit, max_runtimes, scale_threshold, scale_window,
+       scale_in_threshold, min_runtimes, migrate_threshold, max_migrations, foreground):
     """Bring a node up on two interfaces.
 
     Loads the XDP switch (maps pinned, so a restarted node keeps its flows),
@@ -103,7 +111,9 @@ def up(name, ext0, ext1, netns, testbed_name, runtimes, cores, other_action, flo
                      other_action=other_action, flow_table_size=flow_table_size, xdp_mode=xdp_mode,
                      idle_timeout=idle_timeout, policy=os.path.abspath(policy) if policy else None,
                      heartbeat=heartbeat, miss_limit=miss_limit, max_runtimes=max_runtimes,
-                     scale_threshold=scale_threshold, scale_window=scale_window)
+                     scale_threshold=scale_threshold, scale_window=scale_window,
+                     scale_in_threshold=scale_in_threshold, min_runtimes=min_runtimes,
+                     migrate_threshold=migrate_threshold, max_migrations=max_migrations)
     try:
         cfg.validate()
         if policy:
@@ -382,6 +392,21 @@ def runtime_stop(name, rt_id):
     _runtime_call(name, "RUNTIME_STOP", {"id": rt_id}, "stopped")
 
 
+@runtime.command("drain")
+@name_option
+@click.option("--id", "rt_id", type=int, required=True, help="Runtime id.")
+def runtime_drain(name, rt_id):
+    """Scale in: mark a runtime leaving (no new flows), migrate all its flows to
+    the other runtimes, then stop and remove it."""
+    from . import nodectl
+    from .messages import MsgType
+    try:
+        nodectl.control_call(name, "control", MsgType.RUNTIME_STOP, {"id": rt_id, "drain": True}, timeout=2.0)
+    except nodectl.NodeCtlError as e:
+        _fail(str(e))
+    click.echo(f"runtime {rt_id} leaving: its flows are migrating away; it stops once empty")
+
+
 @runtime.command("kill")
 @name_option
 @click.option("--id", "rt_id", type=int, required=True, help="Runtime id.")
@@ -548,13 +573,14 @@ def bench_migration(flow_counts, rates, caps, cap_flows, max_offered, output):
     for m in result["fig7_flows_rates"] + result["fig8_caps"]["measurements"]:
         if m.get("skipped"):
             click.echo(f"  {m['label']:<26} skipped: {m['reason']}")
-        elif m.get("error"):
-            click.echo(f"  {m['label']:<26} error: {m['error']}")
-        else:
+            continue
+        if m.get("migrated") is not None:
             sa = m["switch_agent"]
             click.echo(f"  {m['label']:<26} {m['migrated']:>8} {m['failed']:>6} {m['retried']:>7} "
                        f"{m['seconds'] * 1000:>9.1f} {m['avg_flow_us']:>8.0f} {sa['grace_us_avg'] / 1000:>8.1f} "
                        f"{sa['membarriers']:>6} {m['lost']:>6}")
+        if m.get("error"):
+            click.echo(f"  {m['label'] if m.get('migrated') is None else '':<26} error: {m['error']}")
     click.echo(f"  paper: {result['paper_reference']['avg_per_flow_us']} us per flow")
 
 

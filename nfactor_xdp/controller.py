@@ -35,12 +35,14 @@ from .rules import Policy, RuleError, load_policy
 
 STATES = ("starting", "running", "leaving", "failed")
 COMPACT_EVERY = 200  # logged changes between compactions
+LOAD_PUSH_INTERVAL = 0.5  # seconds between view pushes that only carry new loads
 
 
 class Controller:
     def __init__(self, node: str, port: int, supervisor_port: int, *, heartbeat: float = 0.1,
                  miss_limit: int = 3, scale_threshold: float = 0.8, scale_window: float = 2.0,
-                 max_runtimes: int = 0, scale_cooldown: float = 10.0):
+                 max_runtimes: int = 0, scale_cooldown: float = 10.0, scale_in_threshold: float = 0.0,
+                 min_runtimes: int = 1):
         self.node = node
         self.key = ClusterKey.load_or_create(nodeconf.cluster_key_path())
         self.ep = Endpoint(("127.0.0.1", port), self.key, "controller")
@@ -60,10 +62,13 @@ class Controller:
         self.changes = 0
         self.started = time.monotonic()
         self.overloaded_since: float | None = None
+        self.idle_since: float | None = None
+        self.scale_in_threshold = scale_in_threshold
+        self.min_runtimes = min_runtimes
         self.last_scale = 0.0
         self.stopping = False
         self.stats = {"heartbeats": 0, "registers": 0, "failures_detected": 0, "exits_reported": 0,
-                      "scale_outs": 0, "view_pushes": 0, "replayed_ops": 0, "restarted_at": time.time()}
+                      "scale_outs": 0, "scale_ins": 0, "view_pushes": 0, "replayed_ops": 0, "restarted_at": time.time()}
 
     # --- durable state -------------------------------------------------------
     def recover(self) -> None:
@@ -146,8 +151,11 @@ class Controller:
         elif t == MsgType.RUNTIME_STOP:
             rt = self._rt_id(b)
             if rt is not None and rt in self.view:
-                self._change({"op": "remove", "id": rt})
-                self.push_view()
+                if b.get("drain"):
+                    self.drain(rt, msg, addr)
+                else:
+                    self._change({"op": "remove", "id": rt})
+                    self.push_view()
         elif t == MsgType.RULES:
             self.on_rules(msg, addr)
         elif t == MsgType.STATUS:
@@ -224,6 +232,47 @@ class Controller:
         return took
 
     # --- periodic work ---------------------------------------------------------------
+    def drain(self, rt: int, msg: Message | None = None, addr=None) -> None:
+        """Scale-in: mark leaving (no new flows); the runtime migrates its
+        flows away; stopped once its heartbeats say it is empty."""
+        running = [r for r, e in self.view.items() if e.get("state") == "running" and r != rt]
+        if not running:
+            if msg is not None:
+                self.ep.send(addr, MsgType.REPLY, {"ok": False, "error": "no other running runtime to take its flows"},
+                             rid=msg.rid)
+            return
+        self._change({"op": "state", "id": rt, "state": "leaving"})
+        self.push_view()
+        if msg is not None:
+            self.ep.send(addr, MsgType.REPLY, {"ok": True, "id": rt}, rid=msg.rid)
+
+    def finish_drains(self) -> None:
+        for rt, e in list(self.view.items()):
+            if e.get("state") != "leaving" or e.get("stopping"):
+                continue
+            load = self.live.get(rt, {}).get("load", {})
+            if load.get("flows") == 0 and load.get("migrating") == 0:
+                e["stopping"] = True  # asked once; the supervisor's RUNTIME_STOP removes it from the view
+                self.ep.send(self.supervisor, MsgType.RUNTIME_STOP, {"id": rt, "why": "drained"})
+
+    def consider_scale_in(self, now: float) -> None:
+        if not self.scale_in_threshold:
+            return
+        running = [rt for rt, e in self.view.items() if e.get("state") == "running"]
+        if len(running) <= self.min_runtimes or any(e.get("state") == "leaving" for e in self.view.values()):
+            self.idle_since = None
+            return
+        loads = {rt: self.live.get(rt, {}).get("load", {}).get("cpu", 1.0) for rt in running}
+        if sum(loads.values()) / len(loads) > self.scale_in_threshold:
+            self.idle_since = None
+            return
+        self.idle_since = self.idle_since or now
+        if now - self.idle_since >= self.scale_window and now - self.last_scale >= self.scale_cooldown:
+            self.last_scale = now
+            self.idle_since = None
+            self.stats["scale_ins"] += 1
+            self.drain(min(loads, key=loads.get))
+
     def detect_failures(self, now: float) -> None:
         limit = self.heartbeat * self.miss_limit
         changed = False
@@ -267,6 +316,7 @@ class Controller:
         poller = select.poll()
         poller.register(self.ep.fileno(), select.POLLIN)
         tick = self.heartbeat / 2
+        next_push = time.monotonic()
         while not self.stopping:
             poller.poll(int(tick * 1000))
             for msg, addr in self.ep.receive(256):
@@ -274,6 +324,12 @@ class Controller:
             now = time.monotonic()
             self.detect_failures(now)
             self.consider_scale_out(now)
+            self.consider_scale_in(now)
+            self.finish_drains()
+            if now >= next_push:
+                # loads change all the time: runtimes pick migration targets from this
+                self.push_view()
+                next_push = now + LOAD_PUSH_INTERVAL
             self.ep.tick()
 
     def close(self) -> None:
@@ -299,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     ctl = Controller(a.node, a.port, a.supervisor, heartbeat=cfg.get("heartbeat", 0.1),
                      miss_limit=cfg.get("miss_limit", 3), scale_threshold=cfg.get("scale_threshold", 0.8),
                      scale_window=cfg.get("scale_window", 2.0), max_runtimes=cfg.get("max_runtimes", 0),
-                     scale_cooldown=cfg.get("scale_cooldown", 10.0))
+                     scale_cooldown=cfg.get("scale_cooldown", 10.0),
+                     scale_in_threshold=cfg.get("scale_in_threshold", 0.0), min_runtimes=cfg.get("min_runtimes", 1))
 
     def on_signal(signum, frame):
         ctl.stopping = True

@@ -256,6 +256,9 @@ def _errname(e: OSError) -> str:
     return errno.errorcode.get(e.errno, type(e).__name__) if e.errno else type(e).__name__
 
 
+SO_RCVBUFFORCE = 33  # Linux; Python's socket module does not name it
+
+
 class Endpoint:
     """A non-blocking UDP socket speaking this protocol.
 
@@ -264,7 +267,7 @@ class Endpoint:
     errno name, duplicate replies, request timeouts...).
     """
 
-    RCVBUF = 1 << 20   # room for bursts of control messages; the kernel caps it at rmem_max
+    RCVBUF = 8 << 20   # room for bursts (thousands of migrations at once); root may exceed rmem_max
     DONE_MEMORY = 1024  # completed rids remembered to tell duplicate replies from unexpected ones
 
     def __init__(self, bind: tuple[str, int], key: bytes, sender: str):
@@ -277,7 +280,10 @@ class Endpoint:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.RCVBUF)
+            try:
+                self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, self.RCVBUF)
+            except PermissionError:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.RCVBUF)
             self.sock.bind((host, port))
             self.sock.setblocking(False)
         except BaseException:

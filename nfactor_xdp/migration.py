@@ -151,7 +151,7 @@ class Migrator:
         body = {"key": key.hex(), "chain": actor.chain, "rule": actor.rule_id, "orig_dir": actor.orig_dir}
         self.rt.ep.request(self.peer(b.target), MsgType.MIGRATE_CREATE, body,
                            lambda msg, m=m: self._created(m, msg), timeout=0.2, retries=3,
-                           on_timeout=lambda rid, m=m: self._fail(m, "target did not answer create"))
+                           on_timeout=lambda rid, m=m: self._timed_out(m, "create", "target did not answer create"))
 
     def _lost(self, fault: str) -> bool:
         if self.faults.get(fault, 0) > 0:
@@ -172,7 +172,7 @@ class Migrator:
             body = {"key": m.key.hex(), "chain": actor.chain, "rule": actor.rule_id, "orig_dir": actor.orig_dir}
             self.rt.ep.request(self.peer(m.target), MsgType.MIGRATE_CREATE, body,
                                lambda msg, m=m: self._created(m, msg), timeout=0.2, retries=3,
-                               on_timeout=lambda rid, m=m: self._fail(m, "target did not answer create"))
+                               on_timeout=lambda rid, m=m: self._timed_out(m, "create", "target did not answer create"))
             return
         if not msg.body.get("ok"):
             self._fail(m, f"target refused: {msg.body.get('error')}")
@@ -187,7 +187,7 @@ class Migrator:
         m.deadline = time.monotonic() + MARKER_TIMEOUT
         self.rt.ep.request(self.switch_agent, MsgType.MIGRATE_MOVE, body,
                            lambda msg, m=m: self._moved(m, msg), timeout=0.3, retries=3,
-                           on_timeout=lambda rid, m=m: self._rollback(m, "switch agent did not answer"))
+                           on_timeout=lambda rid, m=m: self._timed_out(m, "move", "switch agent did not answer"))
 
     def _moved(self, m: Outgoing, msg) -> None:
         if not self._current(m):
@@ -224,7 +224,7 @@ class Migrator:
                 "first_seen_age": time.monotonic() - actor.first_seen}
         self.rt.ep.request(self.peer(m.target) or ("127.0.0.1", 9), MsgType.MIGRATE_STATE, body,
                            lambda msg, m=m: self._done(m, msg), timeout=0.2, retries=5,
-                           on_timeout=lambda rid, m=m: self._rollback(m, "target did not take the state"))
+                           on_timeout=lambda rid, m=m: self._timed_out(m, "state", "target did not take the state"))
 
     def late_marker(self, frame) -> bool:
         """A re-sent marker that arrives after its migration ended: drop it
@@ -260,6 +260,20 @@ class Migrator:
         self.stats["out_succeeded"] += 1
         self._finish(self.batches.get(m.batch), m, ok=True)
 
+    def _timed_out(self, m: Outgoing, step: str, why: str) -> None:
+        """A request of step `step` got no answer after its retries.  Only acts
+        if the migration is still at that step: a MOVE whose replies were lost
+        but whose marker came has moved on, and must not be rolled back."""
+        if not self._current(m) or m.step != step and not (step == "move" and m.step == "marker"):
+            return
+        if step == "create":
+            self._fail(m, why)
+            peer = self.peer(m.target)  # it may have created the actor: let it go
+            if peer is not None:
+                self.rt.ep.send(peer, MsgType.MIGRATE_DONE, {"key": m.key.hex(), "abort": True})
+        else:
+            self._rollback(m, why)
+
     def _rollback(self, m: Outgoing, why: str) -> None:
         """The switch may point at the target: point it back (no marker
         needed), and take back what the target buffered meanwhile."""
@@ -287,6 +301,8 @@ class Migrator:
                 self.rt.transmit(frame)
 
     def _fail(self, m: Outgoing, why: str) -> None:
+        if not self._current(m):
+            return  # finished already: count each flow once
         self._remember(m)
         actor = self.rt.flows.get(m.key)
         if actor is not None and actor.migration is m:
@@ -340,7 +356,7 @@ class Migrator:
                     self.rt.ep.send(addr, MsgType.REPLY, {"ok": True}, rid=msg.rid)  # a retry
                     return
                 raise ValueError("this runtime already has the flow")
-            if getattr(self.rt, "leaving", False):
+            if self.rt.leaving:
                 raise ValueError("runtime is leaving")
             nfs = [self.rt.nf_instance(t) for t in nf_api.decode_chain(chain)]
         except (KeyError, ValueError, TypeError, nf_api.NFError) as e:

@@ -231,7 +231,8 @@ class Node:
                 "--idle-timeout", str(self.cfg.idle_timeout), "--batch", str(self.cfg.batch),
                 "--policy", nodeconf.policy_path(self.cfg.name),
                 "--controller", str(self.control_port), "--heartbeat", str(self.cfg.heartbeat),
-                "--switch-agent", str(self.switch_port), "--max-migrations", str(self.cfg.max_migrations)]
+                "--switch-agent", str(self.switch_port), "--max-migrations", str(self.cfg.max_migrations),
+                "--migrate-threshold", str(self.cfg.migrate_threshold)]
         rt.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
         rt.state = "starting"
@@ -241,7 +242,8 @@ class Node:
         cfg = self.cfg
         log = open(nodeconf.log_path(cfg.name, "controller"), "ab")
         conf = {"heartbeat": cfg.heartbeat, "miss_limit": cfg.miss_limit, "scale_threshold": cfg.scale_threshold,
-                "scale_window": cfg.scale_window, "max_runtimes": cfg.max_runtimes}
+                "scale_window": cfg.scale_window, "max_runtimes": cfg.max_runtimes,
+                "scale_in_threshold": cfg.scale_in_threshold, "min_runtimes": cfg.min_runtimes}
         self.controller = subprocess.Popen(
             [sys.executable, "-m", "nfactor_xdp.controller", "--node", cfg.name, "--port", str(self.control_port),
              "--supervisor", str(self.supervisor_port), "--config-json", json.dumps(conf)],

@@ -84,6 +84,9 @@ class NodeConfig:
     scale_window: float = 2.0         # ... when it lasts this many seconds
     max_runtimes: int = 0             # scale-out limit (0: no scale-out)
     max_migrations: int = 1000        # concurrent outgoing migrations per runtime (paper 5.3)
+    migrate_threshold: float = 0.0    # runtime CPU load (0..1) over which it sheds flows to a peer (0: off)
+    scale_in_threshold: float = 0.0   # average runtime CPU load under which one is drained (0: off)
+    min_runtimes: int = 1             # scale-in never goes below this
 
     def validate(self) -> "NodeConfig":
         if not _NAME_RE.match(self.name):
@@ -111,6 +114,12 @@ class NodeConfig:
             raise ConfigError("miss_limit must be 1..100")
         if not 0 < self.scale_threshold <= 1:
             raise ConfigError("scale_threshold must be in (0, 1]")
+        if not 1 <= self.max_migrations <= 100_000:
+            raise ConfigError("max_migrations must be 1..100000")
+        if not 0 <= self.migrate_threshold <= 1 or not 0 <= self.scale_in_threshold <= 1:
+            raise ConfigError("migrate_threshold and scale_in_threshold must be in [0, 1]")
+        if not 1 <= self.min_runtimes <= L.C["NFX_MAX_RUNTIMES"]:
+            raise ConfigError("min_runtimes must be at least 1")
         if not 0 <= self.max_runtimes <= L.C["NFX_MAX_RUNTIMES"]:
             raise ConfigError(f"max_runtimes must be 0..{L.C['NFX_MAX_RUNTIMES']}")
         ncpu = os.cpu_count() or 1

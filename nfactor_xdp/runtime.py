@@ -25,6 +25,7 @@ from .rules import Policy, RuleError, load_policy
 from .xsk import XskSocket
 
 HOUSEKEEPING_INTERVAL = 1.0
+MIGRATE_WINDOW = 1.0  # seconds over the load threshold before a runtime sheds flows
 IDLE_POLL_MS = 100
 CLOSE_LINGER = 2.0  # seconds an actor outlives its TCP close (last ACKs, retransmits)
 
@@ -33,7 +34,7 @@ class Runtime:
     def __init__(self, node: str, rt_id: int, ifname: str, core: int | None,
                  idle_timeout: float = 30.0, batch: int = 64, policy: Policy | None = None,
                  controller: int | None = None, heartbeat: float = 0.1, switch_agent: int | None = None,
-                 max_migrations: int = 1000):
+                 max_migrations: int = 1000, migrate_threshold: float = 0.0):
         self.node = node
         self.id = rt_id
         self.ifname = ifname
@@ -45,7 +46,10 @@ class Runtime:
         self.stopping = False
         self.started = time.time()
         self.now = time.monotonic()
-        self.stats = {"dropped_not_flow": 0, "flows_created": 0, "flows_expired": 0, "idle_waits": 0}
+        self.stats = {"dropped_not_flow": 0, "flows_created": 0, "flows_expired": 0, "idle_waits": 0,
+                      "load_migrations": 0}
+        self.migrate_threshold = migrate_threshold
+        self._overloaded = 0
         self.policy = Policy()
         self.table = self.policy.table()
         self.nf_instances: dict[int, nf_api.NetworkFunction] = {}
@@ -126,7 +130,46 @@ class Runtime:
                 "pps": round((frames - frames0) / dt, 1)}
 
     def send_heartbeat(self) -> None:
-        self.ep.send(self.controller, MsgType.HEARTBEAT, {"id": self.id, "load": self.load()})
+        load = self.load()
+        load["migrating"] = len(self.migrator.out)
+        self.ep.send(self.controller, MsgType.HEARTBEAT, {"id": self.id, "load": load})
+        self.rebalance(load)
+
+    @property
+    def leaving(self) -> bool:
+        """The controller marked us leaving (scale-in): move every flow away."""
+        me = next((e for e in self.view.get("runtimes", []) if e.get("id") == self.id), None)
+        return bool(me) and me.get("state") == "leaving"
+
+    def rebalance(self, load: dict) -> None:
+        """Runtime-initiated migrations: drain when leaving; shed part of the
+        flows to the least loaded peer when over the load threshold."""
+        if self.migrator.out or self.migrator.switch_agent is None:
+            return
+        peers = [e for e in self.view.get("runtimes", [])
+                 if e.get("state") == "running" and e.get("id") != self.id and e.get("addr")]
+        if not peers or not self.flows:
+            self._overloaded = 0
+            return
+        if self.leaving:
+            keys = [k for k, a in self.flows.items() if a.migration is None]
+            for i, peer in enumerate(peers):  # spread the flows over every running peer
+                part = keys[i::len(peers)]
+                if part:
+                    self.migrator.start_batch(peer["id"], part)
+            return
+        if not self.migrate_threshold:
+            return
+        self._overloaded = self._overloaded + 1 if load["cpu"] > self.migrate_threshold else 0
+        if self._overloaded * self.heartbeat < MIGRATE_WINDOW:
+            return
+        target = min(peers, key=lambda e: (e.get("load") or {}).get("cpu", 1.0))
+        if (target.get("load") or {}).get("cpu", 1.0) >= self.migrate_threshold:
+            return  # everyone is busy: moving flows would not help
+        keys = [k for k, a in self.flows.items() if a.migration is None]
+        self.migrator.start_batch(target["id"], keys[:max(1, len(keys) // 5)])
+        self.stats["load_migrations"] += 1
+        self._overloaded = 0
 
     def stop(self) -> None:
         if self.maps is not None:
@@ -345,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heartbeat", type=float, default=0.1)
     ap.add_argument("--switch-agent", type=int, help="the switch agent's UDP port on 127.0.0.1")
     ap.add_argument("--max-migrations", type=int, default=1000, help="concurrent outgoing migrations")
+    ap.add_argument("--migrate-threshold", type=float, default=0.0, help="CPU load that makes it shed flows (0: off)")
     a = ap.parse_args(argv)
     policy = None
     if a.policy and os.path.exists(a.policy):
@@ -353,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         except RuleError as e:
             print(f"runtime {a.id}: bad policy, starting with none: {e}", file=sys.stderr, flush=True)
     rt = Runtime(a.node, a.id, a.ifname, a.core, a.idle_timeout, a.batch, policy, a.controller, a.heartbeat,
-                 a.switch_agent, a.max_migrations)
+                 a.switch_agent, a.max_migrations, a.migrate_threshold)
 
     def on_signal(signum, frame):
         rt.stopping = True

@@ -180,3 +180,53 @@ def test_killed_target_and_killed_switch_agent(node_factory):
     lost = sent["sent"] - got["received"]
     # dropped at its port while it was down, plus what sat in its socket's RX ring (2048) when it died
     assert lost <= n.status()["runtimes"][1]["switch"]["no_socket"] + 2048
+
+
+def test_drain_moves_every_flow_away_then_stops_the_runtime(node_factory):
+    n = node_factory(2, POLICY)
+    sink, sender, flows, packets = _stream(n, packets=1500)
+    on_1 = len(_flows_on(n, 1))
+    assert on_1 > 0
+    r = n.cli("runtime", "drain", "--name", n.name, "--id", "1")
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: [x["id"] for x in n.status()["runtimes"]] == [0], timeout=30, what="runtime 1 drained and gone")
+    _all_arrived_in_order(sink, sender, flows, packets)
+    fl = n.flows()["flows"]
+    assert len(fl) == flows and all(f["runtime"] == f["switch_runtime"] == 0 for f in fl)
+    for f in fl:  # the moved flows kept their state
+        assert f["nfs"]["flow_monitor"]["packets"]["orig"] == packets
+
+
+def test_scale_in_of_an_idle_runtime(testbed):
+    from nfactor_xdp.nodeconf import NodeConfig
+    show = testbed.show()
+    name = "i" + testbed.name[-4:]
+    cfg = NodeConfig(name=name, netns=show["namespaces"]["node"], runtimes=2, scale_in_threshold=0.5,
+                     scale_window=0.5)
+    nodectl.start(cfg)
+    try:
+        wait_for(lambda: len(nodectl.status(name)["runtimes"]) == 1, timeout=30, what="an idle runtime removed")
+        assert nodectl.status(name)["controller"]["stats"]["scale_ins"] == 1
+    finally:
+        nodectl.stop(name)
+
+
+def test_overloaded_runtime_sheds_flows_to_an_idle_one(testbed):
+    from conftest import RunningNode
+    from nfactor_xdp.nodeconf import NodeConfig
+    show = testbed.show()
+    name = "o" + testbed.name[-4:]
+    n = RunningNode.__new__(RunningNode)
+    n.name, n.src_ns, n.dst_ns = name, show["hosts"]["src"]["netns"], show["hosts"]["dst"]["netns"]
+    n.dst_ip = show["hosts"]["dst"]["ipv4"]
+    cfg = NodeConfig(name=name, netns=show["namespaces"]["node"], runtimes=1, migrate_threshold=0.02)
+    nodectl.start(cfg)
+    try:
+        sink, sender, flows, packets = _stream(n, flows=20, packets=2500, pps=4000)
+        r = n.cli("runtime", "add", "--name", name)
+        assert r.returncode == 0, r.stderr
+        wait_for(lambda: _flows_on(n, 1), timeout=30, what="flows shed to the new runtime")
+        _all_arrived_in_order(sink, sender, flows, packets)
+        assert nodectl.runtime_query(name, 0, "status")["load_migrations"] >= 1
+    finally:
+        nodectl.stop(name)

@@ -143,6 +143,8 @@ def env(tmp_path_factory):
         progs = Programs(node, flow_table_size=4096, tracer=False)
         progs.load()
         maps = NodeMaps(node)
+        for rt_id in range(L.C["NFX_MAX_RUNTIMES"]):  # the agent only moves flows to running runtimes
+            maps.set_runtime(rt_id, L.C["NFX_RT_RUNNING"], 0)
         agent = _start_agent(ns, node, AGENT_PORT, log)
         with netns.entered(ns):  # the client's socket lives in the node's namespace
             client = Endpoint(("127.0.0.1", 0), ClusterKey.load_or_create(nodeconf.cluster_key_path()), "test")
@@ -200,6 +202,16 @@ class Capture:
 
 
 # --- no root needed ----------------------------------------------------------------
+
+def test_a_move_to_a_runtime_that_is_not_running_is_refused(env):
+    env.maps.set_runtime(5, L.C["NFX_RT_FAILED"], 0)
+    try:
+        body = {"key": bytes(40).hex(), "to": 5, "from": 0, "marker": None}
+        reply = env.client.call(env.addr, MsgType.MIGRATE_MOVE, body, timeout=1.0)
+        assert reply.body["ok"] is False and "not running" in reply.body["error"]
+    finally:
+        env.maps.set_runtime(5, L.C["NFX_RT_RUNNING"], 0)
+
 
 def test_marker_payload_round_trip():
     p = marker_payload(42)
