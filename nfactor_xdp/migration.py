@@ -150,7 +150,7 @@ class Migrator:
         self.stats["out_started"] += 1
         body = {"key": key.hex(), "chain": actor.chain, "rule": actor.rule_id, "orig_dir": actor.orig_dir}
         self.rt.ep.request(self.peer(b.target), MsgType.MIGRATE_CREATE, body,
-                           lambda msg, m=m: self._created(m, msg), timeout=0.2, retries=3,
+                           lambda msg, m=m: self._created(m, msg), timeout=0.5, retries=3,
                            on_timeout=lambda rid, m=m: self._timed_out(m, "create", "target did not answer create"))
 
     def _lost(self, fault: str) -> bool:

@@ -274,9 +274,13 @@ class Runtime:
             self.now = time.monotonic()
             if xsk.forward_batch(handle, batch):
                 batches += 1
+                if ep:
+                    # peers' messages (migrations) every batch: a non-blocking recv is cheap
+                    for msg, addr in ep.receive(256):
+                        self.on_control(msg, addr)
                 if batches & 15:
                     continue
-                # Under load, still answer queries, messages and timers.
+                # Under load, still answer queries and run timers.
                 ctl.serve_pending()
             else:
                 self.stats["idle_waits"] += 1
@@ -285,7 +289,7 @@ class Runtime:
                         ctl.serve_pending()
                 self.now = time.monotonic()
             if ep:
-                for msg, addr in ep.receive(64):
+                for msg, addr in ep.receive(256):
                     self.on_control(msg, addr)
                 ep.tick(self.now)
                 if self.migrator.out:
