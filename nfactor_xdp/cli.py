@@ -336,7 +336,8 @@ def rules_load(name, policy_file):
 @click.option("--to", "dst", type=int, required=True, help="Target runtime id.")
 @click.option("--all", "all_flows", is_flag=True, help="Every flow of the source runtime.")
 @click.option("--count", type=int, help="This many of its flows.")
-@click.option("--flow", "flows_", multiple=True, help="A flow by its key (hex, from `flows --json`); repeatable.")
+@click.option("--flow", "flows_", multiple=True,
+              help="A flow: 'udp 10.77.0.1:5000 10.77.0.2:9000' (either direction) or its key in hex; repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def migrate(name, src, dst, all_flows, count, flows_, as_json):
     """Move flows between runtimes while traffic flows (paper 5: three passes with a
@@ -346,9 +347,11 @@ def migrate(name, src, dst, all_flows, count, flows_, as_json):
     from . import nodectl
     if sum(bool(x) for x in (all_flows, count is not None, flows_)) != 1:
         _fail("say which flows: --all, --count N or --flow KEY")
+    from .packet import parse_flow
     try:
-        report = nodectl.migrate(name, src, dst, count=count, keys=list(flows_) or None)
-    except nodectl.NodeCtlError as e:
+        keys = [parse_flow(f).hex() for f in flows_] or None
+        report = nodectl.migrate(name, src, dst, count=count, keys=keys)
+    except (nodectl.NodeCtlError, ValueError) as e:
         _fail(str(e))
     if as_json:
         _emit_json(report)

@@ -103,6 +103,30 @@ def classify(frame) -> tuple[int, bytes | None, int, int]:
     return OTHER, None, 0, -1
 
 
+def key_of(proto: str, src: str, sport: int, dst: str, dport: int) -> bytes:
+    """The canonical key of a flow given as a 5-tuple (either direction)."""
+    import ipaddress
+    p = {"tcp": TCP, "udp": UDP}[proto.lower()]
+
+    def addr(a: str) -> bytes:
+        ip = ipaddress.ip_address(a)
+        return _V4_PREFIX + ip.packed if ip.version == 4 else ip.packed
+    return _key(addr(src), sport.to_bytes(2, "big"), addr(dst), dport.to_bytes(2, "big"), p)[0]
+
+
+def parse_flow(text: str) -> bytes:
+    """'udp 10.0.0.1:5000 10.0.0.2:53' (or '[fd00::1]:5000'), or a key in hex -> the key."""
+    t = text.strip()
+    if len(t) == 2 * KEY_SIZE and all(c in "0123456789abcdefABCDEF" for c in t):
+        return bytes.fromhex(t)
+    try:
+        proto, a, b = t.replace("<->", " ").split()
+        (ha, pa), (hb, pb) = (x.rsplit(":", 1) for x in (a, b))
+        return key_of(proto, ha.strip("[]"), int(pa), hb.strip("[]"), int(pb))
+    except (ValueError, KeyError):
+        raise ValueError(f"flow {text!r}: give 'tcp|udp SRC:PORT DST:PORT' or a key in hex") from None
+
+
 def describe_key(key: bytes) -> str:
     from .maps import FlowKey
     return str(FlowKey.from_bytes(key))

@@ -100,6 +100,10 @@ def test_migrate_refuses_bad_requests(node_factory):
     assert r.returncode == 1 and "say which flows" in r.stderr
     r = n.cli("migrate", "--name", n.name, "--from", "0", "--to", "1", "--all", "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["total"] == 0
+    r = n.cli("migrate", "--name", n.name, "--from", "0", "--to", "1", "--flow", "udp 10.0.0.9:1 10.0.0.8:2")
+    assert r.returncode == 0 and "of 0 flows" in r.stdout, r.stdout + r.stderr
+    r = n.cli("migrate", "--name", n.name, "--from", "0", "--to", "1", "--flow", "gre 1:1 2:2")
+    assert r.returncode == 1 and "tcp|udp" in r.stderr
 
 
 def _stream(n, flows=10, packets=800, pps=2000, base=49000):

@@ -58,3 +58,17 @@ def test_ports_order_breaks_address_ties():
 def test_memoryview_input_is_accepted():
     frame = CASES[0].frame
     assert classify(memoryview(bytearray(frame)))[:3] == classify(frame)[:3]
+
+
+def test_flow_given_as_a_five_tuple_names_the_same_key():
+    from nfactor_xdp.packet import parse_flow
+    raw = CASES[0].frame  # tcp4 10.77.0.1:40000 -> 10.77.0.2:80
+    key = classify(raw)[1]
+    assert parse_flow("tcp 10.77.0.1:40000 10.77.0.2:80") == key
+    assert parse_flow("tcp 10.77.0.2:80 <-> 10.77.0.1:40000") == key
+    assert parse_flow(key.hex()) == key
+    v6 = next(c for c in CASES if c.name == "udp6")
+    assert parse_flow("udp [fd77::1]:6000 [fd77::2]:7000") == classify(v6.frame)[1]
+    import pytest as _pytest
+    with _pytest.raises(ValueError, match="tcp|udp"):
+        parse_flow("icmp 1.2.3.4:1 5.6.7.8:2")
