@@ -20,9 +20,11 @@ MAX_ERRORS_KEPT = 4
 class Actor:
     __slots__ = ("key", "proto", "orig_dir", "chain", "rule_id", "nfs", "states", "packets", "bytes",
                  "dropped", "nf_errors", "errors", "first_seen", "last_seen", "fin", "closed_at",
-                 "mailbox", "fast_keys", "migration", "buffer")
+                 "mailbox", "fast_keys", "migration", "buffer", "replicator", "replica", "snap_count",
+                 "snap_version")
 
-    def __init__(self, key: bytes, orig_dir: int, now: float, chain: int = 0, nfs=(), rule_id: int = 0):
+    def __init__(self, key: bytes, orig_dir: int, now: float, chain: int = 0, nfs=(), rule_id: int = 0,
+                 replicator=None):
         self.key = key
         self.proto = key[36]
         self.orig_dir = orig_dir       # canonical direction (packet.LO_TO_HI/HI_TO_LO) of the first frame
@@ -43,6 +45,10 @@ class Actor:
         self.fast_keys: list[bytes] = []  # the runtime's fast-path entries for this flow
         self.migration = None             # migration.Outgoing while leaving, "in" while arriving
         self.buffer = None                # frames held while arriving (until the state comes)
+        self.replicator = replicator      # snapshots every K packets go through it (None: no replication)
+        self.replica = None               # the peer runtime holding this flow's snapshots
+        self.snap_count = 0
+        self.snap_version = 0
 
     def on_packet(self, frame, direction: int, l4: int, now: float) -> bool:
         """Process one frame of the flow; True forwards it, False drops it."""
@@ -50,6 +56,11 @@ class Actor:
         self.packets[d] += 1
         self.bytes[d] += len(frame)
         self.last_seen = now
+        if self.replicator is not None:
+            self.snap_count += 1
+            if self.snap_count >= self.replicator.every:
+                self.snap_count = 0
+                self.replicator.due(self)  # sent after this batch, not in the packet's path
         if self.proto == TCP and l4 >= 0:
             flags = frame[l4 + 13]
             if flags & (TCP_FIN | TCP_RST):
@@ -99,6 +110,9 @@ class Actor:
             "last_seen": self.last_seen,
             "closed": bool(self.closed_at),
         }
+        if self.replica is not None:
+            out["replica"] = self.replica
+            out["snapshot_version"] = self.snap_version
         if self.migration is not None:
             out["migrating"] = "in" if self.migration == "in" else f"out to {self.migration.target}"
         if self.nf_errors:

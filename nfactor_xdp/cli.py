@@ -85,10 +85,12 @@ def main():
               help="A runtime over this CPU load (0-1) for a second migrates a fifth of its flows to the least "
                    "loaded runtime (0: off).")
 @click.option("--max-migrations", default=1000, show_default=True, help="Concurrent migrations per runtime.")
+@click.option("--snapshot-every", default=10, show_default=True,
+              help="K: a flow's NF state is replicated to a peer every K packets (0: no replication).")
 @click.option("--foreground", is_flag=True, help="Run the supervisor in this process until Ctrl-C (systemd).")
 def up(name, ext0, ext1, netns, testbed_name, runtimes, cores, other_action, flow_table_size, xdp_mode,
        idle_timeout, policy, heartbeat, miss_limit, max_runtimes, scale_threshold, scale_window,
-       scale_in_threshold, min_runtimes, migrate_threshold, max_migrations, foreground):
+       scale_in_threshold, min_runtimes, migrate_threshold, max_migrations, snapshot_every, foreground):
     """Bring a node up on two interfaces.
 
     Loads the XDP switch (maps pinned, so a restarted node keeps its flows),
@@ -113,7 +115,8 @@ def up(name, ext0, ext1, netns, testbed_name, runtimes, cores, other_action, flo
                      heartbeat=heartbeat, miss_limit=miss_limit, max_runtimes=max_runtimes,
                      scale_threshold=scale_threshold, scale_window=scale_window,
                      scale_in_threshold=scale_in_threshold, min_runtimes=min_runtimes,
-                     migrate_threshold=migrate_threshold, max_migrations=max_migrations)
+                     migrate_threshold=migrate_threshold, max_migrations=max_migrations,
+                     snapshot_every=snapshot_every)
     try:
         cfg.validate()
         if policy:

@@ -173,7 +173,9 @@ class Controller:
         if rt is None:
             return
         self.stats["registers"] += 1
-        self._change({"op": "state", "id": rt, "state": "running", "addr": list(addr),
+        # a runtime recovering its flows' state keeps them but takes no new ones yet
+        state = "starting" if msg.body.get("recovering") else "running"
+        self._change({"op": "state", "id": rt, "state": state, "addr": list(addr),
                       "pid": msg.body.get("pid"), "core": msg.body.get("core"), "port": msg.body.get("port")})
         self.live[rt] = {"last": time.monotonic(), "load": {}}
         self.ep.send(addr, MsgType.REPLY, {"ok": True, "policy": self.policy.to_dict(), "view": self.public_view()},

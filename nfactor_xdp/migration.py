@@ -256,6 +256,7 @@ class Migrator:
         actor = self.rt.flows.pop(m.key, None)
         if actor is not None:
             self.rt.drop_fast_path(actor)
+            self.rt.replicator.flow_ended(actor)  # the target's actor replicates from now on
         self.out.pop(m.key, None)
         self.stats["out_succeeded"] += 1
         self._finish(self.batches.get(m.batch), m, ok=True)
@@ -363,7 +364,7 @@ class Migrator:
             self.stats["in_refused"] += 1
             self.rt.ep.send(addr, MsgType.REPLY, {"ok": False, "error": str(e)}, rid=msg.rid)
             return
-        actor = Actor(key, orig_dir, self.rt.now, chain, nfs, rule)
+        actor = Actor(key, orig_dir, self.rt.now, chain, nfs, rule, replicator=self.rt.replicator)
         actor.migration = "in"
         actor.buffer = []
         self.rt.flows[key] = actor

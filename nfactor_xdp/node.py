@@ -232,7 +232,8 @@ class Node:
                 "--policy", nodeconf.policy_path(self.cfg.name),
                 "--controller", str(self.control_port), "--heartbeat", str(self.cfg.heartbeat),
                 "--switch-agent", str(self.switch_port), "--max-migrations", str(self.cfg.max_migrations),
-                "--migrate-threshold", str(self.cfg.migrate_threshold)]
+                "--migrate-threshold", str(self.cfg.migrate_threshold),
+                "--snapshot-every", str(self.cfg.snapshot_every)]
         rt.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
         rt.state = "starting"

@@ -87,6 +87,7 @@ class NodeConfig:
     migrate_threshold: float = 0.0    # runtime CPU load (0..1) over which it sheds flows to a peer (0: off)
     scale_in_threshold: float = 0.0   # average runtime CPU load under which one is drained (0: off)
     min_runtimes: int = 1             # scale-in never goes below this
+    snapshot_every: int = 10          # K: packets between a flow's state snapshots to its replica (0: off)
 
     def validate(self) -> "NodeConfig":
         if not _NAME_RE.match(self.name):
@@ -118,6 +119,8 @@ class NodeConfig:
             raise ConfigError("max_migrations must be 1..100000")
         if not 0 <= self.migrate_threshold <= 1 or not 0 <= self.scale_in_threshold <= 1:
             raise ConfigError("migrate_threshold and scale_in_threshold must be in [0, 1]")
+        if not 0 <= self.snapshot_every <= 1_000_000:
+            raise ConfigError("snapshot_every must be 0 (no replication) or a packet count")
         if not 1 <= self.min_runtimes <= L.C["NFX_MAX_RUNTIMES"]:
             raise ConfigError("min_runtimes must be at least 1")
         if not 0 <= self.max_runtimes <= L.C["NFX_MAX_RUNTIMES"]:

@@ -182,7 +182,8 @@ def flows(name: str, limit: int | None = None) -> dict:
             "packets": a["packets"] if a else None, "bytes": a["bytes"] if a else None,
         }
         if a:
-            for k in ("chain", "rule", "dropped", "closed", "nfs", "nf_errors", "errors"):
+            for k in ("chain", "rule", "dropped", "closed", "nfs", "nf_errors", "errors", "replica",
+                      "snapshot_version", "migrating"):
                 if k in a:
                     entry[k] = a[k]
         out.append(entry)

@@ -20,6 +20,7 @@ from .actor import Actor
 from .maps import NodeMaps
 from .messages import ClusterKey, Endpoint, Message, MsgType
 from .migration import Migrator
+from .replication import Replicator
 from .packet import FLOW, Packet, classify
 from .rules import Policy, RuleError, load_policy
 from .xsk import XskSocket
@@ -34,7 +35,7 @@ class Runtime:
     def __init__(self, node: str, rt_id: int, ifname: str, core: int | None,
                  idle_timeout: float = 30.0, batch: int = 64, policy: Policy | None = None,
                  controller: int | None = None, heartbeat: float = 0.1, switch_agent: int | None = None,
-                 max_migrations: int = 1000, migrate_threshold: float = 0.0):
+                 max_migrations: int = 1000, migrate_threshold: float = 0.0, snapshot_every: int = 10):
         self.node = node
         self.id = rt_id
         self.ifname = ifname
@@ -60,6 +61,7 @@ class Runtime:
         self.ctl: rtctl.Server | None = None
         self.controller = ("127.0.0.1", controller) if controller else None
         self.migrator = Migrator(self, ("127.0.0.1", switch_agent) if switch_agent else None, max_migrations)
+        self.replicator = Replicator(self, snapshot_every)
         self.last_migration_error = ""
         self.heartbeat = heartbeat
         self.ep: Endpoint | None = None
@@ -75,23 +77,28 @@ class Runtime:
         self.xsk = XskSocket(ifindex, 0)
         self.maps = NodeMaps(self.node)
         self.ctl = rtctl.Server(nodeconf.runtime_socket(self.node, self.id), self.on_request)
+        if self.controller:
+            # hold frames until the flows' state is back from the peers (recovery)
+            self.replicator.recovering = True
         # Registering the socket is what makes frames flow to us.
         self.maps["xsks"].set(self.id, self.xsk.fd)
         if self.controller:
             self.ep = Endpoint(("127.0.0.1", 0), ClusterKey.load_or_create(nodeconf.cluster_key_path()),
                                f"rt{self.id}")
-            self.register()
+            self.register(recovering=True)
 
     # --- the controller --------------------------------------------------------
-    def register(self) -> None:
+    def register(self, recovering: bool = False) -> None:
         """Tell the controller we are up; it marks us running in the switch
-        and answers with the rules and the view.  Retried until it answers."""
+        (or starting, while we recover our flows' state) and answers with the
+        rules and the view.  Retried until it answers."""
         self.registered = False
         self.ep.request(self.controller, MsgType.REGISTER,
-                        {"id": self.id, "pid": os.getpid(), "core": self.core, "port": self.ifname},
-                        self.on_registered, timeout=0.2, retries=1_000_000)
+                        {"id": self.id, "pid": os.getpid(), "core": self.core, "port": self.ifname,
+                         "recovering": recovering},
+                        lambda msg: self.on_registered(msg, recovering), timeout=0.2, retries=1_000_000)
 
-    def on_registered(self, msg: Message) -> None:
+    def on_registered(self, msg: Message, recovering: bool = False) -> None:
         body = msg.body
         if body.get("policy") is not None:
             try:
@@ -99,7 +106,10 @@ class Runtime:
             except RuleError as e:
                 print(f"runtime {self.id}: controller sent a bad policy: {e}", file=sys.stderr, flush=True)
         self.view = body.get("view") or {}
-        self.registered = True
+        if recovering:
+            self.replicator.start_recovery(self.view)  # registers again, as running, when done
+        else:
+            self.registered = True
 
     def on_control(self, msg: Message, addr) -> None:
         if msg.type == MsgType.VIEW:
@@ -117,6 +127,10 @@ class Runtime:
             self.migrator.on_state(msg, addr)
         elif msg.type == MsgType.MIGRATE_DONE and msg.body.get("abort"):
             self.migrator.on_abort(msg, addr)
+        elif msg.type == MsgType.SNAPSHOT:
+            self.replicator.on_snapshot(msg, addr)
+        elif msg.type == MsgType.SNAPSHOT_FETCH:
+            self.replicator.on_fetch(msg, addr)
 
     def load(self) -> dict:
         """CPU share of one core, memory, flows and packet rate since the last call."""
@@ -197,6 +211,9 @@ class Runtime:
         return self.handle_slow(frame)
 
     def handle_slow(self, frame) -> bool:
+        if self.replicator.recovering:
+            self.replicator.hold(frame, 0, -1)  # until the actors are back from the snapshots
+            return False
         kind, key, direction, l4 = classify(frame)
         if kind != FLOW:
             # The switch sends us flows only; anything else is counted and dropped.
@@ -240,7 +257,11 @@ class Runtime:
         chain, rule_id = self.table.lookup(first.src, first.dst, first.proto, first.sport, first.dport)
         nfs = [self.nf_instance(t) for t in nf_api.decode_chain(chain)]
         self.stats["flows_created"] += 1
-        return Actor(key, direction, self.now, chain, nfs, rule_id)
+        replicating = self.ep is not None and self.replicator.every > 0
+        actor = Actor(key, direction, self.now, chain, nfs, rule_id, replicator=self.replicator if replicating else None)
+        if replicating:
+            self.replicator.due(actor)  # a first snapshot: every flow exists on its replica from the start
+        return actor
 
     def nf_instance(self, type_id: int) -> nf_api.NetworkFunction:
         """One instance of each NF per runtime, shared by every actor (paper 3.4)."""
@@ -294,6 +315,8 @@ class Runtime:
                 ep.tick(self.now)
                 if self.migrator.out:
                     self.migrator.tick(self.now)
+                if self.replicator.pending:
+                    self.replicator.flush()
                 if self.now >= next_heartbeat:
                     self.send_heartbeat()
                     next_heartbeat = self.now + self.heartbeat
@@ -312,6 +335,7 @@ class Runtime:
             for raw in actor.fast_keys:
                 self.fast.pop(raw, None)
             actor.end()
+            self.replicator.flow_ended(actor)
         self.stats["flows_expired"] += len(gone)
 
     # --- queries -------------------------------------------------------------
@@ -374,6 +398,7 @@ class Runtime:
             "policy_version": self.policy_version, "rules": len(self.policy.rules),
             "registered": self.registered, "view_version": self.view.get("version"),
             "migration": {**self.migrator.stats, "in_progress": len(self.migrator.out)},
+            "replication": self.replicator.status(),
             "control_rejected": dict(self.ep.rejected) if self.ep else {},
             "nf_errors": sum(a.nf_errors for a in self.flows.values()),
         }
@@ -393,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--switch-agent", type=int, help="the switch agent's UDP port on 127.0.0.1")
     ap.add_argument("--max-migrations", type=int, default=1000, help="concurrent outgoing migrations")
     ap.add_argument("--migrate-threshold", type=float, default=0.0, help="CPU load that makes it shed flows (0: off)")
+    ap.add_argument("--snapshot-every", type=int, default=10, help="packets between a flow's snapshots (K)")
     a = ap.parse_args(argv)
     policy = None
     if a.policy and os.path.exists(a.policy):
@@ -401,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         except RuleError as e:
             print(f"runtime {a.id}: bad policy, starting with none: {e}", file=sys.stderr, flush=True)
     rt = Runtime(a.node, a.id, a.ifname, a.core, a.idle_timeout, a.batch, policy, a.controller, a.heartbeat,
-                 a.switch_agent, a.max_migrations, a.migrate_threshold)
+                 a.switch_agent, a.max_migrations, a.migrate_threshold, a.snapshot_every)
 
     def on_signal(signum, frame):
         rt.stopping = True
