@@ -26,6 +26,25 @@ def _emit_json(obj) -> None:
     click.echo(json.dumps(obj, indent=2, default=str))
 
 
+def _write_result(result: dict, output: str) -> bool:
+    """Write a benchmark's JSON to `output` ('-': stdout); True if a file was written."""
+    text = json.dumps(result, indent=2)
+    if output == "-":
+        click.echo(text)
+        return False
+    with open(output, "w") as f:
+        f.write(text + "\n")
+    click.echo(f"wrote {output}")
+    return True
+
+
+def _int_list(value: str, what: str) -> list[int]:
+    try:
+        return [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter("a comma-separated list of integers", param_hint=what) from None
+
+
 def _cores(value: str | None) -> list[int]:
     if not value:
         return []
@@ -180,6 +199,15 @@ def status(name, as_json, all_counters):
                    f"{r.get('flows', '-') if r['live'] else '-':>7} {sw.get('to_rt_packets', 0):>10} "
                    f"{sw.get('from_rt_packets', 0):>10} {r.get('frames', '-') if r['live'] else '-':>10} "
                    f"{r.get('restarts', 0):>8}")
+    for r in st["runtimes"]:
+        rep = r.get("replication") or {}
+        if not rep:
+            continue
+        rec = rep.get("recovery") or {}
+        holding = sum((rep.get("holding") or {}).values())
+        recovered = f" ({rec.get('actors')} flows in {rec.get('seconds')} s)" if rec.get("phase") == "done" else ""
+        click.echo(f"rt{r['id']} replication: holding {holding} snapshots for its peers, sent "
+                   f"{rep.get('snapshots_sent', 0)}, shed {rep.get('shed', 0)}; recovery {rec.get('phase')}{recovered}")
     click.echo("switch counters:")
     for k, v in st["switch"].items():
         if v or all_counters:
@@ -503,15 +531,9 @@ def bench():
 def bench_forward(runtimes, duration, nflows, size, batch, output):
     """Pass-through rate with 1 and 2 runtimes and the XDP-only ceiling, same run."""
     from .bench import run_forward_bench
-    counts = [int(x) for x in runtimes.split(",") if x.strip()]
+    counts = _int_list(runtimes, "--runtimes")
     result = run_forward_bench(counts, duration=duration, flows=nflows, size=size, batch=batch)
-    text = json.dumps(result, indent=2)
-    if output == "-":
-        click.echo(text)
-    else:
-        with open(output, "w") as f:
-            f.write(text + "\n")
-        click.echo(f"wrote {output}")
+    if _write_result(result, output):
         for m in result["measurements"]:
             click.echo(f"  {m['label']:<22} {m['forwarded_mpps']:.3f} Mpps forwarded "
                        f"({m['ratio_to_ceiling']:.1%} of ceiling), offered {m['offered_mpps']:.3f} Mpps")
@@ -525,15 +547,9 @@ def bench_forward(runtimes, duration, nflows, size, batch, output):
 def bench_chains(runtimes, trial, steps, output):
     """Zero-loss rate per service chain (each NF alone, all three) with 1 and 2 runtimes (paper Fig. 6a)."""
     from .bench import run_chain_bench
-    counts = [int(x) for x in runtimes.split(",") if x.strip()]
+    counts = _int_list(runtimes, "--runtimes")
     result = run_chain_bench(counts, trial=trial, steps=steps)
-    text = json.dumps(result, indent=2)
-    if output == "-":
-        click.echo(text)
-    else:
-        with open(output, "w") as f:
-            f.write(text + "\n")
-        click.echo(f"wrote {output}")
+    if _write_result(result, output):
         for m in result["measurements"]:
             click.echo(f"  {m['label']:<52} zero-loss {m['zero_loss_mpps']:.3f} Mpps "
                        f"(max forwarded {m['max_forwarded_mpps']:.3f})")
@@ -557,20 +573,10 @@ def bench_migration(flow_counts, rates, caps, cap_flows, max_offered, output):
     per batch by flow count and rate, and by concurrency cap (paper Fig. 7-8)."""
     from .bench import run_migration_bench
 
-    def ints(value, what):
-        try:
-            return [int(x) for x in value.split(",") if x.strip()]
-        except ValueError:
-            raise click.BadParameter("a comma-separated list of integers", param_hint=what) from None
-    result = run_migration_bench(flow_counts=ints(flow_counts, "--flows"), rates=ints(rates, "--rates"),
-                                 caps=ints(caps, "--caps"), cap_flows=cap_flows, max_offered_pps=max_offered)
-    text = json.dumps(result, indent=2)
-    if output == "-":
-        click.echo(text)
+    result = run_migration_bench(flow_counts=_int_list(flow_counts, "--flows"), rates=_int_list(rates, "--rates"),
+                                 caps=_int_list(caps, "--caps"), cap_flows=cap_flows, max_offered_pps=max_offered)
+    if not _write_result(result, output):
         return
-    with open(output, "w") as f:
-        f.write(text + "\n")
-    click.echo(f"wrote {output}")
     for m in result["context"]:
         click.echo(f"  {m['label']:<26} {m['forwarded_mpps']:.3f} Mpps forwarded "
                    f"({m['ratio_to_ceiling']:.1%} of ceiling)")
@@ -589,6 +595,53 @@ def bench_migration(flow_counts, rates, caps, cap_flows, max_offered, output):
             click.echo(f"  {m['label'] if m.get('migrated') is None else '':<26} error: {m['error']}")
     click.echo(f"  paper: {result['paper_reference']['avg_per_flow_us']} us per flow")
 
+
+
+@bench.command("replication")
+@click.option("--runtimes", default="1,2", show_default=True, help="Runtime counts for the throughput, comma-separated.")
+@click.option("--flows", "flow_counts", default="1000,10000,50000", show_default=True,
+              help="Flow counts for the recovery time, comma-separated.")
+@click.option("--output", "-o", default="bench-replication.json", show_default=True,
+              help="JSON output file ('-' for stdout).")
+def bench_replication(runtimes, flow_counts, output):
+    """Throughput with and without state snapshots every 10 packets, and the recovery time
+    of a runtime killed with -9, by flow count (paper Fig. 10)."""
+    from .bench import run_replication_bench
+
+    result = run_replication_bench(counts=_int_list(runtimes, "--runtimes"), flow_counts=_int_list(flow_counts, "--flows"))
+    if not _write_result(result, output):
+        return
+    c = result["ceiling"]
+    click.echo(f"  {c['label']:<26} zero-loss {c['zero_loss_mpps']:.3f} Mpps (max forwarded {c['max_forwarded_mpps']:.3f})")
+    for m in result["throughput"]:
+        if m.get("error"):
+            click.echo(f"  {m['label']:<26} error: {m['error']}")
+            continue
+        lost = ""
+        if "zero_loss_lost_ratio" in m:
+            lost = f"  lost with replication: {m['zero_loss_lost_ratio']:.1%} zero-loss, " \
+                   f"{m.get('max_forwarded_lost_ratio', 0):.1%} max"
+        click.echo(f"  {m['label']:<26} zero-loss {m['zero_loss_mpps']:.3f} Mpps (max forwarded "
+                   f"{m['max_forwarded_mpps']:.3f}), peers {m['replica_peers']}, "
+                   f"snapshots {m['replication']['snapshots_sent']}{lost}")
+    click.echo(f"  {'recovery':<26} {'actors':>7} {'recovered':>9} {'detect s':>8} {'running s':>9} {'own s':>7}  stable")
+    for m in result["recovery"]:
+        if m.get("skipped"):
+            click.echo(f"  {m['label']:<26} skipped: {m['reason']}")
+        elif m.get("error"):
+            click.echo(f"  {m['label']:<26} error: {m['error']}")
+        else:
+            def f(v, fmt):
+                return format(v, fmt) if v is not None else "-"
+            click.echo(f"  {m['label']:<26} {m['actors_before'][0]:>7} {f(m['actors_recovered'], '>9')} "
+                       f"{f(m['detected_s'], '>8.3f')} {f(m['running_again_s'], '>9.3f')} "
+                       f"{f(m['recovery_seconds'], '>7.3f')}  "
+                       f"{'no: a runtime crashed again' if m.get('crashed_again') else 'yes'}")
+        for rt, e in (m.get("runtime_log_errors") or {}).items():
+            click.echo(f"  {'':<26} {rt} ({e['lines']} error lines): {e['last'][-1][:90]}")
+    p = result["paper_reference"]
+    click.echo(f"  paper: {p['throughput_lost_ratio']:.0%} throughput lost, recovery {p['recovery_total_s']} s "
+               f"({p['recovery_fetch_replay_s']} s fetching/replaying)")
 
 if __name__ == "__main__":
     main()

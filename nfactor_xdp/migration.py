@@ -20,7 +20,7 @@ import os
 import struct
 import time
 
-from .messages import MsgType
+from .messages import MessageError, MsgType
 from .packet import HI_TO_LO, TCP
 
 MARKER_TIMEOUT = 0.3   # seconds to wait for the marker before asking for it again
@@ -211,7 +211,10 @@ class Migrator:
                 bytes(frame[-len(m.payload):]) == m.payload:
             if not m.marker_seen:
                 m.marker_seen = True
-                self._send_state(m, actor)
+                try:
+                    self._send_state(m, actor)
+                except MessageError as e:  # e.g. a state too big for one message: keep the flow here
+                    self._rollback(m, f"cannot send the state: {e}")
             return True
         if m.marker_seen:
             self.stats["after_marker"] += 1  # cannot happen by construction: counted to show it does not

@@ -38,7 +38,7 @@ from .rules import RuleError, load_policy, save_policy
 
 READY_TIMEOUT = 20.0
 STOP_TIMEOUT = 5.0
-RESTART_BACKOFF = 0.5
+RESTART_BACKOFF = 0.1  # seconds before a dead runtime is started again
 
 
 class NodeError(RuntimeError):

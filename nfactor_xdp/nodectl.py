@@ -155,7 +155,8 @@ def status(name: str) -> dict:
         entry["live"] = live is not None
         if live:
             for k in ("pid", "flows", "frames", "forwarded", "dropped", "dropped_by_chain", "dropped_not_flow",
-                      "flows_created", "flows_expired", "idle_waits", "xsk", "uptime"):
+                      "flows_created", "flows_expired", "idle_waits", "xsk", "uptime", "replication", "migration",
+                      "control_errors"):
                 entry[k] = live.get(k)
         out["runtimes"].append(entry)
     return out

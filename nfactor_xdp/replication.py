@@ -17,15 +17,21 @@ from __future__ import annotations
 
 import time
 
+import msgpack
+
 from . import nf as nf_api
 from .messages import MsgType
 
 SNAPSHOT_EVERY = 10       # K: packets between snapshots (paper: 10)
 MAX_PENDING = 50_000      # actors waiting to be snapshotted; beyond that, shed (counted)
 MAX_STORE = 200_000       # snapshots this runtime holds for its peers before it refuses more
-MESSAGE_BUDGET = 45_000   # bytes of snapshots per control message
+MESSAGE_BUDGET = 40_000   # bytes of encoded snapshots per control message (frames are capped at 60,000)
 FETCH_TIMEOUT = 0.5
 MAX_RECOVERY_BUFFER = 50_000
+
+
+def _encoded_size(snap: dict) -> int:
+    return len(msgpack.packb(snap, use_bin_type=True)) + 8
 
 
 class Replicator:
@@ -88,7 +94,10 @@ class Replicator:
             return
         chunk, size = [], 0
         for s in snaps:
-            n = 64 + sum(len(x) for x in s["states"])
+            n = _encoded_size(s)
+            if n > MESSAGE_BUDGET:
+                self.stats["too_big"] = self.stats.get("too_big", 0) + 1  # a state too big for one message
+                continue
             if chunk and size + n > MESSAGE_BUDGET:
                 self._send_chunk(replica, addr, chunk, [])
                 chunk, size = [], 0
@@ -150,7 +159,7 @@ class Replicator:
         page, size = [], 0
         for k in keys:
             s = store[k]
-            n = 64 + sum(len(x) for x in s["states"])
+            n = _encoded_size(s)
             if page and size + n > MESSAGE_BUDGET:
                 break
             page.append(s)

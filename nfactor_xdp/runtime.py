@@ -48,7 +48,7 @@ class Runtime:
         self.started = time.time()
         self.now = time.monotonic()
         self.stats = {"dropped_not_flow": 0, "flows_created": 0, "flows_expired": 0, "idle_waits": 0,
-                      "load_migrations": 0}
+                      "load_migrations": 0, "control_errors": 0}
         self.migrate_threshold = migrate_threshold
         self._overloaded = 0
         self.policy = Policy()
@@ -112,6 +112,16 @@ class Runtime:
             self.registered = True
 
     def on_control(self, msg: Message, addr) -> None:
+        """A peer's message.  Nothing a peer sends, and no bug in handling it,
+        may stop the packet loop: errors are counted and logged."""
+        try:
+            self._on_control(msg, addr)
+        except Exception as e:
+            self.stats["control_errors"] += 1
+            print(f"runtime {self.id}: error handling {msg.type!r}: {type(e).__name__}: {e}",
+                  file=sys.stderr, flush=True)
+
+    def _on_control(self, msg: Message, addr) -> None:
         if msg.type == MsgType.VIEW:
             self.view = msg.body
         elif msg.type == MsgType.RULES:
@@ -316,7 +326,13 @@ class Runtime:
                 if self.migrator.out:
                     self.migrator.tick(self.now)
                 if self.replicator.pending:
-                    self.replicator.flush()
+                    try:
+                        self.replicator.flush()
+                    except Exception as e:  # never let replication stop forwarding
+                        self.stats["control_errors"] += 1
+                        self.replicator.pending.clear()
+                        print(f"runtime {self.id}: snapshot flush: {type(e).__name__}: {e}", file=sys.stderr,
+                              flush=True)
                 if self.now >= next_heartbeat:
                     self.send_heartbeat()
                     next_heartbeat = self.now + self.heartbeat
