@@ -7,7 +7,10 @@ from nfactor_xdp.cli import main
 from nfactor_xdp.nodeconf import ConfigError, NodeConfig
 
 COMMANDS = [[], ["up"], ["down"], ["status"], ["flows"], ["probe"], ["demo"], ["testbed"],
-            ["testbed", "up"], ["testbed", "down"], ["testbed", "show"], ["bench"], ["bench", "forward"]]
+            ["testbed", "up"], ["testbed", "down"], ["testbed", "show"], ["bench"], ["bench", "forward"],
+            ["bench", "chains"], ["bench", "migration"], ["bench", "replication"], ["migrate"], ["rules"],
+            ["rules", "add"], ["rules", "del"], ["rules", "list"], ["rules", "default"], ["rules", "load"],
+            ["runtime"], ["runtime", "add"], ["runtime", "stop"], ["runtime", "kill"], ["runtime", "drain"]]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "top")
