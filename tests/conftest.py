@@ -25,6 +25,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def forget_test_nodes_config():
+    """Nodes keep their policy under /var/lib/nfactor/<node> (configuration, kept
+    after down); test nodes' go when the session ends."""
+    import shutil
+    root = "/var/lib/nfactor"
+    before = set(os.listdir(root)) if os.path.isdir(root) else set()
+    yield
+    if os.path.isdir(root):
+        for name in set(os.listdir(root)) - before - {"cluster.key"}:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
 def wait_for(pred, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
     """Poll `pred` until it returns a truthy value or the deadline passes."""
     deadline = time.monotonic() + timeout
