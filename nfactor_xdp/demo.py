@@ -201,7 +201,7 @@ def run_demo(name: str = "demo", runtimes: int = 2, duration: float = 10.0, udp_
             if p.poll() is None:
                 p.kill()
                 p.wait()
-        out(f"[5/5] node down, testbed down")
+        out("[5/5] node down, testbed down")
         nodectl.stop(name)
         tb.down()
         left = _leftovers(name, name)

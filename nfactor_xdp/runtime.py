@@ -6,7 +6,6 @@ event loop over its AF_XDP socket and its query socket, one actor per flow.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import select
 import signal

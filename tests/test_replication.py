@@ -10,7 +10,6 @@ import time
 import pytest
 
 from conftest import Proc, run_tool, wait_for
-from nfactor_xdp import nodectl
 
 pytestmark = [pytest.mark.root, pytest.mark.netns]
 
@@ -60,7 +59,7 @@ def test_killed_runtime_recovers_its_flows_from_snapshots(node_factory):
     for k in on0:  # firewall verdicts kept: blocked flows stay blocked
         if _port(before[k]) >= 52000:
             assert after[k]["nfs"]["firewall"]["verdict"] == "drop"
-    sent = sender.result()
+    sender.result()
     got = sink.result()
     # the other runtime never stopped: its flows lost nothing, in order
     for peer, seqs in got["flows"].items():
