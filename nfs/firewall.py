@@ -7,7 +7,7 @@ Config (the "firewall" entry of the policy's nf_config):
      "default": "allow",        # verdict when no rule matches: "allow" | "drop"
      "strict_tcp": false}       # see "strict_tcp" below
 
-A rule's match fields are those of a service rule (nfactor_xdp.rules.FlowMatch:
+A rule's match fields are those of a service rule (nfactor_xdp.dataplane.rules.FlowMatch:
 prefixes, tcp/udp, ports or ranges, each may be omitted or "any"); "action" is
 required.  Unknown keys are errors.  init() validates the whole config before
 changing anything (a bad config raises RuleError naming the rule index and
@@ -66,9 +66,9 @@ from __future__ import annotations
 
 import ipaddress
 
-from nfactor_xdp.nf import NetworkFunction, register
-from nfactor_xdp.packet import ORIG, REPLY, TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
-from nfactor_xdp.rules import FlowMatch, RuleError
+from nfactor_xdp.dataplane.nf import NetworkFunction, register
+from nfactor_xdp.dataplane.packet import ORIG, REPLY, TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
+from nfactor_xdp.dataplane.rules import FlowMatch, RuleError
 
 ALLOW, DROP, PENDING = "allow", "drop", "pending"
 ACTIONS = (ALLOW, DROP)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from nfactor_xdp.nf import NetworkFunction, register
+from nfactor_xdp.dataplane.nf import NetworkFunction, register
 
 
 @register

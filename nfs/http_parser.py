@@ -31,8 +31,8 @@ max_field_bytes (256).
 """
 from __future__ import annotations
 
-from nfactor_xdp.nf import NetworkFunction, NFError, register
-from nfactor_xdp.packet import TCP, TCP_RST, TCP_SYN
+from nfactor_xdp.dataplane.nf import NetworkFunction, NFError, register
+from nfactor_xdp.dataplane.packet import TCP, TCP_RST, TCP_SYN
 
 HEADER, BODY, CLOSE, TUNNEL = "header", "body", "close", "tunnel"
 CHUNK_SIZE, CHUNK_DATA, CHUNK_END, TRAILER = "chunk_size", "chunk_data", "chunk_end", "trailer"

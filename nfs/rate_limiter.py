@@ -35,8 +35,8 @@ from __future__ import annotations
 import math
 from numbers import Real
 
-from nfactor_xdp.nf import NetworkFunction, register
-from nfactor_xdp.rules import RuleError
+from nfactor_xdp.dataplane.nf import NetworkFunction, register
+from nfactor_xdp.dataplane.rules import RuleError
 
 CONFIG_KEYS = {"pps", "burst", "bps", "byte_burst"}
 DEFAULTS = {"pps": 1000, "burst": 100, "bps": None, "byte_burst": None}

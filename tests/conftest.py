@@ -54,7 +54,7 @@ class Proc:
     """A traffic tool running in a namespace; it prints JSON lines."""
 
     def __init__(self, ns: str, *args: str):
-        self.p = subprocess.Popen(["ip", "netns", "exec", ns, PY, "-m", "nfactor_xdp.traffic", *args],
+        self.p = subprocess.Popen(["ip", "netns", "exec", ns, PY, "-m", "nfactor_xdp.tools.traffic", *args],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def wait_ready(self, timeout: float = 10.0):
@@ -82,7 +82,7 @@ def run_tool(ns: str, *args: str, timeout: float = 60.0) -> dict:
 
 @pytest.fixture
 def testbed():
-    from nfactor_xdp.testbed import Testbed, TestbedConfig
+    from nfactor_xdp.tools.testbed import Testbed, TestbedConfig
     name = f"t{uuid.uuid4().hex[:5]}"
     tb = Testbed(TestbedConfig(name=name))
     try:
@@ -94,8 +94,8 @@ def testbed():
 
 class RunningNode:
     def __init__(self, tb, name: str, runtimes: int, policy: str | None = None):
-        from nfactor_xdp import nodectl
-        from nfactor_xdp.nodeconf import NodeConfig
+        from nfactor_xdp.control import node_client as nodectl
+        from nfactor_xdp.formats.config import NodeConfig
         show = tb.show()
         self.tb = tb
         self.show = show
@@ -110,18 +110,18 @@ class RunningNode:
         self.state = nodectl.start(self.cfg)
 
     def status(self) -> dict:
-        from nfactor_xdp import nodectl
+        from nfactor_xdp.control import node_client as nodectl
         return nodectl.status(self.name)
 
     def flows(self) -> dict:
-        from nfactor_xdp import nodectl
+        from nfactor_xdp.control import node_client as nodectl
         return nodectl.flows(self.name)
 
     def cli(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run([PY, "-m", "nfactor_xdp.cli", *args], capture_output=True, text=True, timeout=60)
 
     def stop(self):
-        from nfactor_xdp import nodectl
+        from nfactor_xdp.control import node_client as nodectl
         nodectl.stop(self.name)
 
 

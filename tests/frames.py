@@ -11,7 +11,7 @@ from scapy.layers.inet6 import (ICMPv6EchoRequest, IPv6, IPv6ExtHdrDestOpt, IPv6
                                 IPv6ExtHdrHopByHop, IPv6ExtHdrRouting)
 from scapy.layers.l2 import ARP, Dot1Q, Ether
 
-from nfactor_xdp.packet import DROP, FLOW, OTHER
+from nfactor_xdp.dataplane.packet import DROP, FLOW, OTHER
 
 SRC_MAC, DST_MAC = "02:77:00:00:00:01", "02:77:00:00:00:02"
 A4, B4 = "10.77.0.1", "10.77.0.2"

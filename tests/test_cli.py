@@ -4,7 +4,7 @@ import pytest
 from click.testing import CliRunner
 
 from nfactor_xdp.cli import main
-from nfactor_xdp.nodeconf import ConfigError, NodeConfig
+from nfactor_xdp.formats.config import ConfigError, NodeConfig
 
 COMMANDS = [[], ["up"], ["down"], ["status"], ["flows"], ["probe"], ["demo"], ["testbed"],
             ["testbed", "up"], ["testbed", "down"], ["testbed", "show"], ["bench"], ["bench", "forward"],

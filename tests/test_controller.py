@@ -14,8 +14,9 @@ import time
 import pytest
 
 from conftest import Proc, run_tool, wait_for
-from nfactor_xdp import netns, nodeconf
-from nfactor_xdp.messages import ClusterKey, MsgType, encode
+from nfactor_xdp.kern import netns
+from nfactor_xdp.formats import config as nodeconf
+from nfactor_xdp.formats.messages import ClusterKey, MsgType, encode
 
 pytestmark = [pytest.mark.root, pytest.mark.netns]
 
@@ -29,7 +30,7 @@ def _rt(node, rt_id):
 
 def _view_state(node, rt_id):
     """The controller's view alone (no runtime is asked: a hung one would stall the answer)."""
-    from nfactor_xdp import nodectl
+    from nfactor_xdp.control import node_client as nodectl
     view = nodectl.control_call(node.name, "control", MsgType.STATUS, {}, timeout=0.3)["view"]["runtimes"]
     return next(e["state"] for e in view if e["id"] == rt_id)
 
@@ -171,8 +172,8 @@ def test_runtime_add_and_stop(node_factory):
 
 
 def test_scale_out_under_load(testbed):
-    from nfactor_xdp import nodectl
-    from nfactor_xdp.nodeconf import NodeConfig
+    from nfactor_xdp.control import node_client as nodectl
+    from nfactor_xdp.formats.config import NodeConfig
     show = testbed.show()
     name = "s" + testbed.name[-4:]
     cfg = NodeConfig(name=name, netns=show["namespaces"]["node"], runtimes=1, max_runtimes=2,

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from nfactor_xdp.ctllog import ControllerLog, LogError
+from nfactor_xdp.control.durable_log import ControllerLog, LogError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -198,7 +198,7 @@ def test_ten_thousand_entries_compact_to_a_snapshot(path):
 CHILD = r"""
 import sys
 sys.path.insert(0, sys.argv[1])
-from nfactor_xdp.ctllog import ControllerLog
+from nfactor_xdp.control.durable_log import ControllerLog
 log = ControllerLog(sys.argv[2])
 mode = sys.argv[3]
 i = 0

@@ -12,9 +12,9 @@ import pytest
 
 from conftest import PY, Proc, run_tool, wait_for
 from frames import cases
-from nfactor_xdp import netns
-from nfactor_xdp.node import _pid_alive
-from nfactor_xdp.packet import FLOW
+from nfactor_xdp.kern import netns
+from nfactor_xdp.control.supervisor import _pid_alive
+from nfactor_xdp.dataplane.packet import FLOW
 
 pytestmark = [pytest.mark.root, pytest.mark.netns]
 
@@ -127,7 +127,7 @@ def test_a_redirect_into_a_veth_without_napi_is_counted_not_silent(node):
     _udp_exchange(node, flows=4, packets=10)
     assert node.status()["switch"]["redirect_err"] == 0
     # take NAPI away from the sink's interface: its XDP program and GRO
-    from nfactor_xdp.loader import detach
+    from nfactor_xdp.kern.loader import detach
     with netns.entered(node.dst_ns):
         detach("eth0")
     netns.run(node.dst_ns, ["ethtool", "-K", "eth0", "gro", "off"])
@@ -182,7 +182,7 @@ def test_killed_runtime_is_restarted_and_its_flows_come_back(node):
 
 
 def test_agent_restart_keeps_every_flow_in_place(node):
-    from nfactor_xdp import nodectl
+    from nfactor_xdp.control import node_client as nodectl
     sent, _ = _udp_exchange(node, flows=10, packets=5, base_port=31000)
     placed = {f["key"]: f["switch_runtime"] for f in node.flows()["flows"]}
     agent = node.status()["agent_pid"]
@@ -213,7 +213,7 @@ def test_down_leaves_nothing_behind(testbed, node_factory):
 
 
 def test_foreground_node_stops_cleanly_on_ctrl_c(testbed):
-    from nfactor_xdp import nodeconf
+    from nfactor_xdp.formats import config as nodeconf
     name = "fg" + testbed.name[-4:]
     node_ns = testbed.show()["namespaces"]["node"]
     p = subprocess.Popen([PY, "-m", "nfactor_xdp.cli", "up", "--foreground", "--name", name, "--netns", node_ns,

@@ -5,8 +5,8 @@ import uuid
 
 import pytest
 
-from nfactor_xdp import layouts as L
-from nfactor_xdp.layouts import HeaderError, SharedHeader
+from nfactor_xdp.kern import layouts as L
+from nfactor_xdp.kern.layouts import HeaderError, SharedHeader
 
 
 def test_struct_sizes():
@@ -50,7 +50,7 @@ def _fields(t):
 def test_layouts_match_what_bcc_compiled():
     from bcc import BPF
 
-    from nfactor_xdp.loader import Programs, remove_pins
+    from nfactor_xdp.kern.loader import Programs, remove_pins
     node = f"l{uuid.uuid4().hex[:6]}"
     progs = Programs(node, tracer=False)
     try:

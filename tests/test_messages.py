@@ -19,8 +19,8 @@ import time
 import msgpack
 import pytest
 
-from nfactor_xdp import messages as m
-from nfactor_xdp.messages import (ClusterKey, ClusterKeyError, Endpoint, MessageError, MessageTimeout,
+from nfactor_xdp.formats import messages as m
+from nfactor_xdp.formats.messages import (ClusterKey, ClusterKeyError, Endpoint, MessageError, MessageTimeout,
                                   MsgType, decode, encode, reply)
 
 KEY = bytes(range(32))

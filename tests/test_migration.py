@@ -9,8 +9,7 @@ import threading
 import pytest
 
 from conftest import Proc, run_tool, wait_for
-from nfactor_xdp import nodectl
-
+from nfactor_xdp.control import node_client as nodectl
 pytestmark = [pytest.mark.root, pytest.mark.netns]
 
 POLICY = {"rules": [{"proto": "udp", "chain": ["flow_monitor", "firewall"]},
@@ -150,7 +149,7 @@ def test_target_that_never_answers_leaves_the_flow_at_the_source(node_factory):
 def test_killed_target_and_killed_switch_agent(node_factory):
     import os
     import signal
-    from nfactor_xdp import nodeconf
+    from nfactor_xdp.formats import config as nodeconf
     n = node_factory(2, POLICY)
     sink, sender, flows, packets = _stream(n, packets=1500)
     ports_on_0 = {int(f["flow"].split()[1].rsplit(":", 1)[1]) for f in _flows_on(n, 0)}
@@ -202,7 +201,7 @@ def test_drain_moves_every_flow_away_then_stops_the_runtime(node_factory):
 
 
 def test_scale_in_of_an_idle_runtime(testbed):
-    from nfactor_xdp.nodeconf import NodeConfig
+    from nfactor_xdp.formats.config import NodeConfig
     show = testbed.show()
     name = "i" + testbed.name[-4:]
     cfg = NodeConfig(name=name, netns=show["namespaces"]["node"], runtimes=2, scale_in_threshold=0.5,
@@ -217,7 +216,7 @@ def test_scale_in_of_an_idle_runtime(testbed):
 
 def test_overloaded_runtime_sheds_flows_to_an_idle_one(testbed):
     from conftest import RunningNode
-    from nfactor_xdp.nodeconf import NodeConfig
+    from nfactor_xdp.formats.config import NodeConfig
     show = testbed.show()
     name = "o" + testbed.name[-4:]
     n = RunningNode.__new__(RunningNode)

@@ -4,10 +4,10 @@ import pytest
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 
-from nfactor_xdp import nf
-from nfactor_xdp.actor import Actor
-from nfactor_xdp.nf import NetworkFunction, NFError, decode_chain, encode_chain, register
-from nfactor_xdp.packet import classify
+from nfactor_xdp.dataplane import nf
+from nfactor_xdp.dataplane.actor import Actor
+from nfactor_xdp.dataplane.nf import NetworkFunction, NFError, decode_chain, encode_chain, register
+from nfactor_xdp.dataplane.packet import classify
 
 
 def frame(src="10.0.0.1", dst="10.0.0.2", sport=1000, dport=80, payload=b"", proto="tcp", flags="A"):

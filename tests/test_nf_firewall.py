@@ -9,9 +9,9 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
-from nfactor_xdp import nf
-from nfactor_xdp.packet import FLOW, Packet, classify
-from nfactor_xdp.rules import RuleError
+from nfactor_xdp.dataplane import nf
+from nfactor_xdp.dataplane.packet import FLOW, Packet, classify
+from nfactor_xdp.dataplane.rules import RuleError
 from nfs.firewall import Firewall
 
 CLIENT, SERVER = "10.1.0.5", "10.0.0.2"

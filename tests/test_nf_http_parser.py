@@ -11,8 +11,8 @@ import pytest
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 
-from nfactor_xdp import nf
-from nfactor_xdp.packet import FLOW, Packet, classify
+from nfactor_xdp.dataplane import nf
+from nfactor_xdp.dataplane.packet import FLOW, Packet, classify
 from nfs.http_parser import HttpParser
 
 CLIENT, SERVER = "10.77.0.1", "10.77.0.2"

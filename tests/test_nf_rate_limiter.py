@@ -7,9 +7,9 @@ import pytest
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
-from nfactor_xdp import nf
-from nfactor_xdp.packet import FLOW, Packet, classify
-from nfactor_xdp.rules import RuleError
+from nfactor_xdp.dataplane import nf
+from nfactor_xdp.dataplane.packet import FLOW, Packet, classify
+from nfactor_xdp.dataplane.rules import RuleError
 from nfs.rate_limiter import RateLimiter
 
 

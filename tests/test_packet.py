@@ -5,9 +5,9 @@ import struct
 import pytest
 
 from frames import cases
-from nfactor_xdp.layouts import FlowKey
-from nfactor_xdp.maps import FlowKey as DecodedKey
-from nfactor_xdp.packet import DROP, FLOW, HI_TO_LO, LO_TO_HI, OTHER, classify
+from nfactor_xdp.kern.layouts import FlowKey
+from nfactor_xdp.kern.maps import FlowKey as DecodedKey
+from nfactor_xdp.dataplane.packet import DROP, FLOW, HI_TO_LO, LO_TO_HI, OTHER, classify
 
 CASES = cases()
 
@@ -61,7 +61,7 @@ def test_memoryview_input_is_accepted():
 
 
 def test_flow_given_as_a_five_tuple_names_the_same_key():
-    from nfactor_xdp.packet import parse_flow
+    from nfactor_xdp.dataplane.packet import parse_flow
     raw = CASES[0].frame  # tcp4 10.77.0.1:40000 -> 10.77.0.2:80
     key = classify(raw)[1]
     assert parse_flow("tcp 10.77.0.1:40000 10.77.0.2:80") == key

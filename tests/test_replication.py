@@ -47,7 +47,7 @@ def test_killed_runtime_recovers_its_flows_from_snapshots(node_factory):
     wait_for(lambda: next(r for r in n.status()["runtimes"] if r["id"] == 0)["state"] == "running",
              timeout=30, interval=0.02, what="runtime 0 recovered and running")
     back = time.monotonic() - t_kill
-    from nfactor_xdp import nodeconf, rtctl
+    from nfactor_xdp.formats import config as nodeconf, query as rtctl
     rec = rtctl.request(nodeconf.runtime_socket(n.name, 0), "status")["replication"]["recovery"]
     assert rec["phase"] == "done" and rec["actors"] >= len(on0), rec
 

@@ -6,9 +6,7 @@ import struct
 import msgpack
 import pytest
 
-from nfactor_xdp import rtctl
-
-
+from nfactor_xdp.formats import query as rtctl
 @pytest.fixture
 def server(tmp_path):
     calls = []

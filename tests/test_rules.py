@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from nfactor_xdp.nf import encode_chain
-from nfactor_xdp.rules import Policy, RuleError, load_policy, save_policy
+from nfactor_xdp.dataplane.nf import encode_chain
+from nfactor_xdp.dataplane.rules import Policy, RuleError, load_policy, save_policy
 
 FM, FW, HP = "flow_monitor", "firewall", "http_parser"
 

@@ -8,8 +8,8 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
-from nfactor_xdp.rules import Policy
-from nfactor_xdp.runtime import CLOSE_LINGER, Runtime
+from nfactor_xdp.dataplane.rules import Policy
+from nfactor_xdp.dataplane.runtime import CLOSE_LINGER, Runtime
 
 
 def udp(sport=5000, dport=53, src="10.0.0.1", dst="10.0.0.2"):
@@ -87,7 +87,7 @@ def test_non_flow_frames_are_counted_and_dropped():
 
 def test_third_party_nf_module_from_the_policy(tmp_path, monkeypatch):
     (tmp_path / "my_counter_nf.py").write_text(textwrap.dedent('''
-        from nfactor_xdp.nf import NetworkFunction, register
+        from nfactor_xdp.dataplane.nf import NetworkFunction, register
 
         @register
         class EveryOther(NetworkFunction):

@@ -17,12 +17,13 @@ import uuid
 import pytest
 
 from conftest import wait_for
-from nfactor_xdp import layouts as L
-from nfactor_xdp import netns, nodeconf
-from nfactor_xdp.bpfsys import BPF_NOEXIST
-from nfactor_xdp.messages import ClusterKey, Endpoint, MessageTimeout, MsgType
-from nfactor_xdp.packet import FLOW, classify
-from nfactor_xdp.switchagent import (MARKER_MAGIC, MarkerInjector, SwitchAgent, check_grace_period,
+from nfactor_xdp.kern import layouts as L
+from nfactor_xdp.kern import netns
+from nfactor_xdp.formats import config as nodeconf
+from nfactor_xdp.kern.bpfsys import BPF_NOEXIST
+from nfactor_xdp.formats.messages import ClusterKey, Endpoint, MessageTimeout, MsgType
+from nfactor_xdp.dataplane.packet import FLOW, classify
+from nfactor_xdp.control.switch_agent import (MARKER_MAGIC, MarkerInjector, SwitchAgent, check_grace_period,
                                      grace_period, is_marker, marker_payload)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -97,7 +98,7 @@ def _make_port(ns: str) -> None:
     its NAPI is the receive ring the switch's redirects go to."""
     from pyroute2 import IPRoute
 
-    from nfactor_xdp.loader import attach_pass
+    from nfactor_xdp.kern.loader import attach_pass
     with netns.entered(ns), IPRoute() as ipr:
         ipr.link("add", ifname="sw-rt0", kind="veth", num_tx_queues=1, num_rx_queues=1,
                  peer={"ifname": "rt0", "num_tx_queues": 1, "num_rx_queues": 1})
@@ -113,7 +114,7 @@ def _start_agent(ns: str, node: str, port: int, log: str) -> subprocess.Popen:
     # Forked from inside the namespace, like the supervisor does: `ip netns exec`
     # would mount the namespace's own /sys, without the bpffs holding the pins.
     with open(log, "ab") as out, netns.entered(ns):
-        return subprocess.Popen([sys.executable, "-m", "nfactor_xdp.switchagent", "--node", node,
+        return subprocess.Popen([sys.executable, "-m", "nfactor_xdp.control.switch_agent", "--node", node,
                                  "--port", str(port)],
                                 cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
@@ -131,8 +132,8 @@ def _stop(proc: subprocess.Popen) -> int:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    from nfactor_xdp.loader import Programs, remove_pins
-    from nfactor_xdp.maps import NodeMaps
+    from nfactor_xdp.kern.loader import Programs, remove_pins
+    from nfactor_xdp.kern.maps import NodeMaps
     tag = uuid.uuid4().hex[:6]
     ns, node = f"nfxsa-{tag}", f"s{tag}"
     log = str(tmp_path_factory.mktemp("switchagent") / "agent.log")
@@ -464,9 +465,9 @@ def live_switch(tmp_path):
     the agent running, an AF_XDP socket standing in for runtime 0."""
     from pyroute2 import IPRoute
 
-    from nfactor_xdp.node import Node, teardown
-    from nfactor_xdp.nodeconf import NodeConfig
-    from nfactor_xdp.xsk import XskSocket
+    from nfactor_xdp.control.supervisor import Node, teardown
+    from nfactor_xdp.formats.config import NodeConfig
+    from nfactor_xdp.kern.xsk import XskSocket
     tag = uuid.uuid4().hex[:6]
     ns, name = f"nfxso-{tag}", f"o{tag}"
     log = str(tmp_path / "agent.log")

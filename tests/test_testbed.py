@@ -1,4 +1,4 @@
-"""Tests of nfactor_xdp.testbed: pure logic without root, the real thing with."""
+"""Tests of nfactor_xdp.tools.testbed: pure logic without root, the real thing with."""
 from __future__ import annotations
 
 import itertools
@@ -13,9 +13,9 @@ import time
 
 import pytest
 
-from nfactor_xdp import netns
-from nfactor_xdp import testbed as tbmod
-from nfactor_xdp.testbed import (
+from nfactor_xdp.kern import netns
+from nfactor_xdp.tools import testbed as tbmod
+from nfactor_xdp.tools.testbed import (
     Testbed,
     TestbedConfig,
     TestbedError,
@@ -413,7 +413,7 @@ class TestLive:
             p = info["node"]["ports"][port]
             assert (p["ifname"], p["mac"], p["ifindex"]) == (port, mac, links[port]["ifindex"])
         # the same from another process, through the state file
-        code = ("import json, sys; from nfactor_xdp.testbed import Testbed; "
+        code = ("import json, sys; from nfactor_xdp.tools.testbed import Testbed; "
                 "print(json.dumps(Testbed.load(sys.argv[1]).show()))")
         other = subprocess.run([sys.executable, "-c", code, tb.name], capture_output=True, text=True, check=True)
         assert json.loads(other.stdout) == info
@@ -471,7 +471,7 @@ class TestLive:
 
     def test_down_from_another_process(self, make_testbed):
         tb = make_testbed()
-        code = "import sys; from nfactor_xdp.testbed import Testbed; print(Testbed.load(sys.argv[1]).down())"
+        code = "import sys; from nfactor_xdp.tools.testbed import Testbed; print(Testbed.load(sys.argv[1]).down())"
         subprocess.run([sys.executable, "-c", code, tb.name], check=True, capture_output=True)
         assert [ns for ns in tb.config.namespaces.values() if netns.exists(ns)] == []
         with pytest.raises(TestbedError):

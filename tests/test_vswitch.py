@@ -9,13 +9,13 @@ import uuid
 import pytest
 
 from frames import cases
-from nfactor_xdp import layouts as L
-from nfactor_xdp import netns
-from nfactor_xdp.bpfsys import BpfError, possible_cpus, prog_test_run, xdp_md
-from nfactor_xdp.loader import Programs
-from nfactor_xdp.node import Node, teardown
-from nfactor_xdp.nodeconf import NodeConfig
-from nfactor_xdp.packet import DROP, FLOW, OTHER, classify
+from nfactor_xdp.kern import layouts as L
+from nfactor_xdp.kern import netns
+from nfactor_xdp.kern.bpfsys import BpfError, possible_cpus, prog_test_run, xdp_md
+from nfactor_xdp.kern.loader import Programs
+from nfactor_xdp.control.supervisor import Node, teardown
+from nfactor_xdp.formats.config import NodeConfig
+from nfactor_xdp.dataplane.packet import DROP, FLOW, OTHER, classify
 
 pytestmark = [pytest.mark.root, pytest.mark.netns]
 

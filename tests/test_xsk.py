@@ -1,4 +1,4 @@
-"""Tests of nfactor_xdp.xsk.
+"""Tests of nfactor_xdp.kern.xsk.
 
 Unit tests of the ring arithmetic run anywhere.  The root/netns tests build a
 veth pair a<->b in a private namespace, redirect frames of a test ethertype
@@ -20,8 +20,8 @@ import uuid
 
 import pytest
 
-from nfactor_xdp import xsk
-from nfactor_xdp.xsk import U32, Ring, XskError, XskSocket
+from nfactor_xdp.kern import xsk
+from nfactor_xdp.kern.xsk import U32, Ring, XskError, XskSocket
 
 # --------------------------------------------------------------------------
 # unit tests: ring index arithmetic on bytearray-backed memory
@@ -433,14 +433,14 @@ class Bed:
         self.xsks = bpf[b"xsks"]
 
     def socket(self, **kw) -> XskSocket:
-        from nfactor_xdp import netns
+        from nfactor_xdp.kern import netns
         with netns.entered(self.ns):
             s = XskSocket(self.idx_a, 0, **kw)
         self.xsks[ctypes.c_int(0)] = ctypes.c_int(s.fd)
         return s
 
     def packet_socket(self, dev="b") -> socket.socket:
-        from nfactor_xdp import netns
+        from nfactor_xdp.kern import netns
         with netns.entered(self.ns):
             s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_TYPE))
             s.bind((dev, 0))
@@ -465,8 +465,7 @@ def bed():
         pytest.skip("needs root")
     from bcc import BPF
     from pyroute2 import IPRoute
-    from nfactor_xdp import netns
-
+    from nfactor_xdp.kern import netns
     tag = uuid.uuid4().hex[:8]
     ns = f"xsk-{tag}"
     progs = (f"xr_{tag}", f"xp_{tag}")           # unique names: find leftovers
@@ -729,7 +728,7 @@ def test_wait_timeout_and_close_idempotent(bed):
 @pytest.mark.netns
 @needs_root
 def test_bind_failure_names_interface_queue_and_errno(bed):
-    from nfactor_xdp import netns
+    from nfactor_xdp.kern import netns
     with netns.entered(bed.ns):
         with pytest.raises(XskError) as ei:
             XskSocket(bed.idx_a, 7)                 # veth a has one queue
@@ -746,7 +745,7 @@ def test_bind_failure_names_interface_queue_and_errno(bed):
 @pytest.mark.netns
 @needs_root
 def test_reopen_right_after_close_and_busy_queue(bed):
-    from nfactor_xdp import netns
+    from nfactor_xdp.kern import netns
     cap = bed.packet_socket()
     # The kernel releases a closed socket's queue asynchronously; the
     # constructor retries EBUSY for bind_timeout, so a restart can rebind.

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import ctypes
 import re
+from importlib import resources
 from pathlib import Path
 
-BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
+# bpf/ is installed as package data (nfactor_xdp.bpf); BCC needs real paths.
+BPF_DIR = Path(str(resources.files("nfactor_xdp.bpf")))
 SHARED_HEADER = BPF_DIR / "nfactor_shared.h"
 
 _CTYPES = {

@@ -8,8 +8,8 @@ import shutil
 import socket
 import uuid
 
-from . import netns
-from .bpfsys import prog_test_run, xdp_md
+from ..kern import netns
+from ..kern.bpfsys import prog_test_run, xdp_md
 
 
 def _check(name: str, fn, hint: str) -> dict:
@@ -86,7 +86,7 @@ def _bpf_xdp_features():
     namespace and bind an AF_XDP socket to it."""
     from bcc import BPF
 
-    from .xsk import XskSocket
+    from ..kern.xsk import XskSocket
     b = BPF(text=_PROBE_PROG)
     fn = b.load_func("probe", BPF.XDP)
     frame = bytes(60)

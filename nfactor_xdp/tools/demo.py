@@ -13,8 +13,10 @@ import subprocess
 import sys
 import time
 
-from . import netns, nodeconf, nodectl
-from .nodeconf import NodeConfig
+from ..kern import netns
+from ..formats import config as nodeconf
+from ..control import node_client as nodectl
+from ..formats.config import NodeConfig
 from .testbed import Testbed, TestbedConfig
 
 TCP_CLIENTS = 4
@@ -38,7 +40,7 @@ def demo_policy(blocked: int) -> dict:
 
 
 def _tool(ns: str, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "nfactor_xdp.traffic", *args],
+    return subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "nfactor_xdp.tools.traffic", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

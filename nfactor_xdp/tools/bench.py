@@ -27,13 +27,14 @@ import subprocess
 import sys
 import time
 
-from . import layouts as L
-from . import netns, nodectl
-from .bpfsys import BpfMap
-from .maps import NodeMaps
-from . import nodeconf
-from .nodeconf import NodeConfig
-from .rules import Policy, parse_chain
+from ..kern import layouts as L
+from ..kern import netns
+from ..control import node_client as nodectl
+from ..kern.bpfsys import BpfMap
+from ..kern.maps import NodeMaps
+from ..formats import config as nodeconf
+from ..formats.config import NodeConfig
+from ..dataplane.rules import Policy, parse_chain
 from .testbed import Testbed, TestbedConfig
 
 GEN_CPU = 0
@@ -115,7 +116,7 @@ def generator_main(ns: str, ifname: str) -> None:
 
     from bcc import BPF
 
-    from .bpfsys import BPF_F_TEST_XDP_LIVE_FRAMES, prog_test_run, xdp_md
+    from ..kern.bpfsys import BPF_F_TEST_XDP_LIVE_FRAMES, prog_test_run, xdp_md
     os.sched_setaffinity(0, {GEN_CPU})
     b = BPF(text=_GEN_PROG)
     fn = b.load_func("gen", BPF.XDP)
@@ -154,7 +155,7 @@ def generator_main(ns: str, ifname: str) -> None:
 
 class Generator:
     def __init__(self, ns: str, ifname: str = "eth0"):
-        self.p = subprocess.Popen([sys.executable, "-m", "nfactor_xdp.bench", "--gen", ns, ifname],
+        self.p = subprocess.Popen([sys.executable, "-m", "nfactor_xdp.tools.bench", "--gen", ns, ifname],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         if not self.p.stdout.readline():
             raise RuntimeError(f"generator failed: {self.p.stderr.read()[-500:]}")
@@ -181,7 +182,7 @@ class Sink:
     def __init__(self, ns: str, ifname: str):
         from bcc import BPF
 
-        from .loader import detach
+        from ..kern.loader import detach
         self.ns, self.ifname = ns, ifname
         self.bpf = BPF(text=_SINK_PROG)
         fn = self.bpf.load_func("sink", BPF.XDP)
@@ -205,7 +206,7 @@ class Sink:
         return last
 
     def close(self) -> None:
-        from .loader import attach_pass, detach
+        from ..kern.loader import attach_pass, detach
         with netns.entered(self.ns):
             detach(self.ifname)
         attach_pass(self.ifname, self.ns)
@@ -390,7 +391,7 @@ def _rt_status(name: str, rt_id: int) -> dict:
 
 def _switch_agent_stats(name: str) -> dict:
     """The switch agent's STATUS counters (moves, batches, membarrier_us_*)."""
-    from .messages import MsgType
+    from ..formats.messages import MsgType
     try:
         return dict(nodectl.control_call(name, "switch", MsgType.STATUS, {}, timeout=0.5).get("stats") or {})
     except nodectl.NodeCtlError as e:
@@ -623,7 +624,7 @@ def _replication_totals(name: str, runtimes: int) -> dict:
 
 def _view_state(name: str, rt_id: int) -> str | None:
     """Runtime rt_id's state in the controller's view (None: no answer)."""
-    from .messages import MsgType
+    from ..formats.messages import MsgType
     try:
         ctl = nodectl.control_call(name, "control", MsgType.STATUS, {}, timeout=0.2)
     except nodectl.NodeCtlError:

@@ -12,8 +12,8 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 
-from . import layouts as L
-from .maps import pin_dir
+from ..kern import layouts as L
+from ..kern.maps import pin_dir
 
 RUN_ROOT = "/run/nfactor"
 LOG_ROOT = "/var/log/nfactor"

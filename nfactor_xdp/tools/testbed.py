@@ -41,8 +41,8 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from . import netns
-from .loader import attach_pass
+from ..kern import netns
+from ..kern.loader import attach_pass
 
 STATE_DIR = "/run/nfactor"
 

@@ -13,8 +13,8 @@ import sys
 
 import click
 
-from . import layouts as L
-from .nodeconf import DEFAULT_NODE, ConfigError, NodeConfig
+from ..kern import layouts as L
+from ..formats.config import DEFAULT_NODE, ConfigError, NodeConfig
 
 
 def _fail(msg: str) -> None:
@@ -117,9 +117,9 @@ def up(name, ext0, ext1, netns, testbed_name, runtimes, cores, other_action, flo
     returns once every runtime is running.  Runs in the background unless
     --foreground.
     """
-    from . import nodectl
+    from ..control import node_client as nodectl
     if testbed_name:
-        from .testbed import Testbed
+        from ..tools.testbed import Testbed
         try:
             tb = Testbed.load(testbed_name)
         except Exception as e:
@@ -139,10 +139,10 @@ def up(name, ext0, ext1, netns, testbed_name, runtimes, cores, other_action, flo
     try:
         cfg.validate()
         if policy:
-            from .rules import load_policy
+            from ..dataplane.rules import load_policy
             load_policy(policy)  # a bad policy is refused here, with its reason
         if foreground:
-            from .node import run_foreground
+            from ..control.supervisor import run_foreground
             sys.exit(run_foreground(cfg))
         state = nodectl.start(cfg)
     except (ConfigError, nodectl.NodeCtlError, OSError, RuntimeError, ValueError) as e:
@@ -156,7 +156,7 @@ def up(name, ext0, ext1, netns, testbed_name, runtimes, cores, other_action, flo
 @click.option("--purge", is_flag=True, help="Also remove pins and state left by a crashed node.")
 def down(name, purge):
     """Stop a node and remove everything it made (programs, ports, pins, state)."""
-    from . import nodectl
+    from ..control import node_client as nodectl
     try:
         removed = nodectl.stop(name, purge=purge)
     except (OSError, RuntimeError) as e:
@@ -170,7 +170,7 @@ def down(name, purge):
 @click.option("--all-counters", is_flag=True, help="Show counters that are zero too.")
 def status(name, as_json, all_counters):
     """Runtimes (state, pid, core, packets, flows) and switch counters."""
-    from . import nodectl
+    from ..control import node_client as nodectl
     try:
         st = nodectl.status(name)
     except (nodectl.NodeCtlError, OSError) as e:
@@ -220,7 +220,7 @@ def status(name, as_json, all_counters):
 @click.option("--limit", type=int, default=None, help="Show at most this many flows.")
 def flows(name, as_json, limit):
     """Flows: where the switch placed each one and what its actor counted."""
-    from . import nodectl
+    from ..control import node_client as nodectl
     try:
         out = nodectl.flows(name, limit=limit)
     except (nodectl.NodeCtlError, OSError) as e:
@@ -242,7 +242,7 @@ def flows(name, as_json, limit):
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def probe(as_json):
     """Check every kernel and system feature the node needs; say what is missing."""
-    from .probe import run_probe
+    from ..tools.probe import run_probe
     checks = run_probe()
     if as_json:
         _emit_json(checks)
@@ -269,7 +269,7 @@ def rules():
 
 
 def _rules_done(name, policy, what):
-    from . import nodectl
+    from ..control import node_client as nodectl
     took = nodectl.put_policy(name, policy)
     click.echo(f"{what}; {'pushed to runtimes ' + ', '.join(map(str, took)) if took else 'saved (node not running)'}")
 
@@ -279,7 +279,8 @@ def _rules_done(name, policy, what):
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def rules_list(name, as_json):
     """The node's rules, most specific first, and the default chain."""
-    from . import nf, nodectl
+    from ..dataplane import nf
+    from ..control import node_client as nodectl
     try:
         policy = nodectl.get_policy(name)
     except ValueError as e:
@@ -307,8 +308,8 @@ def rules_list(name, as_json):
 @click.option("--chain", required=True, help="NFs in order, comma-separated (see `rules list --json`).")
 def rules_add(name, src, dst, proto, sport, dport, chain):
     """Add a rule."""
-    from . import nodectl
-    from .rules import RuleError
+    from ..control import node_client as nodectl
+    from ..dataplane.rules import RuleError
     try:
         policy = nodectl.get_policy(name)
         rule = policy.add({"src": src, "dst": dst, "proto": proto, "sport": sport, "dport": dport,
@@ -323,8 +324,8 @@ def rules_add(name, src, dst, proto, sport, dport, chain):
 @click.argument("rule_id", type=int)
 def rules_del(name, rule_id):
     """Delete rule RULE_ID."""
-    from . import nodectl
-    from .rules import RuleError
+    from ..control import node_client as nodectl
+    from ..dataplane.rules import RuleError
     try:
         policy = nodectl.get_policy(name)
         policy.delete(rule_id)
@@ -338,8 +339,8 @@ def rules_del(name, rule_id):
 @click.option("--chain", required=True, help="NFs for flows no rule matches ('' for none).")
 def rules_default(name, chain):
     """Set the chain of flows that no rule matches."""
-    from . import nodectl
-    from .rules import RuleError, parse_chain
+    from ..control import node_client as nodectl
+    from ..dataplane.rules import RuleError, parse_chain
     try:
         policy = nodectl.get_policy(name)
         policy.default_chain = parse_chain(chain, "--chain")
@@ -353,7 +354,7 @@ def rules_default(name, chain):
 @click.argument("policy_file", type=click.Path(exists=True, dir_okay=False))
 def rules_load(name, policy_file):
     """Replace the node's whole policy (rules, default chain, NF config) from a JSON file."""
-    from .rules import RuleError, load_policy
+    from ..dataplane.rules import RuleError, load_policy
     try:
         policy = load_policy(policy_file)
     except RuleError as e:
@@ -375,10 +376,10 @@ def migrate(name, src, dst, all_flows, count, flows_, as_json):
     data-plane marker; no packet lost, none processed twice, order kept).
 
     Returns when every migration has finished."""
-    from . import nodectl
+    from ..control import node_client as nodectl
     if sum(bool(x) for x in (all_flows, count is not None, flows_)) != 1:
         _fail("say which flows: --all, --count N or --flow KEY")
-    from .packet import parse_flow
+    from ..dataplane.packet import parse_flow
     try:
         keys = [parse_flow(f).hex() for f in flows_] or None
         report = nodectl.migrate(name, src, dst, count=count, keys=keys)
@@ -401,8 +402,8 @@ def runtime():
 
 
 def _runtime_call(name, msg, body, what):
-    from . import nodectl
-    from .messages import MsgType
+    from ..control import node_client as nodectl
+    from ..formats.messages import MsgType
     try:
         reply = nodectl.control_call(name, "supervisor", getattr(MsgType, msg), body, timeout=2.0)
     except nodectl.NodeCtlError as e:
@@ -432,8 +433,8 @@ def runtime_stop(name, rt_id):
 def runtime_drain(name, rt_id):
     """Scale in: mark a runtime leaving (no new flows), migrate all its flows to
     the other runtimes, then stop and remove it."""
-    from . import nodectl
-    from .messages import MsgType
+    from ..control import node_client as nodectl
+    from ..formats.messages import MsgType
     try:
         nodectl.control_call(name, "control", MsgType.RUNTIME_STOP, {"id": rt_id, "drain": True}, timeout=2.0)
     except nodectl.NodeCtlError as e:
@@ -459,7 +460,7 @@ def testbed():
 @click.option("--name", "-n", default="nfx", show_default=True, help="Testbed name (prefix of its namespaces).")
 def testbed_up(name):
     """Create namespaces NAME-src, NAME-dst (hosts) and NAME-node (ext0, ext1)."""
-    from .testbed import Testbed, TestbedConfig
+    from ..tools.testbed import Testbed, TestbedConfig
     try:
         tb = Testbed(TestbedConfig(name=name))
         tb.up()
@@ -475,7 +476,7 @@ def testbed_up(name):
 @click.option("--name", "-n", default="nfx", show_default=True, help="Testbed name.")
 def testbed_down(name):
     """Remove the testbed's namespaces (and every interface in them)."""
-    from .testbed import Testbed, TestbedConfig
+    from ..tools.testbed import Testbed, TestbedConfig
     removed = Testbed(TestbedConfig(name=name)).down()
     click.echo(f"testbed {name} down ({', '.join(removed) if removed else 'nothing to remove'})")
 
@@ -485,7 +486,7 @@ def testbed_down(name):
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def testbed_show(name, as_json):
     """Namespaces, interfaces, addresses and MACs needed to send traffic."""
-    from .testbed import Testbed, TestbedConfig
+    from ..tools.testbed import Testbed, TestbedConfig
     try:
         s = Testbed.load(name).show()
     except Exception:
@@ -511,7 +512,7 @@ def testbed_show(name, as_json):
 @click.option("--name", "-n", default="demo", show_default=True, help="Name for the demo's testbed and node.")
 def demo(runtimes, duration, udp_flows, tcp_flows, name):
     """Testbed up, node up, TCP and UDP flows with a live table, summary, all down."""
-    from .demo import run_demo
+    from ..tools.demo import run_demo
     sys.exit(run_demo(name=name, runtimes=runtimes, duration=duration, udp_flows=udp_flows,
                       tcp_flows=tcp_flows))
 
@@ -530,7 +531,7 @@ def bench():
 @click.option("--output", "-o", default="bench-forward.json", show_default=True, help="JSON output file ('-' for stdout).")
 def bench_forward(runtimes, duration, nflows, size, batch, output):
     """Pass-through rate with 1 and 2 runtimes and the XDP-only ceiling, same run."""
-    from .bench import run_forward_bench
+    from ..tools.bench import run_forward_bench
     counts = _int_list(runtimes, "--runtimes")
     result = run_forward_bench(counts, duration=duration, flows=nflows, size=size, batch=batch)
     if _write_result(result, output):
@@ -546,7 +547,7 @@ def bench_forward(runtimes, duration, nflows, size, batch, output):
 @click.option("--output", "-o", default="bench-chains.json", show_default=True, help="JSON output file ('-' for stdout).")
 def bench_chains(runtimes, trial, steps, output):
     """Zero-loss rate per service chain (each NF alone, all three) with 1 and 2 runtimes (paper Fig. 6a)."""
-    from .bench import run_chain_bench
+    from ..tools.bench import run_chain_bench
     counts = _int_list(runtimes, "--runtimes")
     result = run_chain_bench(counts, trial=trial, steps=steps)
     if _write_result(result, output):
@@ -571,7 +572,7 @@ def bench_chains(runtimes, trial, steps, output):
 def bench_migration(flow_counts, rates, caps, cap_flows, max_offered, output):
     """Migrate every flow of runtime 0 to runtime 1 under live traffic: time per flow and
     per batch by flow count and rate, and by concurrency cap (paper Fig. 7-8)."""
-    from .bench import run_migration_bench
+    from ..tools.bench import run_migration_bench
 
     result = run_migration_bench(flow_counts=_int_list(flow_counts, "--flows"), rates=_int_list(rates, "--rates"),
                                  caps=_int_list(caps, "--caps"), cap_flows=cap_flows, max_offered_pps=max_offered)
@@ -606,7 +607,7 @@ def bench_migration(flow_counts, rates, caps, cap_flows, max_offered, output):
 def bench_replication(runtimes, flow_counts, output):
     """Throughput with and without state snapshots every 10 packets, and the recovery time
     of a runtime killed with -9, by flow count (paper Fig. 10)."""
-    from .bench import run_replication_bench
+    from ..tools.bench import run_replication_bench
 
     result = run_replication_bench(counts=_int_list(runtimes, "--runtimes"), flow_counts=_int_list(flow_counts, "--flows"))
     if not _write_result(result, output):

@@ -1,7 +1,7 @@
 """The switch agent: moves a flow from one runtime to another for flow
 migration (paper section 5) and injects the migration marker.
 
-    python -m nfactor_xdp.switchagent --node NAME --port P
+    python -m nfactor_xdp.control.switch_agent --node NAME --port P
 
 It runs in the node's network namespace.  The source runtime S asks it to
 move a flow to the target T (MIGRATE_MOVE).  The agent
@@ -50,11 +50,12 @@ import time
 import traceback
 from dataclasses import dataclass
 
-from . import layouts as L
-from . import nodeconf, packet
-from .bpfsys import BPF_EXIST, BpfError
-from .maps import NodeMaps
-from .messages import ClusterKey, Endpoint, Message, MsgType, reply
+from ..kern import layouts as L
+from ..formats import config as nodeconf
+from ..dataplane import packet
+from ..kern.bpfsys import BPF_EXIST, BpfError
+from ..kern.maps import NodeMaps
+from ..formats.messages import ClusterKey, Endpoint, Message, MsgType, reply
 
 MARKER_MAGIC = 0x4E46414D524B5200  # "NFAMRK\0" + 0
 _MARKER = struct.Struct("!QQ")

@@ -1,5 +1,5 @@
 """Test and demo traffic with real sockets, run inside the testbed's host
-namespaces (`ip netns exec NS python -m nfactor_xdp.traffic ...`); each tool
+namespaces (`ip netns exec NS python -m nfactor_xdp.tools.traffic ...`); each tool
 prints one JSON object when done.
 
   udp-sink    receive sequence-numbered datagrams, optionally echo them back

@@ -128,7 +128,7 @@ def parse_flow(text: str) -> bytes:
 
 
 def describe_key(key: bytes) -> str:
-    from .maps import FlowKey
+    from ..kern.maps import FlowKey
     return str(FlowKey.from_bytes(key))
 
 

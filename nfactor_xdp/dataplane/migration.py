@@ -20,7 +20,7 @@ import os
 import struct
 import time
 
-from .messages import MessageError, MsgType
+from ..formats.messages import MessageError, MsgType
 from .packet import HI_TO_LO, TCP
 
 MARKER_TIMEOUT = 0.3   # seconds to wait for the marker before asking for it again
@@ -141,7 +141,7 @@ class Migrator:
                 self._begin(b, key, actor)
 
     def _begin(self, b: Batch, key: bytes, actor) -> None:
-        from .switchagent import marker_payload
+        from ..control.switch_agent import marker_payload
         nonce = new_nonce()
         m = Outgoing(key, b.target, b.id, marker_payload(nonce), nonce)
         self.out[key] = m

@@ -28,13 +28,14 @@ import time
 
 from pyroute2 import IPRoute
 
-from . import layouts as L
-from . import netns, nodeconf, rtctl
-from .loader import LoaderError, Programs, detach, remove_pins
-from .maps import NodeMaps
-from .messages import ClusterKey, Endpoint, Message, MsgType
-from .nodeconf import ConfigError, NodeConfig
-from .rules import RuleError, load_policy, save_policy
+from ..kern import layouts as L
+from ..kern import netns
+from ..formats import config as nodeconf, query as rtctl
+from ..kern.loader import LoaderError, Programs, detach, remove_pins
+from ..kern.maps import NodeMaps
+from ..formats.messages import ClusterKey, Endpoint, Message, MsgType
+from ..formats.config import ConfigError, NodeConfig
+from ..dataplane.rules import RuleError, load_policy, save_policy
 
 READY_TIMEOUT = 20.0
 STOP_TIMEOUT = 5.0
@@ -226,7 +227,7 @@ class Node:
 
     def _spawn(self, rt: RuntimeProc) -> None:
         log = open(nodeconf.log_path(self.cfg.name, f"rt{rt.id}"), "ab")
-        argv = [sys.executable, "-m", "nfactor_xdp.runtime", "--node", self.cfg.name,
+        argv = [sys.executable, "-m", "nfactor_xdp.dataplane.runtime", "--node", self.cfg.name,
                 "--id", str(rt.id), "--ifname", rt.port, "--core", str(rt.core),
                 "--idle-timeout", str(self.cfg.idle_timeout), "--batch", str(self.cfg.batch),
                 "--policy", nodeconf.policy_path(self.cfg.name),
@@ -246,7 +247,7 @@ class Node:
                 "scale_window": cfg.scale_window, "max_runtimes": cfg.max_runtimes,
                 "scale_in_threshold": cfg.scale_in_threshold, "min_runtimes": cfg.min_runtimes}
         self.controller = subprocess.Popen(
-            [sys.executable, "-m", "nfactor_xdp.controller", "--node", cfg.name, "--port", str(self.control_port),
+            [sys.executable, "-m", "nfactor_xdp.control.controller", "--node", cfg.name, "--port", str(self.control_port),
              "--supervisor", str(self.supervisor_port), "--config-json", json.dumps(conf)],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
@@ -255,7 +256,7 @@ class Node:
     def _spawn_switch_agent(self) -> None:
         log = open(nodeconf.log_path(self.cfg.name, "switchagent"), "ab")
         self.switch_agent = subprocess.Popen(
-            [sys.executable, "-m", "nfactor_xdp.switchagent", "--node", self.cfg.name, "--port", str(self.switch_port)],
+            [sys.executable, "-m", "nfactor_xdp.control.switch_agent", "--node", self.cfg.name, "--port", str(self.switch_port)],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
 

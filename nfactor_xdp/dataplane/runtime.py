@@ -1,7 +1,7 @@
 """A runtime (paper 3.3): one process pinned to one core, one single-threaded
 event loop over its AF_XDP socket and its query socket, one actor per flow.
 
-    python -m nfactor_xdp.runtime --node NAME --id N --ifname rtN --core C
+    python -m nfactor_xdp.dataplane.runtime --node NAME --id N --ifname rtN --core C
 """
 from __future__ import annotations
 
@@ -14,15 +14,15 @@ import sys
 import time
 
 from . import nf as nf_api
-from . import nodeconf, rtctl
+from ..formats import config as nodeconf, query as rtctl
 from .actor import Actor
-from .maps import NodeMaps
-from .messages import ClusterKey, Endpoint, Message, MsgType
+from ..kern.maps import NodeMaps
+from ..formats.messages import ClusterKey, Endpoint, Message, MsgType
 from .migration import Migrator
 from .replication import Replicator
 from .packet import FLOW, Packet, classify
 from .rules import Policy, RuleError, load_policy
-from .xsk import XskSocket
+from ..kern.xsk import XskSocket
 
 HOUSEKEEPING_INTERVAL = 1.0
 MIGRATE_WINDOW = 1.0  # seconds over the load threshold before a runtime sheds flows

@@ -20,7 +20,7 @@ import time
 import msgpack
 
 from . import nf as nf_api
-from .messages import MsgType
+from ..formats.messages import MsgType
 
 SNAPSHOT_EVERY = 10       # K: packets between snapshots (paper: 10)
 MAX_PENDING = 50_000      # actors waiting to be snapshotted; beyond that, shed (counted)

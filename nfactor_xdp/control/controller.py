@@ -1,7 +1,7 @@
 """The controller (paper 3.1, 4.1): view service, failure detection, rules,
 scale-out, with every change logged before it is applied.
 
-    python -m nfactor_xdp.controller --node NAME --port P --supervisor PORT
+    python -m nfactor_xdp.control.controller --node NAME --port P --supervisor PORT
 
 - Runtimes REGISTER when they start and HEARTBEAT their load; the controller
   keeps the cluster view (id, control address, port, state, load).
@@ -26,12 +26,12 @@ import signal
 import sys
 import time
 
-from . import layouts as L
-from . import nodeconf
-from .ctllog import ControllerLog
-from .maps import NodeMaps
-from .messages import ClusterKey, Endpoint, Message, MsgType
-from .rules import Policy, RuleError, load_policy
+from ..kern import layouts as L
+from ..formats import config as nodeconf
+from .durable_log import ControllerLog
+from ..kern.maps import NodeMaps
+from ..formats.messages import ClusterKey, Endpoint, Message, MsgType
+from ..dataplane.rules import Policy, RuleError, load_policy
 
 STATES = ("starting", "running", "leaving", "failed")
 COMPACT_EVERY = 200  # logged changes between compactions

@@ -8,13 +8,14 @@ import subprocess
 import sys
 import time
 
-from . import layouts as L
-from . import node as node_mod
-from . import netns, nodeconf, rtctl
-from .maps import NodeMaps
-from .nodeconf import NodeConfig
-from .messages import ClusterKey, Endpoint, MessageTimeout, MsgType
-from .rules import Policy, load_policy, save_policy
+from ..kern import layouts as L
+from . import supervisor as node_mod
+from ..kern import netns
+from ..formats import config as nodeconf, query as rtctl
+from ..kern.maps import NodeMaps
+from ..formats.config import NodeConfig
+from ..formats.messages import ClusterKey, Endpoint, MessageTimeout, MsgType
+from ..dataplane.rules import Policy, load_policy, save_policy
 
 START_TIMEOUT = 60.0
 
@@ -55,7 +56,7 @@ def start(cfg: NodeConfig, timeout: float = START_TIMEOUT) -> dict:
     logpath = nodeconf.log_path(cfg.name)
     with open(logpath, "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "nfactor_xdp.node", "--config-json", json.dumps(cfg.to_dict())],
+            [sys.executable, "-m", "nfactor_xdp.control.supervisor", "--config-json", json.dumps(cfg.to_dict())],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

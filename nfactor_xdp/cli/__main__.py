@@ -1,0 +1,4 @@
+"""`python -m nfactor_xdp.cli`: the same as `nfactorctl`."""
+from . import main
+
+main()
