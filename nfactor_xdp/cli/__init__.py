@@ -14,7 +14,8 @@ import sys
 import click
 
 from ..kern import layouts as L
-from ..formats.config import DEFAULT_NODE, ConfigError, NodeConfig
+from ..errors import NFactorError
+from ..formats.config import DEFAULT_NODE, NodeConfig
 
 
 def _fail(msg: str) -> None:
@@ -145,7 +146,7 @@ def up(name, ext0, ext1, netns, testbed_name, runtimes, cores, other_action, flo
             from ..control.supervisor import run_foreground
             sys.exit(run_foreground(cfg))
         state = nodectl.start(cfg)
-    except (ConfigError, nodectl.NodeCtlError, OSError, RuntimeError, ValueError) as e:
+    except (NFactorError, OSError, RuntimeError, ValueError) as e:
         _fail(str(e))
     rts = ", ".join(f"rt{r['id']} (core {r['core']}, pid {r['pid']})" for r in state["runtimes"])
     click.echo(f"node {name} up on {ext0}/{ext1}{' in ' + netns if netns else ''}: {rts}")
@@ -159,7 +160,7 @@ def down(name, purge):
     from ..control import node_client as nodectl
     try:
         removed = nodectl.stop(name, purge=purge)
-    except (OSError, RuntimeError) as e:
+    except (NFactorError, OSError, RuntimeError) as e:
         _fail(str(e))
     click.echo(f"node {name} down" + (f" (cleaned up after a dead agent: {len(removed)} items)" if removed else ""))
 

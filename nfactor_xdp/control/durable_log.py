@@ -40,6 +40,7 @@ import json
 import os
 import sqlite3
 import time
+from ..errors import NFactorError
 
 APPLICATION_ID = 0x4E464354  # "NFCT"
 SCHEMA_VERSION = 1
@@ -63,7 +64,7 @@ _SCHEMA = [
 ]
 
 
-class LogError(Exception):
+class LogError(NFactorError):
     """The log file cannot be used (corrupt, unreadable, not a controller log...)."""
 
     def __init__(self, path: str, message: str):

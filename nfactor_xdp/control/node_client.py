@@ -16,11 +16,12 @@ from ..kern.maps import NodeMaps
 from ..formats.config import NodeConfig
 from ..formats.messages import ClusterKey, Endpoint, MessageTimeout, MsgType
 from ..dataplane.rules import Policy, load_policy, save_policy
+from ..errors import NFactorError
 
 START_TIMEOUT = 60.0
 
 
-class NodeCtlError(RuntimeError):
+class NodeCtlError(NFactorError):
     pass
 
 

@@ -36,13 +36,14 @@ from ..kern.maps import NodeMaps
 from ..formats.messages import ClusterKey, Endpoint, Message, MsgType
 from ..formats.config import ConfigError, NodeConfig
 from ..dataplane.rules import RuleError, load_policy, save_policy
+from ..errors import NFactorError
 
 READY_TIMEOUT = 20.0
 STOP_TIMEOUT = 5.0
 RESTART_BACKOFF = 0.1  # seconds before a dead runtime is started again
 
 
-class NodeError(RuntimeError):
+class NodeError(NFactorError):
     pass
 
 

@@ -56,6 +56,7 @@ from ..dataplane import packet
 from ..kern.bpfsys import BPF_EXIST, BpfError
 from ..kern.maps import NodeMaps
 from ..formats.messages import ClusterKey, Endpoint, Message, MsgType, reply
+from ..errors import NFactorError
 
 MARKER_MAGIC = 0x4E46414D524B5200  # "NFAMRK\0" + 0
 _MARKER = struct.Struct("!QQ")
@@ -83,7 +84,7 @@ def is_marker(payload_bytes, nonce: int) -> bool:
 
 # --- grace period ----------------------------------------------------------------
 
-class GracePeriodError(RuntimeError):
+class GracePeriodError(NFactorError):
     pass
 
 
@@ -171,7 +172,7 @@ class MarkerInjector:
 
 # --- requests ----------------------------------------------------------------------
 
-class MoveError(ValueError):
+class MoveError(NFactorError, ValueError):
     """A request refused; `reason` names the counter it goes to."""
 
     def __init__(self, reason: str, message: str):

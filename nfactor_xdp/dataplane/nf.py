@@ -25,12 +25,13 @@ import importlib
 from typing import Any
 
 import msgpack
+from ..errors import NFactorError
 
 MAX_TYPE_ID = 15
 MAX_CHAIN = 16  # 64 bits / 4
 
 
-class NFError(ValueError):
+class NFError(NFactorError, ValueError):
     pass
 
 

@@ -21,12 +21,13 @@ import os
 from dataclasses import dataclass, field
 
 from . import nf
+from ..errors import NFactorError
 
 PROTOS = {"tcp": 6, "udp": 17}
 ANY = ("any", "*", "", None)
 
 
-class RuleError(ValueError):
+class RuleError(NFactorError, ValueError):
     pass
 
 

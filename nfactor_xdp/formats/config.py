@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 from ..kern import layouts as L
 from ..kern.maps import pin_dir
+from ..errors import NFactorError
 
 RUN_ROOT = "/run/nfactor"
 LOG_ROOT = "/var/log/nfactor"
@@ -22,7 +23,7 @@ DEFAULT_NODE = "nfx"
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,14}$")
 
 
-class ConfigError(ValueError):
+class ConfigError(NFactorError, ValueError):
     pass
 
 

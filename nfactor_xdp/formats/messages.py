@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import msgpack
+from ..errors import NFactorError
 
 MAGIC = b"NX"
 VERSION = 1
@@ -73,7 +74,7 @@ class MsgType(enum.IntEnum):
     SNAPSHOT_FETCH = 31
 
 
-class MessageError(Exception):
+class MessageError(NFactorError):
     """A frame that cannot be encoded or was rejected; `reason` is one of REASONS."""
 
     def __init__(self, reason: str, detail: str = ""):
@@ -82,11 +83,11 @@ class MessageError(Exception):
         super().__init__(f"{reason}: {detail}" if detail else reason)
 
 
-class MessageTimeout(TimeoutError):
+class MessageTimeout(NFactorError, TimeoutError):
     pass
 
 
-class ClusterKeyError(RuntimeError):
+class ClusterKeyError(NFactorError):
     pass
 
 

@@ -13,13 +13,14 @@ import socket
 import struct
 
 import msgpack
+from ..errors import NFactorError
 
 MAX_REQUEST = 64 * 1024
 MAX_REPLY = 256 * 1024 * 1024
 SERVE_TIMEOUT = 0.2
 
 
-class RtctlError(RuntimeError):
+class RtctlError(NFactorError):
     pass
 
 

@@ -8,14 +8,13 @@ in the way.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import os
 import struct
 from typing import Iterator
+from ..errors import NFactorError
+from .libc import libc
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.syscall.restype = ctypes.c_long
 
 NR_BPF = 321  # x86_64
 
@@ -37,13 +36,13 @@ BPF_MAP_TYPE_LRU_PERCPU_HASH = 10
 _PERCPU_TYPES = {BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_LRU_PERCPU_HASH}
 
 
-class BpfError(OSError):
+class BpfError(NFactorError, OSError):
     pass
 
 
 def bpf(cmd: int, attr: bytearray | ctypes.Array) -> int:
     buf = (ctypes.c_char * len(attr)).from_buffer(attr)
-    ret = _libc.syscall(NR_BPF, cmd, buf, len(attr))
+    ret = libc.syscall(NR_BPF, cmd, buf, len(attr))
     if ret < 0:
         err = ctypes.get_errno()
         raise BpfError(err, f"bpf(cmd {cmd}): {os.strerror(err)}")

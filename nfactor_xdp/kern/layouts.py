@@ -11,6 +11,7 @@ import ctypes
 import re
 from importlib import resources
 from pathlib import Path
+from ..errors import NFactorError
 
 # bpf/ is installed as package data (nfactor_xdp.bpf); BCC needs real paths.
 BPF_DIR = Path(str(resources.files("nfactor_xdp.bpf")))
@@ -23,7 +24,7 @@ _CTYPES = {
 }
 
 
-class HeaderError(ValueError):
+class HeaderError(NFactorError, ValueError):
     pass
 
 

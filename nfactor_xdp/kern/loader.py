@@ -2,7 +2,6 @@
 detaches them.  Must run in the network namespace of the node's ports."""
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import shutil
@@ -11,6 +10,8 @@ import warnings
 from . import layouts as L
 from .bpfsys import prog_info
 from .maps import PIN_ROOT, NodeMaps, pin_dir
+from ..errors import NFactorError
+from .libc import libc
 
 XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
 XDP_FLAGS_SKB_MODE = 1 << 1
@@ -23,7 +24,7 @@ TRACEFS = "/sys/kernel/tracing"
 warnings.filterwarnings("ignore", category=DeprecationWarning, module="bcc")
 
 
-class LoaderError(RuntimeError):
+class LoaderError(NFactorError):
     pass
 
 
@@ -46,7 +47,6 @@ def ensure_tracefs() -> bool:
     if os.path.exists(os.path.join(TRACEFS, "events")):
         return True
     try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
         return libc.mount(b"tracefs", TRACEFS.encode(), b"tracefs", 0, None) == 0
     except OSError:
         return False

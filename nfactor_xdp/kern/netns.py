@@ -8,20 +8,20 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import os
 import subprocess
 from typing import Iterator
 
 from pyroute2 import netns as _pr_netns
+from ..errors import NFactorError
+from .libc import libc
 
 NETNS_RUN_DIR = "/var/run/netns"
 CLONE_NEWNET = 0x40000000
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
-class NetnsError(RuntimeError):
+class NetnsError(NFactorError):
     pass
 
 
@@ -53,7 +53,7 @@ def remove(name: str) -> None:
 
 
 def _setns_fd(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
+    if libc.setns(fd, CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
         raise NetnsError(f"setns failed: {os.strerror(err)}")
 

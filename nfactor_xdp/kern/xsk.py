@@ -25,7 +25,6 @@ The socket binds to the device in the network namespace the socket was
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno as _errno
 import mmap
 import os
@@ -36,6 +35,8 @@ import time
 from array import array
 from itertools import chain, compress
 from operator import not_
+from ..errors import NFactorError
+from .libc import libc
 
 __all__ = [
     "AF_XDP", "SOL_XDP", "XDP_COPY", "XDP_ZEROCOPY", "XDP_USE_NEED_WAKEUP",
@@ -94,12 +95,9 @@ _KICK_TOLERATED = {
 }
 _KICK_RETRIES = 8
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.bind.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
-_libc.bind.restype = ctypes.c_int
 
 
-class XskError(OSError):
+class XskError(NFactorError, OSError):
     """Setting up or binding an AF_XDP socket failed."""
 
 
@@ -398,7 +396,7 @@ class XskSocket:
         err = 0
         for flags in attempts:
             addr = _SOCKADDR_XDP.pack(AF_XDP, flags, self.ifindex, self.queue, 0)
-            while _libc.bind(self.fd, addr, len(addr)) != 0:
+            while libc.bind(self.fd, addr, len(addr)) != 0:
                 err = ctypes.get_errno()
                 # A socket closed a moment ago keeps its (device, queue) until
                 # the kernel's deferred release has run (~20 ms measured).

@@ -43,6 +43,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from ..kern import netns
 from ..kern.loader import attach_pass
+from ..errors import NFactorError
 
 STATE_DIR = "/run/nfactor"
 
@@ -86,7 +87,7 @@ NUD_PERMANENT = 0x80
 IFF_UP = 0x1
 
 
-class TestbedError(Exception):
+class TestbedError(NFactorError):
     """The testbed could not be built, inspected or removed."""
 
     __test__ = False  # not a pytest test class despite the name
