@@ -65,30 +65,59 @@ def runtime_ports(rt_id: int) -> tuple[str, str]:
     return f"sw-rt{rt_id}", f"rt{rt_id}"
 
 
+def setting(default, help: str, *, option: str | None = None, short: str | None = None,
+            choices: tuple | None = None, cli: bool = True, factory=None):
+    """A NodeConfig field with what `nfactorctl up` needs to offer it: the
+    default lives here only, and `up`'s options are made from these fields."""
+    meta = {"help": help, "option": option, "short": short, "choices": choices, "cli": cli}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class NodeConfig:
-    name: str = DEFAULT_NODE
-    ext0: str = "ext0"
-    ext1: str = "ext1"
-    netns: str | None = None          # the ports' namespace (None: this one)
-    runtimes: int = 2
-    cores: list[int] = field(default_factory=list)  # empty: spread over all CPUs
-    other_action: str = "forward"
-    flow_table_size: int = 262144
-    xdp_mode: str = "native"          # native, generic or auto
-    idle_timeout: float = 30.0        # seconds before an idle flow's actor is released
-    batch: int = 64
-    policy: str | None = None         # policy file to install at up (else the node's saved one)
-    heartbeat: float = 0.1            # seconds between a runtime's heartbeats
-    miss_limit: int = 3               # missed heartbeats before the controller marks a runtime failed
-    scale_threshold: float = 0.8      # average runtime CPU load (0..1) that triggers scale-out
-    scale_window: float = 2.0         # ... when it lasts this many seconds
-    max_runtimes: int = 0             # scale-out limit (0: no scale-out)
-    max_migrations: int = 1000        # concurrent outgoing migrations per runtime (paper 5.3)
-    migrate_threshold: float = 0.0    # runtime CPU load (0..1) over which it sheds flows to a peer (0: off)
-    scale_in_threshold: float = 0.0   # average runtime CPU load under which one is drained (0: off)
-    min_runtimes: int = 1             # scale-in never goes below this
-    snapshot_every: int = 10          # K: packets between a flow's state snapshots to its replica (0: off)
+    """Everything a node's processes need, in one object: `nfactorctl up` makes
+    it from its options, the supervisor hands it (serialised) to the
+    controller, the switch agent and every runtime."""
+    name: str = setting(DEFAULT_NODE, "Node name (pins under /sys/fs/bpf/nfactor/NAME, state under "
+                        "/run/nfactor/NAME).", short="-n")
+    ext0: str = setting("ext0", "External port 0 (towards the sources).")
+    ext1: str = setting("ext1", "External port 1 (towards the sinks).")
+    netns: str | None = setting(None, "Network namespace holding ext0/ext1 (default: this one).")
+    runtimes: int = setting(2, "Number of runtime processes.", short="-r")
+    cores: list[int] = setting(None, "CPUs for the runtimes, in turn, e.g. 0,1 (default: every CPU in turn).",
+                               factory=list)
+    other_action: str = setting("forward", "What the switch does with traffic that is not a TCP/UDP flow "
+                                "(ARP, ICMP, non-IP, VLAN).", option="--other",
+                                choices=tuple(sorted(L.OTHER_ACTIONS)))
+    flow_table_size: int = setting(262144, "Entries in the switch's LRU flow table.")
+    xdp_mode: str = setting("native", "XDP attach mode; auto falls back to generic where native is unsupported.",
+                            choices=("native", "generic", "auto"))
+    idle_timeout: float = setting(30.0, "Seconds before an idle flow's actor is released.")
+    batch: int = setting(64, "Frames a runtime takes from its socket per loop iteration.")
+    policy: str | None = setting(None, "Policy file (service chain rules, NF config) to install; default: the "
+                                 "node's saved one.")
+    heartbeat: float = setting(0.1, "Seconds between runtime heartbeats.")
+    miss_limit: int = setting(3, "Missed heartbeats before the controller marks a runtime failed.")
+    scale_threshold: float = setting(0.8, "Average runtime CPU load (0-1) that triggers scale-out after "
+                                     "--scale-window seconds.")
+    scale_window: float = setting(2.0, "Seconds the overload (or idleness) must last.")
+    scale_cooldown: float = setting(10.0, "Seconds between two scaling decisions.")
+    max_runtimes: int = setting(0, "Scale out up to this many runtimes when overloaded (0: no scale-out).")
+    max_migrations: int = setting(1000, "Concurrent outgoing migrations per runtime (paper 5.3).")
+    migrate_threshold: float = setting(0.0, "A runtime over this CPU load (0-1) for a second migrates a fifth of "
+                                       "its flows to the least loaded runtime (0: off).")
+    scale_in_threshold: float = setting(0.0, "Average runtime CPU load (0-1) under which the least loaded "
+                                        "runtime is drained (0: off).")
+    min_runtimes: int = setting(1, "Scale-in never goes below this.")
+    snapshot_every: int = setting(10, "K: a flow's NF state is replicated to a peer every K packets "
+                                  "(0: no replication).")
+    # Chosen by the supervisor when it starts (free UDP ports on the node's
+    # loopback), so that every process it starts knows where the others are.
+    control_port: int = setting(0, "The controller's UDP port.", cli=False)
+    supervisor_port: int = setting(0, "The supervisor's UDP port.", cli=False)
+    switch_agent_port: int = setting(0, "The switch agent's UDP port.", cli=False)
 
     def validate(self) -> "NodeConfig":
         if not _NAME_RE.match(self.name):
@@ -148,10 +177,22 @@ class NodeConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def to_json(self) -> str:
+        """The serialised form every process of the node is started with."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
     @classmethod
     def from_dict(cls, d: dict) -> "NodeConfig":
+        """Fields this version does not know (a state file of an older node) are ignored."""
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         return cls(**known)
+
+    @classmethod
+    def from_json(cls, text: str) -> "NodeConfig":
+        try:
+            return cls.from_dict(json.loads(text)).validate()
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"bad node configuration: {e}") from None
 
 
 def read_state(name: str) -> dict | None:
@@ -171,9 +212,3 @@ def write_state(name: str, state: dict) -> None:
         json.dump(state, f, indent=1)
     os.replace(tmp, state_path(name))
 
-
-def list_nodes() -> list[str]:
-    try:
-        return sorted(n for n in os.listdir(RUN_ROOT) if os.path.exists(state_path(n)))
-    except FileNotFoundError:
-        return []
