@@ -10,7 +10,7 @@ Config (the "firewall" entry of the policy's nf_config):
 A rule's match fields are those of a service rule (nfactor_xdp.dataplane.rules.FlowMatch:
 prefixes, tcp/udp, ports or ranges, each may be omitted or "any"); "action" is
 required.  Unknown keys are errors.  init() validates the whole config before
-changing anything (a bad config raises RuleError naming the rule index and
+changing anything (a bad config raises NFError naming the rule index and
 field, e.g. "firewall.rules[2].dport: ...", and the NF keeps its previous
 config), and bumps `self.version` on every successful call.
 
@@ -66,13 +66,13 @@ from __future__ import annotations
 
 import ipaddress
 
-from nfactor_xdp.dataplane.nf import NetworkFunction, register
+from nfactor_xdp.dataplane.nf import NetworkFunction, NFError, register
 from nfactor_xdp.dataplane.packet import ORIG, REPLY, TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
 from nfactor_xdp.dataplane.rules import FlowMatch, RuleError
 
 ALLOW, DROP, PENDING = "allow", "drop", "pending"
 ACTIONS = (ALLOW, DROP)
-CONFIG_KEYS = {"rules", "default", "strict_tcp"}
+CONFIG_KEYS = frozenset({"rules", "default", "strict_tcp"})
 RULE_KEYS = {"src", "dst", "proto", "sport", "dport", "action"}
 
 FIN_ORIG, FIN_REPLY, SEEN_RST, SEEN_MIDSTREAM = 1, 2, 4, 8
@@ -121,6 +121,7 @@ def _track(state: dict, flags: int, d: int) -> None:
 class Firewall(NetworkFunction):
     name = "firewall"
     type_id = 2
+    config_keys = CONFIG_KEYS
 
     def __init__(self) -> None:
         super().__init__()
@@ -131,39 +132,36 @@ class Firewall(NetworkFunction):
 
     # --- config -------------------------------------------------------------
     def init(self, config: dict) -> None:
-        config = {} if config is None else config
-        if not isinstance(config, dict):
-            raise RuleError("firewall: config must be an object")
-        unknown = set(config) - CONFIG_KEYS
-        if unknown:
-            raise RuleError(f"firewall: unknown config keys {sorted(unknown)} "
-                            f"(known: {', '.join(sorted(CONFIG_KEYS))})")
+        config = self.check_config(config)
         raw = config.get("rules", [])
         if raw is None:
             raw = []
         if not isinstance(raw, list):
-            raise RuleError("firewall.rules: must be a list of rules")
+            raise NFError("firewall.rules: must be a list of rules")
         rules = []
         for i, r in enumerate(raw):
             where = f"firewall.rules[{i}]"
             if not isinstance(r, dict):
-                raise RuleError(f"{where}: must be an object")
+                raise NFError(f"{where}: must be an object")
             extra = set(r) - RULE_KEYS
             if extra:
-                raise RuleError(f"{where}: unknown fields {sorted(extra)} "
+                raise NFError(f"{where}: unknown fields {sorted(extra)} "
                                 f"(known: {', '.join(sorted(RULE_KEYS))})")
             if "action" not in r:
-                raise RuleError(f"{where}.action: missing (allow or drop)")
+                raise NFError(f"{where}.action: missing (allow or drop)")
             action = r["action"]
             if action not in ACTIONS:
-                raise RuleError(f"{where}.action: {action!r} is not allow or drop")
-            rules.append((FlowMatch.parse(r, where), action))
+                raise NFError(f"{where}.action: {action!r} is not allow or drop")
+            try:
+                rules.append((FlowMatch.parse(r, where), action))
+            except RuleError as e:  # a bad match field: this NF's config error
+                raise NFError(str(e)) from None
         default = config.get("default", ALLOW)
         if default not in ACTIONS:
-            raise RuleError(f"firewall.default: {default!r} is not allow or drop")
+            raise NFError(f"firewall.default: {default!r} is not allow or drop")
         strict = config.get("strict_tcp", False)
         if not isinstance(strict, bool):
-            raise RuleError(f"firewall.strict_tcp: {strict!r} is not true or false")
+            raise NFError(f"firewall.strict_tcp: {strict!r} is not true or false")
         # all valid: switch over
         self.config = config
         self.rules = tuple(rules)

@@ -102,6 +102,7 @@ def _push(lst: list, item, cap: int) -> None:
 class HttpParser(NetworkFunction):
     name = "http_parser"
     type_id = 3
+    config_keys = frozenset(DEFAULTS)
 
     max_header_bytes = DEFAULTS["max_header_bytes"]
     max_records = DEFAULTS["max_records"]
@@ -109,12 +110,7 @@ class HttpParser(NetworkFunction):
     max_field_bytes = DEFAULTS["max_field_bytes"]
 
     def init(self, config: dict) -> None:
-        config = {} if config is None else config
-        if not isinstance(config, dict):
-            raise NFError("http_parser: config must be an object")
-        unknown = set(config) - set(DEFAULTS)
-        if unknown:
-            raise NFError(f"http_parser: unknown config keys {sorted(unknown)} (known: {', '.join(DEFAULTS)})")
+        config = self.check_config(config)
         values = {**DEFAULTS, **config}
         for key, value in values.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

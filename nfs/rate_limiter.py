@@ -9,7 +9,7 @@ Config (the "rate_limiter" entry of the policy's nf_config):
 
 Every key is optional (defaults above); unknown keys are errors.  init()
 validates everything before changing anything (a bad config raises
-RuleError (a ValueError) naming the field, and the NF keeps its previous config).
+NFError (a ValueError) naming the field, and the NF keeps its previous config).
 
 A packet passes when the packet bucket holds a token (and, with bps, the byte
 bucket holds len(pkt) bytes: the Ethernet frame length); it then takes them.
@@ -35,10 +35,9 @@ from __future__ import annotations
 import math
 from numbers import Real
 
-from nfactor_xdp.dataplane.nf import NetworkFunction, register
-from nfactor_xdp.dataplane.rules import RuleError
+from nfactor_xdp.dataplane.nf import NetworkFunction, NFError, register
 
-CONFIG_KEYS = {"pps", "burst", "bps", "byte_burst"}
+CONFIG_KEYS = frozenset({"pps", "burst", "bps", "byte_burst"})
 DEFAULTS = {"pps": 1000, "burst": 100, "bps": None, "byte_burst": None}
 MIN_BYTE_BURST = 1514
 # pkt.now differences are floats: 100.1 - 100.0 at 10 pps refills 0.99999...
@@ -58,7 +57,7 @@ def _positive(config: dict, key: str, integer: bool = False, optional: bool = Fa
               and math.isfinite(value) and value > 0)
     if not ok:
         kind = "an integer >= 1" if integer else "a finite number > 0"
-        raise RuleError(f"rate_limiter.{key}: {value!r} is not {kind}" + (" or null" if optional else ""))
+        raise NFError(f"rate_limiter.{key}: {value!r} is not {kind}" + (" or null" if optional else ""))
     return value
 
 
@@ -66,19 +65,14 @@ def _positive(config: dict, key: str, integer: bool = False, optional: bool = Fa
 class RateLimiter(NetworkFunction):
     name = "rate_limiter"
     type_id = 4
+    config_keys = CONFIG_KEYS
 
     def __init__(self) -> None:
         super().__init__()
         self._apply(DEFAULTS)
 
     def init(self, config: dict) -> None:
-        config = {} if config is None else config
-        if not isinstance(config, dict):
-            raise RuleError("rate_limiter: config must be an object")
-        unknown = set(config) - CONFIG_KEYS
-        if unknown:
-            raise RuleError(f"rate_limiter: unknown config keys {sorted(unknown)} "
-                             f"(known: {', '.join(sorted(CONFIG_KEYS))})")
+        config = self.check_config(config)
         self._apply(config)
         self.config = config
 
@@ -88,7 +82,7 @@ class RateLimiter(NetworkFunction):
         bps = _positive(config, "bps", optional=True)
         byte_burst = _positive(config, "byte_burst", integer=True, optional=True)
         if byte_burst is not None and bps is None:
-            raise RuleError("rate_limiter.byte_burst: only meaningful with bps")
+            raise NFError("rate_limiter.byte_burst: only meaningful with bps")
         if bps is not None and byte_burst is None:
             byte_burst = max(MIN_BYTE_BURST, int(bps * burst / pps))
         self.pps, self.burst = float(pps), float(burst)

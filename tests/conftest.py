@@ -1,19 +1,20 @@
 """Fixtures for the netns tests, in the style of the kernel's selftests:
-unique names per test, cleanup even on failure, polling with deadlines."""
+unique names per test, cleanup even on failure.  Shared helpers (wait_for,
+Proc, run_tool, RunningNode) are in tests/helpers.py.
+
+Root-only tests carry the `root` marker (`@pytest.mark.root` or `pytestmark`);
+the hook below is the one place that decides whether they run."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
-import sys
-import time
 import uuid
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-
-PY = sys.executable
+from tests.helpers import RunningNode
 
 
 def pytest_collection_modifyitems(config, items):
@@ -21,7 +22,7 @@ def pytest_collection_modifyitems(config, items):
         return
     skip = pytest.mark.skip(reason="needs root (CI runs these as root and fails on any skip)")
     for item in items:
-        if "root" in item.keywords:
+        if item.get_closest_marker("root") is not None:
             item.add_marker(skip)
 
 
@@ -29,55 +30,12 @@ def pytest_collection_modifyitems(config, items):
 def forget_test_nodes_config():
     """Nodes keep their policy under /var/lib/nfactor/<node> (configuration, kept
     after down); test nodes' go when the session ends."""
-    import shutil
     root = "/var/lib/nfactor"
     before = set(os.listdir(root)) if os.path.isdir(root) else set()
     yield
     if os.path.isdir(root):
         for name in set(os.listdir(root)) - before - {"cluster.key"}:
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-
-
-def wait_for(pred, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
-    """Poll `pred` until it returns a truthy value or the deadline passes."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)  # polling interval, not synchronisation
-
-
-class Proc:
-    """A traffic tool running in a namespace; it prints JSON lines."""
-
-    def __init__(self, ns: str, *args: str):
-        self.p = subprocess.Popen(["ip", "netns", "exec", ns, PY, "-m", "nfactor_xdp.tools.traffic", *args],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-    def wait_ready(self, timeout: float = 10.0):
-        line = self.p.stdout.readline()
-        if not line:
-            raise AssertionError(f"traffic tool died: {self.p.stderr.read()}")
-        assert json.loads(line).get("ready")
-        return self
-
-    def result(self, timeout: float = 60.0) -> dict:
-        out, err = self.p.communicate(timeout=timeout)
-        if self.p.returncode != 0:
-            raise AssertionError(f"traffic tool failed ({self.p.returncode}): {err}")
-        return json.loads(out.strip().splitlines()[-1])
-
-    def kill(self):
-        if self.p.poll() is None:
-            self.p.kill()
-            self.p.wait()
-
-
-def run_tool(ns: str, *args: str, timeout: float = 60.0) -> dict:
-    return Proc(ns, *args).result(timeout)
 
 
 @pytest.fixture
@@ -90,39 +48,6 @@ def testbed():
         yield tb
     finally:
         tb.down()
-
-
-class RunningNode:
-    def __init__(self, tb, name: str, runtimes: int, policy: str | None = None):
-        from nfactor_xdp.control import node_client as nodectl
-        from nfactor_xdp.formats.config import NodeConfig
-        show = tb.show()
-        self.tb = tb
-        self.show = show
-        self.name = name
-        self.src_ns = show["hosts"]["src"]["netns"]
-        self.dst_ns = show["hosts"]["dst"]["netns"]
-        self.src_ip = show["hosts"]["src"]["ipv4"].split("/")[0]
-        self.dst_ip = show["hosts"]["dst"]["ipv4"].split("/")[0]
-        self.src_ip6 = show["hosts"]["src"]["ipv6"].split("/")[0]
-        self.dst_ip6 = show["hosts"]["dst"]["ipv6"].split("/")[0]
-        self.cfg = NodeConfig(name=name, netns=show["namespaces"]["node"], runtimes=runtimes, policy=policy)
-        self.state = nodectl.start(self.cfg)
-
-    def status(self) -> dict:
-        from nfactor_xdp.control import node_client as nodectl
-        return nodectl.status(self.name)
-
-    def flows(self) -> dict:
-        from nfactor_xdp.control import node_client as nodectl
-        return nodectl.flows(self.name)
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([PY, "-m", "nfactor_xdp.cli", *args], capture_output=True, text=True, timeout=60)
-
-    def stop(self):
-        from nfactor_xdp.control import node_client as nodectl
-        nodectl.stop(self.name)
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import Proc, run_tool
+from tests.helpers import Proc, run_tool
 
 pytestmark = [pytest.mark.root, pytest.mark.netns]
 

@@ -13,10 +13,10 @@ import time
 
 import pytest
 
-from conftest import Proc, run_tool, wait_for
 from nfactor_xdp.kern import netns
 from nfactor_xdp.formats import config as nodeconf
 from nfactor_xdp.formats.messages import ClusterKey, MsgType, encode
+from tests.helpers import Proc, run_tool, wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.netns]
 
@@ -122,7 +122,7 @@ def test_killed_controller_comes_back_with_view_and_rules_forwarding_never_stops
 def test_hostile_control_frames_are_counted_and_ignored(node_factory):
     n = node_factory(1)
     st = n.status()
-    port = nodeconf.read_state(n.name)["control_port"]
+    port = nodeconf.read_state(n.name)["config"]["control_port"]
     key = ClusterKey.load_or_create(nodeconf.cluster_key_path())
     rnd = random.Random(3)
     frames = [rnd.randbytes(rnd.randrange(0, 300)) for _ in range(2000)]

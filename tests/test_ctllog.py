@@ -13,8 +13,6 @@ import pytest
 
 from nfactor_xdp.control.durable_log import ControllerLog, LogError
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 @pytest.fixture
 def path(tmp_path):
@@ -197,10 +195,9 @@ def test_ten_thousand_entries_compact_to_a_snapshot(path):
 
 CHILD = r"""
 import sys
-sys.path.insert(0, sys.argv[1])
 from nfactor_xdp.control.durable_log import ControllerLog
-log = ControllerLog(sys.argv[2])
-mode = sys.argv[3]
+log = ControllerLog(sys.argv[1])
+mode = sys.argv[2]
 i = 0
 while True:
     if mode == "record":
@@ -219,7 +216,7 @@ def run_and_kill(tmp_path, path, mode, lines_wanted=300, timeout=30.0):
     return every complete line it printed."""
     script = tmp_path / "writer.py"
     script.write_text(CHILD)
-    child = subprocess.Popen([sys.executable, str(script), REPO, path, mode],
+    child = subprocess.Popen([sys.executable, str(script), path, mode],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out = b""
     deadline = time.monotonic() + timeout

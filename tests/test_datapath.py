@@ -10,11 +10,11 @@ import subprocess
 
 import pytest
 
-from conftest import PY, Proc, run_tool, wait_for
-from frames import cases
 from nfactor_xdp.kern import netns
-from nfactor_xdp.control.supervisor import _pid_alive
+from nfactor_xdp.control.processes import pid_alive
 from nfactor_xdp.dataplane.packet import FLOW
+from tests.frames import cases
+from tests.helpers import PY, Proc, run_tool, wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.netns]
 
@@ -181,17 +181,17 @@ def test_killed_runtime_is_restarted_and_its_flows_come_back(node):
     assert got["received"] == 80
 
 
-def test_agent_restart_keeps_every_flow_in_place(node):
+def test_supervisor_restart_keeps_every_flow_in_place(node):
     from nfactor_xdp.control import node_client as nodectl
     sent, _ = _udp_exchange(node, flows=10, packets=5, base_port=31000)
     placed = {f["key"]: f["switch_runtime"] for f in node.flows()["flows"]}
-    agent = node.status()["agent_pid"]
-    os.kill(agent, signal.SIGKILL)
-    wait_for(lambda: not _pid_alive(agent), timeout=10, what="the agent to die")
-    # with the agent dead, the attached programs and the runtimes still forward
+    supervisor = node.status()["supervisor_pid"]
+    os.kill(supervisor, signal.SIGKILL)
+    wait_for(lambda: not pid_alive(supervisor), timeout=10, what="the supervisor to die")
+    # with the supervisor dead, the attached programs and the runtimes still forward
     sent, got = _udp_exchange(node, flows=10, packets=5, base_port=31000)
     assert got["received"] == 50
-    nodectl.start(node.cfg)  # a new agent, same pins
+    nodectl.start(node.cfg)  # a new supervisor, same pins
     sent, got = _udp_exchange(node, flows=10, packets=5, base_port=31000)
     assert got["received"] == 50
     again = {f["key"]: f["switch_runtime"] for f in node.flows()["flows"]}

@@ -10,7 +10,7 @@ from nfactor_xdp.kern.layouts import HeaderError, SharedHeader
 
 
 def test_struct_sizes():
-    assert ctypes.sizeof(L.FlowKey) == 40
+    assert ctypes.sizeof(L.FlowKeyStruct) == 40
     assert ctypes.sizeof(L.Flow) == 16
     assert ctypes.sizeof(L.RRTable) == 8 + 4 * L.C["NFX_MAX_RUNTIMES"]
     assert ctypes.sizeof(L.RtStats) % 8 == 0
@@ -56,7 +56,7 @@ def test_layouts_match_what_bcc_compiled():
     try:
         progs.load()
         mod = progs.modules["vswitch"]
-        expect = {"flows": (L.FlowKey, L.Flow), "ports": (None, L.Port), "runtimes": (None, L.Runtime),
+        expect = {"flows": (L.FlowKeyStruct, L.Flow), "ports": (None, L.Port), "runtimes": (None, L.Runtime),
                   "rr_table": (None, L.RRTable), "config": (None, L.Config), "rt_stats": (None, L.RtStats)}
         for name, (key, leaf) in expect.items():
             t = mod[name]

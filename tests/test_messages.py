@@ -21,7 +21,7 @@ import pytest
 
 from nfactor_xdp.formats import messages as m
 from nfactor_xdp.formats.messages import (ClusterKey, ClusterKeyError, Endpoint, MessageError, MessageTimeout,
-                                  MsgType, decode, encode, reply)
+                                  MsgType, decode, encode)
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))
@@ -81,7 +81,6 @@ def test_round_trip_every_type(msg_type):
     msg = decode(frame, KEY, now_ms=1_700_000_000_000)
     assert (msg.type, msg.rid, msg.sender, msg.body, msg.ts) == (msg_type, 42, "runtime-3", body, 1_700_000_000_000)
     assert isinstance(msg.type, MsgType)
-    assert msg.reply({"ok": True}) == (MsgType.REPLY, 42, {"ok": True})
 
 
 def test_decode_uses_wall_clock_by_default():
@@ -319,7 +318,7 @@ def test_request_reply_over_loopback(pair):
 
     def serve(msg, addr):
         assert msg.type == MsgType.PING
-        reply(b, msg, addr, {"pong": msg.body["n"] * 2})
+        b.reply(msg, addr, {"pong": msg.body["n"] * 2})
 
     rid = a.request(b.address, MsgType.PING, {"n": 21}, on_reply=replies.append)
     assert a.pending == 1
@@ -338,7 +337,7 @@ def test_retries_then_reply_calls_on_reply_once(pair):
     def serve(msg, addr):
         seen.append(msg.rid)
         if len(seen) == 3:  # ignore the first two requests
-            reply(b, msg, addr, {"ok": True})
+            b.reply(msg, addr, {"ok": True})
 
     t0 = time.monotonic()
     rid = a.request(b.address, MsgType.STATUS, {}, on_reply=replies.append, timeout=0.2, retries=3,
@@ -383,7 +382,7 @@ def test_timeout_after_last_retry(pair):
     a.tick(now=t0 + 4)
     assert timeouts == [rid]
     # a reply arriving after the timeout is late, not a surprise, and not delivered
-    reply(b, seen[0], a.address, {})
+    b.reply(seen[0], a.address, {})
     pump({a: None}, lambda: a.counters["duplicate_reply"] == 1, what="late reply")
     assert replies == [] and a.rejected["unexpected_reply"] == 0
 
@@ -398,7 +397,7 @@ def test_call_gets_reply_from_responder_thread(pair):
         while not stop.is_set():
             poller.poll(20)
             for msg, addr in b.receive():
-                reply(b, msg, addr, {"echo": msg.body})
+                b.reply(msg, addr, {"echo": msg.body})
 
     t = threading.Thread(target=serve, daemon=True)
     t.start()

@@ -8,8 +8,8 @@ import threading
 
 import pytest
 
-from conftest import Proc, run_tool, wait_for
 from nfactor_xdp.control import node_client as nodectl
+from tests.helpers import Proc, run_tool, wait_for
 pytestmark = [pytest.mark.root, pytest.mark.netns]
 
 POLICY = {"rules": [{"proto": "udp", "chain": ["flow_monitor", "firewall"]},
@@ -125,19 +125,19 @@ def test_lost_responses_are_retried_and_nothing_is_lost(node_factory, fault):
     sink, sender, flows, packets = _stream(n)
     src = 0
     moving = len(_flows_on(n, src))
-    assert nodectl.runtime_query(n.name, src, "fault", **{fault: 3})["ok"]
+    assert nodectl.runtime_query(n.name, src, "inject_faults", **{fault: 3})["ok"]
     r = nodectl.migrate(n.name, src, 1)
     assert r["succeeded"] == moving and r["failed"] == 0 and r["retried"] >= 1, r
     _all_arrived_in_order(sink, sender, flows, packets)
-    st = nodectl.runtime_query(n.name, src, "status")["migration"]
-    assert st["injected_faults"] == 3 and st["after_marker"] == 0
+    st = nodectl.runtime_query(n.name, src, "status")
+    assert st["faults_fired"] == 3 and st["migration"]["after_marker"] == 0
 
 
 def test_target_that_never_answers_leaves_the_flow_at_the_source(node_factory):
     n = node_factory(2, POLICY)
     sink, sender, flows, packets = _stream(n)
     before = {f["key"]: f["nfs"]["flow_monitor"]["packets"]["orig"] for f in _flows_on(n, 0)}
-    assert nodectl.runtime_query(n.name, 1, "fault", ignore_create=1000)["ok"]
+    assert nodectl.runtime_query(n.name, 1, "inject_faults", ignore_create=1000)["ok"]
     r = nodectl.migrate(n.name, 0, 1)
     assert r["failed"] == len(before) and r["succeeded"] == 0, r
     _all_arrived_in_order(sink, sender, flows, packets)
@@ -215,7 +215,7 @@ def test_scale_in_of_an_idle_runtime(testbed):
 
 
 def test_overloaded_runtime_sheds_flows_to_an_idle_one(testbed):
-    from conftest import RunningNode
+    from tests.helpers import RunningNode
     from nfactor_xdp.formats.config import NodeConfig
     show = testbed.show()
     name = "o" + testbed.name[-4:]

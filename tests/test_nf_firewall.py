@@ -11,7 +11,7 @@ from scapy.layers.l2 import Ether
 
 from nfactor_xdp.dataplane import nf
 from nfactor_xdp.dataplane.packet import FLOW, Packet, classify
-from nfactor_xdp.dataplane.rules import RuleError
+from nfactor_xdp.dataplane.nf import NFError
 from nfs.firewall import Firewall
 
 CLIENT, SERVER = "10.1.0.5", "10.0.0.2"
@@ -180,7 +180,7 @@ def test_version_counts_inits_and_a_bad_config_changes_nothing():
     fw.init(DROP_WEB)
     fw.init(DROP_WEB)
     assert fw.version == 2
-    with pytest.raises(RuleError):
+    with pytest.raises(NFError):
         fw.init({"rules": [{"dport": 22, "action": "allow"}, {"dport": "ssh", "action": "drop"}]})
     assert fw.version == 2 and fw.config == DROP_WEB and len(fw.rules) == 1
     st = fw.allocate_flow_state()
@@ -207,9 +207,9 @@ def test_version_counts_inits_and_a_bad_config_changes_nothing():
     ({"strict_tcp": "yes"}, r"firewall\.strict_tcp: 'yes' is not true or false"),
 ])
 def test_bad_config_is_a_clear_error(config, message):
-    with pytest.raises(RuleError, match=message):
+    with pytest.raises(NFError, match=message):
         Firewall().init(config)
-    assert issubclass(RuleError, ValueError)
+    assert issubclass(NFError, ValueError)
 
 
 def test_empty_configs_are_defaults():

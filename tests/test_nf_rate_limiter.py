@@ -9,7 +9,7 @@ from scapy.layers.l2 import Ether
 
 from nfactor_xdp.dataplane import nf
 from nfactor_xdp.dataplane.packet import FLOW, Packet, classify
-from nfactor_xdp.dataplane.rules import RuleError
+from nfactor_xdp.dataplane.nf import NFError
 from nfs.rate_limiter import RateLimiter
 
 
@@ -171,7 +171,7 @@ def test_round_trip_with_bytes_and_of_a_fresh_state():
 ])
 def test_bad_config_is_a_clear_error(config, message):
     rl = limiter(pps=10, burst=5)
-    with pytest.raises(RuleError, match=message):
+    with pytest.raises(NFError, match=message):
         rl.init(config)
     assert (rl.pps, rl.burst, rl.config) == (10, 5, {"pps": 10, "burst": 5})  # unchanged
 

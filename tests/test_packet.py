@@ -4,10 +4,10 @@ import struct
 
 import pytest
 
-from frames import cases
-from nfactor_xdp.kern.layouts import FlowKey
-from nfactor_xdp.kern.maps import FlowKey as DecodedKey
+from nfactor_xdp.kern.layouts import FlowKeyStruct
+from nfactor_xdp.formats.flowkey import FlowKey
 from nfactor_xdp.dataplane.packet import DROP, FLOW, HI_TO_LO, LO_TO_HI, OTHER, classify
+from tests.frames import cases
 
 CASES = cases()
 
@@ -36,8 +36,10 @@ def test_both_directions_share_a_key(case):
 
 def test_key_layout_matches_struct():
     kind, key, direction, _ = classify(CASES[0].frame)  # tcp4 10.77.0.1:40000 -> 10.77.0.2:80
-    ck = FlowKey.from_buffer_copy(key)
-    decoded = DecodedKey.from_c(ck)
+    ck = FlowKeyStruct.from_buffer_copy(key)
+    assert bytes(ck.lo_addr)[12:] == bytes([10, 77, 0, 1]) and bytes(ck.hi_addr)[12:] == bytes([10, 77, 0, 2])
+    assert ck.proto == 6 and bytes(ck.pad) == b"\0\0\0"
+    decoded = FlowKey.from_bytes(bytes(ck))
     assert (decoded.lo_addr, decoded.lo_port) == ("10.77.0.1", 40000)
     assert (decoded.hi_addr, decoded.hi_port) == ("10.77.0.2", 80)
     assert decoded.proto == 6
@@ -51,7 +53,7 @@ def test_ports_order_breaks_address_ties():
     a = bytes(Ether() / IP(src="10.0.0.1", dst="10.0.0.1") / UDP(sport=9, dport=8))
     kind, key, direction, _ = classify(a)
     assert kind == FLOW and direction == HI_TO_LO
-    d = DecodedKey.from_bytes(key)
+    d = FlowKey.from_bytes(key)
     assert (d.lo_port, d.hi_port) == (8, 9)
 
 
@@ -61,7 +63,7 @@ def test_memoryview_input_is_accepted():
 
 
 def test_flow_given_as_a_five_tuple_names_the_same_key():
-    from nfactor_xdp.dataplane.packet import parse_flow
+    from nfactor_xdp.formats.flowkey import parse as parse_flow
     raw = CASES[0].frame  # tcp4 10.77.0.1:40000 -> 10.77.0.2:80
     key = classify(raw)[1]
     assert parse_flow("tcp 10.77.0.1:40000 10.77.0.2:80") == key

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import Proc, run_tool, wait_for
+from tests.helpers import Proc, run_tool, wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.netns]
 

@@ -68,5 +68,5 @@ def test_handler_exception_is_an_error_reply(server):
 
 
 def test_client_reports_a_missing_runtime(tmp_path):
-    with pytest.raises(rtctl.RtctlError):
+    with pytest.raises(rtctl.QueryError):
         rtctl.request(str(tmp_path / "nothing.sock"), "ping", timeout=0.5)

@@ -9,6 +9,7 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
 from nfactor_xdp.dataplane.rules import Policy
+from nfactor_xdp.formats.config import NodeConfig
 from nfactor_xdp.dataplane.runtime import CLOSE_LINGER, Runtime
 
 
@@ -21,7 +22,7 @@ def tcp(flags="A", sport=40000, dport=80, src="10.0.0.1", dst="10.0.0.2"):
 
 
 def runtime(policy: dict | None = None, idle=30.0):
-    return Runtime("t", 0, "lo", None, idle_timeout=idle, policy=Policy.from_dict(policy or {}))
+    return Runtime(NodeConfig(name="t", idle_timeout=idle), 0, policy=Policy.from_dict(policy or {}))
 
 
 def test_one_actor_per_flow_both_directions_fast_and_slow_path():
@@ -99,6 +100,10 @@ def test_third_party_nf_module_from_the_policy(tmp_path, monkeypatch):
                 return state["n"] % 2 == 1
     '''))
     monkeypatch.syspath_prepend(str(tmp_path))
+    # the NF registry is process-wide: register into copies that go with the test
+    from nfactor_xdp.dataplane import nf
+    monkeypatch.setattr(nf, "_BY_NAME", dict(nf._BY_NAME))
+    monkeypatch.setattr(nf, "_BY_ID", dict(nf._BY_ID))
     rt = runtime({"nf_modules": ["my_counter_nf"], "default_chain": ["every_other"]})
     verdicts = [rt.handle(udp()) for _ in range(4)]
     assert verdicts == [True, False, True, False]

@@ -16,15 +16,18 @@ import uuid
 
 import pytest
 
-from conftest import wait_for
 from nfactor_xdp.kern import layouts as L
 from nfactor_xdp.kern import netns
 from nfactor_xdp.formats import config as nodeconf
 from nfactor_xdp.kern.bpfsys import BPF_NOEXIST
 from nfactor_xdp.formats.messages import ClusterKey, Endpoint, MessageTimeout, MsgType
 from nfactor_xdp.dataplane.packet import FLOW, classify
-from nfactor_xdp.control.switch_agent import (MARKER_MAGIC, MarkerInjector, SwitchAgent, check_grace_period,
-                                     grace_period, is_marker, marker_payload)
+from nfactor_xdp.control.switch_agent import MarkerInjector, SwitchAgent
+from nfactor_xdp.formats import marker
+from nfactor_xdp.formats.config import NodeConfig
+from nfactor_xdp.formats.flowkey import HI_TO_LO, LO_TO_HI
+from nfactor_xdp.kern import grace
+from tests.helpers import wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AGENT_PORT = 47100   # the namespace is new: any port is free
@@ -45,7 +48,7 @@ def _frame(sport: int, payload: bytes) -> bytes:
 
 
 def _marker(sport: int, nonce: int) -> bytes:
-    return _frame(sport, marker_payload(nonce))
+    return _frame(sport, marker.payload(nonce))
 
 
 # --- environment -----------------------------------------------------------------
@@ -75,13 +78,13 @@ class Env:
         sport = next(_sports)
         kind, key, direction, _ = classify(_frame(sport, b"data"))
         assert kind == FLOW
-        self.maps["flows"].set(L.FlowKey.from_buffer_copy(key),
+        self.maps["flows"].set(L.FlowKeyStruct.from_buffer_copy(key),
                                L.Flow(runtime=runtime, orig_dir=direction, in_port=in_port, flags=0,
                                       created_ns=123456789), BPF_NOEXIST)
         return key, sport
 
     def entry(self, key: bytes):
-        return self.maps["flows"].get(L.FlowKey.from_buffer_copy(key))
+        return self.maps["flows"].get(L.FlowKeyStruct.from_buffer_copy(key))
 
     def xdp_packets(self, ifname: str = "rt0") -> int:
         """Frames the receive queue's NAPI handed to the XDP program of `ifname`."""
@@ -114,8 +117,9 @@ def _start_agent(ns: str, node: str, port: int, log: str) -> subprocess.Popen:
     # Forked from inside the namespace, like the supervisor does: `ip netns exec`
     # would mount the namespace's own /sys, without the bpffs holding the pins.
     with open(log, "ab") as out, netns.entered(ns):
-        return subprocess.Popen([sys.executable, "-m", "nfactor_xdp.control.switch_agent", "--node", node,
-                                 "--port", str(port)],
+        cfg = NodeConfig(name=node, switch_agent_port=port)
+        return subprocess.Popen([sys.executable, "-m", "nfactor_xdp.control.switch_agent",
+                                 "--config-json", cfg.to_json()],
                                 cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
 
@@ -214,16 +218,31 @@ def test_a_move_to_a_runtime_that_is_not_running_is_refused(env):
         env.maps.set_runtime(5, L.C["NFX_RT_RUNNING"], 0)
 
 
-def test_marker_payload_round_trip():
-    p = marker_payload(42)
-    assert len(p) == 16 and p[:8] == MARKER_MAGIC.to_bytes(8, "big")
-    assert is_marker(p, 42) and is_marker(memoryview(p), 42)
-    assert not is_marker(p, 43) and not is_marker(p + b"\0", 42) and not is_marker(b"", 42)
+@pytest.mark.parametrize("proto", ["udp", "tcp"])
+@pytest.mark.parametrize("orig_dir", [LO_TO_HI, HI_TO_LO])
+def test_the_runtime_recognises_its_marker_and_nothing_else(proto, orig_dir):
+    """marker.frame builds what the source asks the switch agent to inject;
+    marker.is_marker is the check the source runtime runs on its frames."""
+    from scapy.all import IP, TCP, UDP, Ether, raw
+    l4 = TCP(sport=5000, dport=80, flags="A") if proto == "tcp" else UDP(sport=5000, dport=80)
+    real = raw(Ether() / IP(src="10.1.0.1", dst="10.2.0.1") / l4 / b"payload of real traffic!")
+    kind, key, _, _ = classify(real)
+    p = marker.payload(42)
+    assert len(p) == marker.PAYLOAD_SIZE and p[:8] == marker.MAGIC.to_bytes(8, "big")
+    frame = marker.frame(key, orig_dir, p)
+    mkind, mkey, mdir, ml4 = classify(frame)
+    assert (mkind, mkey, mdir) == (FLOW, key, orig_dir)  # filed under the flow, in its first frame's direction
+    assert marker.is_marker(frame, ml4, p) and marker.is_marker(memoryview(frame), ml4, p)
+    assert not marker.is_marker(frame, ml4, marker.payload(43))       # another migration's marker
+    assert not marker.is_marker(frame, -1, p)                         # no L4 header (a fragment)
+    assert not marker.is_marker(real, classify(real)[3], p)           # real traffic of the flow
+    assert not marker.is_marker(frame + b"\0", ml4, p)                # the payload must end the frame
+    assert not marker.is_marker(frame[:ml4 + 8], ml4, p)              # headers only
 
 
 def test_grace_period_is_a_real_wait_and_takes_reasonable_time():
-    check_grace_period()
-    times = [grace_period() for _ in range(20)]
+    grace.check()
+    times = [grace.wait() for _ in range(20)]
     ms = sorted(t * 1000 for t in times)
     print(f"\nMEASURED grace period (membarrier GLOBAL, {os.cpu_count()} CPUs): min {ms[0]:.2f} ms, "
           f"median {statistics.median(ms):.2f} ms, max {ms[-1]:.2f} ms")
@@ -523,7 +542,7 @@ def test_no_frame_of_the_flow_reaches_the_old_runtime_after_its_marker(live_swit
         / UDP(sport=5555, dport=9000, chksum=0)  # no checksum: the sender rewrites the payload
     template = raw(hdr / (b"\0" * 8))
     kind, key, direction, _ = classify(template)
-    node.maps["flows"].set(L.FlowKey.from_buffer_copy(key),
+    node.maps["flows"].set(L.FlowKeyStruct.from_buffer_copy(key),
                            L.Flow(runtime=0, orig_dir=direction, in_port=0, flags=0, created_ns=1), BPF_NOEXIST)
     seen: list[tuple[str, int]] = []  # ("data", seq) or ("marker", nonce), in socket order
     replies: dict[int, dict] = {}
@@ -533,7 +552,7 @@ def test_no_frame_of_the_flow_reaches_the_old_runtime_after_its_marker(live_swit
         descs = xsk.recv_batch(256)
         for a, ln in descs:
             payload = bytes(xsk.frame(a, ln)[42:])
-            if len(payload) == 16 and payload[:8] == MARKER_MAGIC.to_bytes(8, "big"):
+            if len(payload) == 16 and payload[:8] == marker.MAGIC.to_bytes(8, "big"):
                 seen.append(("marker", int.from_bytes(payload[8:], "big")))
             elif len(payload) == 8:
                 seen.append(("data", int.from_bytes(payload, "big")))
@@ -561,8 +580,8 @@ def test_no_frame_of_the_flow_reaches_the_old_runtime_after_its_marker(live_swit
         for k in range(rounds):
             start = len(seen)
             until(lambda: any(e[0] == "data" for e in seen[start:]), what="the flow at runtime 0")
-            marker = raw(hdr / marker_payload(k))
-            rid = move(1, 0, marker)
+            marker_frame = raw(hdr / marker.payload(k))
+            rid = move(1, 0, marker_frame)
             until(lambda: rid in replies and ("marker", k) in seen[start:], what=f"marker {k}")
             assert replies[rid]["ok"], replies[rid]
             # keep reading a while: whatever shows up now came after the marker

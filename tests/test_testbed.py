@@ -23,8 +23,6 @@ from nfactor_xdp.tools.testbed import (
     list_testbeds,
 )
 
-IS_ROOT = os.geteuid() == 0
-
 # Unique, short testbed names: "t<pid>_<n>" (at most 10 characters).
 _PREFIX = f"t{os.getpid() % 10000}_"
 _counter = itertools.count()
@@ -301,11 +299,10 @@ def make_testbed():
 @pytest.fixture(scope="module", autouse=True)
 def no_namespaces_left_behind():
     yield
-    if IS_ROOT:
-        left = [ns for ns in netns.listing() if ns.startswith(_PREFIX)]
-        for ns in left:
-            netns.remove(ns)
-        assert left == [], f"namespaces left behind: {left}"
+    left = [ns for ns in netns.listing() if ns.startswith(_PREFIX)]
+    for ns in left:
+        netns.remove(ns)
+    assert left == [], f"namespaces left behind: {left}"
 
 
 # ==========================================================================
@@ -314,7 +311,6 @@ def no_namespaces_left_behind():
 
 @pytest.mark.root
 @pytest.mark.netns
-@pytest.mark.skipif(not IS_ROOT, reason="needs root (network namespaces)")
 class TestLive:
     def test_up_builds_namespaces_and_interfaces(self, make_testbed):
         tb = make_testbed()

@@ -8,7 +8,6 @@ import uuid
 
 import pytest
 
-from frames import cases
 from nfactor_xdp.kern import layouts as L
 from nfactor_xdp.kern import netns
 from nfactor_xdp.kern.bpfsys import BpfError, possible_cpus, prog_test_run, xdp_md
@@ -16,6 +15,7 @@ from nfactor_xdp.kern.loader import Programs
 from nfactor_xdp.control.supervisor import Node, teardown
 from nfactor_xdp.formats.config import NodeConfig
 from nfactor_xdp.dataplane.packet import DROP, FLOW, OTHER, classify
+from tests.frames import cases
 
 pytestmark = [pytest.mark.root, pytest.mark.netns]
 

@@ -20,8 +20,9 @@ import uuid
 
 import pytest
 
-from nfactor_xdp.kern import xsk
-from nfactor_xdp.kern.xsk import U32, Ring, XskError, XskSocket
+from nfactor_xdp.kern import xsk_rings
+from nfactor_xdp.kern.xsk import XskError, XskSocket
+from nfactor_xdp.kern.xsk_rings import U32, Ring
 
 # --------------------------------------------------------------------------
 # unit tests: ring index arithmetic on bytearray-backed memory
@@ -141,7 +142,7 @@ def test_batches_across_wrap_keep_order():
 def test_needs_wakeup_flag():
     mem, r = fake_ring()
     assert not r.needs_wakeup()
-    set_kernel_index(mem, FLAGS, xsk.XDP_RING_NEED_WAKEUP)
+    set_kernel_index(mem, FLAGS, xsk_rings.XDP_RING_NEED_WAKEUP)
     assert r.needs_wakeup()
     r2 = Ring(bytearray(4096), 8, PROD, CONS, DESC, None, words=1, user_produces=True)
     assert not r2.needs_wakeup()
@@ -192,7 +193,7 @@ class FakeKernel:
                 self.fill_empty += 1
                 continue
             base = self.fill.consume(1)[0] & ~(self.FS - 1)
-            addr = base + xsk.XDP_PACKET_HEADROOM
+            addr = base + xsk_rings.XDP_PACKET_HEADROOM
             self.umem[addr:addr + len(data)] = data
             self.rx.push([addr, len(data)])
             n += 1
@@ -420,8 +421,6 @@ int xp_TAG(struct xdp_md *ctx)
 }
 """
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
-
 
 class Bed:
     """veth a<->b in namespace `ns`, XDP redirect on a, XDP_PASS on b."""
@@ -461,8 +460,6 @@ def _mac(s: str) -> bytes:
 
 @pytest.fixture(scope="module")
 def bed():
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
     from bcc import BPF
     from pyroute2 import IPRoute
     from nfactor_xdp.kern import netns
@@ -552,7 +549,6 @@ def capture(p: socket.socket, want: int, *, pump=None, tag: bytes | None = None)
 
 @pytest.mark.root
 @pytest.mark.netns
-@needs_root
 def test_receive_exact_bytes_and_counts(bed):
     tx = bed.packet_socket()
     with bed.socket() as s:
@@ -577,7 +573,6 @@ def test_receive_exact_bytes_and_counts(bed):
 
 @pytest.mark.root
 @pytest.mark.netns
-@needs_root
 def test_forward_batch_roundtrip(bed):
     tx, cap = bed.packet_socket(), bed.packet_socket()
     # A small UMEM: 1000 frames only get through if frames cycle
@@ -615,7 +610,6 @@ def test_forward_batch_roundtrip(bed):
 
 @pytest.mark.root
 @pytest.mark.netns
-@needs_root
 def test_handler_can_rewrite_frames(bed):
     tx, cap = bed.packet_socket(), bed.packet_socket()
     with bed.socket() as s:
@@ -635,7 +629,6 @@ def test_handler_can_rewrite_frames(bed):
 
 @pytest.mark.root
 @pytest.mark.netns
-@needs_root
 def test_handler_false_drops(bed):
     tx, cap = bed.packet_socket(), bed.packet_socket()
     with bed.socket(num_frames=64, ring_size=32) as s:
@@ -668,7 +661,6 @@ def test_handler_false_drops(bed):
 
 @pytest.mark.root
 @pytest.mark.netns
-@needs_root
 def test_send_frame_and_transmit(bed):
     tx, cap = bed.packet_socket(), bed.packet_socket()
     with bed.socket() as s:
@@ -697,7 +689,6 @@ def test_send_frame_and_transmit(bed):
 
 @pytest.mark.root
 @pytest.mark.netns
-@needs_root
 def test_send_frame_without_free_frame_returns_false(bed):
     with bed.socket(num_frames=16, ring_size=8) as s:
         # 16 frames: 8 go to FILL, 8 stay free (FILL cannot hold more)
@@ -709,7 +700,6 @@ def test_send_frame_without_free_frame_returns_false(bed):
 
 @pytest.mark.root
 @pytest.mark.netns
-@needs_root
 def test_wait_timeout_and_close_idempotent(bed):
     s = bed.socket()
     fd = s.fd
@@ -726,7 +716,6 @@ def test_wait_timeout_and_close_idempotent(bed):
 
 @pytest.mark.root
 @pytest.mark.netns
-@needs_root
 def test_bind_failure_names_interface_queue_and_errno(bed):
     from nfactor_xdp.kern import netns
     with netns.entered(bed.ns):
@@ -743,7 +732,6 @@ def test_bind_failure_names_interface_queue_and_errno(bed):
 
 @pytest.mark.root
 @pytest.mark.netns
-@needs_root
 def test_reopen_right_after_close_and_busy_queue(bed):
     from nfactor_xdp.kern import netns
     cap = bed.packet_socket()

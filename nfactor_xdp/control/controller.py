@@ -1,7 +1,9 @@
 """The controller (paper 3.1, 4.1): view service, failure detection, rules,
 scale-out, with every change logged before it is applied.
 
-    python -m nfactor_xdp.control.controller --node NAME --port P --supervisor PORT
+    python -m nfactor_xdp.control.controller --config-json CONFIG
+
+(the supervisor starts it so, with the node's whole configuration).
 
 - Runtimes REGISTER when they start and HEARTBEAT their load; the controller
   keeps the cluster view (id, control address, port, state, load).
@@ -18,14 +20,13 @@ scale-out, with every change logged before it is applied.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import select
-import signal
 import sys
 import time
 
+from .. import logs
+from ..formats.config import NodeConfig, process_args, stop_on_signals
 from ..kern import layouts as L
 from ..formats import config as nodeconf
 from .durable_log import ControllerLog
@@ -33,28 +34,27 @@ from ..kern.maps import NodeMaps
 from ..formats.messages import ClusterKey, Endpoint, Message, MsgType
 from ..dataplane.rules import Policy, RuleError, load_policy
 
-STATES = ("starting", "running", "leaving", "failed")
 COMPACT_EVERY = 200  # logged changes between compactions
 LOAD_PUSH_INTERVAL = 0.5  # seconds between view pushes that only carry new loads
 
+log = logs.get("controller")
+
 
 class Controller:
-    def __init__(self, node: str, port: int, supervisor_port: int, *, heartbeat: float = 0.1,
-                 miss_limit: int = 3, scale_threshold: float = 0.8, scale_window: float = 2.0,
-                 max_runtimes: int = 0, scale_cooldown: float = 10.0, scale_in_threshold: float = 0.0,
-                 min_runtimes: int = 1):
-        self.node = node
+    def __init__(self, cfg: NodeConfig):
+        self.cfg = cfg
+        self.node = cfg.name
         self.key = ClusterKey.load_or_create(nodeconf.cluster_key_path())
-        self.ep = Endpoint(("127.0.0.1", port), self.key, "controller")
-        self.supervisor = ("127.0.0.1", supervisor_port)
-        self.heartbeat = heartbeat
-        self.miss_limit = miss_limit
-        self.scale_threshold = scale_threshold
-        self.scale_window = scale_window
-        self.max_runtimes = max_runtimes
-        self.scale_cooldown = scale_cooldown
-        self.maps = NodeMaps(node)
-        self.log = ControllerLog(nodeconf.controller_log_path(node))
+        self.ep = Endpoint(("127.0.0.1", cfg.control_port), self.key, "controller")
+        self.supervisor = ("127.0.0.1", cfg.supervisor_port)
+        self.heartbeat = cfg.heartbeat
+        self.miss_limit = cfg.miss_limit
+        self.scale_threshold = cfg.scale_threshold
+        self.scale_window = cfg.scale_window
+        self.max_runtimes = cfg.max_runtimes
+        self.scale_cooldown = cfg.scale_cooldown
+        self.maps = NodeMaps(cfg.name)
+        self.log = ControllerLog(nodeconf.controller_log_path(cfg.name))
         self.view: dict[int, dict] = {}      # runtime id -> entry (durable part: id, state, addr, core, port)
         self.live: dict[int, dict] = {}      # runtime id -> last heartbeat time and load (not logged)
         self.policy = Policy()
@@ -63,8 +63,8 @@ class Controller:
         self.started = time.monotonic()
         self.overloaded_since: float | None = None
         self.idle_since: float | None = None
-        self.scale_in_threshold = scale_in_threshold
-        self.min_runtimes = min_runtimes
+        self.scale_in_threshold = cfg.scale_in_threshold
+        self.min_runtimes = cfg.min_runtimes
         self.last_scale = 0.0
         self.stopping = False
         self.stats = {"heartbeats": 0, "registers": 0, "failures_detected": 0, "exits_reported": 0,
@@ -82,7 +82,7 @@ class Controller:
             try:
                 self.policy = load_policy(nodeconf.policy_path(self.node))
             except RuleError as e:
-                print(f"controller: ignoring bad policy file: {e}", file=sys.stderr, flush=True)
+                log.error("ignoring the bad policy file: %s", e)
         for op in ops:
             self._apply(op)
         for seq, op in pending:
@@ -137,7 +137,7 @@ class Controller:
             try:
                 self.maps.set_runtime_state(rt_id, L.C[f"NFX_RT_{state.upper()}"])
             except OSError as e:
-                print(f"controller: cannot update switch table: {e}", file=sys.stderr, flush=True)
+                log.error("cannot update the switch's runtime table: %s", e)
 
     # --- messages ----------------------------------------------------------------
     def on_message(self, msg: Message, addr) -> None:
@@ -159,9 +159,9 @@ class Controller:
         elif t == MsgType.RULES:
             self.on_rules(msg, addr)
         elif t == MsgType.STATUS:
-            self.ep.send(addr, MsgType.REPLY, {"ok": True, **self.status()}, rid=msg.rid)
+            self.ep.reply(msg, addr, {"ok": True, **self.status()})
         elif t == MsgType.PING:
-            self.ep.send(addr, MsgType.REPLY, {"ok": True}, rid=msg.rid)
+            self.ep.reply(msg, addr, {"ok": True})
         # anything else is ignored: messages from peers never crash the controller
 
     def _rt_id(self, body) -> int | None:
@@ -178,8 +178,7 @@ class Controller:
         self._change({"op": "state", "id": rt, "state": state, "addr": list(addr),
                       "pid": msg.body.get("pid"), "core": msg.body.get("core"), "port": msg.body.get("port")})
         self.live[rt] = {"last": time.monotonic(), "load": {}}
-        self.ep.send(addr, MsgType.REPLY, {"ok": True, "policy": self.policy.to_dict(), "view": self.public_view()},
-                     rid=msg.rid)
+        self.ep.reply(msg, addr, {"ok": True, "policy": self.policy.to_dict(), "view": self.public_view()})
         self.push_view()
 
     def on_heartbeat(self, body, addr) -> None:
@@ -208,11 +207,11 @@ class Controller:
         try:
             policy = Policy.from_dict(msg.body.get("policy"))
         except (RuleError, AttributeError) as e:
-            self.ep.send(addr, MsgType.REPLY, {"ok": False, "error": str(e)}, rid=msg.rid)
+            self.ep.reply(msg, addr, {"ok": False, "error": str(e)})
             return
         self._change({"op": "policy", "policy": policy.to_dict()})
         took = self.push_rules()
-        self.ep.send(addr, MsgType.REPLY, {"ok": True, "pushed_to": took}, rid=msg.rid)
+        self.ep.reply(msg, addr, {"ok": True, "pushed_to": took})
 
     def public_view(self) -> dict:
         return {"version": self.view_version,
@@ -240,13 +239,12 @@ class Controller:
         running = [r for r, e in self.view.items() if e.get("state") == "running" and r != rt]
         if not running:
             if msg is not None:
-                self.ep.send(addr, MsgType.REPLY, {"ok": False, "error": "no other running runtime to take its flows"},
-                             rid=msg.rid)
+                self.ep.reply(msg, addr, {"ok": False, "error": "no other running runtime to take its flows"})
             return
         self._change({"op": "state", "id": rt, "state": "leaving"})
         self.push_view()
         if msg is not None:
-            self.ep.send(addr, MsgType.REPLY, {"ok": True, "id": rt}, rid=msg.rid)
+            self.ep.reply(msg, addr, {"ok": True, "id": rt})
 
     def finish_drains(self) -> None:
         for rt, e in list(self.view.items()):
@@ -345,29 +343,14 @@ class Controller:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="nfactor-controller", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--node", required=True)
-    ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--supervisor", type=int, required=True)
-    ap.add_argument("--config-json", default="{}")
-    a = ap.parse_args(argv)
-    cfg = json.loads(a.config_json)
-    signal.pthread_sigmask(signal.SIG_SETMASK, [])
-    ctl = Controller(a.node, a.port, a.supervisor, heartbeat=cfg.get("heartbeat", 0.1),
-                     miss_limit=cfg.get("miss_limit", 3), scale_threshold=cfg.get("scale_threshold", 0.8),
-                     scale_window=cfg.get("scale_window", 2.0), max_runtimes=cfg.get("max_runtimes", 0),
-                     scale_cooldown=cfg.get("scale_cooldown", 10.0),
-                     scale_in_threshold=cfg.get("scale_in_threshold", 0.0), min_runtimes=cfg.get("min_runtimes", 1))
-
-    def on_signal(signum, frame):
-        ctl.stopping = True
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    cfg, _ = process_args("nfactor-controller", __doc__, argv)
+    logs.setup("controller")
+    ctl = Controller(cfg)
+    stop_on_signals(lambda: setattr(ctl, "stopping", True))
     try:
         ctl.recover()
-        print(f"controller {a.node}: up on 127.0.0.1:{a.port}, {len(ctl.view)} runtimes in the view, "
-              f"{ctl.stats['replayed_ops']} ops replayed", flush=True)
+        log.info("up on 127.0.0.1:%d, %d runtimes in the view, %d ops replayed", cfg.control_port,
+                 len(ctl.view), ctl.stats["replayed_ops"])
         ctl.run()
     finally:
         ctl.close()

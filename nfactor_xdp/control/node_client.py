@@ -2,23 +2,27 @@
 the demo, the benchmarks and the tests all go through here)."""
 from __future__ import annotations
 
-import json
 import os
+import signal
 import subprocess
 import sys
 import time
 
-from ..kern import layouts as L
-from . import supervisor as node_mod
-from ..kern import netns
-from ..formats import config as nodeconf, query as rtctl
-from ..kern.maps import NodeMaps
-from ..formats.config import NodeConfig
-from ..formats.messages import ClusterKey, Endpoint, MessageTimeout, MsgType
 from ..dataplane.rules import Policy, load_policy, save_policy
 from ..errors import NFactorError
+from ..formats import config as nodeconf
+from ..formats import flowkey, query
+from ..formats.config import NodeConfig
+from ..formats.messages import ClusterKey, Endpoint, MessageTimeout, MsgType
+from ..kern import netns
+from ..kern.maps import NodeMaps
+from .processes import pid_alive, stop_processes
+from .supervisor import force_down
 
 START_TIMEOUT = 60.0
+_POLL = 0.05  # polling the supervisor's state file or exit, always with a deadline
+# who control_call can ask, and the config field holding where it listens
+PORTS = {"control": "control_port", "supervisor": "supervisor_port", "switch": "switch_agent_port"}
 
 
 class NodeCtlError(NFactorError):
@@ -34,58 +38,57 @@ def _log_tail(name: str, path: str | None = None, lines: int = 15) -> str:
         return ""
 
 
-def agent_alive(name: str) -> bool:
+def supervisor_alive(name: str) -> bool:
     state = nodeconf.read_state(name)
-    return bool(state) and node_mod._pid_alive(state.get("agent_pid"))
+    return bool(state) and pid_alive(state.get("supervisor_pid"))
 
 
 def start(cfg: NodeConfig, timeout: float = START_TIMEOUT) -> dict:
-    """Start the node agent in the background and wait until it runs."""
+    """Start the node's supervisor in the background and wait until the node runs."""
     cfg.validate()
     if os.geteuid() != 0:
         raise NodeCtlError("the node needs root (XDP, bpffs, veths)")
-    if agent_alive(cfg.name):
+    if supervisor_alive(cfg.name):
         raise NodeCtlError(f"node {cfg.name!r} is already up (nfactorctl down --name {cfg.name})")
-    if nodeconf.read_state(cfg.name):
-        # A previous agent died: clear what it left running, keep the pins.
-        state = nodeconf.read_state(cfg.name) or {}
-        pids = [r["pid"] for r in state.get("runtimes", []) if r.get("pid")]
-        pids.append((state.get("controller") or {}).get("pid"))
-        pids.append((state.get("switch_agent") or {}).get("pid"))
-        node_mod.stop_processes([p for p in pids if p and node_mod._pid_alive(p)])
+    state = nodeconf.read_state(cfg.name)
+    if state:
+        # A previous supervisor died: clear what it left running, keep the pins.
+        pids = [r.get("pid") for r in state.get("runtimes", [])]
+        pids += [(state.get(child) or {}).get("pid") for child in ("controller", "switch_agent")]
+        stop_processes([p for p in pids if pid_alive(p)])
     os.makedirs(cfg.run_dir, mode=0o700, exist_ok=True)
-    logpath = nodeconf.log_path(cfg.name)
+    logpath = nodeconf.log_path(cfg.name, "supervisor")
     with open(logpath, "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "nfactor_xdp.control.supervisor", "--config-json", json.dumps(cfg.to_dict())],
+            [sys.executable, "-m", "nfactor_xdp.control.supervisor", "--config-json", cfg.to_json()],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise NodeCtlError(f"node {cfg.name!r} failed to start:\n{_log_tail(cfg.name, logpath)}")
         state = nodeconf.read_state(cfg.name)
-        if state and state.get("phase") == "running" and state.get("agent_pid") == proc.pid:
+        if state and state.get("phase") == "running" and state.get("supervisor_pid") == proc.pid:
             return state
-        time.sleep(0.05)  # polling the agent's state file with a deadline
+        time.sleep(_POLL)
     stop(cfg.name)
     raise NodeCtlError(f"node {cfg.name!r} not running after {timeout}s:\n{_log_tail(cfg.name, logpath)}")
 
 
 def stop(name: str, timeout: float = 30.0, purge: bool = False) -> list[str]:
-    """Stop a node; if its agent is gone, clean up what it left.  Returns what
-    the forced cleanup removed (empty when the agent did it itself)."""
+    """Stop a node; if its supervisor is gone, clean up what it left.  Returns
+    what the forced cleanup removed (empty when the supervisor did it itself)."""
     state = nodeconf.read_state(name)
-    if state and node_mod._pid_alive(state.get("agent_pid")):
-        pid = state["agent_pid"]
-        os.kill(pid, 15)
+    if state and pid_alive(state.get("supervisor_pid")):
+        pid = state["supervisor_pid"]
+        os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        while node_mod._pid_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)  # polling the agent's exit with a deadline
-        if node_mod._pid_alive(pid):
-            os.kill(pid, 9)
+        while pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(_POLL)
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
     removed = []
     if nodeconf.read_state(name) is not None or purge or NodeMaps(name).exists():
-        removed = node_mod.force_down(name)
+        removed = force_down(name)
     return removed
 
 
@@ -97,11 +100,12 @@ def _endpoint(ns: str | None = None) -> Endpoint:
 
 
 def control_call(name: str, to: str, msg_type, body: dict, timeout: float = 1.0) -> dict:
-    """A request to the node's controller or supervisor (to: 'control' or 'supervisor')."""
+    """A request to the node's controller, supervisor or switch agent (to:
+    'control', 'supervisor' or 'switch')."""
     state = nodeconf.read_state(name)
     if state is None:
         raise NodeCtlError(f"node {name!r} is not up")
-    port = state.get(f"{to}_port")
+    port = (state.get("config") or {}).get(PORTS[to])
     if not port:
         raise NodeCtlError(f"node {name!r} has no {to} address in its state")
     ep = _endpoint((state.get("config") or {}).get("netns"))
@@ -118,8 +122,8 @@ def control_call(name: str, to: str, msg_type, body: dict, timeout: float = 1.0)
 
 def runtime_query(name: str, rt_id: int, op: str, timeout: float = 0.5, **args) -> dict | None:
     try:
-        return rtctl.request(nodeconf.runtime_socket(name, rt_id), op, timeout=timeout, **args)
-    except rtctl.RtctlError:
+        return query.request(nodeconf.runtime_socket(name, rt_id), op, timeout=timeout, **args)
+    except query.QueryError:
         return None
 
 
@@ -127,8 +131,8 @@ def status(name: str) -> dict:
     state = nodeconf.read_state(name)
     if state is None:
         raise NodeCtlError(f"node {name!r} is not up (no {nodeconf.state_path(name)})")
-    out = {"node": name, "phase": state.get("phase"), "agent_pid": state.get("agent_pid"),
-           "agent_alive": node_mod._pid_alive(state.get("agent_pid")),
+    out = {"node": name, "phase": state.get("phase"), "supervisor_pid": state.get("supervisor_pid"),
+           "supervisor_alive": pid_alive(state.get("supervisor_pid")),
            "config": state.get("config"), "xdp_modes": state.get("xdp_modes"),
            "redirect_error_tracer": state.get("tracer"), "runtimes": [], "switch": {}}
     with NodeMaps(name) as maps:
@@ -147,7 +151,6 @@ def status(name: str) -> dict:
         out["controller"] = {"alive": False, "restarts": (state.get("controller") or {}).get("restarts", 0)}
     for rt in state.get("runtimes", []):
         entry = dict(rt)
-        entry["process"] = entry.pop("state")
         v = view.get(rt["id"], {})
         entry["state"] = v.get("state", "unknown")
         entry["load"] = v.get("load", {})
@@ -156,7 +159,8 @@ def status(name: str) -> dict:
         live = runtime_query(name, rt["id"], "status")
         entry["live"] = live is not None
         if live:
-            for k in ("pid", "flows", "frames", "forwarded", "dropped", "dropped_by_chain", "dropped_not_flow",
+            for k in ("pid", "recovering", "flows", "frames", "forwarded", "dropped", "dropped_by_chain",
+                      "dropped_not_flow",
                       "flows_created", "flows_expired", "idle_waits", "xsk", "uptime", "replication", "migration",
                       "control_errors"):
                 entry[k] = live.get(k)
@@ -179,7 +183,7 @@ def flows(name: str, limit: int | None = None) -> dict:
     for key in sorted(set(placed) | set(actors)):
         p, a = placed.get(key), actors.get(key)
         entry = {
-            "key": key, "flow": (p or a)["flow"],
+            "key": key, "flow": flowkey.describe(bytes.fromhex(key)),
             "switch_runtime": p["runtime"] if p else None,
             "runtime": a["runtime"] if a else None,
             "packets": a["packets"] if a else None, "bytes": a["bytes"] if a else None,
@@ -205,8 +209,8 @@ def migrate(name: str, src: int, dst: int, *, count: int | None = None, keys: li
     elif count is not None:
         args["count"] = count
     try:
-        started = rtctl.request(nodeconf.runtime_socket(name, src), "migrate", timeout=5.0, **args)
-    except rtctl.RtctlError as e:
+        started = query.request(nodeconf.runtime_socket(name, src), "migrate", timeout=5.0, **args)
+    except query.QueryError as e:
         raise NodeCtlError(f"runtime {src}: {e}") from None
     deadline = time.monotonic() + timeout
     report = started
@@ -215,8 +219,8 @@ def migrate(name: str, src: int, dst: int, *, count: int | None = None, keys: li
             raise NodeCtlError(f"migrations not finished after {timeout}s: {report}")
         time.sleep(0.01)  # polling the source runtime with a deadline
         try:
-            report = rtctl.request(nodeconf.runtime_socket(name, src), "migrate_status", batch=started["batch"])
-        except rtctl.RtctlError as e:
+            report = query.request(nodeconf.runtime_socket(name, src), "migrate_status", batch=started["batch"])
+        except query.QueryError as e:
             raise NodeCtlError(f"runtime {src}: {e}") from None
     return report
 
@@ -230,11 +234,8 @@ def put_policy(name: str, policy: Policy) -> list[int]:
     """Save a node's policy and, if it is up, hand it to the controller, which
     logs it and pushes it to every runtime; returns the runtimes it went to."""
     save_policy(policy, nodeconf.policy_path(name))
-    if not agent_alive(name):
+    if not supervisor_alive(name):
         return []
     reply = control_call(name, "control", MsgType.RULES, {"policy": policy.to_dict()})
     return reply.get("pushed_to", [])
 
-
-def counters_doc() -> dict[str, str]:
-    return dict(L.COUNTER_DOCS)

@@ -1,67 +1,55 @@
-"""The node agent: brings a node up on two external ports, keeps its
-runtimes running, and takes everything down again.
+"""The supervisor (the paper's guard): brings a node up on two external
+ports, keeps its processes running, and takes everything down again.
 
     up:   load the XDP programs (maps pinned, reused if present), create one
           veth pair per runtime, fill the port/devmap/runtime maps, attach,
-          start one runtime process per core and mark it running once its
-          AF_XDP socket is registered.
-    run:  restart a runtime that dies (it is marked failed meanwhile: its
-          flows stay placed on it and are dropped, counted, at its port).
-    down: stop the runtimes, detach every program, delete the runtime ports,
-          unpin the maps, remove the run directory.  Nothing is left behind.
+          start the controller, the switch agent and one runtime per core;
+          up once every runtime has registered with the controller.
+    run:  restart whatever dies: a runtime (the controller marks it failed
+          meanwhile: its flows stay placed on it), the controller, the switch
+          agent; serve the operator's runtime add/stop/kill.
+    down: stop every process, detach every program, delete the runtime
+          ports, unpin the maps, remove the run directory.  Nothing is left.
 
-The agent process holds no state the node needs to forward: if it is killed,
+The supervisor holds no state the node needs to forward: if it is killed,
 the programs stay attached and the runtimes keep forwarding; `down` cleans up
-after it.
+after it and `up` starts a new one on the same pins.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
 
 from pyroute2 import IPRoute
 
+from .. import logs
+from ..dataplane.rules import load_policy, save_policy
+from ..errors import NFactorError
+from ..formats import config as nodeconf
+from ..formats import query
+from ..formats.config import NodeConfig, process_args
+from ..formats.messages import ClusterKey, Endpoint, Message, MsgType
 from ..kern import layouts as L
 from ..kern import netns
-from ..formats import config as nodeconf, query as rtctl
-from ..kern.loader import LoaderError, Programs, detach, remove_pins
+from ..kern.loader import Programs, detach, remove_pins
 from ..kern.maps import NodeMaps
-from ..formats.messages import ClusterKey, Endpoint, Message, MsgType
-from ..formats.config import ConfigError, NodeConfig
-from ..dataplane.rules import RuleError, load_policy, save_policy
-from ..errors import NFactorError
+from .processes import Child, pid_alive, stop_processes
 
 READY_TIMEOUT = 20.0
-STOP_TIMEOUT = 5.0
 RESTART_BACKOFF = 0.1  # seconds before a dead runtime is started again
+CONTROLLER_BACKOFF = RESTART_BACKOFF / 5
+_POLL = 0.05  # polling interval while waiting for runtimes, always with a deadline
+RUNTIME_MODULE = "nfactor_xdp.dataplane.runtime"
+
+log = logs.get("supervisor")
 
 
 class NodeError(NFactorError):
     pass
-
-
-def _pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie child counts as dead
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _set_sysctl(path: str, value: str) -> None:
@@ -83,41 +71,42 @@ def free_udp_port() -> int:
         return s.getsockname()[1]
 
 
-class RuntimeProc:
-    """The supervisor's record of a runtime process (the controller keeps the view)."""
+class RuntimeProc(Child):
+    """The supervisor's record of a runtime process.  `process` is the
+    process's own life (started; ready: registered with the controller;
+    exited); the runtime's state in the node is the controller's view."""
 
-    def __init__(self, rt_id: int, core: int, sw: str, port: str):
-        self.id, self.core, self.sw, self.port = rt_id, core, sw, port
-        self.proc: subprocess.Popen | None = None
-        self.state = "starting"   # process: starting, running, exited
-        self.restarts = 0
-        self.started_at = 0.0
+    def __init__(self, cfg: NodeConfig, rt_id: int):
+        super().__init__(cfg, f"rt{rt_id}", RUNTIME_MODULE, "--id", str(rt_id))
+        self.id, self.core = rt_id, cfg.core_of(rt_id)
+        self.sw, self.port = nodeconf.runtime_ports(rt_id)
+        self.process = "started"
         self.failed_at = 0.0
+
+    def spawn(self) -> None:
+        super().spawn()
+        self.process = "started"
 
     def info(self) -> dict:
         return {"id": self.id, "core": self.core, "port": self.port, "switch_port": self.sw,
-                "pid": self.proc.pid if self.proc else None, "state": self.state,
-                "restarts": self.restarts}
+                "process": self.process, **super().info()}
 
 
 class Node:
     def __init__(self, cfg: NodeConfig):
-        self.cfg = cfg.validate()
+        # every process learns where the others listen from the one config
+        cfg.validate()
+        cfg.control_port, cfg.supervisor_port, cfg.switch_agent_port = (free_udp_port() for _ in range(3))
+        self.cfg = cfg
         self.progs = Programs(cfg.name, flow_table_size=cfg.flow_table_size)
         self.maps = NodeMaps(cfg.name)
         self.runtimes: list[RuntimeProc] = []
         self.stopping = False
         self.attached: list[str] = []
         self.xdp_modes: dict[str, str] = {}
-        self.control_port = free_udp_port()
-        self.supervisor_port = free_udp_port()
         self.ep: Endpoint | None = None
-        self.controller: subprocess.Popen | None = None
-        self.controller_restarts = 0
-        self.controller_started = 0.0
-        self.switch_port = free_udp_port()
-        self.switch_agent: subprocess.Popen | None = None
-        self.switch_agent_restarts = 0
+        self.controller = Child(cfg, "controller", "nfactor_xdp.control.controller")
+        self.switch_agent = Child(cfg, "switch-agent", "nfactor_xdp.control.switch_agent")
 
     # --- bring up ----------------------------------------------------------
     def up(self) -> None:
@@ -126,12 +115,12 @@ class Node:
         if self.cfg.policy:
             save_policy(load_policy(self.cfg.policy), nodeconf.policy_path(self.cfg.name))
         self.setup_switch()
-        self.ep = Endpoint(("127.0.0.1", self.supervisor_port),
+        self.ep = Endpoint(("127.0.0.1", self.cfg.supervisor_port),
                            ClusterKey.load_or_create(nodeconf.cluster_key_path()), "supervisor")
-        self._spawn_controller()
-        self._spawn_switch_agent()
+        self.controller.spawn()
+        self.switch_agent.spawn()
         for rt in self.runtimes:
-            self._spawn(rt)
+            rt.spawn()
         self._wait_ready(self.runtimes)
         self._write_state("running")
 
@@ -154,9 +143,9 @@ class Node:
             self.maps.set_runtime(rt_id, L.C["NFX_RT_NONE"], 0)
         with IPRoute() as ipr:
             for rt_id in range(cfg.runtimes):
-                sw, port = nodeconf.runtime_ports(rt_id)
-                self.runtimes.append(RuntimeProc(rt_id, cfg.core_of(rt_id), sw, port))
-                self._make_runtime_port(ipr, rt_id, sw, port)
+                rt = RuntimeProc(cfg, rt_id)
+                self.runtimes.append(rt)
+                self._make_runtime_port(ipr, rt_id, rt.sw, rt.port)
             for slot, role, port in ((L.C["NFX_SLOT_EXT0"], L.C["NFX_PORT_EXT0"], cfg.ext0),
                                      (L.C["NFX_SLOT_EXT1"], L.C["NFX_PORT_EXT1"], cfg.ext1)):
                 idx = _ifindex(ipr, port)
@@ -196,14 +185,13 @@ class Node:
         """A new runtime at run time (scale-out or operator): port, programs, process."""
         used = {rt.id for rt in self.runtimes}
         rt_id = next(i for i in range(L.C["NFX_MAX_RUNTIMES"]) if i not in used)
-        sw, port = nodeconf.runtime_ports(rt_id)
-        rt = RuntimeProc(rt_id, self.cfg.core_of(rt_id), sw, port)
+        rt = RuntimeProc(self.cfg, rt_id)
         with IPRoute() as ipr:
-            self._make_runtime_port(ipr, rt_id, sw, port)
-        self._attach(port, "steer")
-        self._attach(sw, "vswitch")
+            self._make_runtime_port(ipr, rt_id, rt.sw, rt.port)
+        self._attach(rt.port, "steer")
+        self._attach(rt.sw, "vswitch")
         self.runtimes.append(rt)
-        self._spawn(rt)
+        rt.spawn()
         return rt
 
     def remove_runtime(self, rt: RuntimeProc) -> None:
@@ -211,8 +199,7 @@ class Node:
         migration their NF state is lost)."""
         self.runtimes.remove(rt)
         self._notify_controller(MsgType.RUNTIME_STOP, {"id": rt.id})
-        if rt.proc:
-            stop_processes([rt.proc.pid])
+        rt.stop()
         with IPRoute() as ipr:
             for name in (rt.port, rt.sw):
                 if _ifindex(ipr, name) is not None:
@@ -226,51 +213,16 @@ class Node:
         self.xdp_modes[ifname] = self.progs.attach(ifname, which, mode or self.cfg.xdp_mode)
         self.attached.append(ifname)
 
-    def _spawn(self, rt: RuntimeProc) -> None:
-        log = open(nodeconf.log_path(self.cfg.name, f"rt{rt.id}"), "ab")
-        argv = [sys.executable, "-m", "nfactor_xdp.dataplane.runtime", "--node", self.cfg.name,
-                "--id", str(rt.id), "--ifname", rt.port, "--core", str(rt.core),
-                "--idle-timeout", str(self.cfg.idle_timeout), "--batch", str(self.cfg.batch),
-                "--policy", nodeconf.policy_path(self.cfg.name),
-                "--controller", str(self.control_port), "--heartbeat", str(self.cfg.heartbeat),
-                "--switch-agent", str(self.switch_port), "--max-migrations", str(self.cfg.max_migrations),
-                "--migrate-threshold", str(self.cfg.migrate_threshold),
-                "--snapshot-every", str(self.cfg.snapshot_every)]
-        rt.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        log.close()
-        rt.state = "starting"
-        rt.started_at = time.monotonic()
-
-    def _spawn_controller(self) -> None:
-        cfg = self.cfg
-        log = open(nodeconf.log_path(cfg.name, "controller"), "ab")
-        conf = {"heartbeat": cfg.heartbeat, "miss_limit": cfg.miss_limit, "scale_threshold": cfg.scale_threshold,
-                "scale_window": cfg.scale_window, "max_runtimes": cfg.max_runtimes,
-                "scale_in_threshold": cfg.scale_in_threshold, "min_runtimes": cfg.min_runtimes}
-        self.controller = subprocess.Popen(
-            [sys.executable, "-m", "nfactor_xdp.control.controller", "--node", cfg.name, "--port", str(self.control_port),
-             "--supervisor", str(self.supervisor_port), "--config-json", json.dumps(conf)],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        log.close()
-        self.controller_started = time.monotonic()
-
-    def _spawn_switch_agent(self) -> None:
-        log = open(nodeconf.log_path(self.cfg.name, "switchagent"), "ab")
-        self.switch_agent = subprocess.Popen(
-            [sys.executable, "-m", "nfactor_xdp.control.switch_agent", "--node", self.cfg.name, "--port", str(self.switch_port)],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        log.close()
-
     def _notify_controller(self, msg_type, body: dict) -> None:
         if self.ep:
-            self.ep.send(("127.0.0.1", self.control_port), msg_type, body)
+            self.ep.send(("127.0.0.1", self.cfg.control_port), msg_type, body)
 
     def _ready(self, rt: RuntimeProc) -> bool:
-        """Running: its socket is registered and the controller has it in the view."""
+        """Ready: its socket is registered and the controller has it in the view."""
         try:
-            return bool(rtctl.request(nodeconf.runtime_socket(self.cfg.name, rt.id), "ping",
+            return bool(query.request(nodeconf.runtime_socket(self.cfg.name, rt.id), "ping",
                                       timeout=0.5).get("registered"))
-        except rtctl.RtctlError:
+        except query.QueryError:
             return False
 
     def _wait_ready(self, rts: list[RuntimeProc]) -> None:
@@ -278,21 +230,21 @@ class Node:
         waiting = list(rts)
         while waiting:
             for rt in list(waiting):
-                if rt.proc.poll() is not None:
+                if rt.exited():
                     raise NodeError(f"runtime {rt.id} exited with {rt.proc.returncode} while starting; "
-                                    f"see {nodeconf.log_path(self.cfg.name, f'rt{rt.id}')}")
+                                    f"see {nodeconf.log_path(self.cfg.name, rt.role)}")
                 if self._ready(rt):
-                    rt.state = "running"
+                    rt.process = "ready"
                     waiting.remove(rt)
             if waiting:
                 if time.monotonic() > deadline:
                     raise NodeError(f"runtimes {[r.id for r in waiting]} not ready after {READY_TIMEOUT}s")
-                time.sleep(0.05)  # polling interval while waiting for a deadline
+                time.sleep(_POLL)
 
     # --- keep running ------------------------------------------------------
     def supervise(self) -> None:
-        """The paper's guard: restart the controller and any runtime that
-        dies, serve operator requests, until asked to stop."""
+        """The paper's guard: restart the controller, the switch agent and any
+        runtime that dies, serve operator requests, until asked to stop."""
         while not self.stopping:
             changed = self._reap()
             for msg, addr in self.ep.receive(32):
@@ -306,29 +258,29 @@ class Node:
     def _reap(self) -> bool:
         changed = False
         now = time.monotonic()
-        if self.controller.poll() is not None and now - self.controller_started >= RESTART_BACKOFF / 5:
-            self.controller_restarts += 1
-            self._spawn_controller()
+        if self.controller.exited() and now - self.controller.started_at >= CONTROLLER_BACKOFF:
+            log.warning("controller exited with %s; restarting it", self.controller.proc.returncode)
+            self.controller.respawn()
             changed = True
-        if self.switch_agent.poll() is not None:
-            self.switch_agent_restarts += 1
-            self._spawn_switch_agent()
+        if self.switch_agent.exited():
+            log.warning("switch agent exited with %s; restarting it", self.switch_agent.proc.returncode)
+            self.switch_agent.respawn()
             changed = True
         for rt in self.runtimes:
-            if rt.proc.poll() is None:
-                if rt.state == "starting" and self._ready(rt):
-                    rt.state = "running"
+            if not rt.exited():
+                if rt.process == "started" and self._ready(rt):
+                    rt.process = "ready"
                     changed = True
                 continue
-            if rt.state != "exited":
+            if rt.process != "exited":
                 # the controller marks it failed in the view and the switch at once
-                rt.state = "exited"
+                rt.process = "exited"
                 rt.failed_at = now
+                log.warning("runtime %d exited with %s", rt.id, rt.proc.returncode)
                 self._notify_controller(MsgType.RUNTIME_EXITED, {"id": rt.id, "code": rt.proc.returncode})
                 changed = True
             if now - rt.failed_at >= RESTART_BACKOFF:
-                rt.restarts += 1
-                self._spawn(rt)
+                rt.respawn()
                 changed = True
         return changed
 
@@ -341,33 +293,30 @@ class Node:
                 if len(self.runtimes) >= L.C["NFX_MAX_RUNTIMES"]:
                     raise NodeError("no free runtime slot")
                 new = self.add_runtime()
-                self.ep.send(addr, MsgType.REPLY, {"ok": True, "id": new.id}, rid=msg.rid)
+                self.ep.reply(msg, addr, {"ok": True, "id": new.id})
                 return True
             if msg.type in (MsgType.RUNTIME_STOP, MsgType.RUNTIME_KILL):
                 if rt is None:
                     raise NodeError(f"no runtime {body.get('id')!r}")
                 if msg.type == MsgType.RUNTIME_KILL:
-                    os.kill(rt.proc.pid, signal.SIGKILL)  # failure injection: the guard restarts it
+                    os.kill(rt.pid, signal.SIGKILL)  # failure injection: the guard restarts it
                 else:
                     self.remove_runtime(rt)
-                self.ep.send(addr, MsgType.REPLY, {"ok": True, "id": rt.id}, rid=msg.rid)
+                self.ep.reply(msg, addr, {"ok": True, "id": rt.id})
                 return True
             if msg.type == MsgType.STATUS:
-                self.ep.send(addr, MsgType.REPLY, {"ok": True, "runtimes": [r.info() for r in self.runtimes]},
-                             rid=msg.rid)
+                self.ep.reply(msg, addr, {"ok": True, "runtimes": [r.info() for r in self.runtimes]})
                 return False
         except (NodeError, OSError) as e:
-            self.ep.send(addr, MsgType.REPLY, {"ok": False, "error": str(e)}, rid=msg.rid)
+            self.ep.reply(msg, addr, {"ok": False, "error": str(e)})
         return False
 
     # --- take down -----------------------------------------------------------
     def down(self) -> None:
         self._write_state("stopping")
-        stop_processes([rt.proc.pid for rt in self.runtimes if rt.proc])
-        if self.controller:
-            stop_processes([self.controller.pid])
-        if self.switch_agent:
-            stop_processes([self.switch_agent.pid])
+        stop_processes([rt.pid for rt in self.runtimes if rt.pid])
+        self.controller.stop()
+        self.switch_agent.stop()
         for rt in self.runtimes:
             try:
                 self.maps.set_runtime_state(rt.id, L.C["NFX_RT_NONE"])
@@ -381,42 +330,12 @@ class Node:
 
     def _write_state(self, phase: str) -> None:
         nodeconf.write_state(self.cfg.name, {
-            "phase": phase, "agent_pid": os.getpid(), "config": self.cfg.to_dict(),
+            "phase": phase, "supervisor_pid": os.getpid(), "config": self.cfg.to_dict(),
             "runtimes": [rt.info() for rt in self.runtimes],
             "xdp_modes": self.xdp_modes, "tracer": self.progs.tracing,
-            "control_port": self.control_port, "supervisor_port": self.supervisor_port,
-            "controller": {"pid": self.controller.pid if self.controller else None,
-                           "restarts": self.controller_restarts},
-            "switch_port": self.switch_port,
-            "switch_agent": {"pid": self.switch_agent.pid if self.switch_agent else None,
-                             "restarts": self.switch_agent_restarts},
+            "controller": self.controller.info(), "switch_agent": self.switch_agent.info(),
             "updated": time.time(),
         })
-
-
-def stop_processes(pids: list[int], timeout: float = STOP_TIMEOUT) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + timeout
-    for pid in pids:
-        while _pid_alive(pid) and time.monotonic() < deadline:
-            try:
-                os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
-            time.sleep(0.02)  # polling a process's exit with a deadline
-        if _pid_alive(pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        try:
-            os.waitpid(pid, 0)
-        except ChildProcessError:
-            pass
 
 
 def teardown(cfg: NodeConfig) -> list[str]:
@@ -452,20 +371,19 @@ def teardown(cfg: NodeConfig) -> list[str]:
 
 
 def force_down(name: str) -> list[str]:
-    """`down` when the agent is gone: stop what it left running, then teardown."""
+    """`down` when the supervisor is gone: stop what it left running, then teardown."""
     state = nodeconf.read_state(name) or {}
     cfg = NodeConfig.from_dict(state.get("config", {"name": name}))
-    pids = [r["pid"] for r in state.get("runtimes", []) if r.get("pid") and _pid_alive(r["pid"])]
-    for service in ("controller", "switch_agent"):
-        pid = (state.get(service) or {}).get("pid")
-        if pid and _pid_alive(pid):
-            pids.append(pid)
-    stop_processes(pids)
+    pids = [r.get("pid") for r in state.get("runtimes", [])]
+    pids += [(state.get(child) or {}).get("pid") for child in ("controller", "switch_agent")]
+    stop_processes([p for p in pids if pid_alive(p)])
     return teardown(cfg)
 
 
 def run_foreground(cfg: NodeConfig) -> int:
-    """The agent's main: up, supervise until SIGTERM/SIGINT, down."""
+    """The supervisor's life: up, supervise until SIGTERM/SIGINT, down
+    (in this process: `nfactorctl up --foreground` and systemd run it so)."""
+    logs.setup("supervisor")
     if os.geteuid() != 0:
         raise NodeError("the node needs root (XDP, bpffs, veths)")
     if cfg.netns:
@@ -474,23 +392,21 @@ def run_foreground(cfg: NodeConfig) -> int:
     node = Node(cfg)
     try:
         node.up()
-        print(f"node {cfg.name}: running, {cfg.runtimes} runtimes", flush=True)
+        log.info("node %s running, %d runtimes", cfg.name, cfg.runtimes)
         node.supervise()
         return 0
     finally:
         node.down()
-        print(f"node {cfg.name}: down", flush=True)
+        log.info("node %s down", cfg.name)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="nfactor-node")
-    ap.add_argument("--config-json", required=True)
-    a = ap.parse_args(argv)
+    logs.setup("supervisor")
     try:
-        cfg = NodeConfig.from_dict(json.loads(a.config_json))
+        cfg, _ = process_args("nfactor-supervisor", __doc__, argv)
         return run_foreground(cfg)
-    except (NodeError, LoaderError, ConfigError, RuleError, OSError) as e:
-        print(f"node: error: {e}", file=sys.stderr, flush=True)
+    except (NFactorError, OSError) as e:
+        log.error("%s", e)
         return 1
 
 

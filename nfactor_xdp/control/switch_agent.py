@@ -34,91 +34,30 @@ re-sends a lost marker.
 """
 from __future__ import annotations
 
-import argparse
 import collections
-import ctypes
-import ctypes.util
 import errno
 import os
-import platform
 import select
-import signal
 import socket
-import struct
 import sys
-import time
-import traceback
 from dataclasses import dataclass
 
+from .. import logs
+from ..formats.config import process_args, stop_on_signals
 from ..kern import layouts as L
 from ..formats import config as nodeconf
 from ..dataplane import packet
+from ..formats import flowkey, marker as marker_fmt
+from ..kern import grace
 from ..kern.bpfsys import BPF_EXIST, BpfError
 from ..kern.maps import NodeMaps
-from ..formats.messages import ClusterKey, Endpoint, Message, MsgType, reply
+from ..formats.messages import ClusterKey, Endpoint, Message, MsgType
 from ..errors import NFactorError
 
-MARKER_MAGIC = 0x4E46414D524B5200  # "NFAMRK\0" + 0
-_MARKER = struct.Struct("!QQ")
-MARKER_SIZE = _MARKER.size
-MAX_MARKER_FRAME = 1514             # Ethernet frame without FCS
 MAX_RUNTIMES = L.C["NFX_MAX_RUNTIMES"]
 MAX_BATCH = 1024                    # moves per grace period, bounds a reply's wait
 
-_SYS_MEMBARRIER = {"x86_64": 324, "aarch64": 283}
-MEMBARRIER_CMD_QUERY = 0
-MEMBARRIER_CMD_GLOBAL = 1
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
-
-def marker_payload(nonce: int) -> bytes:
-    """The 16-byte payload of a marker frame."""
-    return _MARKER.pack(MARKER_MAGIC, nonce)
-
-
-def is_marker(payload_bytes, nonce: int) -> bool:
-    """True if an L4 payload is exactly the marker for `nonce`."""
-    return bytes(payload_bytes) == marker_payload(nonce)
-
-
-# --- grace period ----------------------------------------------------------------
-
-class GracePeriodError(NFactorError):
-    pass
-
-
-def _membarrier(cmd: int) -> int:
-    nr = _SYS_MEMBARRIER.get(platform.machine())
-    if nr is None:
-        raise GracePeriodError(f"membarrier: syscall number unknown on {platform.machine()}")
-    ret = _libc.syscall(ctypes.c_long(nr), ctypes.c_int(cmd), ctypes.c_uint(0), ctypes.c_int(0))
-    if ret < 0:
-        err = ctypes.get_errno()
-        if err == errno.EINVAL:
-            why = "the kernel refuses it (EINVAL: nohz_full CPUs, or the command is unknown)"
-        elif err == errno.ENOSYS:
-            why = "no membarrier syscall (kernel built without CONFIG_MEMBARRIER)"
-        else:
-            why = os.strerror(err)
-        raise GracePeriodError(f"membarrier(cmd={cmd}): {why}; without it migration markers "
-                               f"cannot be ordered behind the flow's frames")
-    return ret
-
-
-def check_grace_period() -> None:
-    """Fail early (and cheaply) if this kernel has no MEMBARRIER_CMD_GLOBAL."""
-    if not _membarrier(MEMBARRIER_CMD_QUERY) & MEMBARRIER_CMD_GLOBAL:
-        raise GracePeriodError("the kernel does not offer MEMBARRIER_CMD_GLOBAL "
-                               "(nohz_full CPUs?); migration markers cannot be ordered")
-
-
-def grace_period() -> float:
-    """Wait until every NAPI poll running now has finished (synchronize_rcu()
-    through membarrier); returns the seconds it took."""
-    t0 = time.perf_counter()
-    _membarrier(MEMBARRIER_CMD_GLOBAL)
-    return time.perf_counter() - t0
+log = logs.get("switch-agent")
 
 
 # --- marker injection --------------------------------------------------------------
@@ -201,8 +140,8 @@ def parse_move(body: dict) -> Move:
         key = bytes.fromhex(body["key"])
     except (KeyError, TypeError, ValueError):
         raise MoveError("bad_request", "'key' must be the hex of a canonical flow key") from None
-    if len(key) != packet.KEY_SIZE:
-        raise MoveError("bad_request", f"'key' has {len(key)} bytes, expected {packet.KEY_SIZE}")
+    if len(key) != flowkey.KEY_SIZE:
+        raise MoveError("bad_request", f"'key' has {len(key)} bytes, expected {flowkey.KEY_SIZE}")
     to, src = _runtime_id(body, "to"), _runtime_id(body, "from")
     marker = body.get("marker")
     if marker is not None:
@@ -210,8 +149,8 @@ def parse_move(body: dict) -> Move:
             marker = bytes.fromhex(marker)
         except (TypeError, ValueError):
             raise MoveError("bad_marker", "'marker' must be the hex of a frame, or None") from None
-        if len(marker) > MAX_MARKER_FRAME:
-            raise MoveError("bad_marker", f"marker frame has {len(marker)} bytes, limit {MAX_MARKER_FRAME}")
+        if len(marker) > marker_fmt.MAX_FRAME:
+            raise MoveError("bad_marker", f"marker frame has {len(marker)} bytes, limit {marker_fmt.MAX_FRAME}")
         kind, mkey, _, _ = packet.classify(marker)
         # only a frame of this very flow may be injected into the runtime's path
         if kind != packet.FLOW or mkey != key:
@@ -238,7 +177,7 @@ class SwitchAgent:
 
     def apply(self, mv: Move) -> None:
         """Point the flow's entry at mv.to, keeping its other fields."""
-        k = L.FlowKey.from_buffer_copy(mv.key)
+        k = L.FlowKeyStruct.from_buffer_copy(mv.key)
         rt = self.maps["runtimes"].get(mv.to)
         if mv.to != mv.src and (rt is None or rt.state != L.C["NFX_RT_RUNNING"]):
             # a dead or leaving target would swallow the flow's frames
@@ -264,19 +203,19 @@ class SwitchAgent:
                 self.apply(mv)
             except MoveError as e:
                 self.rejected[e.reason] += 1
-                reply(self.ep, msg, addr, {"ok": False, "error": str(e)})
+                self.ep.reply(msg, addr, {"ok": False, "error": str(e)})
                 continue
             moved.append((msg, addr, mv))
         if not moved:
             return
         self.stats["moves"] += len(moved)
         try:
-            us = round(grace_period() * 1e6)
-        except GracePeriodError as e:
+            us = round(grace.wait() * 1e6)
+        except grace.GracePeriodError as e:
             # moved, but no marker may go out unordered: the runtime retries
             self.stats["grace_errors"] += 1
             for msg, addr, _ in moved:
-                reply(self.ep, msg, addr, {"ok": False, "error": str(e), "moved": True})
+                self.ep.reply(msg, addr, {"ok": False, "error": str(e), "moved": True})
             return
         self.stats["batches"] += 1
         self.stats["membarriers"] += 1
@@ -297,7 +236,7 @@ class SwitchAgent:
                             "error": f"marker not sent on {ifname}: {e.strerror or e}"}
             answers.append((msg, addr, body))
         for msg, addr, body in answers:
-            reply(self.ep, msg, addr, body)
+            self.ep.reply(msg, addr, body)
 
     def status(self) -> dict:
         return {"ok": True, "node": self.node, "pid": os.getpid(), "stats": dict(self.stats),
@@ -306,12 +245,12 @@ class SwitchAgent:
 
     def on_message(self, msg: Message, addr) -> None:
         if msg.type == MsgType.STATUS:
-            reply(self.ep, msg, addr, self.status())
+            self.ep.reply(msg, addr, self.status())
         elif msg.type == MsgType.PING:
-            reply(self.ep, msg, addr, {"ok": True})
+            self.ep.reply(msg, addr, {"ok": True})
         else:
             self.rejected["unexpected_type"] += 1
-            reply(self.ep, msg, addr, {"ok": False, "error": f"the switch agent does not handle {msg.type.name}"})
+            self.ep.reply(msg, addr, {"ok": False, "error": f"the switch agent does not handle {msg.type.name}"})
 
     def serve_once(self) -> int:
         """Handle every message waiting, the moves as one batch; returns how many moves."""
@@ -339,7 +278,7 @@ class SwitchAgent:
             except Exception:
                 # a bug must not take migration down for the whole node
                 self.stats["internal_errors"] += 1
-                traceback.print_exc()
+                log.exception("internal error")
 
     def close(self) -> None:
         self.injector.close()
@@ -348,27 +287,17 @@ class SwitchAgent:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="nfactor-switchagent", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--node", required=True)
-    ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--key", default=None, help="cluster key file (default: the node's)")
-    a = ap.parse_args(argv)
-    signal.pthread_sigmask(signal.SIG_SETMASK, [])  # the parent may have blocked them
+    cfg, _ = process_args("nfactor-switch-agent", __doc__, argv)
+    logs.setup("switch-agent")
     try:
-        check_grace_period()
-    except GracePeriodError as e:
-        print(f"switchagent {a.node}: {e}", file=sys.stderr, flush=True)
+        grace.check()
+    except grace.GracePeriodError as e:
+        log.error("%s", e)
         return 1
-    key = ClusterKey.load_or_create(a.key) if a.key else None
-    agent = SwitchAgent(a.node, a.port, key)
-
-    def on_signal(signum, frame):
-        agent.stopping = True
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    agent = SwitchAgent(cfg.name, cfg.switch_agent_port)
+    stop_on_signals(lambda: setattr(agent, "stopping", True))
     try:
-        print(f"switchagent {a.node}: up on 127.0.0.1:{a.port}", flush=True)
+        log.info("up on 127.0.0.1:%d", cfg.switch_agent_port)
         agent.run()
     finally:
         agent.close()

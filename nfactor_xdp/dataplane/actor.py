@@ -3,16 +3,16 @@
 It is created on the flow's first frame with the flow's service chain (from
 the rules), holds one state per NF of the chain, and passes every packet
 through the chain in order, stopping at the first NF that returns False (the
-packet is dropped and counted).  Packets are its main messages and are
-handled inline by `on_packet` (a function call, as in the paper); other
-messages (migration, replication) go through `mailbox` and are handled by the
-same event loop.
+packet is dropped and counted).  Packets are handled inline by `on_packet` (a
+function call, as in the paper); migration and replication handle the actor
+from the same event loop, and move it between runtimes in one wire format
+(`to_wire` / `load_wire`).
 """
 from __future__ import annotations
 
-from collections import deque
-
-from .packet import TCP, TCP_FIN, TCP_RST, Packet, describe_key
+from ..formats.flowkey import describe
+from .nf import NetworkFunction
+from .packet import TCP, TCP_FIN, TCP_RST, Packet
 
 MAX_ERRORS_KEPT = 4
 
@@ -20,14 +20,13 @@ MAX_ERRORS_KEPT = 4
 class Actor:
     __slots__ = ("key", "proto", "orig_dir", "chain", "rule_id", "nfs", "states", "packets", "bytes",
                  "dropped", "nf_errors", "errors", "first_seen", "last_seen", "fin", "closed_at",
-                 "mailbox", "fast_keys", "migration", "buffer", "replicator", "replica", "snap_count",
-                 "snap_version")
+                 "fast_keys", "migration", "replicator", "replica", "snap_count", "snap_version")
 
-    def __init__(self, key: bytes, orig_dir: int, now: float, chain: int = 0, nfs=(), rule_id: int = 0,
-                 replicator=None):
+    def __init__(self, key: bytes, orig_dir: int, now: float, chain: int = 0,
+                 nfs: tuple[NetworkFunction, ...] | list = (), rule_id: int = 0, replicator=None):
         self.key = key
         self.proto = key[36]
-        self.orig_dir = orig_dir       # canonical direction (packet.LO_TO_HI/HI_TO_LO) of the first frame
+        self.orig_dir = orig_dir       # canonical direction (LO_TO_HI/HI_TO_LO) of the first frame
         self.chain = chain
         self.rule_id = rule_id
         self.nfs = list(nfs)           # the runtime's NF instances, in chain order
@@ -41,10 +40,8 @@ class Actor:
         self.last_seen = now
         self.fin = 0                   # bit per direction that sent a FIN
         self.closed_at = 0.0           # when FIN both ways or RST was seen
-        self.mailbox: deque = deque()
-        self.fast_keys: list[bytes] = []  # the runtime's fast-path entries for this flow
-        self.migration = None             # migration.Outgoing while leaving, "in" while arriving
-        self.buffer = None                # frames held while arriving (until the state comes)
+        self.fast_keys: list[bytes] = []  # the flow table's fast-path entries for this flow
+        self.migration = None             # migration.Outgoing (leaving) or migration.Incoming (arriving)
         self.replicator = replicator      # snapshots every K packets go through it (None: no replication)
         self.replica = None               # the peer runtime holding this flow's snapshots
         self.snap_count = 0
@@ -97,10 +94,35 @@ class Actor:
             except Exception:
                 pass
 
+    # --- the wire format: migration and replication both move an actor this way
+    def to_wire(self, now: float) -> dict:
+        """Everything another runtime needs to go on with this flow: its chain,
+        counters and every NF's state (NF API serialize)."""
+        return {"chain": self.chain, "rule": self.rule_id, "orig_dir": self.orig_dir,
+                "packets": list(self.packets), "bytes": list(self.bytes), "dropped": self.dropped,
+                "age": now - self.first_seen,
+                "states": [nf.serialize(st) for nf, st in zip(self.nfs, self.states)]}
+
+    def load_wire(self, wire: dict, now: float) -> None:
+        """Take the state of `wire` (from `to_wire` on another runtime); the
+        actor must have the same chain.  Raises ValueError, TypeError or
+        KeyError on a malformed wire, leaving the actor as it was."""
+        if int(wire["chain"]) != self.chain:
+            raise ValueError(f"chain {wire['chain']} does not match this actor's {self.chain}")
+        if len(wire["states"]) != len(self.nfs):
+            raise ValueError("state count does not match the chain")
+        states = [nf.deserialize(s) for nf, s in zip(self.nfs, wire["states"])]
+        packets, nbytes = [int(x) for x in wire["packets"]], [int(x) for x in wire["bytes"]]
+        if len(packets) != 2 or len(nbytes) != 2:
+            raise ValueError("packets and bytes are [orig, reply] pairs")
+        self.states, self.packets, self.bytes = states, packets, nbytes
+        self.dropped = int(wire.get("dropped", 0))
+        self.first_seen = now - float(wire.get("age", 0.0))
+
     def summary(self, detail: bool = True) -> dict:
         out = {
             "key": self.key.hex(),
-            "flow": describe_key(self.key),
+            "flow": describe(self.key),
             "chain": [nf.name for nf in self.nfs],
             "rule": self.rule_id,
             "packets": {"orig": self.packets[0], "reply": self.packets[1]},
@@ -114,7 +136,7 @@ class Actor:
             out["replica"] = self.replica
             out["snapshot_version"] = self.snap_version
         if self.migration is not None:
-            out["migrating"] = "in" if self.migration == "in" else f"out to {self.migration.target}"
+            out["migrating"] = self.migration.describe()
         if self.nf_errors:
             out["nf_errors"] = self.nf_errors
             out["errors"] = self.errors

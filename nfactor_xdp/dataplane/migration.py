@@ -5,65 +5,63 @@
     2. MIGRATE_MOVE  ─────────────────────────────────────► entry -> T, grace period,
                                                              marker into S's port
        ... frames of the flow keep coming to S, then the marker
-    3. MIGRATE_STATE (NF states) ─► replay buffer, go on
+    3. MIGRATE_STATE (the actor) ─► replay buffer, go on
        release the actor
 
 Every request has a timeout and retries (messages.Endpoint).  A marker that
 does not come back in time is asked for again (the MOVE is idempotent).  A
-failure before the move leaves the flow where it was; after it, this first
-version rolls the switch entry back to S when the target or the agent does
-not answer (see the issue notes for what is still missing).
+failure before the move leaves the flow where it was; after it, the switch
+entry is rolled back to S and S takes back what T buffered.
 """
 from __future__ import annotations
 
-import os
-import struct
 import time
 
+from ..errors import NFactorError
+from ..formats import marker
 from ..formats.messages import MessageError, MsgType
-from .packet import HI_TO_LO, TCP
 
 MARKER_TIMEOUT = 0.3   # seconds to wait for the marker before asking for it again
 MARKER_RESENDS = 5
 MAX_BUFFER = 20000     # frames a target buffers per flow before it drops (counted)
+TAKE_BACK_BYTES = 50_000  # frames a target hands back on abort: what fits in one control message
+RECENT_MARKERS = 5.0   # seconds a finished migration's marker is still recognised
 
 
-def marker_frame(key: bytes, orig_dir: int, payload: bytes) -> bytes:
-    """A frame of the flow (its first packet's direction) carrying `payload`:
-    enough for the runtime's parser to file it under the flow."""
-    lo, hi = key[0:16], key[16:32]
-    lo_port, hi_port, proto = key[32:34], key[34:36], key[36]
-    src, dst, sport, dport = (hi, lo, hi_port, lo_port) if orig_dir == HI_TO_LO else (lo, hi, lo_port, hi_port)
-    if proto == TCP:
-        l4 = sport + dport + struct.pack("!IIBBHHH", 0, 0, 5 << 4, 0x10, 65535, 0, 0)
-    else:
-        l4 = sport + dport + struct.pack("!HH", 8 + len(payload), 0)
-    l4 += payload
-    eth = b"\x02\0\0\0\0\x02" + b"\x02\0\0\0\0\x01"
-    if src[:12] == b"\0" * 10 + b"\xff\xff":
-        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), 0, 0x4000, 64, proto, 0, src[12:], dst[12:])
-        return eth + b"\x08\x00" + ip + l4
-    ip6 = struct.pack("!IHBB16s16s", 6 << 28, len(l4), proto, 64, src, dst)
-    return eth + b"\x86\xdd" + ip6 + l4
-
-
-def new_nonce() -> int:
-    return int.from_bytes(os.urandom(8), "big")
+class MigrationError(NFactorError, ValueError):
+    pass
 
 
 class Outgoing:
-    """One flow leaving this runtime."""
+    """The migration state of a flow leaving this runtime (source side)."""
     __slots__ = ("key", "target", "nonce", "payload", "step", "started", "deadline", "resends", "batch",
                  "marker_seen")
 
-    def __init__(self, key: bytes, target: int, batch: int, payload: bytes, nonce: int):
+    def __init__(self, key: bytes, target: int, batch: int):
         self.key, self.target, self.batch = key, target, batch
-        self.nonce, self.payload = nonce, payload
-        self.step = "create"
+        self.nonce = marker.new_nonce()
+        self.payload = marker.payload(self.nonce)
+        self.step = "create"     # create -> move -> marker -> state
         self.started = time.monotonic()
         self.deadline = 0.0
         self.resends = 0
         self.marker_seen = False
+
+    def describe(self) -> str:
+        return f"out to {self.target}"
+
+
+class Incoming:
+    """The migration state of a flow arriving here (target side): its frames
+    are held until the source's state comes."""
+    __slots__ = ("source", "buffer")
+
+    def __init__(self, source: str):
+        self.source = source
+        self.buffer: list[tuple[bytes, int, int]] = []
+
+    def describe(self) -> str:
+        return "in"
 
 
 class Batch:
@@ -88,40 +86,45 @@ class Batch:
                 "avg_flow_us": round(avg * 1e6, 1)}
 
 
-
 class Migrator:
     """The migration side of one runtime: its outgoing flows (it is the
-    source) and the messages it answers as a target."""
+    source) and the messages it answers as a target.
 
-    def __init__(self, runtime, switch_agent: tuple | None, max_concurrent: int = 1000):
-        self.rt = runtime
-        self.switch_agent = switch_agent
+    flows: the runtime's FlowTable; view: its View; make_actor(key, orig_dir,
+    chain, rule): a fresh actor for this runtime; transmit(frame): send a
+    frame that is not in the UMEM; on_left(actor): a flow has left for good
+    (replication forgets it); hooks: the runtime's TestHooks.  The control
+    channel comes with `attach` once the runtime has one."""
+
+    def __init__(self, flows, view, *, make_actor, transmit, on_left, hooks, max_concurrent: int):
+        self.flows, self.view = flows, view
+        self.make_actor, self.transmit, self.on_left, self.hooks = make_actor, transmit, on_left, hooks
         self.max_concurrent = max_concurrent
+        self.ep = None
+        self.switch_agent: tuple | None = None
         self.out: dict[bytes, Outgoing] = {}
         self.batches: dict[int, Batch] = {}
         self.next_batch = 1
         self.recent: dict[bytes, float] = {}  # marker payloads of finished migrations -> expiry
-        # failure injection for tests: lose the next N replies of a step / ignore N creates
-        self.faults = {"drop_reply_create": 0, "drop_reply_move": 0, "drop_reply_state": 0, "ignore_create": 0}
+        self.last_error = ""
         self.stats = {"late_markers": 0, "out_started": 0, "out_succeeded": 0, "out_failed": 0, "marker_resends": 0,
-                      "in_created": 0, "in_completed": 0, "in_refused": 0, "replayed": 0,
-                      "replay_tx_fail": 0, "buffer_overflow": 0, "after_marker": 0}
+                      "in_created": 0, "in_completed": 0, "in_refused": 0, "in_aborted": 0, "replayed": 0,
+                      "replay_tx_fail": 0, "buffer_overflow": 0, "abort_overflow": 0, "taken_back": 0,
+                      "after_marker": 0}
+
+    def attach(self, ep, switch_agent: tuple | None) -> None:
+        """The runtime's control endpoint and the switch agent's address."""
+        self.ep, self.switch_agent = ep, switch_agent
 
     # --- source side -----------------------------------------------------------
-    def peer(self, rt_id: int) -> tuple | None:
-        for e in (self.rt.view or {}).get("runtimes", []):
-            if e.get("id") == rt_id and e.get("state") == "running" and e.get("addr"):
-                return tuple(e["addr"])
-        return None
-
     def start_batch(self, target: int, keys: list[bytes]) -> Batch:
-        if target == self.rt.id:
-            raise ValueError("a flow cannot migrate to its own runtime")
-        if self.peer(target) is None:
-            raise ValueError(f"runtime {target} is not running (or not in this runtime's view)")
-        if self.switch_agent is None:
-            raise ValueError("no switch agent configured")
-        b = Batch(self.next_batch, target, [k for k in keys if k in self.rt.flows])
+        if target == self.view.me:
+            raise MigrationError("a flow cannot migrate to its own runtime")
+        if self.view.addr(target) is None:
+            raise MigrationError(f"runtime {target} is not running (or not in this runtime's view)")
+        if self.switch_agent is None or self.ep is None:
+            raise MigrationError("no switch agent configured")
+        b = Batch(self.next_batch, target, [k for k in keys if k in self.flows])
         self.next_batch += 1
         self.batches[b.id] = b
         self.pump()
@@ -134,31 +137,25 @@ class Migrator:
         for b in self.batches.values():
             while b.waiting and len(self.out) < self.max_concurrent:
                 key = b.waiting.pop(0)
-                actor = self.rt.flows.get(key)
+                actor = self.flows.get(key)
                 if actor is None or actor.migration is not None:
                     self._finish(b, None, ok=False)
                     continue
                 self._begin(b, key, actor)
 
     def _begin(self, b: Batch, key: bytes, actor) -> None:
-        from ..control.switch_agent import marker_payload
-        nonce = new_nonce()
-        m = Outgoing(key, b.target, b.id, marker_payload(nonce), nonce)
+        m = Outgoing(key, b.target, b.id)
         self.out[key] = m
         actor.migration = m
-        self.rt.drop_fast_path(actor)  # its frames now take the slow path, which looks for the marker
+        self.flows.forget_fast(actor)  # its frames now take the slow path, which looks for the marker
         self.stats["out_started"] += 1
-        body = {"key": key.hex(), "chain": actor.chain, "rule": actor.rule_id, "orig_dir": actor.orig_dir}
-        self.rt.ep.request(self.peer(b.target), MsgType.MIGRATE_CREATE, body,
-                           lambda msg, m=m: self._created(m, msg), timeout=0.5, retries=3,
-                           on_timeout=lambda rid, m=m: self._timed_out(m, "create", "target did not answer create"))
+        self._create(m, actor, timeout=0.5)
 
-    def _lost(self, fault: str) -> bool:
-        if self.faults.get(fault, 0) > 0:
-            self.faults[fault] -= 1
-            self.stats["injected_faults"] = self.stats.get("injected_faults", 0) + 1
-            return True
-        return False
+    def _create(self, m: Outgoing, actor, timeout: float) -> None:
+        body = {"key": m.key.hex(), "chain": actor.chain, "rule": actor.rule_id, "orig_dir": actor.orig_dir}
+        self.ep.request(self.view.addr(m.target), MsgType.MIGRATE_CREATE, body,
+                        lambda msg, m=m: self._created(m, msg), timeout=timeout, retries=3,
+                        on_timeout=lambda rid, m=m: self._timed_out(m, "create", "target did not answer create"))
 
     def _current(self, m: Outgoing) -> bool:
         return self.out.get(m.key) is m
@@ -166,13 +163,9 @@ class Migrator:
     def _created(self, m: Outgoing, msg) -> None:
         if not self._current(m) or m.step != "create":
             return  # a duplicate reply
-        if self._lost("drop_reply_create"):
+        if self.hooks.fire("drop_reply_create"):
             m.resends += 1
-            actor = self.rt.flows[m.key]
-            body = {"key": m.key.hex(), "chain": actor.chain, "rule": actor.rule_id, "orig_dir": actor.orig_dir}
-            self.rt.ep.request(self.peer(m.target), MsgType.MIGRATE_CREATE, body,
-                               lambda msg, m=m: self._created(m, msg), timeout=0.2, retries=3,
-                               on_timeout=lambda rid, m=m: self._timed_out(m, "create", "target did not answer create"))
+            self._create(m, self.flows.get(m.key), timeout=0.2)
             return
         if not msg.body.get("ok"):
             self._fail(m, f"target refused: {msg.body.get('error')}")
@@ -181,18 +174,18 @@ class Migrator:
         self._move(m)
 
     def _move(self, m: Outgoing) -> None:
-        actor = self.rt.flows[m.key]
-        marker = marker_frame(m.key, actor.orig_dir, m.payload)
-        body = {"key": m.key.hex(), "to": m.target, "from": self.rt.id, "marker": marker.hex()}
+        actor = self.flows.get(m.key)
+        frame = marker.frame(m.key, actor.orig_dir, m.payload)
+        body = {"key": m.key.hex(), "to": m.target, "from": self.view.me, "marker": frame.hex()}
         m.deadline = time.monotonic() + MARKER_TIMEOUT
-        self.rt.ep.request(self.switch_agent, MsgType.MIGRATE_MOVE, body,
-                           lambda msg, m=m: self._moved(m, msg), timeout=0.3, retries=3,
-                           on_timeout=lambda rid, m=m: self._timed_out(m, "move", "switch agent did not answer"))
+        self.ep.request(self.switch_agent, MsgType.MIGRATE_MOVE, body,
+                        lambda msg, m=m: self._moved(m, msg), timeout=0.3, retries=3,
+                        on_timeout=lambda rid, m=m: self._timed_out(m, "move", "switch agent did not answer"))
 
     def _moved(self, m: Outgoing, msg) -> None:
         if not self._current(m):
             return
-        if self._lost("drop_reply_move"):
+        if self.hooks.fire("drop_reply_move"):
             m.resends += 1
             self._move(m)
             return
@@ -207,35 +200,35 @@ class Migrator:
         """A frame of a flow that is leaving.  True: it was the marker (or a
         re-sent copy of it), which is consumed here."""
         m = actor.migration
-        if m.step != "create" and l4 >= 0 and len(frame) >= l4 + 8 and \
-                bytes(frame[-len(m.payload):]) == m.payload:
+        if m.step != "create" and marker.is_marker(frame, l4, m.payload):
             if not m.marker_seen:
                 m.marker_seen = True
-                try:
-                    self._send_state(m, actor)
-                except MessageError as e:  # e.g. a state too big for one message: keep the flow here
-                    self._rollback(m, f"cannot send the state: {e}")
+                self._send_state(m, actor)
             return True
         if m.marker_seen:
             self.stats["after_marker"] += 1  # cannot happen by construction: counted to show it does not
         return False
 
     def _send_state(self, m: Outgoing, actor) -> None:
+        target = self.view.addr(m.target)
+        if target is None:
+            self._rollback(m, f"runtime {m.target} left the view before it got the state")
+            return
         m.step = "state"
-        body = {"key": m.key.hex(), "states": [nf.serialize(st) for nf, st in zip(actor.nfs, actor.states)],
-                "packets": actor.packets, "bytes": actor.bytes, "dropped": actor.dropped,
-                "first_seen_age": time.monotonic() - actor.first_seen}
-        self.rt.ep.request(self.peer(m.target) or ("127.0.0.1", 9), MsgType.MIGRATE_STATE, body,
-                           lambda msg, m=m: self._done(m, msg), timeout=0.2, retries=5,
-                           on_timeout=lambda rid, m=m: self._timed_out(m, "state", "target did not take the state"))
+        body = {"key": m.key.hex(), "actor": actor.to_wire(time.monotonic())}
+        try:
+            self.ep.request(target, MsgType.MIGRATE_STATE, body,
+                            lambda msg, m=m: self._done(m, msg), timeout=0.2, retries=5,
+                            on_timeout=lambda rid, m=m: self._timed_out(m, "state", "target did not take the state"))
+        except MessageError as e:  # e.g. a state too big for one message: keep the flow here
+            self._rollback(m, f"cannot send the state: {e}")
 
     def late_marker(self, frame) -> bool:
         """A re-sent marker that arrives after its migration ended: drop it
         rather than take it for the first frame of a new flow."""
-        if not self.recent or len(frame) < 16:
+        if not self.recent or len(frame) < marker.PAYLOAD_SIZE:
             return False
-        tail = bytes(frame[-16:])
-        if tail in self.recent:
+        if bytes(frame[-marker.PAYLOAD_SIZE:]) in self.recent:
             self.stats["late_markers"] += 1
             return True
         return False
@@ -243,23 +236,22 @@ class Migrator:
     def _remember(self, m: Outgoing) -> None:
         now = time.monotonic()
         self.recent = {p: t for p, t in self.recent.items() if t > now}
-        self.recent[m.payload] = now + 5.0
+        self.recent[m.payload] = now + RECENT_MARKERS
 
     def _done(self, m: Outgoing, msg) -> None:
         if not self._current(m):
             return
-        if self._lost("drop_reply_state"):
+        if self.hooks.fire("drop_reply_state"):
             m.resends += 1
-            self._send_state(m, self.rt.flows[m.key])
+            self._send_state(m, self.flows.get(m.key))
             return
         if not msg.body.get("ok"):
             self._fail(m, f"target refused the state: {msg.body.get('error')}")
             return
         self._remember(m)
-        actor = self.rt.flows.pop(m.key, None)
+        actor = self.flows.remove(m.key)
         if actor is not None:
-            self.rt.drop_fast_path(actor)
-            self.rt.replicator.flow_ended(actor)  # the target's actor replicates from now on
+            self.on_left(actor)  # the target's actor replicates from now on
         self.out.pop(m.key, None)
         self.stats["out_succeeded"] += 1
         self._finish(self.batches.get(m.batch), m, ok=True)
@@ -272,9 +264,9 @@ class Migrator:
             return
         if step == "create":
             self._fail(m, why)
-            peer = self.peer(m.target)  # it may have created the actor: let it go
+            peer = self.view.addr(m.target)  # it may have created the actor: let it go
             if peer is not None:
-                self.rt.ep.send(peer, MsgType.MIGRATE_DONE, {"key": m.key.hex(), "abort": True})
+                self.ep.send(peer, MsgType.MIGRATE_DONE, {"key": m.key.hex(), "abort": True})
         else:
             self._rollback(m, why)
 
@@ -282,38 +274,39 @@ class Migrator:
         """The switch may point at the target: point it back (no marker
         needed), and take back what the target buffered meanwhile."""
         if self.switch_agent is not None:
-            body = {"key": m.key.hex(), "to": self.rt.id, "from": m.target, "marker": None}
-            self.rt.ep.request(self.switch_agent, MsgType.MIGRATE_MOVE, body,
-                               lambda msg, m=m: self._abort_target(m), timeout=0.3, retries=5)
+            body = {"key": m.key.hex(), "to": self.view.me, "from": m.target, "marker": None}
+            self.ep.request(self.switch_agent, MsgType.MIGRATE_MOVE, body,
+                            lambda msg, m=m: self._abort_target(m), timeout=0.3, retries=5)
         self._fail(m, why)
 
     def _abort_target(self, m: Outgoing) -> None:
-        peer = self.peer(m.target)
+        peer = self.view.addr(m.target)
         if peer is not None:
-            self.rt.ep.request(peer, MsgType.MIGRATE_DONE, {"key": m.key.hex(), "abort": True},
-                               lambda msg, m=m: self._take_back(m, msg), timeout=0.2, retries=3)
+            self.ep.request(peer, MsgType.MIGRATE_DONE, {"key": m.key.hex(), "abort": True},
+                            lambda msg, m=m: self._take_back(m, msg), timeout=0.2, retries=3)
 
     def _take_back(self, m: Outgoing, msg) -> None:
         """Frames the target held for an aborted migration: process them here
         (after a rollback they may come after newer frames: no loss, but
         order is only kept on the migration's normal path)."""
-        actor = self.rt.flows.get(m.key)
+        actor = self.flows.get(m.key)
+        now = time.monotonic()
         for hexframe, direction, l4 in msg.body.get("frames", []):
             frame = bytearray.fromhex(hexframe)
-            self.stats["taken_back"] = self.stats.get("taken_back", 0) + 1
-            if actor is not None and actor.on_packet(memoryview(frame), direction, l4, self.rt.now):
-                self.rt.transmit(frame)
+            self.stats["taken_back"] += 1
+            if actor is not None and actor.on_packet(memoryview(frame), direction, l4, now):
+                self.transmit(frame)
 
     def _fail(self, m: Outgoing, why: str) -> None:
         if not self._current(m):
             return  # finished already: count each flow once
         self._remember(m)
-        actor = self.rt.flows.get(m.key)
+        actor = self.flows.get(m.key)
         if actor is not None and actor.migration is m:
             actor.migration = None  # the flow stays here with its state intact
         self.out.pop(m.key, None)
         self.stats["out_failed"] += 1
-        self.rt.last_migration_error = why
+        self.last_error = why
         self._finish(self.batches.get(m.batch), m, ok=False)
 
     def _finish(self, b: Batch | None, m: Outgoing | None, ok: bool) -> None:
@@ -344,9 +337,7 @@ class Migrator:
 
     # --- target side -------------------------------------------------------------
     def on_create(self, msg, addr) -> None:
-        from . import nf as nf_api
-        from .actor import Actor
-        if self._lost("ignore_create"):
+        if self.hooks.fire("ignore_create"):
             return
         b = msg.body
         try:
@@ -354,84 +345,81 @@ class Migrator:
             chain, rule, orig_dir = int(b["chain"]), int(b["rule"]), int(b["orig_dir"])
             if len(key) != 40:
                 raise ValueError("bad key")
-            if key in self.rt.flows:
-                existing = self.rt.flows[key]
-                if existing.migration == "in":
-                    self.rt.ep.send(addr, MsgType.REPLY, {"ok": True}, rid=msg.rid)  # a retry
+            existing = self.flows.get(key)
+            if existing is not None:
+                if isinstance(existing.migration, Incoming):
+                    self.ep.reply(msg, addr, {"ok": True})  # a retry
                     return
                 raise ValueError("this runtime already has the flow")
-            if self.rt.leaving:
+            if self.view.leaving:
                 raise ValueError("runtime is leaving")
-            nfs = [self.rt.nf_instance(t) for t in nf_api.decode_chain(chain)]
-        except (KeyError, ValueError, TypeError, nf_api.NFError) as e:
+            actor = self.make_actor(key, orig_dir, chain, rule)
+        except (KeyError, ValueError, TypeError, NFactorError) as e:
             self.stats["in_refused"] += 1
-            self.rt.ep.send(addr, MsgType.REPLY, {"ok": False, "error": str(e)}, rid=msg.rid)
+            self.ep.reply(msg, addr, {"ok": False, "error": str(e)})
             return
-        actor = Actor(key, orig_dir, self.rt.now, chain, nfs, rule, replicator=self.rt.replicator)
-        actor.migration = "in"
-        actor.buffer = []
-        self.rt.flows[key] = actor
+        actor.migration = Incoming(msg.sender)
+        self.flows.add(actor)
         self.stats["in_created"] += 1
-        self.rt.ep.send(addr, MsgType.REPLY, {"ok": True}, rid=msg.rid)
+        self.ep.reply(msg, addr, {"ok": True})
 
     def on_abort(self, msg, addr) -> None:
         """The source gave up: hand back what was buffered and forget the flow."""
         try:
             key = bytes.fromhex(msg.body["key"])
         except (KeyError, ValueError, TypeError):
-            self.rt.ep.send(addr, MsgType.REPLY, {"ok": False, "error": "bad key"}, rid=msg.rid)
+            self.ep.reply(msg, addr, {"ok": False, "error": "bad key"})
             return
-        actor = self.rt.flows.get(key)
+        actor = self.flows.get(key)
         frames = []
-        if actor is not None and actor.migration == "in":
-            room = 50_000  # what fits in one control message
-            for d, direction, l4 in actor.buffer:
+        if actor is not None and isinstance(actor.migration, Incoming):
+            room = TAKE_BACK_BYTES
+            for d, direction, l4 in actor.migration.buffer:
                 room -= 2 * len(d) + 16
                 if room < 0:
-                    self.stats["abort_overflow"] = self.stats.get("abort_overflow", 0) + 1
+                    self.stats["abort_overflow"] += 1
                     continue
                 frames.append([d.hex(), direction, l4])
-            del self.rt.flows[key]
-            self.stats["in_aborted"] = self.stats.get("in_aborted", 0) + 1
-        self.rt.ep.send(addr, MsgType.REPLY, {"ok": True, "frames": frames}, rid=msg.rid)
+            self.flows.remove(key)
+            self.stats["in_aborted"] += 1
+        self.ep.reply(msg, addr, {"ok": True, "frames": frames})
 
     def buffer(self, actor, frame, direction: int, l4: int) -> None:
-        if len(actor.buffer) >= MAX_BUFFER:
+        held = actor.migration.buffer
+        if len(held) >= MAX_BUFFER:
             self.stats["buffer_overflow"] += 1
             return
-        actor.buffer.append((bytes(frame), direction, l4))
+        held.append((bytes(frame), direction, l4))
 
     def on_state(self, msg, addr) -> None:
-        b = msg.body
         try:
-            key = bytes.fromhex(b["key"])
-            actor = self.rt.flows[key]
+            key = bytes.fromhex(msg.body["key"])
+            actor = self.flows.get(key)
+            if actor is None:
+                raise KeyError(key)
         except (KeyError, ValueError, TypeError):
-            self.rt.ep.send(addr, MsgType.REPLY, {"ok": False, "error": "no such incoming flow"}, rid=msg.rid)
+            self.ep.reply(msg, addr, {"ok": False, "error": "no such incoming flow"})
             return
-        if actor.migration != "in":
-            self.rt.ep.send(addr, MsgType.REPLY, {"ok": True}, rid=msg.rid)  # a retry: done already
+        incoming = actor.migration
+        if not isinstance(incoming, Incoming):
+            self.ep.reply(msg, addr, {"ok": True})  # a retry: done already
             return
+        now = time.monotonic()
         try:
-            states = [nf.deserialize(s) for nf, s in zip(actor.nfs, b["states"])]
-            if len(states) != len(actor.nfs):
-                raise ValueError("state count does not match the chain")
+            actor.load_wire(msg.body["actor"], now)
         except Exception as e:  # a peer's bad state must not crash us
-            self.rt.ep.send(addr, MsgType.REPLY, {"ok": False, "error": f"bad state: {e}"}, rid=msg.rid)
+            self.ep.reply(msg, addr, {"ok": False, "error": f"bad state: {e}"})
             return
-        actor.states = states
-        actor.packets = list(b.get("packets", actor.packets))
-        actor.bytes = list(b.get("bytes", actor.bytes))
-        actor.dropped = int(b.get("dropped", 0))
-        actor.first_seen = self.rt.now - float(b.get("first_seen_age", 0.0))
         actor.migration = None
         # replay what arrived meanwhile, in order, then carry on as usual
-        for data, direction, l4 in actor.buffer:
+        for data, direction, l4 in incoming.buffer:
             frame = bytearray(data)
-            if actor.on_packet(memoryview(frame), direction, l4, self.rt.now):
-                if not self.rt.transmit(frame):
+            if actor.on_packet(memoryview(frame), direction, l4, now):
+                if not self.transmit(frame):
                     self.stats["replay_tx_fail"] += 1
             self.stats["replayed"] += 1
-        actor.buffer = None
         self.stats["in_completed"] += 1
-        self.rt.ep.send(addr, MsgType.REPLY, {"ok": True}, rid=msg.rid)
+        self.ep.reply(msg, addr, {"ok": True})
+
+    def status(self) -> dict:
+        return {**self.stats, "in_progress": len(self.out)}

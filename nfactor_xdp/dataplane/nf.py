@@ -38,14 +38,29 @@ class NFError(NFactorError, ValueError):
 class NetworkFunction:
     name: str = ""
     type_id: int = 0
+    config_keys: frozenset = frozenset()   # what init() accepts in its config
 
     def __init__(self) -> None:
         self.config: dict = {}
 
     # --- the five methods of the paper's API --------------------------------
     def init(self, config: dict) -> None:
-        """Called once at load (and on policy change) with this NF's config."""
-        self.config = config or {}
+        """Called once at load (and on policy change) with this NF's config.
+        An NF with settings overrides it: check_config first, then its own
+        checks (raising NFError), then apply; a bad config changes nothing."""
+        self.config = self.check_config(config)
+
+    def check_config(self, config) -> dict:
+        """The checks every NF's config gets: an object whose keys are all in
+        `config_keys`.  Returns it ({} for None); raises NFError."""
+        config = {} if config is None else config
+        if not isinstance(config, dict):
+            raise NFError(f"{self.name}: config must be an object")
+        unknown = set(config) - set(self.config_keys)
+        if unknown:
+            known = ", ".join(sorted(self.config_keys)) or "none"
+            raise NFError(f"{self.name}: unknown config keys {sorted(unknown)} (known: {known})")
+        return config
 
     def allocate_flow_state(self) -> Any:
         return {}

@@ -1,31 +1,29 @@
 """Frame parsing in the runtime: the same classification as the switch
-(bpf/nfactor_parse.h), yielding the same 40-byte canonical flow key
-(struct nfx_flow_key), so a runtime's flows and the switch's table name a
-flow by identical bytes.
+(bpf/nfactor_parse.h), yielding the same canonical flow key
+(formats/flowkey.py, struct nfx_flow_key), so a runtime's flows and the
+switch's table name a flow by identical bytes.
 """
 from __future__ import annotations
 
-import struct
+from ..formats.flowkey import HI_TO_LO, LO_TO_HI, V4_MAPPED, canonical
+from ..formats.headers import (ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP,
+                               IPPROTO_UDP, IPV4_HLEN, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, V4_DST,
+                               V4_FRAG, V4_L4, V4_PROTO, V4_SRC, V4_TOT_LEN, V6_DST, V6_L4, V6_NEXT,
+                               V6_PAYLOAD_LEN, V6_SRC)
+from ..kern import layouts as L
 
 FLOW = 0   # a TCP/UDP flow: key and direction
 OTHER = 1  # not a flow (ARP, ICMP, non-IP, VLAN, other IP protocols)
 DROP = 2   # malformed
 
-TCP, UDP, ICMP, ICMPV6 = 6, 17, 1, 58
-_V4_PREFIX = b"\0" * 10 + b"\xff\xff"
-_PAD = {TCP: b"\x06\0\0\0", UDP: b"\x11\0\0\0"}
-_IPV6_EXT = {0, 43, 44, 51, 60}
-MAX_IPV6_EXT = 6
+TCP, UDP, ICMP, ICMPV6 = IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMP, IPPROTO_ICMPV6
+_IPV6_EXT = {0, 43, 44, 51, 60}       # hop-by-hop, routing, fragment, AH, destination options
+IPV6_FRAGMENT, IPV6_AH = 44, 51
+MAX_IPV6_EXT = L.C["NFX_MAX_IPV6_EXT"]
+_NO_PORTS = b"\0\0"
 
-# direction of a frame relative to its canonical key
-LO_TO_HI, HI_TO_LO = 0, 1
-
-
-def _key(src: bytes, sport: bytes, dst: bytes, dport: bytes, proto: int) -> tuple[bytes, int]:
-    # (addr, port) compared as big-endian numbers == compared as bytes
-    if src + sport > dst + dport:
-        return dst + src + dport + sport + _PAD[proto], HI_TO_LO
-    return src + dst + sport + dport + _PAD[proto], LO_TO_HI
+__all__ = ["FLOW", "OTHER", "DROP", "TCP", "UDP", "LO_TO_HI", "HI_TO_LO", "ORIG", "REPLY", "classify", "Packet",
+           "TCP_FIN", "TCP_SYN", "TCP_RST", "TCP_PSH", "TCP_ACK", "V4_L4", "V4_SRC"]
 
 
 def _ports(frame, off: int, end: int, proto: int) -> bytes | None:
@@ -45,44 +43,45 @@ def classify(frame) -> tuple[int, bytes | None, int, int]:
     """Returns (kind, key, direction, l4 offset).  `frame` is bytes-like.
     l4 offset is -1 when the frame has no L4 header to read (fragments)."""
     end = len(frame)
-    if end < 14:
+    if end < ETH_HLEN:
         return DROP, None, 0, -1
     et = (frame[12] << 8) | frame[13]
-    if et == 0x0800:
-        if end < 34:
+    if et == ETH_P_IP:
+        if end < V4_L4:
             return DROP, None, 0, -1
-        vihl = frame[14]
+        vihl = frame[ETH_HLEN]
         ihl = (vihl & 0x0F) * 4
-        tot = (frame[16] << 8) | frame[17]
-        if vihl >> 4 != 4 or ihl < 20 or 14 + ihl > end or tot < ihl or 14 + tot > end:
+        tot = (frame[V4_TOT_LEN] << 8) | frame[V4_TOT_LEN + 1]
+        if vihl >> 4 != 4 or ihl < IPV4_HLEN or ETH_HLEN + ihl > end or tot < ihl or ETH_HLEN + tot > end:
             return DROP, None, 0, -1
-        proto = frame[23]
+        proto = frame[V4_PROTO]
         if proto != TCP and proto != UDP:
             return OTHER, None, 0, -1
-        addrs = bytes(frame[26:34])
-        src, dst = _V4_PREFIX + addrs[:4], _V4_PREFIX + addrs[4:]
-        if (frame[20] & 0x3F) or frame[21]:  # MF or offset: a fragment
-            key, d = _key(src, b"\0\0", dst, b"\0\0", proto)
+        addrs = bytes(frame[V4_SRC:V4_DST + 4])
+        src, dst = V4_MAPPED + addrs[:4], V4_MAPPED + addrs[4:]
+        if (frame[V4_FRAG] & 0x3F) or frame[V4_FRAG + 1]:  # MF or offset: a fragment
+            key, d = canonical(src, _NO_PORTS, dst, _NO_PORTS, proto)
             return FLOW, key, d, -1
-        l4 = 14 + ihl
+        l4 = ETH_HLEN + ihl
         ports = _ports(frame, l4, end, proto)
         if ports is None:
             return DROP, None, 0, -1
-        key, d = _key(src, ports[:2], dst, ports[2:], proto)
+        key, d = canonical(src, ports[:2], dst, ports[2:], proto)
         return FLOW, key, d, l4
-    if et == 0x86DD:
-        if end < 54 or frame[14] >> 4 != 6 or 54 + ((frame[18] << 8) | frame[19]) > end:
+    if et == ETH_P_IPV6:
+        if end < V6_L4 or frame[ETH_HLEN] >> 4 != 6 or \
+                V6_L4 + ((frame[V6_PAYLOAD_LEN] << 8) | frame[V6_PAYLOAD_LEN + 1]) > end:
             return DROP, None, 0, -1
-        nxt, off, fragment = frame[20], 54, False
+        nxt, off, fragment = frame[V6_NEXT], V6_L4, False
         for _ in range(MAX_IPV6_EXT):
             if nxt not in _IPV6_EXT:
                 break
             if off + 8 > end:
                 return DROP, None, 0, -1
-            if nxt == 44:
+            if nxt == IPV6_FRAGMENT:
                 fragment = fragment or bool(((frame[off + 2] << 8) | frame[off + 3]) & 0xFFF9)
                 step = 8
-            elif nxt == 51:
+            elif nxt == IPV6_AH:
                 step = (frame[off + 1] + 2) * 4
             else:
                 step = (frame[off + 1] + 1) * 8
@@ -91,49 +90,16 @@ def classify(frame) -> tuple[int, bytes | None, int, int]:
             return (DROP if nxt in _IPV6_EXT else OTHER), None, 0, -1
         if off > end:
             return DROP, None, 0, -1
-        src, dst = bytes(frame[22:38]), bytes(frame[38:54])
+        src, dst = bytes(frame[V6_SRC:V6_DST]), bytes(frame[V6_DST:V6_L4])
         if fragment:
-            key, d = _key(src, b"\0\0", dst, b"\0\0", nxt)
+            key, d = canonical(src, _NO_PORTS, dst, _NO_PORTS, nxt)
             return FLOW, key, d, -1
         ports = _ports(frame, off, end, nxt)
         if ports is None:
             return DROP, None, 0, -1
-        key, d = _key(src, ports[:2], dst, ports[2:], nxt)
+        key, d = canonical(src, ports[:2], dst, ports[2:], nxt)
         return FLOW, key, d, off
     return OTHER, None, 0, -1
-
-
-def key_of(proto: str, src: str, sport: int, dst: str, dport: int) -> bytes:
-    """The canonical key of a flow given as a 5-tuple (either direction)."""
-    import ipaddress
-    p = {"tcp": TCP, "udp": UDP}[proto.lower()]
-
-    def addr(a: str) -> bytes:
-        ip = ipaddress.ip_address(a)
-        return _V4_PREFIX + ip.packed if ip.version == 4 else ip.packed
-    return _key(addr(src), sport.to_bytes(2, "big"), addr(dst), dport.to_bytes(2, "big"), p)[0]
-
-
-def parse_flow(text: str) -> bytes:
-    """'udp 10.0.0.1:5000 10.0.0.2:53' (or '[fd00::1]:5000'), or a key in hex -> the key."""
-    t = text.strip()
-    if len(t) == 2 * KEY_SIZE and all(c in "0123456789abcdefABCDEF" for c in t):
-        return bytes.fromhex(t)
-    try:
-        proto, a, b = t.replace("<->", " ").split()
-        (ha, pa), (hb, pb) = (x.rsplit(":", 1) for x in (a, b))
-        return key_of(proto, ha.strip("[]"), int(pa), hb.strip("[]"), int(pb))
-    except (ValueError, KeyError):
-        raise ValueError(f"flow {text!r}: give 'tcp|udp SRC:PORT DST:PORT' or a key in hex") from None
-
-
-def describe_key(key: bytes) -> str:
-    from ..kern.maps import FlowKey
-    return str(FlowKey.from_bytes(key))
-
-
-KEY_SIZE = 40
-assert struct.calcsize("16s16sHHB3x") == KEY_SIZE
 
 
 ORIG, REPLY = 0, 1
@@ -161,15 +127,15 @@ class Packet:
 
     @property
     def ip_version(self) -> int:
-        return self.frame[14] >> 4
+        return self.frame[ETH_HLEN] >> 4
 
     @property
     def src(self) -> str:
-        return self._addr(26, 22)
+        return self._addr(V4_SRC, V6_SRC)
 
     @property
     def dst(self) -> str:
-        return self._addr(30, 38)
+        return self._addr(V4_DST, V6_DST)
 
     def _addr(self, v4: int, v6: int) -> str:
         import ipaddress
@@ -207,8 +173,8 @@ class Packet:
         """End of the IP packet inside the frame (Ethernet padding excluded)."""
         f = self.frame
         if self.ip_version == 4:
-            return min(len(f), 14 + ((f[16] << 8) | f[17]))
-        return min(len(f), 54 + ((f[18] << 8) | f[19]))
+            return min(len(f), ETH_HLEN + ((f[V4_TOT_LEN] << 8) | f[V4_TOT_LEN + 1]))
+        return min(len(f), V6_L4 + ((f[V6_PAYLOAD_LEN] << 8) | f[V6_PAYLOAD_LEN + 1]))
 
     @property
     def payload_offset(self) -> int:
@@ -222,5 +188,3 @@ class Packet:
     def payload(self):
         return self.frame[self.payload_offset:self.ip_end]
 
-
-TCP_FIN, TCP_SYN, TCP_RST, TCP_PSH, TCP_ACK = 0x01, 0x02, 0x04, 0x08, 0x10

@@ -1,10 +1,11 @@
 """Flow-state replication and recovery (paper 4.3).
 
-Every K packets (and when a flow ends) an actor's NF states are snapshotted
-(NF API serialize) and sent to its replica: the least loaded running peer,
-chosen when the actor is created; a peer may refuse, and the actor then
-tries the next.  Each runtime keeps one store per peer holding the latest
-snapshot per flow (versioned: an old one never overwrites a newer one).
+Every K packets (and when a flow is created) an actor's wire form (every NF
+state, NF API serialize) is sent to its replica: the least loaded running
+peer, chosen at its first snapshot; a peer that refuses is avoided, and the
+actor then tries the next.  Each runtime keeps one store per peer holding the
+latest snapshot per flow (versioned: an old one never overwrites a newer
+one).
 
 A restarted runtime registers as `starting` (it keeps its flows in the
 switch, gets no new ones), fetches its snapshots from every peer, recreates
@@ -19,10 +20,9 @@ import time
 
 import msgpack
 
-from . import nf as nf_api
 from ..formats.messages import MsgType
+from .view import LEAVING, RUNNING
 
-SNAPSHOT_EVERY = 10       # K: packets between snapshots (paper: 10)
 MAX_PENDING = 50_000      # actors waiting to be snapshotted; beyond that, shed (counted)
 MAX_STORE = 200_000       # snapshots this runtime holds for its peers before it refuses more
 MESSAGE_BUDGET = 40_000   # bytes of encoded snapshots per control message (frames are capped at 60,000)
@@ -35,30 +35,46 @@ def _encoded_size(snap: dict) -> int:
 
 
 class Replicator:
-    def __init__(self, runtime, every: int = SNAPSHOT_EVERY):
-        self.rt = runtime
-        self.every = every
+    """The replication side of one runtime.
+
+    flows: its FlowTable; view: its View; every: K (0: no replication);
+    make_actor(key, orig_dir, chain, rule): a fresh actor; replay(frame):
+    handle a held frame as if it had just arrived, True to transmit it;
+    transmit(frame); on_recovered(): recovery is over (register as running).
+    The control channel comes with `attach`."""
+
+    def __init__(self, flows, view, every: int, *, make_actor, replay, transmit, on_recovered):
+        self.flows, self.view, self.every = flows, view, every
+        self.make_actor, self.replay, self.transmit, self.on_recovered = make_actor, replay, transmit, on_recovered
+        self.ep = None
         self.pending: dict[bytes, object] = {}            # key -> actor due for a snapshot
         self.stores: dict[int, dict[str, dict]] = {}      # peer id -> key hex -> snapshot
         self.refused_by: set[int] = set()
         self.recovering = False
+        self.waiting: set[int] = set()
         self.recovery = {"phase": "none", "peers_asked": 0, "peers_answered": 0, "snapshots": 0,
-                         "actors": 0, "buffered": 0, "replayed": 0, "buffer_overflow": 0, "seconds": 0.0}
-        self.buffer: list[tuple[bytes, int, int]] = []
-        self.stats = {"snapshots_sent": 0, "snapshot_messages": 0, "shed": 0, "refused": 0,
+                         "actors": 0, "buffered": 0, "replayed": 0, "buffer_overflow": 0, "bad": 0, "seconds": 0.0}
+        self.buffer: list[bytes] = []
+        self.stats = {"snapshots_sent": 0, "snapshot_messages": 0, "shed": 0, "refused": 0, "too_big": 0,
                       "stored": 0, "stale_ignored": 0, "dropped_on_end": 0}
+
+    def attach(self, ep) -> None:
+        self.ep = ep
+
+    @property
+    def active(self) -> bool:
+        """Actors replicate: K > 0 and a control channel to reach peers."""
+        return self.every > 0 and self.ep is not None
 
     # --- sending ----------------------------------------------------------------
     def choose_replica(self, exclude=()) -> int | None:
-        peers = [e for e in self.rt.view.get("runtimes", [])
-                 if e.get("state") == "running" and e.get("id") != self.rt.id and e.get("addr")
-                 and e.get("id") not in exclude]
+        peers = self.view.peers((RUNNING,), exclude=exclude)
         if not peers:
             return None
-        return min(peers, key=lambda e: ((e.get("load") or {}).get("cpu", 0.0), e["id"]))["id"]
+        return min(peers, key=lambda e: (self.view.cpu(e, 0.0), e["id"]))["id"]
 
     def due(self, actor) -> None:
-        """Called by an actor every K packets."""
+        """Called by an actor every K packets (and once when it is created)."""
         if len(self.pending) >= MAX_PENDING and actor.key not in self.pending:
             self.stats["shed"] += 1  # never stall packets: the next K will try again
             return
@@ -66,29 +82,29 @@ class Replicator:
 
     def flush(self) -> None:
         """Send the due snapshots, grouped per replica, in bounded messages."""
-        if not self.pending or self.rt.ep is None:
+        if not self.pending or self.ep is None:
             return
+        now = time.monotonic()
         batches: dict[int, list[dict]] = {}
         for key, actor in self.pending.items():
-            if self.rt.flows.get(key) is not actor or actor.migration is not None:
+            if self.flows.get(key) is not actor or actor.migration is not None:
                 continue
             if actor.replica is None or actor.replica in self.refused_by:
                 actor.replica = self.choose_replica(exclude=self.refused_by)
                 if actor.replica is None:
                     continue
             actor.snap_version += 1
-            batches.setdefault(actor.replica, []).append(self.snapshot(actor))
+            batches.setdefault(actor.replica, []).append(self.snapshot(actor, now))
         self.pending.clear()
         for replica, snaps in batches.items():
             self.send(replica, snaps)
 
-    def snapshot(self, actor) -> dict:
-        return {"key": actor.key.hex(), "v": actor.snap_version, "chain": actor.chain, "rule": actor.rule_id,
-                "orig_dir": actor.orig_dir, "packets": actor.packets, "bytes": actor.bytes,
-                "dropped": actor.dropped, "states": [nf.serialize(st) for nf, st in zip(actor.nfs, actor.states)]}
+    @staticmethod
+    def snapshot(actor, now: float) -> dict:
+        return {"key": actor.key.hex(), "v": actor.snap_version, "actor": actor.to_wire(now)}
 
     def send(self, replica: int, snaps: list[dict], drop: list[str] = ()) -> None:
-        addr = self.rt.migrator.peer(replica)
+        addr = self.view.addr(replica)
         if addr is None:
             self.refused_by.add(replica)
             return
@@ -96,7 +112,7 @@ class Replicator:
         for s in snaps:
             n = _encoded_size(s)
             if n > MESSAGE_BUDGET:
-                self.stats["too_big"] = self.stats.get("too_big", 0) + 1  # a state too big for one message
+                self.stats["too_big"] += 1  # a state too big for one message
                 continue
             if chunk and size + n > MESSAGE_BUDGET:
                 self._send_chunk(replica, addr, chunk, [])
@@ -109,8 +125,8 @@ class Replicator:
     def _send_chunk(self, replica: int, addr, snaps: list[dict], drop: list[str]) -> None:
         self.stats["snapshots_sent"] += len(snaps)
         self.stats["snapshot_messages"] += 1
-        self.rt.ep.request(addr, MsgType.SNAPSHOT, {"from": self.rt.id, "snaps": snaps, "drop": drop},
-                           lambda msg, r=replica: self._stored(r, msg), timeout=0.3, retries=2)
+        self.ep.request(addr, MsgType.SNAPSHOT, {"from": self.view.me, "snaps": snaps, "drop": drop},
+                        lambda msg, r=replica: self._stored(r, msg), timeout=0.3, retries=2)
 
     def _stored(self, replica: int, msg) -> None:
         if not msg.body.get("ok"):
@@ -119,7 +135,8 @@ class Replicator:
 
     def flow_ended(self, actor) -> None:
         """The flow ended or left: its replica forgets it."""
-        if actor.replica is not None:
+        self.pending.pop(actor.key, None)
+        if actor.replica is not None and self.ep is not None:
             self.stats["dropped_on_end"] += 1
             self.send(actor.replica, [], drop=[actor.key.hex()])
 
@@ -128,11 +145,11 @@ class Replicator:
         b = msg.body
         peer = b.get("from")
         if not isinstance(peer, int) or not isinstance(b.get("snaps"), list):
-            self.rt.ep.send(addr, MsgType.REPLY, {"ok": False, "error": "bad snapshot message"}, rid=msg.rid)
+            self.ep.reply(msg, addr, {"ok": False, "error": "bad snapshot message"})
             return
         held = sum(len(s) for s in self.stores.values())
-        if self.rt.leaving or held + len(b["snaps"]) > MAX_STORE:
-            self.rt.ep.send(addr, MsgType.REPLY, {"ok": False, "error": "refused: leaving or full"}, rid=msg.rid)
+        if self.view.leaving or held + len(b["snaps"]) > MAX_STORE:
+            self.ep.reply(msg, addr, {"ok": False, "error": "refused: leaving or full"})
             return
         store = self.stores.setdefault(peer, {})
         for s in b["snaps"]:
@@ -146,7 +163,7 @@ class Replicator:
             self.stats["stored"] += 1
         for k in b.get("drop") or []:
             store.pop(k, None)
-        self.rt.ep.send(addr, MsgType.REPLY, {"ok": True}, rid=msg.rid)
+        self.ep.reply(msg, addr, {"ok": True})
 
     def on_fetch(self, msg, addr) -> None:
         """A restarted peer asks for its snapshots, a message-sized page at a time."""
@@ -165,14 +182,13 @@ class Replicator:
             page.append(s)
             size += n
         more = len(page) < len(keys)
-        self.rt.ep.send(addr, MsgType.REPLY, {"ok": True, "snaps": page, "more": more}, rid=msg.rid)
+        self.ep.reply(msg, addr, {"ok": True, "snaps": page, "more": more})
 
     # --- recovery -------------------------------------------------------------------
-    def start_recovery(self, view: dict) -> None:
+    def start_recovery(self) -> None:
         self.recovering = True
         self.recovery.update(phase="fetching", started=time.monotonic())
-        peers = [e for e in view.get("runtimes", [])
-                 if e.get("id") != self.rt.id and e.get("state") in ("running", "leaving") and e.get("addr")]
+        peers = self.view.peers((RUNNING, LEAVING))
         self.waiting = {e["id"] for e in peers}
         self.recovery["peers_asked"] = len(peers)
         for e in peers:  # in parallel: one request per peer, pages follow
@@ -181,9 +197,9 @@ class Replicator:
             self.finish_recovery()
 
     def _fetch(self, peer: int, addr, after: str | None) -> None:
-        self.rt.ep.request(addr, MsgType.SNAPSHOT_FETCH, {"id": self.rt.id, "after": after},
-                           lambda msg, p=peer, a=addr: self._fetched(p, a, msg), timeout=FETCH_TIMEOUT, retries=3,
-                           on_timeout=lambda rid, p=peer: self._peer_done(p))
+        self.ep.request(addr, MsgType.SNAPSHOT_FETCH, {"id": self.view.me, "after": after},
+                        lambda msg, p=peer, a=addr: self._fetched(p, a, msg), timeout=FETCH_TIMEOUT, retries=3,
+                        on_timeout=lambda rid, p=peer: self._peer_done(p))
 
     def _fetched(self, peer: int, addr, msg) -> None:
         snaps = msg.body.get("snaps") or []
@@ -191,7 +207,7 @@ class Replicator:
             try:
                 self.restore(s)
             except Exception:  # one bad snapshot must not stop the recovery of the others
-                self.recovery["bad"] = self.recovery.get("bad", 0) + 1
+                self.recovery["bad"] += 1
         self.recovery["snapshots"] += len(snaps)
         if msg.body.get("more") and snaps:
             self._fetch(peer, addr, snaps[-1]["key"])
@@ -199,18 +215,14 @@ class Replicator:
             self._peer_done(peer)
 
     def restore(self, s: dict) -> None:
-        from .actor import Actor
         key = bytes.fromhex(s["key"])
-        if key in self.rt.flows:
+        if key in self.flows:
             return
-        nfs = [self.rt.nf_instance(t) for t in nf_api.decode_chain(int(s["chain"]))]
-        actor = Actor(key, int(s["orig_dir"]), self.rt.now, int(s["chain"]), nfs, int(s["rule"]),
-                      replicator=self)
-        actor.states = [nf.deserialize(st) for nf, st in zip(nfs, s["states"])]
-        actor.packets, actor.bytes = list(s["packets"]), list(s["bytes"])
-        actor.dropped = int(s.get("dropped", 0))
+        wire = s["actor"]
+        actor = self.make_actor(key, int(wire["orig_dir"]), int(wire["chain"]), int(wire["rule"]))
+        actor.load_wire(wire, time.monotonic())
         actor.snap_version = int(s["v"])
-        self.rt.flows[key] = actor
+        self.flows.add(actor)
         self.recovery["actors"] += 1
 
     def _peer_done(self, peer: int) -> None:
@@ -219,25 +231,25 @@ class Replicator:
         if not self.waiting and self.recovering:
             self.finish_recovery()
 
-    def hold(self, frame, direction: int, l4: int) -> None:
+    def hold(self, frame) -> None:
         """A frame that arrived while recovering: kept until its actor is back."""
         if len(self.buffer) >= MAX_RECOVERY_BUFFER:
             self.recovery["buffer_overflow"] += 1
             return
-        self.buffer.append((bytes(frame), direction, l4))
+        self.buffer.append(bytes(frame))
         self.recovery["buffered"] += 1
 
     def finish_recovery(self) -> None:
         self.recovering = False
         held, self.buffer = self.buffer, []
-        for data, _direction, _l4 in held:
+        for data in held:
             frame = bytearray(data)
-            if self.rt.handle_slow(memoryview(frame)):
-                self.rt.transmit(frame)
+            if self.replay(memoryview(frame)):
+                self.transmit(frame)
             self.recovery["replayed"] += 1
         self.recovery["phase"] = "done"
         self.recovery["seconds"] = round(time.monotonic() - self.recovery.get("started", time.monotonic()), 4)
-        self.rt.register()  # now running
+        self.on_recovered()
 
     def status(self) -> dict:
         return {**self.stats, "pending": len(self.pending),

@@ -7,9 +7,11 @@
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
+import signal
 from dataclasses import asdict, dataclass, field
 
 from ..kern import layouts as L
@@ -86,10 +88,10 @@ class NodeConfig:
     ext1: str = setting("ext1", "External port 1 (towards the sinks).")
     netns: str | None = setting(None, "Network namespace holding ext0/ext1 (default: this one).")
     runtimes: int = setting(2, "Number of runtime processes.", short="-r")
-    cores: list[int] = setting(None, "CPUs for the runtimes, in turn, e.g. 0,1 (default: every CPU in turn).",
+    cores: list[int] = setting(None, "CPUs for the runtimes, in turn (default: all CPUs in turn), e.g. 0,1.",
                                factory=list)
-    other_action: str = setting("forward", "What the switch does with traffic that is not a TCP/UDP flow "
-                                "(ARP, ICMP, non-IP, VLAN).", option="--other",
+    other_action: str = setting("forward", "What the switch does with non-TCP/UDP traffic (ARP, ICMP, non-IP, "
+                                "VLAN).", option="--other",
                                 choices=tuple(sorted(L.OTHER_ACTIONS)))
     flow_table_size: int = setting(262144, "Entries in the switch's LRU flow table.")
     xdp_mode: str = setting("native", "XDP attach mode; auto falls back to generic where native is unsupported.",
@@ -99,13 +101,13 @@ class NodeConfig:
     policy: str | None = setting(None, "Policy file (service chain rules, NF config) to install; default: the "
                                  "node's saved one.")
     heartbeat: float = setting(0.1, "Seconds between runtime heartbeats.")
-    miss_limit: int = setting(3, "Missed heartbeats before the controller marks a runtime failed.")
+    miss_limit: int = setting(3, "Missed heartbeats before a runtime is failed.")
     scale_threshold: float = setting(0.8, "Average runtime CPU load (0-1) that triggers scale-out after "
                                      "--scale-window seconds.")
     scale_window: float = setting(2.0, "Seconds the overload (or idleness) must last.")
     scale_cooldown: float = setting(10.0, "Seconds between two scaling decisions.")
     max_runtimes: int = setting(0, "Scale out up to this many runtimes when overloaded (0: no scale-out).")
-    max_migrations: int = setting(1000, "Concurrent outgoing migrations per runtime (paper 5.3).")
+    max_migrations: int = setting(1000, "Concurrent migrations per runtime.")
     migrate_threshold: float = setting(0.0, "A runtime over this CPU load (0-1) for a second migrates a fifth of "
                                        "its flows to the least loaded runtime (0: off).")
     scale_in_threshold: float = setting(0.0, "Average runtime CPU load (0-1) under which the least loaded "
@@ -212,3 +214,25 @@ def write_state(name: str, state: dict) -> None:
         json.dump(state, f, indent=1)
     os.replace(tmp, state_path(name))
 
+
+
+# --- how each process of the node starts ---------------------------------------
+
+def process_args(prog: str, doc: str, argv: list[str] | None = None, *, runtime: bool = False):
+    """Parse what the supervisor starts every process with: `--config-json`
+    (the node's whole configuration) and, for a runtime, `--id`.  Returns
+    (NodeConfig, the parsed arguments)."""
+    ap = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config-json", required=True, help="the node's configuration (NodeConfig.to_json)")
+    if runtime:
+        ap.add_argument("--id", type=int, required=True, help="this runtime's id")
+    args = ap.parse_args(argv)
+    return NodeConfig.from_json(args.config_json), args
+
+
+def stop_on_signals(stop) -> None:
+    """SIGTERM and SIGINT call stop().  Unblocks them first: the supervisor
+    blocks them to wait for them, and its children inherit the mask."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop())

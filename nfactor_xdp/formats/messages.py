@@ -99,10 +99,6 @@ class Message:
     body: dict
     ts: int  # sender's wall clock, ms
 
-    def reply(self, body: dict) -> tuple[MsgType, int, dict]:
-        """(type, rid, body) of the reply to this message: same rid."""
-        return MsgType.REPLY, self.rid, body
-
 
 # --- cluster key ---------------------------------------------------------------
 
@@ -331,6 +327,10 @@ class Endpoint:
             self.counters[f"send_{_errname(e)}"] += 1
         return rid
 
+    def reply(self, msg: Message, addr, body: dict) -> int:
+        """Answer `msg` (received from `addr`) with `body`, under its rid."""
+        return self.send(addr, MsgType.REPLY, body, rid=msg.rid)
+
     def receive(self, max_n: int = 64) -> list[tuple[Message, Any]]:
         """Read up to `max_n` datagrams that are waiting; return the valid
         messages with their source address.  Replies to our requests go to
@@ -442,8 +442,3 @@ class Endpoint:
 def _fmt_addr(addr) -> str:
     return f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) and len(addr) >= 2 else str(addr)
 
-
-def reply(endpoint: Endpoint, msg: Message, addr, body: dict) -> int:
-    """Answer `msg` (received from `addr`) with `body`, under its rid."""
-    msg_type, rid, body = msg.reply(body)
-    return endpoint.send(addr, msg_type, body, rid=rid)

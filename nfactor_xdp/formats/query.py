@@ -20,7 +20,7 @@ MAX_REPLY = 256 * 1024 * 1024
 SERVE_TIMEOUT = 0.2
 
 
-class RtctlError(NFactorError):
+class QueryError(NFactorError):
     pass
 
 
@@ -29,7 +29,7 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     while len(buf) < n:
         chunk = sock.recv(min(n - len(buf), 1 << 20))
         if not chunk:
-            raise RtctlError("connection closed mid-message")
+            raise QueryError("connection closed mid-message")
         buf += chunk
     return bytes(buf)
 
@@ -42,7 +42,7 @@ def _send(sock: socket.socket, obj) -> None:
 def _recv(sock: socket.socket, limit: int):
     (n,) = struct.unpack("!I", _recv_exact(sock, 4))
     if n > limit:
-        raise RtctlError(f"message of {n} bytes is over the {limit} limit")
+        raise QueryError(f"message of {n} bytes is over the {limit} limit")
     return msgpack.unpackb(_recv_exact(sock, n), raw=False)
 
 
@@ -84,7 +84,7 @@ class Server:
                 try:
                     req = _recv(conn, MAX_REQUEST)
                     if not isinstance(req, dict) or not isinstance(req.get("op"), str):
-                        raise RtctlError("request must be a map with a string 'op'")
+                        raise QueryError("request must be a map with a string 'op'")
                     reply = self.handler(req)
                 except Exception as e:  # a bad request must not stop the runtime
                     self.errors += 1
@@ -109,10 +109,10 @@ def request(path: str, op: str, timeout: float = 2.0, **args) -> dict:
             s.connect(path)
             _send(s, {"op": op, **args})
             reply = _recv(s, MAX_REPLY)
-        except (OSError, RtctlError) as e:
-            raise RtctlError(f"{path}: {e}") from None
+        except (OSError, QueryError) as e:
+            raise QueryError(f"{path}: {e}") from None
     if not isinstance(reply, dict):
-        raise RtctlError(f"{path}: malformed reply")
+        raise QueryError(f"{path}: malformed reply")
     if reply.get("ok") is False:
-        raise RtctlError(f"{path}: {reply.get('error')}")
+        raise QueryError(f"{path}: {reply.get('error')}")
     return reply

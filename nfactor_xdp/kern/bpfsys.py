@@ -22,7 +22,6 @@ BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_UPDATE_ELEM = 2
 BPF_MAP_DELETE_ELEM = 3
 BPF_MAP_GET_NEXT_KEY = 4
-BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
 BPF_PROG_TEST_RUN = 10
 BPF_OBJ_GET_INFO_BY_FD = 15
@@ -69,12 +68,6 @@ def obj_get(path: str) -> int:
     name = ctypes.create_string_buffer(os.fsencode(path))
     attr = bytearray(struct.pack("QIIi", ctypes.addressof(name), 0, 0, 0))
     return bpf(BPF_OBJ_GET, attr)
-
-
-def obj_pin(fd: int, path: str) -> None:
-    name = ctypes.create_string_buffer(os.fsencode(path))
-    attr = bytearray(struct.pack("QIIi", ctypes.addressof(name), fd, 0, 0))
-    bpf(BPF_OBJ_PIN, attr)
 
 
 def map_info(fd: int) -> dict:

@@ -16,6 +16,7 @@ from ..errors import NFactorError
 # bpf/ is installed as package data (nfactor_xdp.bpf); BCC needs real paths.
 BPF_DIR = Path(str(resources.files("nfactor_xdp.bpf")))
 SHARED_HEADER = BPF_DIR / "nfactor_shared.h"
+MAPS_HEADER = BPF_DIR / "nfactor_maps.h"
 
 _CTYPES = {
     "__u8": ctypes.c_uint8, "__u16": ctypes.c_uint16,
@@ -107,21 +108,43 @@ class SharedHeader:
             raise HeaderError(f"struct {name} has implicit padding; pad it by hand")
         return struct
 
+    def ctype(self, name: str):
+        """The ctypes type of a C type name used in a map declaration."""
+        name = " ".join(name.split())
+        if name in _CTYPES:
+            return _CTYPES[name]
+        if name.startswith("struct ") and name[7:] in self.structs:
+            return self.structs[name[7:]]
+        raise HeaderError(f"unknown type {name!r}")
+
     def enum_names(self, enum: str, prefix: str) -> list[str]:
         """Members of `enum` in value order, prefix stripped, lower case."""
         items = sorted(self.enums[enum].items(), key=lambda kv: kv[1])
         return [k[len(prefix):].lower() for k, _ in items if k.startswith(prefix)]
 
 
+def pinned_map_types(header: SharedHeader, path: Path = MAPS_HEADER) -> dict[str, tuple]:
+    """name -> (key type, value type) of every BPF_TABLE_PINNED map declared
+    in bpf/nfactor_maps.h, so Python opens each pin with the C types."""
+    text = _strip_comments(Path(path).read_text())
+    out = {}
+    for m in re.finditer(r'BPF_TABLE_PINNED\(\s*"\w+"\s*,\s*([\w ]+?)\s*,\s*([\w ]+?)\s*,\s*(\w+)\s*,', text):
+        out[m.group(3)] = (header.ctype(m.group(1)), header.ctype(m.group(2)))
+    if not out:
+        raise HeaderError(f"{path}: no BPF_TABLE_PINNED declarations found")
+    return out
+
+
 HEADER = SharedHeader()
 C = HEADER.consts
-FlowKey = HEADER.structs["nfx_flow_key"]
+FlowKeyStruct = HEADER.structs["nfx_flow_key"]  # the C layout; formats/flowkey.py reads it
 Flow = HEADER.structs["nfx_flow"]
 Port = HEADER.structs["nfx_port"]
 Runtime = HEADER.structs["nfx_runtime"]
 RRTable = HEADER.structs["nfx_rr_table"]
 Config = HEADER.structs["nfx_config"]
 RtStats = HEADER.structs["nfx_rt_stats"]
+MAP_TYPES = pinned_map_types(HEADER)
 
 COUNTER_NAMES = [n for n in HEADER.enum_names("nfx_counter", "NFX_CNT_") if n != "max"]
 COUNTER_DOCS = {k[len("NFX_CNT_"):].lower(): v for k, v in HEADER.enum_docs["nfx_counter"].items()}

@@ -162,9 +162,6 @@ def remove_pins(node: str) -> list[str]:
     return removed
 
 
-_PASS_PROG = "int nfx_host_pass(struct xdp_md *ctx) { return XDP_PASS; }"
-
-
 def attach_pass(ifname: str, ns: str | None = None) -> None:
     """Give a veth NAPI by attaching an XDP_PASS program to it.
 
@@ -175,7 +172,7 @@ def attach_pass(ifname: str, ns: str | None = None) -> None:
     """
     from . import netns
     bcc = _bcc()
-    mod = bcc.BPF(text=_PASS_PROG)
+    mod = bcc.BPF(src_file=str(L.BPF_DIR / "host_pass.c"), cflags=[f"-I{L.BPF_DIR}"])
     try:
         fn = mod.load_func("nfx_host_pass", bcc.BPF.XDP)
         with netns.entered(ns):

@@ -3,67 +3,21 @@ them from Python (agent, runtimes, CLI, tests)."""
 from __future__ import annotations
 
 import ctypes
-import ipaddress
 import os
-from dataclasses import dataclass
 
 from . import layouts as L
 from .bpfsys import BpfError, BpfMap
 
 PIN_ROOT = "/sys/fs/bpf/nfactor"
 
-# name -> (key type, value type)
-MAP_TYPES = {
-    "ports": (ctypes.c_uint32, L.Port),
-    "runtimes": (ctypes.c_uint32, L.Runtime),
-    "rr_table": (ctypes.c_uint32, L.RRTable),
-    "config": (ctypes.c_uint32, L.Config),
-    "flows": (L.FlowKey, L.Flow),
-    "counters": (ctypes.c_uint32, ctypes.c_uint64),
-    "rt_stats": (ctypes.c_uint32, L.RtStats),
-    "tx_ports": (ctypes.c_uint32, ctypes.c_int32),
-    "xsks": (ctypes.c_uint32, ctypes.c_int32),
-}
+# name -> (key type, value type): the node's own maps as bpf/nfactor_maps.h
+# declares them, plus the two whose values the kernel defines (a devmap holds
+# ifindexes, an xskmap AF_XDP socket fds), declared in vswitch.c and steer.c.
+MAP_TYPES = {**L.MAP_TYPES, "tx_ports": (ctypes.c_uint32, ctypes.c_int32), "xsks": (ctypes.c_uint32, ctypes.c_int32)}
 
 
 def pin_dir(node: str) -> str:
     return os.path.join(PIN_ROOT, node)
-
-
-@dataclass(frozen=True)
-class FlowKey:
-    """A canonical flow key, decoded."""
-    lo_addr: str
-    lo_port: int
-    hi_addr: str
-    hi_port: int
-    proto: int
-
-    @classmethod
-    def from_c(cls, k) -> "FlowKey":
-        return cls(_addr(bytes(k.lo_addr)), _ntohs(k.lo_port), _addr(bytes(k.hi_addr)),
-                   _ntohs(k.hi_port), k.proto)
-
-    @classmethod
-    def from_bytes(cls, raw: bytes) -> "FlowKey":
-        return cls.from_c(L.FlowKey.from_buffer_copy(raw))
-
-    def __str__(self) -> str:
-        p = {6: "tcp", 17: "udp"}.get(self.proto, str(self.proto))
-        return f"{p} {_ep(self.lo_addr, self.lo_port)} <-> {_ep(self.hi_addr, self.hi_port)}"
-
-
-def _ntohs(v: int) -> int:
-    return ((v & 0xff) << 8) | (v >> 8)
-
-
-def _addr(raw: bytes) -> str:
-    ip = ipaddress.IPv6Address(raw)
-    return str(ip.ipv4_mapped) if ip.ipv4_mapped else str(ip)
-
-
-def _ep(addr: str, port: int) -> str:
-    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
 
 
 class NodeMaps:
@@ -171,16 +125,14 @@ class NodeMaps:
         return out
 
     def flows(self, limit: int | None = None) -> list[dict]:
+        """The switch's flow table: each entry's key (hex) and placement."""
         out = []
         for k, v in self["flows"].items():
-            fk = FlowKey.from_c(k)
-            out.append({"key": bytes(k).hex(), "flow": str(fk), "proto": fk.proto,
-                        "lo": [fk.lo_addr, fk.lo_port], "hi": [fk.hi_addr, fk.hi_port],
-                        "runtime": v.runtime, "orig_dir": v.orig_dir,
+            out.append({"key": bytes(k).hex(), "runtime": v.runtime, "orig_dir": v.orig_dir,
                         "in_port": v.in_port, "created_ns": v.created_ns})
             if limit and len(out) >= limit:
                 break
         return out
 
 
-__all__ = ["NodeMaps", "FlowKey", "pin_dir", "PIN_ROOT", "BpfError"]
+__all__ = ["NodeMaps", "pin_dir", "PIN_ROOT", "BpfError"]

@@ -64,30 +64,17 @@ def _tool(name):
     return check
 
 
-_PROBE_PROG = r"""
-BPF_XSKMAP(xsks, 4);
-BPF_DEVMAP(txp, 4);
-BPF_TABLE("lru_hash", u32, u64, lru, 16);
-BPF_PERCPU_ARRAY(cnt, u64, 1);
-int probe(struct xdp_md *ctx) {
-    u32 k = 0; u64 one = 1;
-    lru.update(&k, &one);
-    u64 *c = cnt.lookup(&k); if (c) *c += 1;
-    if (ctx->rx_queue_index == 7) return xsks.redirect_map(0, XDP_DROP);
-    if (ctx->rx_queue_index == 8) return txp.redirect_map(0, XDP_DROP);
-    return XDP_PASS;
-}
-"""
-
-
 def _bpf_xdp_features():
     """Compile and load an XDP program using every map type the node uses,
     run it with BPF_PROG_TEST_RUN, attach it natively to a veth in a scratch
     namespace and bind an AF_XDP socket to it."""
     from bcc import BPF
 
+    # imported here, inside the check: a broken install is a finding, not a crash
+    from ..kern.layouts import BPF_DIR
+    from ..kern.loader import XDP_FLAGS_DRV_MODE
     from ..kern.xsk import XskSocket
-    b = BPF(text=_PROBE_PROG)
+    b = BPF(src_file=str(BPF_DIR / "probe.c"), cflags=[f"-I{BPF_DIR}"])
     fn = b.load_func("probe", BPF.XDP)
     frame = bytes(60)
     r = prog_test_run(fn.fd, frame, ctx=xdp_md(len(frame)))
@@ -102,12 +89,12 @@ def _bpf_xdp_features():
                 ipr.link("add", ifname="pa", kind="veth", peer="pb")
                 for n in ("pa", "pb"):
                     ipr.link("set", index=ipr.link_lookup(ifname=n)[0], state="up")
-            BPF.attach_xdp("pa", fn, 1 << 2)  # native mode
+            BPF.attach_xdp("pa", fn, XDP_FLAGS_DRV_MODE)
             try:
                 with XskSocket(socket.if_nametoindex("pa"), 0, num_frames=64, ring_size=64):
                     pass
             finally:
-                BPF.remove_xdp("pa", 1 << 2)
+                BPF.remove_xdp("pa", XDP_FLAGS_DRV_MODE)
     finally:
         netns.remove(ns)
         b.cleanup()

@@ -11,53 +11,47 @@ The node's ports carry no addresses and have IPv6 disabled: whatever the node
 attaches to them (XDP) is the only thing that moves frames between the hosts.
 
 Host details that matter (see the platform notes):
-- GRO is on on the hosts' eth0 so the veth has NAPI: frames the node
+- each host's eth0 gets an XDP_PASS program (bpf/host_pass.c, attached with
+  kern.loader.attach_pass) so that the veth has NAPI: frames the node
   XDP-redirects into ext0/ext1 are then received by the host instead of
-  silently vanishing;
+  silently vanishing.  GRO, which gives a veth NAPI on some kernels, did not
+  on this one; it is still switched on (and `up` checks it);
 - transmit checksum offload is off on the hosts' eth0: partial checksums are
   not completed across the XDP/AF_XDP path;
 - IPv6 addresses are added without DAD, with no link-local address and no
   router solicitations, and both hosts hold permanent neighbour entries for
   each other, so a test's traffic needs no ARP or ND.
 
-The configuration is kept in a state file under STATE_DIR so that `show` and
+The address plan and its validation are in testbed_plan.py, reading the live
+testbed back (`show`) in testbed_inspect.py; both are re-exported here.  The
+configuration is kept in a state file under STATE_DIR so that `show` and
 `down` work from another process (`Testbed.load(name)`).
 """
 from __future__ import annotations
 
 import dataclasses
 import errno
-import ipaddress
 import json
 import os
 import re
-import shutil
 import socket
-import subprocess
 import time
-from dataclasses import dataclass
-from typing import Any
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from ..kern import netns
 from ..kern.loader import attach_pass
-from ..errors import NFactorError
+from . import testbed_inspect
+from .testbed_inspect import ethtool, link_index, offloads
+from .testbed_plan import (HOSTS, IFNAMSIZ, MAX_NAME_LEN, PORTS, ROLES, TestbedConfig, TestbedConfigError,
+                           TestbedError, TestbedExists, validate_ifname, validate_name)
+
+__all__ = ["HOSTS", "IFNAMSIZ", "MAX_NAME_LEN", "PORTS", "ROLES", "STATE_DIR", "Testbed", "TestbedConfig",
+           "TestbedConfigError", "TestbedError", "TestbedExists", "list_testbeds", "offloads", "state_path", "validate_ifname",
+           "validate_name"]
 
 STATE_DIR = "/run/nfactor"
-
-IFNAMSIZ = 16  # the kernel's limit, NUL included: names have at most 15 bytes
-# The longest name derived from a testbed's name is f"{name}-node"; keeping it
-# within an interface name's limit lets other modules reuse derived names for
-# interfaces, comm names and the like.
-MAX_NAME_LEN = IFNAMSIZ - 1 - len("-node")
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # used with fullmatch
-_MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
-
-ROLES = ("src", "dst", "node")
-HOSTS = ("src", "dst")
-PORTS = ("ext0", "ext1")  # keys of show()["node"]["ports"]; ext0 faces src
 
 # The node's ports get these interface indexes, so that no veth end has the
 # same index as its peer (a host's eth0 is 2 in its fresh namespace).  Linux
@@ -81,181 +75,7 @@ HOST_IPV6_CONF = (
 )
 
 IFA_F_NODAD = 0x02
-IFA_F_TENTATIVE = 0x40
-IFA_F_DADFAILED = 0x08
 NUD_PERMANENT = 0x80
-IFF_UP = 0x1
-
-
-class TestbedError(NFactorError):
-    """The testbed could not be built, inspected or removed."""
-
-    __test__ = False  # not a pytest test class despite the name
-
-
-class TestbedExists(TestbedError):
-    """Some namespace of the testbed already exists."""
-
-
-# --------------------------------------------------------------------------
-# configuration
-
-
-def validate_name(name: Any) -> str:
-    """Check a testbed name; return it or raise ValueError."""
-    if not isinstance(name, str):
-        raise ValueError(f"testbed name must be a string, not {type(name).__name__}")
-    if not name:
-        raise ValueError("testbed name must not be empty")
-    if len(name) > MAX_NAME_LEN:
-        raise ValueError(
-            f"testbed name {name!r} is too long ({len(name)} > {MAX_NAME_LEN} "
-            f"characters): {name + '-node'!r} must stay within {IFNAMSIZ - 1} characters"
-        )
-    if not _NAME_RE.fullmatch(name):
-        raise ValueError(
-            f"testbed name {name!r} is invalid: use letters, digits, '_' and '-', "
-            "starting with a letter or digit"
-        )
-    return name
-
-
-def validate_ifname(ifname: Any, what: str = "interface name") -> str:
-    """The kernel's rules for a network device name (dev_valid_name)."""
-    if not isinstance(ifname, str) or not ifname:
-        raise ValueError(f"{what} must be a non-empty string, not {ifname!r}")
-    if len(ifname.encode()) > IFNAMSIZ - 1:
-        raise ValueError(f"{what} {ifname!r} is longer than {IFNAMSIZ - 1} bytes")
-    if ifname in (".", "..") or any(c in "/:" or c.isspace() for c in ifname):
-        raise ValueError(f"{what} {ifname!r} is invalid (no '/', ':', spaces, '.' or '..')")
-    return ifname
-
-
-def _check_mac(value: Any, what: str) -> str:
-    if not isinstance(value, str) or not _MAC_RE.fullmatch(value.lower()):
-        raise ValueError(f"{what} {value!r} is not a MAC address like 02:77:00:00:00:01")
-    mac = value.lower()
-    first = int(mac[:2], 16)
-    if first & 1:
-        raise ValueError(f"{what} {mac} is a multicast address")
-    if mac == "00:00:00:00:00:00":
-        raise ValueError(f"{what} must not be all zeros")
-    return mac
-
-
-def _check_host_pair(version: int, src: Any, dst: Any, prefixlen: Any) -> tuple[str, str]:
-    kind = f"IPv{version}"
-    bits = 32 if version == 4 else 128
-    if isinstance(prefixlen, bool) or not isinstance(prefixlen, int) or not 1 <= prefixlen <= bits:
-        raise ValueError(f"{kind} prefix length must be an integer in 1..{bits}, not {prefixlen!r}")
-    addrs = []
-    for role, value in (("src", src), ("dst", dst)):
-        if not isinstance(value, str):
-            raise ValueError(f"{role} {kind} address must be a string, not {value!r}")
-        try:
-            addr = ipaddress.ip_address(value)
-        except ValueError:
-            raise ValueError(f"{role} {kind} address {value!r} is not an IP address") from None
-        if addr.version != version:
-            raise ValueError(f"{role} {kind} address {value!r} is not an {kind} address")
-        if addr.is_multicast or addr.is_unspecified or addr.is_loopback or addr.is_link_local:
-            raise ValueError(f"{role} {kind} address {value} is not a usable unicast address")
-        addrs.append(addr)
-    if addrs[0] == addrs[1]:
-        raise ValueError(f"src and dst {kind} addresses are the same ({addrs[0]})")
-    net = ipaddress.ip_network(f"{addrs[0]}/{prefixlen}", strict=False)
-    if addrs[1] not in net:
-        raise ValueError(f"src and dst {kind} addresses {addrs[0]} and {addrs[1]} are not in one /{prefixlen}")
-    if version == 4 and prefixlen < 31:
-        for role, addr in zip(("src", "dst"), addrs):
-            if addr in (net.network_address, net.broadcast_address):
-                raise ValueError(f"{role} IPv4 address {addr} is the network or broadcast address of {net}")
-    return str(addrs[0]), str(addrs[1])
-
-
-@dataclass(frozen=True)
-class TestbedConfig:
-    """The address plan of a testbed; the defaults are the built-in testbed."""
-
-    __test__ = False  # not a pytest test class despite the name
-
-    name: str = "nfx"
-    host_ifname: str = "eth0"  # each host's interface
-    port0_ifname: str = "ext0"  # node port facing src
-    port1_ifname: str = "ext1"  # node port facing dst
-    src_mac: str = "02:77:00:00:00:01"
-    dst_mac: str = "02:77:00:00:00:02"
-    port0_mac: str = "02:77:00:00:01:00"
-    port1_mac: str = "02:77:00:00:01:01"
-    src_ipv4: str = "10.77.0.1"
-    dst_ipv4: str = "10.77.0.2"
-    ipv4_prefixlen: int = 24
-    src_ipv6: str = "fd77::1"
-    dst_ipv6: str = "fd77::2"
-    ipv6_prefixlen: int = 64
-
-    def __post_init__(self) -> None:
-        validate_name(self.name)
-        validate_ifname(self.host_ifname, "host interface name")
-        validate_ifname(self.port0_ifname, "node port 0 name")
-        validate_ifname(self.port1_ifname, "node port 1 name")
-        if self.port0_ifname == self.port1_ifname:
-            raise ValueError(f"node ports must have different names (both {self.port0_ifname!r})")
-        macs = {}
-        for field in ("src_mac", "dst_mac", "port0_mac", "port1_mac"):
-            mac = _check_mac(getattr(self, field), field)
-            if mac in macs:
-                raise ValueError(f"{field} {mac} is the same as {macs[mac]}")
-            macs[mac] = field
-            object.__setattr__(self, field, mac)
-        v4 = _check_host_pair(4, self.src_ipv4, self.dst_ipv4, self.ipv4_prefixlen)
-        v6 = _check_host_pair(6, self.src_ipv6, self.dst_ipv6, self.ipv6_prefixlen)
-        # store the canonical text (e.g. "fd77:0::1" -> "fd77::1")
-        object.__setattr__(self, "src_ipv4", v4[0])
-        object.__setattr__(self, "dst_ipv4", v4[1])
-        object.__setattr__(self, "src_ipv6", v6[0])
-        object.__setattr__(self, "dst_ipv6", v6[1])
-
-    # derived names -------------------------------------------------------
-    def netns_name(self, role: str) -> str:
-        if role not in ROLES:
-            raise ValueError(f"unknown role {role!r} (one of {', '.join(ROLES)})")
-        return f"{self.name}-{role}"
-
-    @property
-    def namespaces(self) -> dict[str, str]:
-        return {role: self.netns_name(role) for role in ROLES}
-
-    def host(self, role: str) -> dict[str, Any]:
-        """The planned settings of host `role` ("src" or "dst")."""
-        if role not in HOSTS:
-            raise ValueError(f"unknown host {role!r} (src or dst)")
-        peer = "dst" if role == "src" else "src"
-        return {
-            "netns": self.netns_name(role),
-            "ifname": self.host_ifname,
-            "mac": getattr(self, f"{role}_mac"),
-            "ipv4": getattr(self, f"{role}_ipv4"),
-            "ipv6": getattr(self, f"{role}_ipv6"),
-            "peer_mac": getattr(self, f"{peer}_mac"),
-            "peer_ipv4": getattr(self, f"{peer}_ipv4"),
-            "peer_ipv6": getattr(self, f"{peer}_ipv6"),
-            "port": self.port0_ifname if role == "src" else self.port1_ifname,
-            "port_mac": self.port0_mac if role == "src" else self.port1_mac,
-        }
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TestbedConfig":
-        if not isinstance(data, dict):
-            raise ValueError(f"testbed config must be a mapping, not {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown testbed config field(s): {', '.join(unknown)}")
-        return cls(**data)
 
 
 def state_path(name: str) -> str:
@@ -297,38 +117,6 @@ def _sysctl_set(key: str, value: int | str) -> None:
     """Write /proc/sys/net/<key> of the calling thread's namespace."""
     with open(f"/proc/sys/net/{key}", "w") as f:
         f.write(f"{value}\n")
-
-
-def _link_index(ipr: IPRoute, ifname: str) -> int | None:
-    found = ipr.link_lookup(ifname=ifname)
-    return found[0] if found else None
-
-
-def _ethtool(ns: str, args: list[str]) -> str:
-    if shutil.which("ethtool") is None:
-        raise TestbedError("ethtool is not installed (Debian package 'ethtool'; vm/provision.sh installs it)")
-    try:
-        return netns.run(ns, ["ethtool", *args]).stdout
-    except subprocess.CalledProcessError as e:
-        raise TestbedError(
-            f"ethtool {' '.join(args)} failed in {ns}: {(e.stderr or e.stdout or '').strip()}"
-        ) from None
-
-
-def offloads(ns: str, ifname: str) -> dict[str, bool]:
-    """GRO and transmit checksum offload of `ifname` in namespace `ns` (from `ethtool -k`)."""
-    features = {}
-    for line in _ethtool(ns, ["-k", ifname]).splitlines():
-        key, sep, rest = line.partition(":")
-        if sep and rest.strip():
-            features[key.strip()] = rest.split()[0] == "on"
-    try:
-        return {"gro": features["generic-receive-offload"], "tx_checksum": features["tx-checksumming"]}
-    except KeyError as e:
-        raise TestbedError(f"ethtool -k {ifname} in {ns} reports no {e.args[0]!r}") from None
-
-
-# --------------------------------------------------------------------------
 
 
 class Testbed:
@@ -440,6 +228,9 @@ class Testbed:
         except BaseException as e:
             e.add_note(f"testbed {cfg.name!r}: failed while {step}; removed what was built")
             self._rollback(created, wrote_state)
+            if isinstance(e, NetlinkError):  # the kernel said no: a TestbedError, not a crash
+                raise TestbedError(f"testbed {cfg.name!r}: failed while {step} (removed what was built): "
+                                   f"netlink error {e.code}: {os.strerror(e.code)}") from e
             raise
         return self.show()
 
@@ -460,7 +251,7 @@ class Testbed:
             (cfg.port1_ifname, PORT_IFINDEX[1], cfg.port1_mac, cfg.netns_name("dst"), cfg.dst_mac),
         ]
         with netns.entered(node), IPRoute() as ipr:
-            ipr.link("set", index=_link_index(ipr, "lo"), state="up")
+            ipr.link("set", index=link_index(ipr, "lo"), state="up")
             for port, ifindex, port_mac, host_ns, host_mac in pairs:
                 # The veth is created in the node's namespace with its peer
                 # placed straight into the host's: no end ever shows up in
@@ -486,13 +277,13 @@ class Testbed:
                 # before the link goes up, so it never gets a link-local address
                 _sysctl_set(f"ipv6/conf/{port}/disable_ipv6", 1)
             for port, *_ in pairs:
-                ipr.link("set", index=_link_index(ipr, port), state="up")
+                ipr.link("set", index=link_index(ipr, port), state="up")
 
     def _prepare_host(self, role: str) -> None:
         """Before the host's interface exists: lo up, and IPv6 defaults that
         the interface inherits when it is born in this namespace."""
         with netns.entered(self.config.netns_name(role)), IPRoute() as ipr:
-            ipr.link("set", index=_link_index(ipr, "lo"), state="up")
+            ipr.link("set", index=link_index(ipr, "lo"), state="up")
             for key, value in HOST_IPV6_CONF:
                 _sysctl_set(f"ipv6/conf/default/{key}", value)
 
@@ -500,13 +291,13 @@ class Testbed:
         h = self.config.host(role)
         ns, ifname = h["netns"], h["ifname"]
         with netns.entered(ns), IPRoute() as ipr:
-            idx = _link_index(ipr, ifname)
+            idx = link_index(ipr, ifname)
             if idx is None:
                 raise TestbedError(f"{ifname} did not appear in {ns}")
             for key, value in HOST_IPV6_CONF:
                 _sysctl_set(f"ipv6/conf/{ifname}/{key}", value)
             # offloads before the link carries traffic
-            _ethtool(ns, ["-K", ifname, "tx", "off", "gro", "on"])
+            ethtool(ns, ["-K", ifname, "tx", "off", "gro", "on"])
             # GRO alone does not give this kernel's veth NAPI for frames the
             # node XDP-redirects into ext0/ext1 (they vanish, err -95): an
             # XDP_PASS program does.
@@ -539,7 +330,7 @@ class Testbed:
         end = time.monotonic() + deadline
         for ns, ifname in links:
             with netns.entered(ns), IPRoute() as ipr:
-                idx = _link_index(ipr, ifname)
+                idx = link_index(ipr, ifname)
                 while True:
                     state = ipr.get_links(idx)[0].get("IFLA_OPERSTATE")
                     if state == "UP":
@@ -557,7 +348,7 @@ class Testbed:
         starts from silence."""
         cfg = self.config
         with netns.entered(cfg.netns_name("node")), IPRoute() as ipr:
-            indexes = [_link_index(ipr, p) for p in (cfg.port0_ifname, cfg.port1_ifname)]
+            indexes = [link_index(ipr, p) for p in (cfg.port0_ifname, cfg.port1_ifname)]
 
             def counters() -> list[int]:
                 return [ipr.get_links(i)[0].get("IFLA_STATS64")["rx_packets"] for i in indexes]
@@ -586,7 +377,7 @@ class Testbed:
             try:
                 with netns.entered(node), IPRoute() as ipr:
                     for port in (cfg.port0_ifname, cfg.port1_ifname):
-                        idx = _link_index(ipr, port)
+                        idx = link_index(ipr, port)
                         if idx is not None:
                             try:
                                 ipr.link("del", index=idx)
@@ -609,7 +400,6 @@ class Testbed:
             raise TestbedError(f"testbed {cfg.name!r} not fully removed: " + "; ".join(errors))
         return removed
 
-    # show --------------------------------------------------------------------
     def show(self, with_offloads: bool = True) -> dict:
         """The testbed as the live system has it (missing parts are None).
 
@@ -617,79 +407,7 @@ class Testbed:
         interfaces are administratively up and the hosts have their addresses.
         With `with_offloads`, each present host also reports
         "offloads": {"gro": bool, "tx_checksum": bool} (from ethtool)."""
-        cfg = self.config
-        info: dict[str, Any] = {
-            "name": cfg.name,
-            "namespaces": dict(cfg.namespaces),
-            "hosts": {},
-            "node": {"netns": cfg.netns_name("node"), "ports": {}},
-            "up": False,
-        }
-        ok = True
-        for role in HOSTS:
-            host = self._show_host(role, with_offloads)
-            info["hosts"][role] = host
-            ok = ok and host["up"] and host["ipv4"] == cfg.host(role)["ipv4"] \
-                and host["ipv6"] == cfg.host(role)["ipv6"]
-        ports = self._show_ports()
-        info["node"]["ports"] = ports
-        ok = ok and all(p["up"] for p in ports.values())
-        info["up"] = bool(ok)
-        return info
-
-    @staticmethod
-    def _link_info(ipr: IPRoute, ifname: str) -> dict[str, Any] | None:
-        idx = _link_index(ipr, ifname)
-        if idx is None:
-            return None
-        link = ipr.get_links(idx)[0]
-        return {
-            "ifindex": idx,
-            "mac": link.get("IFLA_ADDRESS"),
-            "up": bool(link["flags"] & IFF_UP),
-            "operstate": link.get("IFLA_OPERSTATE"),
-        }
-
-    def _show_host(self, role: str, with_offloads: bool) -> dict[str, Any]:
-        plan = self.config.host(role)
-        ns, ifname = plan["netns"], plan["ifname"]
-        host: dict[str, Any] = {"netns": ns, "ifname": ifname, "mac": None, "ipv4": None,
-                                "ipv6": None, "ifindex": None, "up": False, "operstate": None}
-        if not netns.exists(ns):
-            return host
-        with netns.entered(ns), IPRoute() as ipr:
-            link = self._link_info(ipr, ifname)
-            if link is None:
-                return host
-            host.update(link)
-            for family, key in ((socket.AF_INET, "ipv4"), (socket.AF_INET6, "ipv6")):
-                addrs = [
-                    a.get("IFA_ADDRESS")
-                    for a in ipr.get_addr(family=family, index=link["ifindex"])
-                    if a["scope"] == 0
-                    and not (a.get("IFA_FLAGS", a["flags"]) & (IFA_F_TENTATIVE | IFA_F_DADFAILED))
-                ]
-                if addrs:
-                    host[key] = plan[key] if plan[key] in addrs else addrs[0]
-        if with_offloads:
-            host["offloads"] = offloads(ns, ifname)
-        return host
-
-    def _show_ports(self) -> dict[str, dict[str, Any]]:
-        cfg = self.config
-        node = cfg.netns_name("node")
-        ports: dict[str, dict[str, Any]] = {}
-        names = dict(zip(PORTS, (cfg.port0_ifname, cfg.port1_ifname)))
-        for key, ifname in names.items():
-            ports[key] = {"ifname": ifname, "mac": None, "ifindex": None, "up": False, "operstate": None}
-        if not netns.exists(node):
-            return ports
-        with netns.entered(node), IPRoute() as ipr:
-            for key, ifname in names.items():
-                link = self._link_info(ipr, ifname)
-                if link is not None:
-                    ports[key].update(link)
-        return ports
+        return testbed_inspect.show(self.config, with_offloads)
 
     def is_up(self) -> bool:
         return self.show(with_offloads=False)["up"]

@@ -1,0 +1,146 @@
+"""nfactorctl up, down, status, flows: a node's life and what it shows."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ..errors import NFactorError
+from ..formats.config import NodeConfig
+from .common import cli_fields, config_option, emit_json, json_option, name_option, refusing
+
+# up's options besides NodeConfig's fields (tests/test_cli_layout.py checks both sets)
+testbed_option = click.option("--testbed", "testbed_name", metavar="NAME",
+                              help="Run on testbed NAME's node namespace and ports (see `nfactorctl testbed`).")
+foreground_option = click.option("--foreground", is_flag=True,
+                                 help="Run the supervisor in this process until Ctrl-C (systemd).")
+
+
+def node_options(command):
+    """Decorate `up` with one option per NodeConfig field it offers (in the
+    fields' order, --testbed after --netns), then --foreground."""
+    decorators = []
+    for f in cli_fields():
+        decorators.append(config_option(f))
+        if f.name == "netns":
+            decorators.append(testbed_option)
+    decorators.append(foreground_option)
+    for decorate in reversed(decorators):
+        command = decorate(command)
+    return command
+
+
+@click.command()
+@node_options
+def up(testbed_name, foreground, **settings):
+    """Bring a node up on two interfaces.
+
+    Loads the XDP switch (maps pinned, so a restarted node keeps its flows),
+    creates one veth pair per runtime (sw-rtN/rtN), starts the runtimes and
+    returns once every runtime is running.  Runs in the background unless
+    --foreground.
+    """
+    from ..control import node_client as nodectl
+    if testbed_name:
+        from ..tools.testbed import Testbed
+        with refusing(NFactorError, prefix=f"testbed {testbed_name!r}: "):
+            show = Testbed.load(testbed_name).show()
+        settings["netns"] = show["namespaces"]["node"]
+        settings["ext0"] = show["node"]["ports"]["ext0"]["ifname"]
+        settings["ext1"] = show["node"]["ports"]["ext1"]["ifname"]
+    cfg = NodeConfig(**settings).validate()
+    if cfg.policy:
+        from ..dataplane.rules import load_policy
+        load_policy(cfg.policy)  # a bad policy is refused here, with its reason
+    if foreground:
+        from ..control.supervisor import run_foreground
+        sys.exit(run_foreground(cfg))
+    state = nodectl.start(cfg)
+    rts = ", ".join(f"rt{r['id']} (core {r['core']}, pid {r['pid']})" for r in state["runtimes"])
+    click.echo(f"node {cfg.name} up on {cfg.ext0}/{cfg.ext1}{' in ' + cfg.netns if cfg.netns else ''}: {rts}")
+
+
+@click.command()
+@name_option
+@click.option("--purge", is_flag=True, help="Also remove pins and state left by a crashed node.")
+def down(name, purge):
+    """Stop a node and remove everything it made (programs, ports, pins, state)."""
+    from ..control import node_client as nodectl
+    removed = nodectl.stop(name, purge=purge)
+    click.echo(f"node {name} down" + (f" (cleaned up after a dead agent: {len(removed)} items)" if removed else ""))
+
+
+@click.command()
+@name_option
+@json_option
+@click.option("--all-counters", is_flag=True, help="Show counters that are zero too.")
+def status(name, as_json, all_counters):
+    """Runtimes (state, pid, core, packets, flows) and switch counters."""
+    from ..control import node_client as nodectl
+    st = nodectl.status(name)
+    if as_json:
+        emit_json(st)
+        return
+    cfg = st["config"] or {}
+    click.echo(f"node {name}: {st['phase']} (supervisor pid {st['supervisor_pid']}"
+               f"{'' if st['supervisor_alive'] else ', DEAD'}), ports {cfg.get('ext0')}/{cfg.get('ext1')}"
+               f"{' in ' + cfg['netns'] if cfg.get('netns') else ''}, {st['switch_flows']} flows in the switch")
+    _show_controller(st.get("controller", {}))
+    _show_runtimes(st["runtimes"])
+    click.echo("switch counters:")
+    from ..kern.layouts import COUNTER_DOCS
+    for k, v in st["switch"].items():
+        if v or all_counters:
+            click.echo(f"  {k:<20} {v:>12}   {COUNTER_DOCS.get(k, '')}")
+
+
+def _show_controller(c: dict) -> None:
+    if c.get("alive"):
+        click.echo(f"controller: pid {c['pid']}, view v{c['view_version']}, {c['rules']} rules, "
+                   f"{c['restarts']} restarts, {c['stats']['failures_detected']} failures detected, "
+                   f"rejected frames {sum((c.get('rejected') or {}).values())}")
+    else:
+        click.echo(f"controller: NOT ANSWERING ({c.get('restarts', 0)} restarts)")
+
+
+def _show_runtimes(runtimes: list[dict]) -> None:
+    click.echo(f"{'rt':>3} {'state':<9} {'switch':<9} {'pid':>7} {'core':>4} {'cpu':>5} {'flows':>7} {'to rt':>10} "
+               f"{'from rt':>10} {'frames':>10} {'restarts':>8}")
+    for r in runtimes:
+        sw = r.get("switch", {})
+        cpu = r.get("load", {}).get("cpu")
+        click.echo(f"{r['id']:>3} {r['state']:<9} {r['switch_state']:<9} {r.get('pid') or '-':>7} {r['core']:>4} "
+                   f"{'-' if cpu is None else f'{cpu:.0%}':>5} "
+                   f"{r.get('flows', '-') if r['live'] else '-':>7} {sw.get('to_rt_packets', 0):>10} "
+                   f"{sw.get('from_rt_packets', 0):>10} {r.get('frames', '-') if r['live'] else '-':>10} "
+                   f"{r.get('restarts', 0):>8}")
+    for r in runtimes:
+        rep = r.get("replication") or {}
+        if not rep:
+            continue
+        rec = rep.get("recovery") or {}
+        holding = sum((rep.get("holding") or {}).values())
+        recovered = f" ({rec.get('actors')} flows in {rec.get('seconds')} s)" if rec.get("phase") == "done" else ""
+        click.echo(f"rt{r['id']} replication: holding {holding} snapshots for its peers, sent "
+                   f"{rep.get('snapshots_sent', 0)}, shed {rep.get('shed', 0)}; recovery {rec.get('phase')}{recovered}")
+
+
+@click.command()
+@name_option
+@json_option
+@click.option("--limit", type=int, default=None, help="Show at most this many flows.")
+def flows(name, as_json, limit):
+    """Flows: where the switch placed each one and what its actor counted."""
+    from ..control import node_client as nodectl
+    out = nodectl.flows(name, limit=limit)
+    if as_json:
+        emit_json(out)
+        return
+    click.echo(f"{'runtime':>7} {'pkts orig':>10} {'pkts reply':>10} {'dropped':>8}  {'chain':<36} flow")
+    for f in out["flows"]:
+        p = f["packets"] or {}
+        rt = f["runtime"] if f["runtime"] is not None else f"({f['switch_runtime']})"
+        chain = "->".join(f.get("chain") or []) or "-"
+        click.echo(f"{rt!s:>7} {p.get('orig', '-')!s:>10} {p.get('reply', '-')!s:>10} "
+                   f"{f.get('dropped', '-')!s:>8}  {chain:<36} {f['flow']}")
+    click.echo(f"{len(out['flows'])} flows")

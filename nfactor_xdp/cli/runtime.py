@@ -1,0 +1,60 @@
+"""nfactorctl runtime: add, stop, drain or kill a node's runtimes."""
+from __future__ import annotations
+
+import click
+
+from .common import name_option
+
+id_option = click.option("--id", "rt_id", type=int, required=True, help="Runtime id.")
+
+
+@click.group()
+def runtime():
+    """Operate on runtimes: add one, stop one for good, or kill one (failure injection)."""
+
+
+def _call(name, to, msg, body) -> dict:
+    """Send message `msg` to the node's `to` (supervisor or control) and return its reply."""
+    from ..control import node_client as nodectl
+    from ..formats.messages import MsgType
+    return nodectl.control_call(name, to, getattr(MsgType, msg), body, timeout=2.0)
+
+
+def _supervise(name, msg, body, what):
+    reply = _call(name, "supervisor", msg, body)
+    click.echo(f"{what} runtime {reply.get('id')}")
+
+
+@runtime.command("add")
+@name_option
+def runtime_add(name):
+    """Start one more runtime (new port, next core); new flows start going to it."""
+    _supervise(name, "RUNTIME_ADD", {}, "added")
+
+
+@runtime.command("stop")
+@name_option
+@id_option
+def runtime_stop(name, rt_id):
+    """Stop a runtime for good.  Its flows are placed anew (their NF state is lost
+    until migration drains a runtime first)."""
+    _supervise(name, "RUNTIME_STOP", {"id": rt_id}, "stopped")
+
+
+@runtime.command("drain")
+@name_option
+@id_option
+def runtime_drain(name, rt_id):
+    """Scale in: mark a runtime leaving (no new flows), migrate all its flows to
+    the other runtimes, then stop and remove it."""
+    _call(name, "control", "RUNTIME_STOP", {"id": rt_id, "drain": True})
+    click.echo(f"runtime {rt_id} leaving: its flows are migrating away; it stops once empty")
+
+
+@runtime.command("kill")
+@name_option
+@id_option
+def runtime_kill(name, rt_id):
+    """kill -9 a runtime (failure injection): the controller marks it failed, the
+    supervisor restarts it, it rejoins as running."""
+    _supervise(name, "RUNTIME_KILL", {"id": rt_id}, "killed")

@@ -1,0 +1,15 @@
+"""Numbers and offsets of the Ethernet, IP, TCP and UDP headers that the
+runtime's parser, the marker and the benchmarks all read or write."""
+from __future__ import annotations
+
+ETH_HLEN = 14
+ETH_P_IP, ETH_P_IPV6 = 0x0800, 0x86DD
+IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMPV6 = 1, 6, 17, 58
+IPV4_HLEN, IPV6_HLEN = 20, 40
+V4_L4 = ETH_HLEN + IPV4_HLEN         # where TCP/UDP starts in an IPv4 frame without options
+V6_L4 = ETH_HLEN + IPV6_HLEN         # ... in an IPv6 frame without extension headers
+# offsets in an IPv4 frame
+V4_TOT_LEN, V4_FRAG, V4_PROTO, V4_SRC, V4_DST = 16, 20, 23, 26, 30
+# offsets in an IPv6 frame
+V6_PAYLOAD_LEN, V6_NEXT, V6_SRC, V6_DST = 18, 20, 22, 38
+TCP_FIN, TCP_SYN, TCP_RST, TCP_PSH, TCP_ACK = 0x01, 0x02, 0x04, 0x08, 0x10
