@@ -52,6 +52,7 @@ enum nfx_other_action {
 enum nfx_switch_mode {
 	NFX_MODE_FLOWS = 0,	/* normal: flows go through the runtimes */
 	NFX_MODE_BYPASS = 1,	/* everything ext0<->ext1 in XDP (ceiling, diagnosis) */
+	NFX_MODE_LOOKUP = 2,	/* flows parsed, looked up, placed, then ext0<->ext1 (ceiling with the switch's work) */
 };
 
 struct nfx_port {
@@ -129,7 +130,7 @@ enum nfx_counter {
 	NFX_CNT_OTHER_FORWARD,		/* non-flow frames forwarded to the opposite external port */
 	NFX_CNT_OTHER_PASS,		/* non-flow frames passed to the node's stack */
 	NFX_CNT_OTHER_DROP,		/* non-flow frames dropped by policy */
-	NFX_CNT_BYPASS,			/* frames forwarded ext<->ext in bypass mode */
+	NFX_CNT_BYPASS,			/* frames forwarded ext<->ext in bypass or lookup mode */
 	NFX_CNT_CLS_ARP,		/* classified: ARP */
 	NFX_CNT_CLS_ICMP,		/* classified: ICMP or ICMPv6 */
 	NFX_CNT_CLS_VLAN,		/* classified: VLAN-tagged (802.1Q/802.1ad) */

@@ -9,6 +9,9 @@
  *                   external port opposite to where the flow's frames of that
  *                   direction came in (bump in the wire: ext0 <-> ext1)
  *
+ * In lookup mode (config.mode) flows are parsed, looked up and placed as
+ * usual, then sent straight out of the opposite external port.
+ *
  * Traffic that is not a TCP/UDP flow gets config.other_action.  Every verdict
  * and every drop reason has a counter (enum nfx_counter).
  */
@@ -206,6 +209,12 @@ static __always_inline int from_external(struct xdp_md *ctx, struct nfx_config *
 	rt = flow->runtime;
 	if (rt >= NFX_MAX_RUNTIMES)
 		return XDP_DROP;
+	if (cfg->mode == NFX_MODE_LOOKUP) {
+		/* every step of the flow path but the runtime: a ceiling that
+		 * costs what the switch costs */
+		nfx_count(NFX_CNT_BYPASS);
+		return redirect_slot(in_port ? NFX_SLOT_EXT0 : NFX_SLOT_EXT1);
+	}
 	st = rt_stats.lookup(&rt);
 	if (st) {
 		st->to_rt_packets++;

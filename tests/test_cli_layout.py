@@ -138,8 +138,10 @@ def test_migrate_refuses_clearly(args, msg):
 @pytest.mark.parametrize("failed,code", [(0, 0), (2, EXIT_PARTIAL)])
 @pytest.mark.parametrize("as_json", [[], ["--json"]])
 def test_migrate_partly_done_is_exit_3(monkeypatch, failed, code, as_json):
+    lat = {"avg": 900.0, "p50": 800.0, "p99": 1500.0, "max": 1500.0, "flows": 5 - failed}
     report = {"succeeded": 5 - failed, "failed": failed, "retried": 0, "total": 5, "seconds": 0.01,
-              "avg_flow_us": 100.0, "last_error": "runtime 1 refused" if failed else None}
+              "batch_us_per_flow": 2000.0, "flow_latency_us": lat,
+              "last_error": "runtime 1 refused" if failed else None}
     monkeypatch.setattr(nodectl, "migrate", lambda *a, **kw: report)
     r = CliRunner().invoke(main, ["migrate", "--from", "0", "--to", "1", "--all", *as_json])
     assert r.exit_code == code, r.output
@@ -147,6 +149,9 @@ def test_migrate_partly_done_is_exit_3(monkeypatch, failed, code, as_json):
         assert json.loads(r.stdout) == report
     else:
         assert ("last error: runtime 1 refused" in r.stdout) == bool(failed)
+        # the batch's time per flow and one flow's latency, each named
+        assert "10.0 ms (2000 us per flow of the batch)" in r.stdout
+        assert "one flow's migration took 900 us on average, p99 1500 us" in r.stdout
 
 
 @pytest.mark.parametrize("rc,code", [(0, 0), (1, EXIT_ERROR), (2, EXIT_PARTIAL), (130, 130)])

@@ -4,6 +4,7 @@ while the runtimes keep forwarding, hostile control frames, runtime add and
 stop, scale-out."""
 from __future__ import annotations
 
+import collections
 import json
 import os
 import random
@@ -15,7 +16,7 @@ import pytest
 
 from nfactor_xdp.kern import netns
 from nfactor_xdp.formats import config as nodeconf
-from nfactor_xdp.formats.messages import ClusterKey, MsgType, encode
+from nfactor_xdp.formats.messages import ClusterKey, MessageError, MsgType, decode, encode
 from tests.helpers import Proc, run_tool, wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.netns]
@@ -28,11 +29,15 @@ def _rt(node, rt_id):
     return next(r for r in node.status()["runtimes"] if r["id"] == rt_id)
 
 
-def _view_state(node, rt_id):
+def _view_entry(node, rt_id) -> dict:
     """The controller's view alone (no runtime is asked: a hung one would stall the answer)."""
     from nfactor_xdp.control import node_client as nodectl
     view = nodectl.control_call(node.name, "control", MsgType.STATUS, {}, timeout=0.3)["view"]["runtimes"]
-    return next(e["state"] for e in view if e["id"] == rt_id)
+    return next(e for e in view if e["id"] == rt_id)
+
+
+def _view_state(node, rt_id):
+    return _view_entry(node, rt_id)["state"]
 
 
 def test_killed_runtime_is_failed_in_time_restarted_and_rejoins(node_factory):
@@ -44,6 +49,8 @@ def test_killed_runtime_is_failed_in_time_restarted_and_rejoins(node_factory):
     # detection: the view says failed, and the switch table with it
     wait_for(lambda: _view_state(n, 0) == "failed", timeout=5, interval=0.01, what="runtime 0 marked failed")
     detected = time.monotonic() - t_kill
+    # failed on the supervisor's report of the exit, not by waiting for missed heartbeats
+    assert _view_entry(n, 0)["why"] == "process exited"
     wait_for(lambda: _rt(n, 0)["state"] == "running" and _rt(n, 0)["restarts"] == 1, timeout=20,
              interval=0.01, what="runtime 0 running again")
     back = time.monotonic() - t_kill
@@ -53,7 +60,6 @@ def test_killed_runtime_is_failed_in_time_restarted_and_rejoins(node_factory):
     # the restarted runtime got the rules from the controller
     st = n.status()
     hb, miss = st["config"]["heartbeat"], st["config"]["miss_limit"]
-    assert detected < hb * miss + 1.0, detected
     print(f"\nMEASURED detection {detected * 1000:.0f} ms (heartbeat {hb}s x {miss}), kill to running "
           f"{back * 1000:.0f} ms")
     sent = run_tool(n.src_ns, "udp-send", "--dst", n.dst_ip, "--flows", "8", "--packets", "5", "--port", "9000")
@@ -72,7 +78,9 @@ def test_hung_runtime_is_failed_by_missed_heartbeats_and_gets_no_new_flows(node_
         detected = time.monotonic() - t_stop
         st = n.status()
         hb, miss = st["config"]["heartbeat"], st["config"]["miss_limit"]
-        assert hb * (miss - 1) <= detected < hb * miss + 0.5, detected
+        # failed by the heartbeat rule, and only once the runtime had been silent for the whole window
+        entry = _view_entry(n, 0)
+        assert entry["why"].startswith("no heartbeat") and entry["silent_s"] > hb * miss, entry
         print(f"\nMEASURED heartbeat-only detection {detected * 1000:.0f} ms (heartbeat {hb}s x {miss})")
         sink = Proc(n.dst_ns, "udp-sink", "--expect", "18", "--timeout", "10").wait_ready()
         run_tool(n.src_ns, "udp-send", "--dst", n.dst_ip, "--flows", "6", "--packets", "3", "--base-port", "45000")
@@ -99,7 +107,14 @@ def test_killed_controller_comes_back_with_view_and_rules_forwarding_never_stops
     sink = Proc(n.dst_ns, "udp-sink", "--expect", str(10 * packets), "--timeout", "40").wait_ready()
     sender = Proc(n.src_ns, "udp-send", "--dst", n.dst_ip, "--flows", "10", "--packets", str(packets),
                   "--pps", "5000", "--base-port", "46000")
-    time.sleep(0.5)  # let traffic be under way before the kill (not synchronisation)
+    # the kill must land while traffic is under way: wait until the runtimes
+    # have handled a tenth of it, and check it is not all through yet
+    total = 10 * packets
+
+    def frames():
+        return sum(r["frames"] for r in n.status()["runtimes"])
+    wait_for(lambda: frames() >= total // 10, timeout=20, what="traffic under way")
+    assert frames() < total, "all traffic was through before the kill: nothing tested"
     t_kill = time.monotonic()
     os.kill(ctl0, signal.SIGKILL)
     wait_for(lambda: n.status()["controller"].get("alive") and n.status()["controller"]["pid"] != ctl0,
@@ -136,11 +151,20 @@ def test_hostile_control_frames_are_counted_and_ignored(node_factory):
         s.sendto(f, ("127.0.0.1", port))
     s.close()
 
+    # what the controller must reject, and why: the same decoder, run here
+    expected = collections.Counter()
+    for f in frames:
+        try:
+            decode(f, key)
+        except MessageError as e:
+            expected[e.reason] += 1
+    assert expected["bad_mac"] >= 200 and expected["stale"] == 100
+
     def counted():
         c = n.status()["controller"]
-        return c.get("alive") and sum(c["rejected"].values()) >= 2300 and c
+        return c.get("alive") and sum(c["rejected"].values()) >= sum(expected.values()) and c
     c = wait_for(counted, timeout=10, what="rejections counted")
-    assert c["rejected"].get("bad_mac", 0) >= 200 and c["rejected"].get("stale", 0) >= 100
+    assert c["rejected"] == dict(expected)  # every frame rejected for its own reason, nothing else
     assert c["restarts"] == 0 and c["stats"]["failures_detected"] == 0
     assert [r["state"] for r in n.status()["runtimes"]] == ["running"]
     sink = Proc(n.dst_ns, "udp-sink", "--expect", "20", "--timeout", "10").wait_ready()

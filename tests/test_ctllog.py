@@ -30,6 +30,25 @@ def op(name, **kw):
     return {"op": name, **kw}
 
 
+class Clock:
+    """Stands in for the `time` module inside durable_log: a wall clock the
+    test sets, so ages are exact and no real time has to pass."""
+
+    def __init__(self, now: float):
+        self.now = now
+
+    def time(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    from nfactor_xdp.control import durable_log
+    c = Clock(1_700_000_000.0)
+    monkeypatch.setattr(durable_log, "time", c)
+    return c
+
+
 def statuses(path):
     """seq -> status, read straight from the file."""
     db = sqlite3.connect(path)
@@ -122,14 +141,16 @@ def test_closed_log_raises(path):
 
 # -- compaction ----------------------------------------------------------------
 
-def test_compact_replaces_history_and_keeps_pending(path):
+def test_compact_replaces_history_and_keeps_pending(path, clock):
     with ControllerLog(path) as log:
         for i in range(3):
             log.record(op("set", i=i))
         p = log.intend(op("pending"))
         gone = log.intend(op("rolled_back"))
         log.abandon(gone)
+        clock.now += 100.0  # the ops above are 100 s old when the snapshot is taken
         log.compact({"runtimes": {"1": {"state": "running"}}, "upto": 2})
+        assert log.stats()["snapshot_age_s"] == 0.0  # taken now, by this compaction
         assert log.replay() == ({"runtimes": {"1": {"state": "running"}}, "upto": 2}, [], [(p, op("pending"))])
         later = log.record(op("set", i=3))
         assert later > gone   # seqs are not reused once compaction deleted the newest rows
@@ -140,7 +161,12 @@ def test_compact_replaces_history_and_keeps_pending(path):
         assert pending == [(p, op("pending"))]
         log.done(p)  # marked after compaction: replayed after the snapshot, in mark order
         assert log.replay()[1] == [op("set", i=3), op("pending")]
-        assert log.stats()["snapshot_age_s"] >= 0
+        clock.now += 42.5
+        # the snapshot's own time, kept across the reopen and the ops after it
+        assert log.stats()["snapshot_age_s"] == 42.5
+        log.compact({"upto": 4})  # a new snapshot restarts the age
+        assert log.stats()["snapshot_age_s"] == 0.0
+        assert log.replay() == ({"upto": 4}, [], [])
 
 
 def test_two_compactions_in_a_row(log):

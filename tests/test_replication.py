@@ -59,21 +59,53 @@ def test_killed_runtime_recovers_its_flows_from_snapshots(node_factory):
     for k in on0:  # firewall verdicts kept: blocked flows stay blocked
         if _port(before[k]) >= 52000:
             assert after[k]["nfs"]["firewall"]["verdict"] == "drop"
-    sender.result()
+    sent = sender.result()
     got = sink.result()
+    assert sent["sent"] == flows * packets
     # the other runtime never stopped: its flows lost nothing, in order
     for peer, seqs in got["flows"].items():
         if int(peer.rsplit(":", 1)[1]) in on1:
             assert seqs == list(range(packets)), peer
-    # flow monitor counters within K-1 packets of the truth, per flow
+    # runtime 0's flows: exactly once and in order, with one gap at most (what reached
+    # runtime 0 while it was down, or sat in the killed process), then every datagram
+    # up to the last one sent: traffic resumed through the recovered runtime
+    on0_ports = sorted(_port(before[k]) for k in on0 if _port(before[k]) < 52000)
+    assert on0_ports, "round-robin put no streaming flow on runtime 0"
+    lost0 = 0
+    for port in on0_ports:
+        seqs = got["flows"].get(f"{n.src_ip}:{port}", [])
+        lost0 += packets - len(seqs)
+        gaps = [i for i in range(1, len(seqs)) if seqs[i] != seqs[i - 1] + 1]
+        assert seqs and seqs[0] == 0 and seqs[-1] == packets - 1 and len(gaps) <= 1, (port, gaps, len(seqs))
+        assert seqs == sorted(set(seqs)), port
+    mid = {f["key"]: f for f in n.flows()["flows"]}
+
+    # Then new traffic on the same flows: every datagram sent now must come through
+    # runtime 0's recovered actors, exactly once and in order, and be counted by them.
+    more = 100
+    sink = Proc(n.dst_ns, "udp-sink", "--echo", "--expect", str(flows * more), "--timeout", "30").wait_ready()
+    sent2 = run_tool(n.src_ns, "udp-send", "--dst", n.dst_ip, "--flows", str(flows), "--packets", str(more),
+                     "--pps", "2000", "--echo", "--echo-wait", "5", "--base-port", "51000")
+    got2 = sink.result()
+    assert sent2["sent"] == got2["received"] == flows * more
+    assert sorted(got2["flows"]) == sorted(f"{n.src_ip}:{51000 + i}" for i in range(flows))
+    assert all(seqs == list(range(more)) for seqs in got2["flows"].values())
+    assert sorted(map(int, sent2["echoes"])) == [51000 + i for i in range(flows)]
+    assert all(seqs == list(range(more)) for seqs in sent2["echoes"].values())
+    # flow monitor counters within K-1 packets of the truth, per flow: the datagrams that
+    # reached the sink before (a frame lost while runtime 0 was down never reached an
+    # actor) plus every one sent since, which runtime 0 counted once each way
     final = {f["key"]: f for f in n.flows()["flows"]}
     for k in on0:
         f = final[k]
         port = _port(f)
         if port >= 52000:
             continue
-        truth = len(got["flows"].get(f"{n.src_ip}:{port}", []))
-        fm = f["nfs"]["flow_monitor"]["packets"]["orig"]
-        assert truth - (K - 1) <= fm <= truth, (f["flow"], fm, truth)
+        assert f["runtime"] == f["switch_runtime"] == 0, f
+        fm, was = f["nfs"]["flow_monitor"]["packets"], mid[k]["nfs"]["flow_monitor"]["packets"]
+        assert fm == {"orig": was["orig"] + more, "reply": was["reply"] + more}, (f["flow"], fm, was)
+        truth = len(got["flows"][f"{n.src_ip}:{port}"]) + more
+        assert truth - (K - 1) <= fm["orig"] <= truth, (f["flow"], fm, truth)
     print(f"\nMEASURED kill to recovered and running {back * 1000:.0f} ms; recovery itself {rec['seconds'] * 1000:.0f} ms "
-          f"for {rec['actors']} flows ({rec['snapshots']} snapshots fetched, {rec['buffered']} frames held)")
+          f"for {rec['actors']} flows ({rec['snapshots']} snapshots fetched, {rec['buffered']} frames held); "
+          f"its {len(on0_ports)} streaming flows lost {lost0} datagrams while it was down")

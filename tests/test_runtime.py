@@ -9,6 +9,7 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
 from nfactor_xdp.dataplane.rules import Policy
+from nfactor_xdp.formats.messages import Message, MsgType
 from nfactor_xdp.formats.config import NodeConfig
 from nfactor_xdp.dataplane.runtime import CLOSE_LINGER, Runtime
 
@@ -108,3 +109,61 @@ def test_third_party_nf_module_from_the_policy(tmp_path, monkeypatch):
     verdicts = [rt.handle(udp()) for _ in range(4)]
     assert verdicts == [True, False, True, False]
     sys.modules.pop("my_counter_nf", None)
+
+
+class _Peers:
+    """A stand-in for the runtime's control endpoint: every request is
+    answered at once, as a target and a switch agent that agree would."""
+
+    def __init__(self):
+        self.sent = []
+
+    def request(self, addr, msg_type, body, on_reply, **kw):
+        self.sent.append(msg_type)
+        on_reply(Message(msg_type, len(self.sent), "peer", {"ok": True}, 0))
+        return len(self.sent)
+
+    def send(self, addr, msg_type, body, rid=None):
+        self.sent.append(msg_type)
+        return len(self.sent)
+
+    def reply(self, msg, addr, body):
+        self.sent.append(MsgType.REPLY)
+        return msg.rid
+
+
+def test_a_frame_of_a_flow_that_migrated_away_is_counted_not_made_a_new_actor():
+    from nfactor_xdp.formats import marker
+    rt = runtime({"default_chain": ["flow_monitor"]})
+    rt.view.update({"version": 1, "runtimes": [{"id": 0, "state": "running", "addr": ["127.0.0.1", 1]},
+                                                {"id": 1, "state": "running", "addr": ["127.0.0.1", 2]}]})
+    peers = _Peers()
+    rt.migrator.attach(peers, ("127.0.0.1", 3))
+    for _ in range(3):
+        assert rt.handle(udp())
+    (actor,) = rt.flows.values()
+    rt.migrator.start_batch(1, [actor.key])  # create and move answered: waiting for the marker
+    assert peers.sent == [MsgType.MIGRATE_CREATE, MsgType.MIGRATE_MOVE]
+    assert rt.handle(udp())  # a frame ahead of the marker: still processed here
+    assert not rt.handle(memoryview(bytearray(marker.frame(actor.key, actor.orig_dir, actor.migration.payload))))
+    # the marker sent the state, the target took it: the flow is gone from here
+    assert peers.sent[-1] == MsgType.MIGRATE_STATE and not rt.flows
+    assert rt.migrator.stats["out_succeeded"] == 1 and rt.migrator.stats["after_marker"] == 0
+    created = rt.stats["flows_created"]
+    # a frame of the flow behind its marker: counted and dropped, no new actor with fresh state
+    assert not rt.handle(udp())
+    assert not rt.handle(udp(sport=53, dport=5000, src="10.0.0.2", dst="10.0.0.1"))  # either direction
+    assert rt.migrator.stats["after_marker"] == 2
+    assert not rt.flows and rt.stats["flows_created"] == created
+    # another flow is not affected
+    assert rt.handle(udp(sport=5001)) and len(rt.flows) == 1
+    # the flow coming back (a migration to this runtime) is a flow here again
+    rt.migrator.on_create(_create_msg(actor), ("127.0.0.1", 2))
+    assert rt.flows.get(actor.key) is not None
+    assert not rt.handle(udp())  # held for the state, as an arriving flow's frames are
+    assert len(rt.flows.get(actor.key).migration.buffer) == 1 and rt.migrator.stats["after_marker"] == 2
+
+
+def _create_msg(actor):
+    body = {"key": actor.key.hex(), "chain": actor.chain, "rule": actor.rule_id, "orig_dir": actor.orig_dir}
+    return Message(MsgType.MIGRATE_CREATE, 1, "rt1", body, 0)

@@ -544,8 +544,17 @@ def test_no_frame_of_the_flow_reaches_the_old_runtime_after_its_marker(live_swit
     kind, key, direction, _ = classify(template)
     node.maps["flows"].set(L.FlowKeyStruct.from_buffer_copy(key),
                            L.Flow(runtime=0, orig_dir=direction, in_port=0, flags=0, created_ns=1), BPF_NOEXIST)
-    seen: list[tuple[str, int]] = []  # ("data", seq) or ("marker", nonce), in socket order
+    seen: list[tuple[str, int]] = []  # ("data", seq), ("marker", nonce) or ("other", length), in socket order
     replies: dict[int, dict] = {}
+
+    def to_runtime(rt: int) -> int:
+        """Frames the switch has redirected to runtime rt's port, all CPUs."""
+        return sum(s.to_rt_packets for s in node.maps["rt_stats"].get(rt) or [])
+
+    def ring_drops() -> int:
+        """Frames runtime 0's socket could not take (RX ring full, no FILL buffer)."""
+        st = xsk.statistics()
+        return st["rx_dropped"] + st["rx_ring_full"]
 
     def pump():
         """Read what runtime 0's socket received, and replies."""
@@ -556,6 +565,8 @@ def test_no_frame_of_the_flow_reaches_the_old_runtime_after_its_marker(live_swit
                 seen.append(("marker", int.from_bytes(payload[8:], "big")))
             elif len(payload) == 8:
                 seen.append(("data", int.from_bytes(payload, "big")))
+            else:
+                seen.append(("other", len(payload)))
         if descs:
             xsk.recycle([a for a, _ in descs])
         client.receive()
@@ -573,6 +584,7 @@ def test_no_frame_of_the_flow_reaches_the_old_runtime_after_its_marker(live_swit
         return client.request(addr, MsgType.MIGRATE_MOVE, body, timeout=5.0, retries=0,
                               on_reply=lambda m: replies.__setitem__(m.rid, m.body))
 
+    base = to_runtime(0)
     with netns.entered(ns):
         sender = subprocess.Popen([sys.executable, "-c", _SENDER, template.hex()])
     rounds, late, in_flight = 100, 0, []
@@ -581,14 +593,24 @@ def test_no_frame_of_the_flow_reaches_the_old_runtime_after_its_marker(live_swit
             start = len(seen)
             until(lambda: any(e[0] == "data" for e in seen[start:]), what="the flow at runtime 0")
             marker_frame = raw(hdr / marker.payload(k))
+            to_1 = to_runtime(1)
             rid = move(1, 0, marker_frame)
             until(lambda: rid in replies and ("marker", k) in seen[start:], what=f"marker {k}")
             assert replies[rid]["ok"], replies[rid]
-            # keep reading a while: whatever shows up now came after the marker
+            # Read on until runtime 0's socket has given us every frame the old entry
+            # sent it: the sender is pinned to CPU 0, so the switch looks its frames up
+            # one after the other on that CPU, in send order; once it has sent one to
+            # runtime 1, it sends none to runtime 0 any more (until the move back), and
+            # to_runtime(0) is final.  Whatever of them comes after the marker is late.
+            until(lambda: to_runtime(1) > to_1, what="the flow's frames going to runtime 1")
+            sent_0 = to_runtime(0) - base
+            until(lambda: sum(1 for e in seen if e[0] != "marker") + ring_drops() >= sent_0,
+                  what=f"runtime 0's socket to give up all {sent_0} frames the switch sent it")
+            # a frame lost in the socket's ring could have been a late one: none may be
+            assert ring_drops() == 0, xsk.statistics()
+            assert sum(1 for e in seen if e[0] != "marker") == sent_0
             at = seen.index(("marker", k), start)
-            t_end = time.monotonic() + 0.005
-            until(lambda: time.monotonic() > t_end, what="a short drain")
-            late += sum(1 for e in seen[at + 1:] if e[0] == "data")
+            late += sum(1 for e in seen[at + 1:] if e[0] != "marker")
             in_flight.append(sum(1 for e in seen[start:at] if e[0] == "data"))
             rid = move(0, 1, None)  # back to runtime 0 for the next round
             until(lambda: rid in replies, what="the move back")
@@ -599,5 +621,7 @@ def test_no_frame_of_the_flow_reaches_the_old_runtime_after_its_marker(live_swit
     stats = xsk.statistics()
     print(f"\nMEASURED {rounds} migrations with the flow streaming: {late} frames after a marker; "
           f"frames read between request and marker median {statistics.median(in_flight)}, "
-          f"max {max(in_flight)}; socket rx {stats['rx_packets']}, dropped {stats['rx_dropped']}")
+          f"max {max(in_flight)}; socket rx {stats['rx_packets']}, dropped {stats['rx_dropped']}, "
+          f"ring full {stats['rx_ring_full']}")
     assert late == 0
+    assert stats["rx_dropped"] == stats["rx_ring_full"] == 0

@@ -690,12 +690,38 @@ def test_send_frame_and_transmit(bed):
 @pytest.mark.root
 @pytest.mark.netns
 def test_send_frame_without_free_frame_returns_false(bed):
+    cap = bed.packet_socket()
     with bed.socket(num_frames=16, ring_size=8) as s:
-        # 16 frames: 8 go to FILL, 8 stay free (FILL cannot hold more)
-        results = [s.send_frame(bed.frame(i, tag=b"X")) for i in range(64)]
-        assert True in results
-        if False in results:
-            assert s.statistics()["inject_no_frame"] >= 1
+        # 16 frames: 8 go to FILL, 8 stay free (FILL cannot hold more).  With
+        # `a` down the kernel takes nothing off TX (sendmsg: ENETDOWN), so no
+        # send completes and gives its frame back: the 9th send has none.
+        free = s.statistics()["free_frames"]
+        assert free == 8
+        _set_link(bed, "a", "down")
+        try:
+            results = [s.send_frame(bed.frame(i, tag=b"X")) for i in range(12)]
+            st = s.statistics()
+        finally:
+            _set_link(bed, "a", "up")
+        assert results == [True] * free + [False] * (12 - free)
+        assert st["inject_no_frame"] == 12 - free and st["frames_injected"] == free
+        assert st["free_frames"] == 0 and st["tx_queued"] == free
+        assert st["tx_kick_enetdown"] == free  # each successful send kicked, in vain
+        # up again: the next kick sends the held frames, their completions
+        # refill the free pool, and send_frame works again
+        got = capture(cap, free, pump=lambda: (s.wait(0), s.reclaim()), tag=b"X")
+        assert got == [bed.frame(i, tag=b"X") for i in range(free)]
+        assert s.send_frame(bed.frame(99, tag=b"Y")) is True
+        assert capture(cap, 1, pump=s.reclaim, tag=b"Y") == [bed.frame(99, tag=b"Y")]
+        assert s.statistics()["inject_no_frame"] == 12 - free
+    cap.close()
+
+
+def _set_link(bed, dev: str, state: str) -> None:
+    from pyroute2 import IPRoute
+    from nfactor_xdp.kern import netns
+    with netns.entered(bed.ns), IPRoute() as ipr:
+        ipr.link("set", index={"a": bed.idx_a, "b": bed.idx_b}[dev], state=state)
 
 
 @pytest.mark.root

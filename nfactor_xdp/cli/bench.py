@@ -1,4 +1,6 @@
-"""nfactorctl bench: the benchmarks, each writing its figures as JSON."""
+"""nfactorctl bench: the benchmarks, each writing its figures as JSON (every
+trial with its accounting, NF checks and CPU placement) and printing the
+headline figures, invalid trials flagged."""
 from __future__ import annotations
 
 import click
@@ -15,6 +17,98 @@ def output_option(default: str):
                         help="JSON output file ('-' for stdout).")
 
 
+trials_option = click.option("--trials", "show_trials", is_flag=True,
+                             help="Print every trial's accounting, not only the headline figures.")
+
+
+def accounting_line(t: dict) -> str:
+    """offered = forwarded + each counted drop + unaccounted, for one trial."""
+    terms = " + ".join(f"{k} {v}" for k, v in t["drops"].items())
+    flag = "" if t["valid"] else f"  INVALID: {'; '.join(t['invalid_because'])[:160]}"
+    gen = f" (sent {t['sent']}, {t['generator_veth_dropped']} not taken by its veth)" \
+        if t["generator_veth_dropped"] else ""
+    return (f"offered {t['offered']}{gen} = forwarded {t['forwarded']}" + (f" + {terms}" if terms else "")
+            + f" + unaccounted {t['unaccounted']}{flag}")
+
+
+def _trial_row(t: dict) -> str:
+    rate = f"{t['requested_pps'] / 1e6:.4f}" if t.get("requested_pps") else "max"
+    return (f"    {t.get('role', 'trial'):<13} asked {rate:>6} offered {t['offered_mpps']:.4f} Mpps: "
+            + accounting_line(t))
+
+
+def _cpu_line(t: dict) -> str:
+    """Which CPU did what in one trial."""
+    c = t["cpu"]
+    place = c["placement"]
+    rts = ", ".join(f"rt{rt} on CPU {cpu}" for rt, cpu in place["runtime_cpus"].items())
+    cap = "; ".join(f"rt{rt} {v['cpu_s']:.2f} CPU-s, {v['frames_per_cpu_s'] / 1e6:.3f} Mpps per CPU-second"
+                    for rt, v in c["runtime_cpu"].items() if v["frames_per_cpu_s"])
+    soft = ", ".join(f"CPU {n} {v['softirq']:.2f}" for n, v in c["per_cpu_s"].items())
+    other = ", ".join(f"CPU {n} {s:.2f}" for n, s in t["disturbed"].items())
+    return (f"generator on CPU {place['generator_cpu']}, {rts}; softirq s: {soft}" + (f"; {cap}" if cap else "")
+            + (f"; DISTURBED, other load took s: {other}" if other else ""))
+
+
+def _search(m: dict) -> str:
+    """How a zero-loss search went, in a few words."""
+    ts = m["trials"]
+    unreconciled = sum(1 for t in ts if t["unaccounted"])
+    nf_bad = sum(1 for t in ts if not t["valid"] and t["lost"] == 0 and not t["unaccounted"])
+    lossy = sum(1 for t in ts if t["lost"] > 0)
+    invalid = sum(1 for t in ts if not t["valid"])
+    rerun = f", {m['rerun_trials']} rerun: lossy while other load took a CPU" if m.get("rerun_trials") else ""
+    return (f"{len(ts)} trials ({lossy} lossy, {invalid} invalid: {unreconciled} unreconciled, {nf_bad} failed NF "
+            f"checks without loss{rerun}), {'confirmed' if m['confirmed'] else 'NOT CONFIRMED'}")
+
+
+def _flags(m: dict) -> None:
+    """The trials of a measurement that say something is wrong beyond loss."""
+    for t in m.get("trials", [m]):
+        if t["unaccounted"] or (not t["valid"] and t["lost"] == 0):
+            click.echo(f"      ! {t.get('role', 'trial')} at {t['offered_mpps']:.4f} Mpps: "
+                       f"{'; '.join(t['invalid_because'])[:200]}")
+
+
+def _ceilings(ceilings: dict, show_trials: bool) -> None:
+    for c in ceilings.values():
+        limit = "  GENERATOR'S LIMIT: the node lost nothing at full speed" if c["generator_limited"] else ""
+        if "zero_loss_mpps" in c:
+            click.echo(f"  {c['label']:<26} zero-loss {c['zero_loss_mpps']:.3f} Mpps (max forwarded "
+                       f"{c['max_forwarded_mpps']:.3f}), {_search(c)}{limit}")
+        else:
+            click.echo(f"  {c['label']:<26} {c['forwarded_mpps']:.3f} Mpps forwarded of {c['offered_mpps']:.3f} "
+                       f"offered{limit}")
+        click.echo(f"  {'':<26} includes: {c['includes']}")
+        _details(c, show_trials)
+
+
+def _details(m: dict, show_trials: bool) -> None:
+    _flags(m)
+    ts = m.get("trials", [m])
+    ref = ts[m["confirming_trials"][-1]] if m.get("confirming_trials") else ts[0]
+    click.echo(f"      {ref.get('role', 'trial')}: {_cpu_line(ref)}")
+    if show_trials:
+        for t in m.get("trials", [m]):
+            click.echo(_trial_row(t))
+
+
+def _ratio(m: dict) -> str:
+    return f"{m['ratio_to_lookup_ceiling']:.1%} of lookup, {m['ratio_to_bypass_ceiling']:.1%} of bypass ceiling"
+
+
+def _run(entry: str, output: str, show_trials: bool = False, **kw) -> dict | None:
+    """Run the benchmark `entry` (tools.bench) and write its JSON; the result
+    if it went to a file (the table follows, starting with the ceilings)."""
+    from ..tools import bench as benchmarks
+    result = getattr(benchmarks, entry)(**kw)
+    if not write_result(result, output):
+        return None
+    if "ceilings" in result:
+        _ceilings(result["ceilings"], show_trials)
+    return result
+
+
 @click.group()
 def bench():
     """Benchmarks; each writes its figures as JSON."""
@@ -28,28 +122,36 @@ def bench():
 @click.option("--batch", default=64, show_default=True, help="Frames a runtime takes per loop iteration.")
 @output_option("bench-forward.json")
 def bench_forward(counts, duration, nflows, size, batch, output):
-    """Pass-through rate with 1 and 2 runtimes and the XDP-only ceiling, same run."""
-    from ..tools.bench import run_forward_bench
-    result = run_forward_bench(counts, duration=duration, flows=nflows, size=size, batch=batch)
-    if write_result(result, output):
-        for m in result["measurements"]:
-            click.echo(f"  {m['label']:<22} {m['forwarded_mpps']:.3f} Mpps forwarded "
-                       f"({m['ratio_to_ceiling']:.1%} of ceiling), offered {m['offered_mpps']:.3f} Mpps")
+    """Pass-through rate with 1 and 2 runtimes and the XDP-only ceilings, same run."""
+    result = _run("run_forward_bench", output, True, counts=counts, duration=duration, flows=nflows, size=size,
+                  batch=batch)
+    if not result:
+        return
+    for m in result["measurements"]:
+        click.echo(f"  {m['label']:<26} {m['forwarded_mpps']:.3f} Mpps forwarded ({_ratio(m)}), "
+                   f"offered {m['offered_mpps']:.3f} Mpps")
+        click.echo(_trial_row(m))
+        click.echo(f"  {'':<26} {_cpu_line(m)}")
 
 
 @bench.command("chains")
 @runtimes_option()
 @click.option("--trial", default=1.0, show_default=True, help="Seconds per trial of the zero-loss search.")
 @click.option("--steps", default=7, show_default=True, help="Binary search steps per chain.")
+@trials_option
 @output_option("bench-chains.json")
-def bench_chains(counts, trial, steps, output):
+def bench_chains(counts, trial, steps, show_trials, output):
     """Zero-loss rate per service chain (each NF alone, all three) with 1 and 2 runtimes (paper Fig. 6a)."""
-    from ..tools.bench import run_chain_bench
-    result = run_chain_bench(counts, trial=trial, steps=steps)
-    if write_result(result, output):
-        for m in result["measurements"]:
-            click.echo(f"  {m['label']:<52} zero-loss {m['zero_loss_mpps']:.3f} Mpps "
-                       f"(max forwarded {m['max_forwarded_mpps']:.3f})")
+    result = _run("run_chain_bench", output, show_trials, counts=counts, trial=trial, steps=steps)
+    if not result:
+        return
+    for m in result["measurements"]:
+        click.echo(f"  {m['label']:<52} zero-loss {m['zero_loss_mpps']:.4f} Mpps ({_ratio(m)}; max forwarded "
+                   f"{m['max_forwarded_mpps']:.4f}), {_search(m)}")
+        _details(m, show_trials)
+    for n in sorted({m["runtimes"] for m in result["measurements"]}):
+        first = next(m for m in result["measurements"] if m["runtimes"] == n)
+        click.echo(f"  {n} runtime(s): {first['placement']['note']}")
 
 
 @bench.command("migration")
@@ -61,62 +163,78 @@ def bench_chains(counts, trial, steps, output):
               help="Caps on concurrent migrations per runtime (Fig. 8), comma-separated.")
 @click.option("--cap-flows", default=2000, show_default=True, help="Flows for the cap measurements (at 10 pps each).")
 @click.option("--max-offered", type=float, default=None,
-              help="Skip trials offering more frames/s than this (default: what 2 runtimes carry, measured, "
-                   "at most 150000).")
+              help="Skip trials offering more frames/s than this (default: what 2 runtimes carry without loss, "
+                   "measured, at most 150000).")
 @output_option("bench-migration.json")
 def bench_migration(flow_counts, rates, caps, cap_flows, max_offered, output):
-    """Migrate every flow of runtime 0 to runtime 1 under live traffic: time per flow and
-    per batch by flow count and rate, and by concurrency cap (paper Fig. 7-8)."""
-    from ..tools.bench import run_migration_bench
-    result = run_migration_bench(flow_counts=flow_counts, rates=rates, caps=caps, cap_flows=cap_flows,
-                                 max_offered_pps=max_offered)
-    if not write_result(result, output):
+    """Migrate every flow of runtime 0 to runtime 1 under live traffic: batch time and per-flow
+    latency by flow count and rate, and by concurrency cap (paper Fig. 7-8)."""
+    result = _run("run_migration_bench", output, flow_counts=flow_counts, rates=rates, caps=caps,
+                  cap_flows=cap_flows, max_offered_pps=max_offered)
+    if not result:
         return
-    for m in result["context"]:
-        click.echo(f"  {m['label']:<26} {m['forwarded_mpps']:.3f} Mpps forwarded "
-                   f"({m['ratio_to_ceiling']:.1%} of ceiling)")
-    click.echo(f"  {'trial':<26} {'migrated':>8} {'failed':>6} {'retried':>7} {'batch ms':>9} {'us/flow':>8} "
-               f"{'grace ms':>8} {'graces':>6} {'lost':>6}")
+    *ceilings, carry = result["context"]
+    for m in ceilings:
+        limit = "  GENERATOR'S LIMIT: the node lost nothing" if m["generator_limited"] else ""
+        click.echo(f"  {m['label']:<26} {m['forwarded_mpps']:.3f} Mpps forwarded at full speed{limit}")
+    click.echo(f"  {carry['label']:<26} {carry['zero_loss_mpps']:.4f} Mpps ({_ratio(carry)}), {_search(carry)}")
+    click.echo(f"  trials offering more are skipped: {result['offered_limit_pps']['limit']} frames/s")
+    click.echo(f"  chain: {' -> '.join(result['load']['chain']) or 'no NF'}; * = like the paper's figure "
+               f"(its chain, no flow queued behind the cap, nothing lost)")
+    click.echo(f"  {'trial':<26} {'migrated':>8} {'failed':>6} {'batch ms':>9} {'batch us/flow':>13} "
+               f"{'flow us avg/p50/p99':>21} {'lost (in batch)':>15}  valid")
+    like: dict[int, list[float]] = {}
     for m in result["fig7_flows_rates"] + result["fig8_caps"]["measurements"]:
         if m.get("skipped"):
             click.echo(f"  {m['label']:<26} skipped: {m['reason']}")
             continue
         if m.get("migrated") is not None:
-            sa = m["switch_agent"]
-            click.echo(f"  {m['label']:<26} {m['migrated']:>8} {m['failed']:>6} {m['retried']:>7} "
-                       f"{m['seconds'] * 1000:>9.1f} {m['avg_flow_us']:>8.0f} {sa['grace_us_avg'] / 1000:>8.1f} "
-                       f"{sa['membarriers']:>6} {m['lost']:>6}")
+            lat, t = m["flow_latency_us"], m["trial"]
+            lat_s = f"{lat['avg']:.0f}/{lat['p50']:.0f}/{lat['p99']:.0f}" if lat else "-"
+            if m.get("like_paper") and lat:
+                like.setdefault(m["flows"], []).append(lat["avg"])
+            click.echo(f"  {m['label'] + (' *' if m.get('like_paper') else ''):<26} {m['migrated']:>8} "
+                       f"{m['failed']:>6} {m['batch_seconds'] * 1000:>9.1f} {m['batch_us_per_flow']:>13.0f} "
+                       f"{lat_s:>21} {t['lost']:>7} ({m['window']['lost']:>5})  "
+                       f"{'yes' if t['valid'] else 'NO: ' + '; '.join(t['invalid_because'])[:120]}"
+                       f"{' (DISTURBED: other load took a CPU)' if t['disturbed'] else ''}")
+            click.echo(f"  {'':<26} {accounting_line(t)}")
         if m.get("error"):
             click.echo(f"  {m['label'] if m.get('migrated') is None else '':<26} error: {m['error']}")
-    click.echo(f"  paper: {result['paper_reference']['avg_per_flow_us']} us per flow")
+    p = result["paper_reference"]
+    click.echo(f"  paper: {p['flow_latency_us']} us, {p['what']}")
+    for n, avgs in sorted(like.items()):
+        click.echo(f"  here, like for like (rows *), {n} flows: {min(avgs):.0f}-{max(avgs):.0f} us average flow "
+                   f"migration latency")
 
 
 @bench.command("replication")
 @runtimes_option("Runtime counts for the throughput, comma-separated.")
 @click.option("--flows", "flow_counts", type=IntList(), default="1000,10000,50000", show_default=True,
               help="Flow counts for the recovery time, comma-separated.")
+@trials_option
 @output_option("bench-replication.json")
-def bench_replication(counts, flow_counts, output):
+def bench_replication(counts, flow_counts, show_trials, output):
     """Throughput with and without state snapshots every 10 packets, and the recovery time
     of a runtime killed with -9, by flow count (paper Fig. 10)."""
-    from ..tools.bench import run_replication_bench
-    result = run_replication_bench(counts=counts, flow_counts=flow_counts)
-    if not write_result(result, output):
+    result = _run("run_replication_bench", output, show_trials, counts=counts, flow_counts=flow_counts)
+    if not result:
         return
-    c = result["ceiling"]
-    click.echo(f"  {c['label']:<26} zero-loss {c['zero_loss_mpps']:.3f} Mpps (max forwarded {c['max_forwarded_mpps']:.3f})")
     for m in result["throughput"]:
         if m.get("error"):
             click.echo(f"  {m['label']:<26} error: {m['error']}")
             continue
         lost = ""
         if "zero_loss_lost_ratio" in m:
-            lost = f"  lost with replication: {m['zero_loss_lost_ratio']:.1%} zero-loss, " \
+            lost = f"; lost with replication: {m['zero_loss_lost_ratio']:.1%} zero-loss, " \
                    f"{m.get('max_forwarded_lost_ratio', 0):.1%} max"
-        click.echo(f"  {m['label']:<26} zero-loss {m['zero_loss_mpps']:.3f} Mpps (max forwarded "
-                   f"{m['max_forwarded_mpps']:.3f}), peers {m['replica_peers']}, "
+        click.echo(f"  {m['label']:<26} zero-loss {m['zero_loss_mpps']:.4f} Mpps ({_ratio(m)}; max forwarded "
+                   f"{m['max_forwarded_mpps']:.4f}), peers {m['replica_peers']}, "
                    f"snapshots {m['replication']['snapshots_sent']}{lost}")
-    click.echo(f"  {'recovery':<26} {'actors':>7} {'recovered':>9} {'detect s':>8} {'running s':>9} {'own s':>7}  stable")
+        click.echo(f"  {'':<26} {_search(m)}" + (f"; {m['note']}" if m.get("note") else ""))
+        _details(m, show_trials)
+    click.echo(f"  {'recovery':<26} {'actors':>7} {'recovered':>9} {'detect s':>8} {'running s':>9} {'own s':>7}  "
+               f"{'lost across the crash':>22}  stable")
     for m in result["recovery"]:
         _show_recovery(m)
     p = result["paper_reference"]
@@ -132,9 +250,38 @@ def _show_recovery(m: dict) -> None:
     else:
         def f(v, fmt):
             return format(v, fmt) if v is not None else "-"
+        t = m["trial"]
         click.echo(f"  {m['label']:<26} {m['actors_before'][0]:>7} {f(m['actors_recovered'], '>9')} "
                    f"{f(m['detected_s'], '>8.3f')} {f(m['running_again_s'], '>9.3f')} "
-                   f"{f(m['recovery_seconds'], '>7.3f')}  "
+                   f"{f(m['recovery_seconds'], '>7.3f')}  {m['lost_across_crash']:>9} of {t['offered']:<9}  "
                    f"{'no: a runtime crashed again' if m.get('crashed_again') else 'yes'}")
+        click.echo(f"  {'':<26} {accounting_line(t)}; of the unaccounted, {m['lost_with_killed_runtime']} "
+                   f"died with the killed runtime (into its socket, never counted or sent back)")
+        click.echo(f"  {'':<26} flow_monitor counts lost with the crash: {m['counts_lost_in_crash']} frames "
+                   f"(at most K-1 per flow: {m['counts_lost_bound']})")
     for rt, e in (m.get("runtime_log_errors") or {}).items():
         click.echo(f"  {'':<26} {rt} ({e['lines']} error lines): {e['last'][-1][:90]}")
+
+
+@bench.command("costs")
+@click.option("--frames", default=50_000, show_default=True, help="Frames per round.")
+@click.option("--rounds", default=5, show_default=True, help="Rounds per figure (the median is reported).")
+@output_option("bench-costs.json")
+def bench_costs(frames, rounds, output):
+    """Nanoseconds per frame of the runtime's Python path (no root, no kernel): ring
+    handling, parser, flow lookup and actor, each NF, the full chain; valid only if
+    every NF did its work on every frame."""
+    from ..tools.bench.costs import run_costs_bench
+    result = run_costs_bench(frames=frames, rounds=rounds)
+    if not write_result(result, output):
+        return
+    ns = result["ns_per_frame"]
+    for name in ("ring_handling", "parse_full", "lookup_and_actor_fast_path", "lookup_and_actor_full_parser",
+                 "tcp_baseline_no_nf"):
+        click.echo(f"  {name:<30} {ns[name]:>8.0f} ns")
+    for name, m in ns["nfs"].items():
+        click.echo(f"  {name:<30} {m['nf_ns']:>8.0f} ns   ({m['frame']}; {m['total_ns']:.0f} ns with lookup)")
+    c = ns["full_chain"]
+    click.echo(f"  {'->'.join(c['chain']):<30} {c['nfs_ns']:>8.0f} ns   ({c['total_ns']:.0f} ns with lookup)")
+    if not result["valid"]:
+        click.echo(f"  INVALID: {'; '.join(result['problems'])}")

@@ -33,8 +33,12 @@ def migrate(name, src, dst, all_flows, count, flows_, as_json):
         emit_json(report)
     else:
         click.echo(f"{report['succeeded']} migrated, {report['failed']} failed, {report['retried']} retried, "
-                   f"of {report['total']} flows from runtime {src} to {dst} in {report['seconds'] * 1000:.1f} ms "
-                   f"({report['avg_flow_us']:.0f} us per flow on average)")
+                   f"of {report['total']} flows from runtime {src} to {dst}")
+        if report["total"]:
+            lat = report["flow_latency_us"]
+            click.echo(f"  the batch took {report['seconds'] * 1000:.1f} ms ({report['batch_us_per_flow']:.0f} us "
+                       f"per flow of the batch)" + (f"; one flow's migration took {lat['avg']:.0f} us on average, "
+                                                    f"p99 {lat['p99']:.0f} us" if lat else ""))
         if report["failed"]:
             click.echo(f"last error: {report.get('last_error')}")
     if report["failed"]:

@@ -123,6 +123,24 @@ def _show_runtimes(runtimes: list[dict]) -> None:
         recovered = f" ({rec.get('actors')} flows in {rec.get('seconds')} s)" if rec.get("phase") == "done" else ""
         click.echo(f"rt{r['id']} replication: holding {holding} snapshots for its peers, sent "
                    f"{rep.get('snapshots_sent', 0)}, shed {rep.get('shed', 0)}; recovery {rec.get('phase')}{recovered}")
+    for r in runtimes:
+        _show_frames(r)
+
+
+def _show_frames(r: dict) -> None:
+    """Where the runtime's frames went, and every limit that cost something."""
+    if not r.get("live"):
+        return
+    held, dropped = r.get("held") or {}, r.get("dropped") or {}
+    drops = ", ".join(f"{k} {v}" for k, v in dropped.items() if v) or "none"
+    click.echo(f"rt{r['id']} frames: {r.get('frames', 0)} received, {r.get('forwarded', 0)} forwarded, "
+               f"{sum(held.values())} held (sent later: {r.get('sent_later', 0)}), {r.get('markers', 0)} markers; "
+               f"dropped: {drops}")
+    for name, lim in (r.get("limits") or {}).items():
+        cost = {k: v for k, v in lim.items() if k not in ("limit", "unit") and v}
+        if cost:
+            what = ", ".join(f"{k} {v}" for k, v in cost.items())
+            click.echo(f"rt{r['id']} limit {name} ({lim['limit']} {lim['unit']}) reached: {what}")
 
 
 @click.command()

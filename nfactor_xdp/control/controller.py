@@ -283,7 +283,7 @@ class Controller:
             if now - last > limit:
                 self.stats["failures_detected"] += 1
                 self._change({"op": "state", "id": rt, "state": "failed",
-                              "why": f"no heartbeat for {now - last:.2f}s"})
+                              "why": f"no heartbeat for {now - last:.2f}s", "silent_s": round(now - last, 4)})
                 changed = True
         if changed:
             self.push_view()

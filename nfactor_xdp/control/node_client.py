@@ -159,10 +159,9 @@ def status(name: str) -> dict:
         live = runtime_query(name, rt["id"], "status")
         entry["live"] = live is not None
         if live:
-            for k in ("pid", "recovering", "flows", "frames", "forwarded", "dropped", "dropped_by_chain",
-                      "dropped_not_flow",
-                      "flows_created", "flows_expired", "idle_waits", "xsk", "uptime", "replication", "migration",
-                      "control_errors"):
+            for k in ("pid", "recovering", "flows", "frames", "forwarded", "sent_later", "held", "markers",
+                      "dropped", "dropped_by_chain", "dropped_not_flow", "flows_created", "flows_expired",
+                      "idle_waits", "xsk", "uptime", "replication", "migration", "limits", "control_errors"):
                 entry[k] = live.get(k)
         out["runtimes"].append(entry)
     return out

@@ -23,8 +23,9 @@ from ..formats.messages import MessageError, MsgType
 
 MARKER_TIMEOUT = 0.3   # seconds to wait for the marker before asking for it again
 MARKER_RESENDS = 5
-MAX_BUFFER = 20000     # frames a target buffers per flow before it drops (counted)
-TAKE_BACK_BYTES = 50_000  # frames a target hands back on abort: what fits in one control message
+MAX_BUFFER = 20000     # frames a target holds per arriving flow; beyond, dropped and counted (buffer_overflow)
+TAKE_BACK_BYTES = 40_000  # frames per message when a target hands its buffer back (control frames hold 60,000)
+TAKE_BACK_KEEP = 5.0   # seconds a target keeps an aborted flow's frames for the source to take back
 RECENT_MARKERS = 5.0   # seconds a finished migration's marker is still recognised
 
 
@@ -77,13 +78,24 @@ class Batch:
         self.finished: float | None = None
 
     def report(self) -> dict:
+        """seconds: the whole batch, from the request to its last flow done
+        (queueing behind the concurrency cap included); batch_us_per_flow:
+        that time over the batch's flows; flow_latency_us: each migrated
+        flow's own migration, from its first message to its completion
+        (queueing excluded, failed flows not counted)."""
         done = self.succeeded + self.failed
-        avg = sum(self.durations) / len(self.durations) if self.durations else 0.0
+        seconds = (self.finished or time.monotonic()) - self.started
+        lat = sorted(self.durations)
+        latency = {}
+        if lat:
+            latency = {"avg": round(sum(lat) / len(lat) * 1e6, 1), "p50": round(lat[len(lat) // 2] * 1e6, 1),
+                       "p99": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e6, 1),
+                       "max": round(lat[-1] * 1e6, 1), "flows": len(lat)}
         return {"batch": self.id, "to": self.target, "total": self.total, "succeeded": self.succeeded,
                 "failed": self.failed, "retried": self.retried, "in_progress": self.total - done,
-                "done": done == self.total,
-                "seconds": round((self.finished or time.monotonic()) - self.started, 6),
-                "avg_flow_us": round(avg * 1e6, 1)}
+                "done": done == self.total, "seconds": round(seconds, 6),
+                "batch_us_per_flow": round(seconds * 1e6 / self.total, 1) if self.total else None,
+                "flow_latency_us": latency}
 
 
 class Migrator:
@@ -106,11 +118,13 @@ class Migrator:
         self.batches: dict[int, Batch] = {}
         self.next_batch = 1
         self.recent: dict[bytes, float] = {}  # marker payloads of finished migrations -> expiry
+        self.left: dict[bytes, tuple[float, int]] = {}  # keys of flows that migrated away -> (expiry, target)
+        self.returning: dict[bytes, tuple[list, float]] = {}  # aborted arrivals: key -> (frames, expiry)
         self.last_error = ""
         self.stats = {"late_markers": 0, "out_started": 0, "out_succeeded": 0, "out_failed": 0, "marker_resends": 0,
                       "in_created": 0, "in_completed": 0, "in_refused": 0, "in_aborted": 0, "replayed": 0,
-                      "replay_tx_fail": 0, "buffer_overflow": 0, "abort_overflow": 0, "taken_back": 0,
-                      "after_marker": 0}
+                      "replay_tx_fail": 0, "buffered": 0, "buffer_overflow": 0, "markers_consumed": 0, "taken_back": 0,
+                      "after_marker": 0, "after_marker_dropped": 0}
 
     def attach(self, ep, switch_agent: tuple | None) -> None:
         """The runtime's control endpoint and the switch agent's address."""
@@ -201,6 +215,7 @@ class Migrator:
         re-sent copy of it), which is consumed here."""
         m = actor.migration
         if m.step != "create" and marker.is_marker(frame, l4, m.payload):
+            self.stats["markers_consumed"] += 1
             if not m.marker_seen:
                 m.marker_seen = True
                 self._send_state(m, actor)
@@ -237,6 +252,34 @@ class Migrator:
         now = time.monotonic()
         self.recent = {p: t for p, t in self.recent.items() if t > now}
         self.recent[m.payload] = now + RECENT_MARKERS
+        while self.left:  # in expiry order: stop at the first one still fresh
+            key = next(iter(self.left))
+            if self.left[key][0] > now:
+                break
+            del self.left[key]
+
+    def left_here(self, key: bytes) -> bool:
+        """A frame of flow `key`, which has no actor here.  True if the flow
+        migrated away from here in the last RECENT_MARKERS seconds: the frame
+        came behind its marker (counted in after_marker) and the caller drops
+        it, rather than start the flow anew here with fresh NF state while
+        its actor lives on at the target.  By construction no frame that
+        should be forwarded is dropped: from the move on the switch sends the
+        flow to the target, and points it back here only for a migration back
+        (which begins with MIGRATE_CREATE here: on_create forgets the key), a
+        rollback (only while the actor is still here), or a new placement
+        once the target's slot is emptied for good (the target is then out
+        of the view: forgotten below).  Not covered: the switch's LRU table
+        evicting the entry, when full, within those seconds."""
+        gone = self.left.get(key)
+        if gone is None:
+            return False
+        if gone[0] < time.monotonic() or self.view.addr(gone[1]) is None:
+            del self.left[key]
+            return False
+        self.stats["after_marker"] += 1
+        self.stats["after_marker_dropped"] += 1
+        return True
 
     def _done(self, m: Outgoing, msg) -> None:
         if not self._current(m):
@@ -249,6 +292,8 @@ class Migrator:
             self._fail(m, f"target refused the state: {msg.body.get('error')}")
             return
         self._remember(m)
+        self.left.pop(m.key, None)  # re-inserted last: the dict stays in expiry order
+        self.left[m.key] = (time.monotonic() + RECENT_MARKERS, m.target)
         actor = self.flows.remove(m.key)
         if actor is not None:
             self.on_left(actor)  # the target's actor replicates from now on
@@ -279,23 +324,27 @@ class Migrator:
                             lambda msg, m=m: self._abort_target(m), timeout=0.3, retries=5)
         self._fail(m, why)
 
-    def _abort_target(self, m: Outgoing) -> None:
+    def _abort_target(self, m: Outgoing, start: int = 0) -> None:
         peer = self.view.addr(m.target)
         if peer is not None:
-            self.ep.request(peer, MsgType.MIGRATE_DONE, {"key": m.key.hex(), "abort": True},
+            self.ep.request(peer, MsgType.MIGRATE_DONE, {"key": m.key.hex(), "abort": True, "from": start},
                             lambda msg, m=m: self._take_back(m, msg), timeout=0.2, retries=3)
 
     def _take_back(self, m: Outgoing, msg) -> None:
-        """Frames the target held for an aborted migration: process them here
-        (after a rollback they may come after newer frames: no loss, but
-        order is only kept on the migration's normal path)."""
+        """Frames the target held for an aborted migration, a message-sized
+        page at a time: process them here (after a rollback they may come
+        after newer frames: no loss, but order is only kept on the
+        migration's normal path)."""
         actor = self.flows.get(m.key)
         now = time.monotonic()
-        for hexframe, direction, l4 in msg.body.get("frames", []):
-            frame = bytearray.fromhex(hexframe)
+        for data, direction, l4 in msg.body.get("frames", []):
+            frame = bytearray(data)
             self.stats["taken_back"] += 1
-            if actor is not None and actor.on_packet(memoryview(frame), direction, l4, now):
-                self.transmit(frame)
+            if actor is not None and actor.on_packet(memoryview(frame), direction, l4, now) \
+                    and not self.transmit(frame):
+                self.stats["replay_tx_fail"] += 1
+        if isinstance(msg.body.get("next"), int):
+            self._abort_target(m, msg.body["next"])
 
     def _fail(self, m: Outgoing, why: str) -> None:
         if not self._current(m):
@@ -359,30 +408,38 @@ class Migrator:
             self.ep.reply(msg, addr, {"ok": False, "error": str(e)})
             return
         actor.migration = Incoming(msg.sender)
+        self.left.pop(key, None)  # the flow comes back: its frames are no longer late ones
         self.flows.add(actor)
         self.stats["in_created"] += 1
         self.ep.reply(msg, addr, {"ok": True})
 
     def on_abort(self, msg, addr) -> None:
-        """The source gave up: hand back what was buffered and forget the flow."""
+        """The source gave up: forget the flow and hand back what was
+        buffered, a page per request (`from`: the first frame wanted)."""
         try:
             key = bytes.fromhex(msg.body["key"])
+            start = int(msg.body.get("from") or 0)
         except (KeyError, ValueError, TypeError):
             self.ep.reply(msg, addr, {"ok": False, "error": "bad key"})
             return
+        now = time.monotonic()
+        self.returning = {k: v for k, v in self.returning.items() if v[1] > now}
         actor = self.flows.get(key)
-        frames = []
         if actor is not None and isinstance(actor.migration, Incoming):
-            room = TAKE_BACK_BYTES
-            for d, direction, l4 in actor.migration.buffer:
-                room -= 2 * len(d) + 16
-                if room < 0:
-                    self.stats["abort_overflow"] += 1
-                    continue
-                frames.append([d.hex(), direction, l4])
             self.flows.remove(key)
             self.stats["in_aborted"] += 1
-        self.ep.reply(msg, addr, {"ok": True, "frames": frames})
+            self.returning[key] = (actor.migration.buffer, now + TAKE_BACK_KEEP)
+        held = self.returning.get(key, ([], 0))[0]
+        page, room, i = [], TAKE_BACK_BYTES, start
+        while i < len(held) and (not page or room >= len(held[i][0]) + 16):
+            data, direction, l4 = held[i]
+            page.append([data, direction, l4])
+            room -= len(data) + 16
+            i += 1
+        more = i < len(held)
+        if not more:
+            self.returning.pop(key, None)
+        self.ep.reply(msg, addr, {"ok": True, "frames": page, "next": i if more else None})
 
     def buffer(self, actor, frame, direction: int, l4: int) -> None:
         held = actor.migration.buffer
@@ -390,6 +447,7 @@ class Migrator:
             self.stats["buffer_overflow"] += 1
             return
         held.append((bytes(frame), direction, l4))
+        self.stats["buffered"] += 1
 
     def on_state(self, msg, addr) -> None:
         try:

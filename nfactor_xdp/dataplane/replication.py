@@ -53,10 +53,11 @@ class Replicator:
         self.recovering = False
         self.waiting: set[int] = set()
         self.recovery = {"phase": "none", "peers_asked": 0, "peers_answered": 0, "snapshots": 0,
-                         "actors": 0, "buffered": 0, "replayed": 0, "buffer_overflow": 0, "bad": 0, "seconds": 0.0}
+                         "actors": 0, "buffered": 0, "replayed": 0, "replay_tx_fail": 0, "buffer_overflow": 0, "bad": 0,
+                         "seconds": 0.0}
         self.buffer: list[bytes] = []
         self.stats = {"snapshots_sent": 0, "snapshot_messages": 0, "shed": 0, "refused": 0, "too_big": 0,
-                      "stored": 0, "stale_ignored": 0, "dropped_on_end": 0}
+                      "stored": 0, "stale_ignored": 0, "dropped_on_end": 0, "store_refused": 0}
 
     def attach(self, ep) -> None:
         self.ep = ep
@@ -149,6 +150,7 @@ class Replicator:
             return
         held = sum(len(s) for s in self.stores.values())
         if self.view.leaving or held + len(b["snaps"]) > MAX_STORE:
+            self.stats["store_refused"] += len(b["snaps"])
             self.ep.reply(msg, addr, {"ok": False, "error": "refused: leaving or full"})
             return
         store = self.stores.setdefault(peer, {})
@@ -244,8 +246,8 @@ class Replicator:
         held, self.buffer = self.buffer, []
         for data in held:
             frame = bytearray(data)
-            if self.replay(memoryview(frame)):
-                self.transmit(frame)
+            if self.replay(memoryview(frame)) and not self.transmit(frame):
+                self.recovery["replay_tx_fail"] += 1
             self.recovery["replayed"] += 1
         self.recovery["phase"] = "done"
         self.recovery["seconds"] = round(time.monotonic() - self.recovery.get("started", time.monotonic()), 4)

@@ -244,6 +244,8 @@ class Runtime:
         if actor is None:
             if self.migrator.late_marker(frame):
                 return False
+            if self.migrator.left_here(key):
+                return False  # the flow migrated away: a frame behind its marker, counted (after_marker)
             actor = self.flows.add(self.new_actor(frame, key, direction, l4))
         migration = actor.migration
         if migration is not None:
@@ -251,7 +253,7 @@ class Runtime:
                 self.migrator.buffer(actor, frame, direction, l4)  # until the state arrives
                 return False
             if self.migrator.on_frame(actor, frame, l4):
-                return False  # the marker: consumed here
+                return False  # the marker: consumed here (counted by the migrator)
             return actor.on_packet(frame, direction, l4, self.now)
         if l4 == V4_L4 and frame[14] == 0x45:  # IPv4 without options: the fast path's kind
             self.flows.learn_fast(frame[FAST_PATH_BYTES].tobytes(), actor, direction)
@@ -371,10 +373,48 @@ class Runtime:
         return handler(self, req)
 
     def packet_counts(self) -> dict:
+        """Where every frame this runtime received went.  received =
+        forwarded + held + markers + each drop; held frames (an arriving
+        flow's, or everything while recovering) are sent later, counted in
+        sent_later; chain drops are what the NFs dropped (the rest of the
+        frames the handler did not forward, every other reason being counted
+        where it happens)."""
         xs = self.xsk.statistics()
-        return {"frames": xs["rx_packets"], "forwarded": xs["tx_packets"],
-                "dropped": xs["dropped_by_handler"],
-                "dropped_by_chain": sum(a.dropped for a in self.flows.values())}
+        mig, rec = self.migrator.stats, self.replicator.recovery
+        held = {"migration": mig["buffered"], "recovery": rec["buffered"]}
+        dropped = {"not_flow": self.stats["dropped_not_flow"], "late_marker": mig["late_markers"],
+                   "after_marker": mig["after_marker_dropped"],
+                   "migration_buffer_full": mig["buffer_overflow"], "recovery_buffer_full": rec["buffer_overflow"],
+                   "handler_error": xs["handler_error_frames"]}
+        not_forwarded = xs["dropped_by_handler"]
+        dropped["chain"] = not_forwarded - sum(held.values()) - mig["markers_consumed"] - sum(dropped.values())
+        dropped["tx_ring_full"] = xs["tx_dropped_ring_full"]  # forwarded by the chain, no room to send
+        # held frames go through the chain later (replayed, or taken back by a source)
+        later = mig["replayed"] + rec["replayed"] + mig["taken_back"]
+        failed = mig["replay_tx_fail"] + rec["replay_tx_fail"]
+        return {"frames": xs["rx_packets"], "forwarded": xs["tx_packets"] - xs["frames_injected"],
+                "sent_later": xs["frames_injected"], "held": held, "markers": mig["markers_consumed"],
+                "dropped": dropped, "dropped_by_chain": dropped["chain"],
+                "later": {"processed": later, "sent": xs["frames_injected"], "tx_failed": failed,
+                          "dropped_by_chain": later - xs["frames_injected"] - failed}}
+
+    def limits(self) -> dict:
+        """Every bound on what the runtime holds, with what it cost when hit."""
+        from .migration import MAX_BUFFER
+        from .replication import MAX_PENDING, MAX_RECOVERY_BUFFER, MAX_STORE
+        mig, rep = self.migrator.stats, self.replicator
+        return {
+            "migration_buffer": {"limit": MAX_BUFFER, "unit": "frames per arriving flow",
+                                 "dropped": mig["buffer_overflow"]},
+            "recovery_hold": {"limit": MAX_RECOVERY_BUFFER, "unit": "frames held while recovering",
+                              "dropped": rep.recovery["buffer_overflow"]},
+            "snapshots_pending": {"limit": MAX_PENDING, "unit": "flows due a snapshot",
+                                  "shed": rep.stats["shed"]},
+            "snapshot_store": {"limit": MAX_STORE, "unit": "snapshots held for peers",
+                               "refused": rep.stats["store_refused"]},
+            "migrations_at_once": {"limit": self.cfg.max_migrations, "unit": "outgoing migrations",
+                                   "queued": sum(len(b.waiting) for b in self.migrator.batches.values())},
+        }
 
     def status(self) -> dict:
         return {
@@ -386,7 +426,7 @@ class Runtime:
             "policy_version": self.policy_version, "rules": len(self.policy.rules),
             "registered": self.registered, "view_version": self.view.version,
             "migration": self.migrator.status(), "last_migration_error": self.migrator.last_error,
-            "replication": self.replicator.status(),
+            "replication": self.replicator.status(), "limits": self.limits(),
             "faults_fired": self.hooks.fired,
             "control_rejected": dict(self.ep.rejected) if self.ep else {},
             "nf_errors": sum(a.nf_errors for a in self.flows.values()),

@@ -130,6 +130,7 @@ class XskSocket:
         self.tx_packets = self.tx_bytes = 0
         self.dropped_by_handler = 0
         self.handler_errors = 0
+        self.handler_error_frames = 0
         self.tx_dropped_ring_full = 0
         self.tx_ring_full_waits = 0
         self.tx_kicks = self.tx_kick_errors = 0
@@ -354,6 +355,7 @@ class XskSocket:
         self.rx_packets += n
         self.rx_bytes += sum(words[1::2])
         self.handler_errors += 1
+        self.handler_error_frames += n
         self.dropped_by_handler += n
         rx.release(n)
         self._to_fill(words[0::2])
@@ -552,6 +554,7 @@ class XskSocket:
             rx_packets=self.rx_packets, rx_bytes=self.rx_bytes,
             tx_packets=self.tx_packets, tx_bytes=self.tx_bytes,
             dropped_by_handler=self.dropped_by_handler, handler_errors=self.handler_errors,
+            handler_error_frames=self.handler_error_frames,
             tx_dropped_ring_full=self.tx_dropped_ring_full,
             tx_ring_full_waits=self.tx_ring_full_waits,
             tx_kicks=self.tx_kicks, tx_kick_errors=self.tx_kick_errors,

@@ -1,23 +1,42 @@
 """What every benchmark runs on: a testbed, the generator and the sink on its
 hosts, and a node (re)started for each configuration measured; one trial of
-traffic, the zero-loss search, the XDP-only ceiling and the node's status."""
+traffic on flows of its own, accounted for frame by frame and checked
+against the NFs' counts (accounting.py); the zero-loss search and the
+XDP-only ceilings."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
+import socket
 import threading
 import time
 from typing import Any
 
 from ...control import node_client as nodectl
 from ...dataplane.rules import Policy, parse_chain
+from ...formats import flowkey
 from ...formats.config import NodeConfig
 from ...kern import layouts as L
 from ...kern.maps import NodeMaps
 from ..testbed import Testbed, TestbedConfig
-from .load import Generator, Sink, make_frame
+from . import cpu
+from .accounting import account, nf_checks, snapshot
+from .load import GEN_CPU, IPPROTO_TCP, IPPROTO_UDP, Generator, Sink, make_frame
 
 POLL = 0.02  # polling interval while waiting for flows / policy (always with a deadline)
+FIRST_PORT = 10000
+DPORT = {True: 80, False: 9}  # TCP (HTTP) and UDP (discard); +1 each time the source ports wrap
+IDLE_TIMEOUT = 3.0  # a trial's actors go soon after it: every trial has flows of its own
+MODES = {"flows": "NFX_MODE_FLOWS", "bypass": "NFX_MODE_BYPASS", "lookup": "NFX_MODE_LOOKUP"}
+CEILINGS = {
+    "bypass": "the switch in bypass mode: ext0 -> ext1 in XDP, no parsing, no flow lookup, no runtime",
+    "lookup": "the switch's flow path without a runtime: parse, flow lookup and placement, counters, "
+              "then ext0 -> ext1 in XDP",
+}
+WHERE = (f"the generator runs on CPU {GEN_CPU}; a veth runs its peer's receive processing on the sending CPU, so "
+         f"the switch's ext0 path (and, in the ceilings, the sink) runs there too, in softirq; each runtime's "
+         f"transmit path (sw-rtN, ext1, the sink) runs on that runtime's CPU")
 
 
 def runtimes_label(n: int) -> str:
@@ -29,25 +48,28 @@ def rt_status(name: str, rt_id: int) -> dict:
     return nodectl.runtime_query(name, rt_id, "status", timeout=1.0) or {}
 
 
-def proc_stat(pid: int) -> list[str] | None:
-    """The fields of /proc/PID/stat after the command name (the first is the
-    state, field 3 of proc(5)); None if the process is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
+@dataclasses.dataclass(frozen=True)
+class Flows:
+    """A trial's flows: source ports base..base+count-1 to one destination port."""
+    base: int
+    count: int
+    dport: int
+    tcp: bool
 
+    @property
+    def proto(self) -> int:
+        return IPPROTO_TCP if self.tcp else IPPROTO_UDP
 
-def _cpu_times(pids: list[int]) -> tuple[float, float]:
-    tick = os.sysconf("SC_CLK_TCK")
-    user = system = 0.0
-    for pid in pids:
-        fields = proc_stat(pid)
-        if fields:
-            user += int(fields[11]) / tick
-            system += int(fields[12]) / tick
-    return user, system
+    def keys(self, src: str, dst: str) -> set[str]:
+        """The flows' canonical keys (hex), as the runtimes name them."""
+        s, d = (flowkey.V4_MAPPED + socket.inet_aton(a.split("/")[0]) for a in (src, dst))
+        dp = self.dport.to_bytes(2, "big")
+        return {flowkey.canonical(s, p.to_bytes(2, "big"), d, dp, self.proto)[0].hex()
+                for p in range(self.base, self.base + self.count)}
+
+    def describe(self) -> dict:
+        return {"proto": "tcp" if self.tcp else "udp", "source_ports": [self.base, self.base + self.count - 1],
+                "dport": self.dport, "flows": self.count}
 
 
 class BackgroundLoad:
@@ -83,25 +105,29 @@ class BackgroundLoad:
 class Bench:
     """A testbed, a generator, a sink, and a node restarted per configuration."""
 
-    def __init__(self, name: str = "bench", flows: int = 64, size: int = 64, batch: int = 64):
+    def __init__(self, name: str = "bench", flows: int = 64, size: int = 64, batch: int = 64,
+                 idle_timeout: float = IDLE_TIMEOUT):
         if os.geteuid() != 0:
             raise SystemExit("error: benchmarks need root")
-        self.name, self.flows, self.size, self.batch = name, flows, size, batch
+        self.name, self.flows, self.size, self.batch, self.idle_timeout = name, flows, size, batch, idle_timeout
         self.tb = Testbed(TestbedConfig(name=name))
         if self.tb.is_up():
             nodectl.stop(name)
             self.tb.down()
         self.gen = self.sink = None
-        self.base = 10000
+        self.port, self.wraps = FIRST_PORT, 0
+        self.runtimes, self.mode, self.chain, self.placement = 0, "flows", [], {}
         self.tb.up()
         try:
             self.show = self.tb.show()
-            self.sink = Sink(self.show["hosts"]["dst"]["netns"], self.show["hosts"]["dst"]["ifname"])
-            self.gen = Generator(self.show["hosts"]["src"]["netns"])
+            self.hosts = self.show["hosts"]
+            self.namespaces = {"src": self.hosts["src"]["netns"], "node": self.show["namespaces"]["node"],
+                               "dst": self.hosts["dst"]["netns"]}
+            self.sink = Sink(self.hosts["dst"]["netns"], self.hosts["dst"]["ifname"])
+            self.gen = Generator(self.hosts["src"]["netns"], self.hosts["src"]["ifname"])
         except Exception:
             self.close()
             raise
-        self.pids: list[int] = []
 
     def __enter__(self) -> Bench:
         return self
@@ -111,109 +137,195 @@ class Bench:
 
     def report(self, benchmark: str, load: dict, **more: Any) -> dict:
         """The head of a benchmark's JSON: what ran, on what machine, with what load."""
-        return {"benchmark": benchmark, "machine": self.machine(), "load": load, **more}
+        return {"benchmark": benchmark, "machine": self.machine(),
+                "load": {"generator_cpu": GEN_CPU, "where": WHERE, **load}, **more}
 
     def machine(self) -> dict:
-        cpu = platform.processor()
+        name = platform.processor()
         try:
             with open("/proc/cpuinfo") as f:
-                cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+                name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
         except OSError:
             pass
-        return {"cpus": os.cpu_count(), "kernel": platform.release(), "cpu": cpu}
+        return {"cpus": os.cpu_count(), "kernel": platform.release(), "cpu": name}
 
-    def frame(self, tcp: bool) -> bytes:
-        return make_frame(self.show, self.size, tcp)
+    # --- flows and frames ------------------------------------------------------
+    def new_flows(self, n: int, tcp: bool) -> Flows:
+        """`n` flows no node has seen: the next source ports; when they run
+        out, the ports start over towards a new destination port."""
+        if self.port + n > 65536:
+            self.port, self.wraps = FIRST_PORT, self.wraps + 1
+        fl = Flows(self.port, n, DPORT[tcp] + self.wraps, tcp)
+        self.port += n
+        return fl
 
-    def new_flows(self, n: int) -> int:
-        """Reserve `n` fresh source ports (flows no node has seen); the first."""
-        base = self.base
-        self.base += n
-        return base
+    def frame(self, fl: Flows) -> bytes:
+        return make_frame(self.hosts["src"], self.hosts["dst"], tcp=fl.tcp, dport=fl.dport, size=self.size)
 
-    def node_up(self, runtimes: int, bypass: bool = False, max_migrations: int | None = None,
-                snapshot_every: int | None = None) -> None:
+    def keys(self, fl: Flows) -> set[str]:
+        return fl.keys(self.hosts["src"]["ipv4"], self.hosts["dst"]["ipv4"])
+
+    # --- the node ----------------------------------------------------------------
+    def node_up(self, runtimes: int, mode: str = "flows", **config: Any) -> None:
+        """A fresh node: `runtimes` runtimes off the generator's CPU where
+        possible, the switch in `mode`; `config`: NodeConfig fields."""
         nodectl.stop(self.name)
-        cores = [1] if runtimes == 1 else []  # one runtime: keep it off the generator's CPU
-        extra = {} if max_migrations is None else {"max_migrations": max_migrations}
-        if snapshot_every is not None:
-            extra["snapshot_every"] = snapshot_every
-        cfg = NodeConfig(name=self.name, netns=self.show["namespaces"]["node"], runtimes=runtimes, cores=cores,
-                         batch=self.batch, **extra)
+        cores, note = cpu.runtime_cores(runtimes, GEN_CPU)
+        config = {"batch": self.batch, "idle_timeout": self.idle_timeout,
+                  **{k: v for k, v in config.items() if v is not None}}
+        cfg = NodeConfig(name=self.name, netns=self.namespaces["node"], runtimes=runtimes, cores=cores, **config)
         nodectl.put_policy(self.name, Policy())
-        state = nodectl.start(cfg)
-        self.pids = [r["pid"] for r in state["runtimes"]]
+        nodectl.start(cfg)
+        self.runtimes, self.mode, self.chain = runtimes, mode, []
+        self.placement = {"generator_cpu": GEN_CPU, "runtime_cpus": dict(enumerate(cores)), "note": note}
         with NodeMaps(self.name) as maps:
-            maps.write_config(mode=L.C["NFX_MODE_BYPASS" if bypass else "NFX_MODE_FLOWS"])
+            maps.write_config(mode=L.C[MODES[mode]])
 
-    def set_chain(self, chain: list[str]) -> None:
-        """New flows (a fresh source-port range) get this chain."""
-        p = Policy(default_chain=parse_chain(chain))
-        nodectl.put_policy(self.name, p)
-        self.base += self.flows
-
-    def node_with_chain(self, runtimes: int, chain: list[str], *, max_migrations: int | None = None,
-                        snapshot_every: int | None = None, timeout: float = 10.0) -> None:
-        """A fresh node (no flows of earlier trials), `chain` in force on every
-        runtime and every runtime registered in the controller's view (so a
-        migration target or a replica peer)."""
-        self.node_up(runtimes, max_migrations=max_migrations, snapshot_every=snapshot_every)
-        ids = range(runtimes)
+    def set_chain(self, chain: list[str], timeout: float = 10.0) -> None:
+        """New flows get `chain`; returns once every runtime has it and is
+        registered in the controller's view (a migration target, a replica peer)."""
+        ids = range(self.runtimes)
         before = [rt_status(self.name, i).get("policy_version") or 0 for i in ids]
-        self.set_chain(chain)
+        nodectl.put_policy(self.name, Policy(default_chain=parse_chain(chain)))
         deadline = time.monotonic() + timeout
         while True:
             sts = [rt_status(self.name, i) for i in ids]
             if all((st.get("policy_version") or 0) > v and st.get("registered") for st, v in zip(sts, before)):
+                self.chain = list(chain)
                 return
             if time.monotonic() > deadline:
                 raise RuntimeError(f"runtimes did not take the policy within {timeout}s: {sts}")
             time.sleep(POLL)
 
+    def node_with_chain(self, runtimes: int, chain: list[str], **node: Any) -> None:
+        """A fresh node (no flows of earlier trials) with `chain` in force."""
+        self.node_up(runtimes, **node)
+        self.set_chain(chain)
+
+    # --- trials --------------------------------------------------------------------
+    def snap(self) -> dict:
+        return snapshot(self.name, self.runtimes, self.sink, self.namespaces["node"],
+                        {"generator": self.gen.p.pid, "harness": os.getpid()})
+
+    def begin(self, fl: Flows) -> list[dict]:
+        """Before a trial's load: the sink counts `fl` from now; the first snapshot."""
+        self.sink.expect(self.hosts["dst"]["ipv4"].split("/")[0], fl.proto, fl.dport, fl.base,
+                         fl.base + fl.count - 1)
+        return [self.snap()]
+
+    def settle(self, timeout: float = 5.0) -> None:
+        """Frames in flight drain within milliseconds, a busy runtime's backlog
+        a little later: wait until the sink and the runtimes stop moving."""
+        last, deadline = None, time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            sts = [rt_status(self.name, i) for i in range(self.runtimes)]
+            now = (self.sink.counts(), [(st.get("frames"), st.get("sent_later")) for st in sts])
+            if now == last and not any((st.get("xsk") or {}).get("rx_pending") for st in sts):
+                return
+            last = now
+            time.sleep(0.05)  # polling until the counts stop moving
+
+    def end(self, snaps: list[dict], fl: Flows, g: dict | None, rate: float | None = None,
+            strict: bool = True) -> dict:
+        """After the load: settle, the last snapshot, where every frame went,
+        the NFs' checks, the CPU placement; valid or why not."""
+        self.settle()
+        snaps = snaps + [self.snap()]
+        g = g or {"sent": 0, "seconds": 0.0}
+        acc = account(snaps, g["sent"], g.get("failed", 0))
+        secs = g["seconds"] or 1e-9
+        out = {"requested_pps": rate or None, "seconds": round(g["seconds"], 3), "flows": fl.describe(),
+               "offered_mpps": acc["offered"] / secs / 1e6, "forwarded_mpps": acc["forwarded"] / secs / 1e6, **acc}
+        problems = []
+        if acc["offered"] <= 0:
+            problems.append("nothing offered")
+        if acc["unaccounted"]:
+            problems.append(f"{acc['unaccounted']} frames unaccounted for")
+        if self.mode == "flows":
+            out["nf_checks"] = nf_checks(self.name, self.runtimes, self.keys(fl), self.chain, acc, strict=strict)
+            problems += out["nf_checks"].get("problems", [])
+        usage = cpu.report(snaps[0]["cpu"], snaps[-1]["cpu"])
+        usage["per_process_s"]["generator"].update(self_reported_user_s=g.get("cpu_user_s"),
+                                                   self_reported_system_s=g.get("cpu_system_s"))
+        out["cpu"] = {"placement": self.placement, **usage,
+                      "runtime_cpu": cpu.runtime_cpu(usage, {rt: d.get("frames", 0) for rt, d in
+                                                             acc["runtimes"].items()})}
+        out.update(valid=not problems, invalid_because=problems, zero_loss=not problems and acc["lost"] == 0,
+                   disturbed=cpu.disturbance(usage, self.placement))
+        return out
+
     def trial(self, rate: float, seconds: float, tcp: bool) -> dict:
         """`seconds` of traffic at `rate` frames/s (0: as fast as the generator
-        goes) on the current flows; what was offered and what reached the sink."""
-        frame = self.frame(tcp)
-        c0 = self.sink.count()
-        u0, s0 = _cpu_times(self.pids)
-        g = self.gen.run(frame, rate=rate, seconds=seconds, base=self.base, flows=self.flows, tcp=tcp)
-        got = self.sink.settle() - c0
-        u1, s1 = _cpu_times(self.pids)
-        return {"offered": g["sent"], "forwarded": got, "seconds": g["seconds"],
-                "offered_mpps": g["sent"] / g["seconds"] / 1e6, "forwarded_mpps": got / g["seconds"] / 1e6,
-                "lost": g["sent"] - got,
-                "runtime_cpu_user_s": round(u1 - u0, 3), "runtime_cpu_system_s": round(s1 - s0, 3)}
+        goes) on flows of its own."""
+        fl = self.new_flows(self.flows, tcp)
+        snaps = self.begin(fl)
+        g = self.gen.run(self.frame(fl), rate=rate, seconds=seconds, base=fl.base, flows=fl.count, tcp=tcp)
+        return self.end(snaps, fl, g, rate)
 
-    def zero_loss(self, tcp: bool, seconds: float = 1.0, steps: int = 7) -> dict:
-        """Binary search of the highest offered rate with no loss."""
-        top = self.trial(0, seconds, tcp)  # as fast as possible: an upper bound
-        lo, hi = 0.0, top["forwarded"] / top["seconds"] * 1.3
+    def zero_loss(self, tcp: bool, seconds: float = 1.0, steps: int = 7, step_downs: int = 3,
+                  reruns: int = 2) -> dict:
+        """The highest offered rate with no loss: a binary search over the
+        requested rate, then a second trial at the best rate to confirm it
+        (10% lower each time it does not, at most `step_downs` times).  A
+        trial counts as lossless only if it is valid and offered something;
+        rates are the measured offered rates.  A trial that lost frames while
+        other load took a CPU is run again (at most `reruns` times): what it
+        measured was that load.  Every trial run is in `trials`."""
+        trials = []
+
+        def run(rate: float, role: str) -> dict:
+            for attempt in range(reruns + 1):
+                t = dict(self.trial(rate, seconds, tcp), role=role, index=len(trials))
+                trials.append(t)
+                if t["zero_loss"] or not t["disturbed"] or attempt == reruns or not rate:
+                    return t
+                t["rerun"] = True
+            return t
+
+        top = run(0, "full speed")
+        lo, hi = 0.0, max(top["forwarded"], top["offered"] * 0.01) / (top["seconds"] or 1) * 1.3
         best = None
         for _ in range(steps):
             mid = (lo + hi) / 2
-            t = self.trial(mid, seconds, tcp)
-            if t["lost"] == 0:
+            t = run(mid, "search")
+            if t["zero_loss"]:
                 lo, best = mid, t
             else:
                 hi = mid
-        return {"zero_loss_mpps": (best["offered_mpps"] if best else 0.0), "max_forwarded_mpps":
-                top["forwarded_mpps"], "search_steps": steps, "trial_seconds": seconds}
+        first, rate, pair = best, (lo if best else None), None
+        for _ in range(2 * step_downs + 1):
+            if rate is None or pair:
+                break
+            t = run(rate, "confirmation" if first else "search (step down)")
+            if not t["zero_loss"]:
+                first, rate = None, rate * 0.9
+            elif first is None:
+                first = t
+            else:
+                pair = (first, t)
+        return {"zero_loss_mpps": min(p["offered_mpps"] for p in pair) if pair else 0.0,
+                "confirmed": bool(pair), "confirming_trials": [p["index"] for p in pair or ()],
+                "search_best_mpps": best["offered_mpps"] if best else 0.0,
+                "max_forwarded_mpps": top["forwarded_mpps"], "full_speed_lost": top["lost"],
+                "generator_limited": top["valid"] and top["lost"] == 0,
+                "trial_seconds": seconds, "search_steps": steps, "trial_count": len(trials),
+                "invalid_trials": sum(1 for t in trials if not t["valid"]),
+                "disturbed_trials": sum(1 for t in trials if t["disturbed"]),
+                "rerun_trials": sum(1 for t in trials if t.get("rerun")), "trials": trials}
 
-    def ceiling(self, seconds: float, tcp: bool = False, steps: int | None = None) -> dict:
-        """The XDP-only ceiling: the switch in bypass mode (ext0 -> ext1 in XDP,
-        no runtime in the path); one trial, or with `steps` the zero-loss search."""
-        self.node_up(1, bypass=True)
-        m = self.trial(0, seconds, tcp) if steps is None else self.zero_loss(tcp, seconds, steps)
-        m.update(label="xdp-ceiling (bypass)", runtimes=0)
-        return m
-
-    def status(self) -> dict:
-        st = nodectl.status(self.name)
-        return {"socket_full": st["switch"]["socket_full"], "redirect_err": st["switch"]["redirect_err"],
-                "xmit_drop": st["switch"]["xmit_drop"],
-                "switch_drops": {k: v for k, v in st["switch"].items() if k.startswith("drop_") and v},
-                "runtime_idle_waits": sum(r.get("idle_waits") or 0 for r in st["runtimes"]),
-                "nf_errors": sum((r.get("nf_errors") or 0) for r in st["runtimes"])}
+    def ceilings(self, seconds: float, tcp: bool = False, steps: int | None = None) -> dict:
+        """The XDP-only ceilings (bypass; lookup: with the switch's flow path),
+        each one trial at full speed or, with `steps`, the zero-loss search.
+        A ceiling that lost nothing at full speed is the generator's limit."""
+        out = {}
+        for mode in ("bypass", "lookup"):
+            self.node_up(1, mode=mode)
+            m = self.trial(0, seconds, tcp) if steps is None else self.zero_loss(tcp, seconds, steps)
+            if steps is None:
+                m["generator_limited"] = m["valid"] and m["lost"] == 0
+            m.update(label=f"xdp-ceiling ({mode})", mode=mode, includes=CEILINGS[mode], runtimes=0)
+            out[mode] = m
+        return out
 
     def close(self) -> None:
         if self.gen:
@@ -222,3 +334,8 @@ class Bench:
             self.sink.close()
         nodectl.stop(self.name)
         self.tb.down()
+
+
+def ratios(value: float, ceilings: dict, key: str) -> dict:
+    """`value` over each ceiling's `key` figure."""
+    return {f"ratio_to_{mode}_ceiling": (value / c[key] if c.get(key) else None) for mode, c in ceilings.items()}

@@ -12,6 +12,8 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -23,6 +25,9 @@ from ...kern.layouts import BPF_DIR
 GEN_CPU = 0
 CALL_SECONDS = 0.25  # length of one generator call: setting up live frames costs ~20 ms a call
 HTTP_REQUEST = b"GET /bench HTTP/1.1\r\nHost: bench.example\r\nUser-Agent: nfactor-bench\r\n\r\n"
+IPPROTO_TCP, IPPROTO_UDP = 6, 17
+TCP_PSH_ACK = 0x18
+ETH_IP_UDP = 14 + 20 + 8
 
 
 def _compile(name: str):
@@ -30,33 +35,50 @@ def _compile(name: str):
     return BPF(src_file=str(BPF_DIR / name), cflags=[f"-I{BPF_DIR}"])
 
 
-def make_frame(show: dict, size: int, tcp_http: bool) -> bytes:
-    """The template frame from the testbed's src host to its dst host (the
-    generator rewrites its source port and TCP sequence number)."""
-    from scapy.layers.inet import IP, TCP, UDP
-    from scapy.layers.l2 import Ether
-    src, dst = show["hosts"]["src"], show["hosts"]["dst"]
-    l3 = Ether(src=src["mac"], dst=dst["mac"]) / IP(src=src["ipv4"].split("/")[0], dst=dst["ipv4"].split("/")[0])
-    if tcp_http:
-        raw = bytes(l3 / TCP(sport=10000, dport=80, flags="PA", seq=1, ack=1) / HTTP_REQUEST)
-        return raw[:50] + b"\0\0" + raw[52:]  # checksum left 0: the sink does not check it
-    raw = bytes(l3 / UDP(sport=10000, dport=9))
-    raw += b"\0" * max(0, size - len(raw))
-    return raw[:40] + b"\0\0" + raw[42:]  # UDP checksum 0: none, valid for IPv4
+def _checksum(data: bytes) -> int:
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+def make_frame(src: dict, dst: dict, *, tcp: bool, dport: int, size: int = 64) -> bytes:
+    """The template frame from host `src` to host `dst` (the testbed's `show`
+    entries); the generator rewrites its source port and TCP sequence number.
+    UDP: `size` bytes in all (without FCS), the IP and UDP lengths saying so;
+    TCP: one HTTP request, whatever `size`.  L4 checksums are 0: UDP's means
+    none, TCP's is checked by nobody on the way (the sink drops in XDP)."""
+    if tcp:
+        proto = IPPROTO_TCP
+        l4 = struct.pack("!HHIIBBHHH", 0, dport, 1, 1, 5 << 4, TCP_PSH_ACK, 65535, 0, 0) + HTTP_REQUEST
+    else:
+        proto = IPPROTO_UDP
+        pad = max(0, size - ETH_IP_UDP)
+        l4 = struct.pack("!HHHH", 0, dport, 8 + pad, 0) + bytes(pad)
+    ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), 0, 0x4000, 64, proto, 0,
+                               _addr(src), _addr(dst)))
+    ip[10:12] = struct.pack("!H", _checksum(bytes(ip)))
+    eth = bytes.fromhex(dst["mac"].replace(":", "")) + bytes.fromhex(src["mac"].replace(":", "")) + b"\x08\x00"
+    return eth + bytes(ip) + l4
+
+
+def _addr(host: dict) -> bytes:
+    return socket.inet_aton(host["ipv4"].split("/")[0])
 
 
 def generator_main(ns: str, ifname: str) -> None:
     """The generator process, in the source namespace, pinned to GEN_CPU.
     Reads JSON commands on stdin, answers one JSON line each."""
-    import socket
-
     from bcc import BPF
 
-    from ...kern.bpfsys import BPF_F_TEST_XDP_LIVE_FRAMES, prog_test_run, xdp_md
+    from ...kern import bpfsys
     os.sched_setaffinity(0, {GEN_CPU})
     b = _compile("bench_gen.c")
     fn = b.load_func("gen", BPF.XDP)
     params = b["params"]
+    pace_type = type(b["pace"].Leaf._type_())
+    pace_map = BpfMap(b["pace"].map_fd, ctypes.c_uint32, pace_type, owned=False)
+    prog_id = bpfsys.prog_info(fn.fd)["id"]
     netns.enter(ns)
     ifindex = socket.if_nametoindex(ifname)
     print(json.dumps({"ready": True}), flush=True)
@@ -68,25 +90,28 @@ def generator_main(ns: str, ifname: str) -> None:
         p = params[ctypes.c_int(0)]
         p.base, p.flows, p.tcp, p.step = cmd["base"], cmd["flows"], int(cmd["tcp"]), len(HTTP_REQUEST)
         p.gap_ns = int(1e9 / cmd["rate"]) if cmd["rate"] else 0
+        p.prog_id, p.ifindex, p.tgid = prog_id, ifindex, os.getpid()
         params[ctypes.c_int(0)] = p
-        pace_map = BpfMap(b["pace"].map_fd, ctypes.c_uint32, type(b["pace"].Leaf._type_()), owned=False)
-
-        def sent_so_far():
-            return sum(v.sent for v in pace_map.get(0))
-        ctx = xdp_md(len(frame), ifindex)
-        sent0, start = sent_so_far(), time.monotonic()
+        # each run from a clean state: flow 0, sequence number 1, pacing from now
+        pace_map.set(0, (pace_type * bpfsys.possible_cpus())())
+        ctx = bpfsys.xdp_md(len(frame), ifindex)
+        cpu0, start = os.times(), time.monotonic()
         repeat = 100_000
         while True:
             left = cmd["seconds"] - (time.monotonic() - start)
             if left <= 0:
                 break
             t0 = time.monotonic()
-            prog_test_run(fn.fd, frame, repeat=repeat, ctx=ctx, flags=BPF_F_TEST_XDP_LIVE_FRAMES,
-                          data_out_size=0, batch_size=64)
+            bpfsys.prog_test_run(fn.fd, frame, repeat=repeat, ctx=ctx, flags=bpfsys.BPF_F_TEST_XDP_LIVE_FRAMES,
+                                 data_out_size=0, batch_size=64)
             took = max(1e-4, time.monotonic() - t0)
             # size the next call to about CALL_SECONDS (or what is left of the trial)
             repeat = max(10_000, int(repeat * min(CALL_SECONDS, max(0.02, left - took)) / took))
-        print(json.dumps({"sent": sent_so_far() - sent0, "seconds": time.monotonic() - start}), flush=True)
+        seconds, cpu1 = time.monotonic() - start, os.times()
+        pace = pace_map.get(0)
+        print(json.dumps({"sent": sum(v.sent for v in pace), "failed": sum(v.failed for v in pace), "seconds": seconds,
+                          "cpu_user_s": round(cpu1.user - cpu0.user, 3),
+                          "cpu_system_s": round(cpu1.system - cpu0.system, 3)}), flush=True)
 
 
 class Generator:
@@ -117,7 +142,8 @@ class Generator:
 
 
 class Sink:
-    """Counts what reaches the sink host's `ifname`; gives the host its
+    """Counts what reaches the sink host's `ifname`: frames of the trial's
+    flows (set by `expect`) and, apart, everything else.  Gives the host its
     XDP_PASS program back on close."""
 
     def __init__(self, ns: str, ifname: str):
@@ -132,19 +158,14 @@ class Sink:
             BPF.attach_xdp(ifname.encode(), fn, XDP_FLAGS_DRV_MODE)
         self.rx = BpfMap(self.bpf["rx"].map_fd, ctypes.c_uint32, ctypes.c_uint64, owned=False)
 
-    def count(self) -> int:
-        return sum(v.value for v in self.rx.get(0))
+    def expect(self, daddr: str, proto: int, dport: int, sport_lo: int, sport_hi: int) -> None:
+        """From now on, count frames to daddr:dport from source ports sport_lo..sport_hi as the trial's."""
+        t = self.bpf["match"]
+        t[t.Key(0)] = t.Leaf(struct.unpack("=I", socket.inet_aton(daddr))[0], dport, sport_lo, sport_hi, proto, 0)
 
-    def settle(self, timeout: float = 2.0) -> int:
-        """Frames still in flight drain within milliseconds: poll until the count stops moving."""
-        last, deadline = self.count(), time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            time.sleep(0.05)  # polling interval while the count settles
-            now = self.count()
-            if now == last:
-                return now
-            last = now
-        return last
+    def counts(self) -> tuple[int, int]:
+        """(frames of the trial's flows, other frames) so far."""
+        return tuple(sum(v.value for v in self.rx.get(i)) for i in (0, 1))
 
     def close(self) -> None:
         from ...kern.loader import attach_pass, detach

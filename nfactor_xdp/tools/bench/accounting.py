@@ -1,0 +1,234 @@
+"""Every frame of a trial accounted for, and the NFs' own view of it.
+
+The path of a generator frame and where each loss is counted:
+
+    generator  XDP_TX into its veth        its own tracepoints (not offered)
+    switch     parse, placement, redirect  drop_* counters, redirect_err (tracer)
+      -> runtime port ring (XDP xmit)      sw-rtN tx_dropped
+    steer      into the AF_XDP socket      no_socket (rt_stats), the socket's rx_dropped + rx_ring_full
+    runtime    the chain, migration, ...   its dropped.* counters, TX ring full,
+                                           held and not sent yet, still in its RX ring
+      -> its veth (copy-mode TX, skb)      rtN tx_dropped
+    switch     return path, redirect       drop_rt_* counters, redirect_err
+      -> sink host's ring (XDP xmit)       ext1 tx_dropped
+    sink       counts the trial's flows
+
+offered = sent - generator's veth drops = forwarded + every counted drop +
+unaccounted; a trial whose unaccounted is not 0 is flagged.  Each loss has
+one counter here.  The tracer's xmit_drop sees the same events as the veth
+counters (and cannot tell namespaces apart), and its socket_full the same as
+the sockets' own statistics, which are exact; the tracer was seen to miss a
+batch of 64 that a socket counted (likely: a tracepoint program is skipped
+on a CPU busy in another BPF program or a map syscall).  Both are kept as
+cross-checks.  redirect_err has no other witness."""
+from __future__ import annotations
+
+import itertools
+
+from pyroute2 import IPRoute
+
+from ...control import node_client as nodectl
+from ...kern import netns
+from ...kern.maps import NodeMaps
+from . import cpu
+
+_XSK_STATE = ("rx_pending", "tx_queued")  # ring levels: states, not counters
+
+
+def link_stats(ns: str) -> dict:
+    """ifname -> the drop counters of every link in namespace `ns`."""
+    with netns.entered(ns), IPRoute() as ipr:
+        return {link.get("IFLA_IFNAME"): {k: s[k] for k in ("tx_dropped", "rx_dropped")}
+                for link in ipr.get_links() if (s := link.get("IFLA_STATS64"))}
+
+
+def runtime_counts(st: dict) -> dict:
+    """The counters of one runtime's status (see Runtime.packet_counts),
+    flattened; {} if it did not answer."""
+    if not st:
+        return {}
+    dropped = st.get("dropped")
+    if not isinstance(dropped, dict):  # a runtime from before per-reason drops
+        dropped = {"handler": dropped or 0}
+    xsk = st.get("xsk") or {}
+    out = {"pid": st.get("pid"), "frames": st.get("frames") or 0, "forwarded": st.get("forwarded") or 0,
+           "sent_later": st.get("sent_later") or 0, "markers": st.get("markers") or 0,
+           "held": sum((st.get("held") or {}).values()), "tx_ring_full": xsk.get("tx_dropped_ring_full") or 0,
+           # the kernel's count of frames this socket could not take (the tracer's socket_full, per runtime)
+           "socket_full": (xsk.get("rx_dropped") or 0) + (xsk.get("rx_ring_full") or 0)}
+    out.update({f"dropped_{k}": v for k, v in dropped.items()})
+    out.update({k: xsk.get(k) or 0 for k in _XSK_STATE})
+    return out
+
+
+def snapshot(name: str, runtimes: int, sink, node_ns: str, pids: dict[str, int]) -> dict:
+    """One reading of every counter the accounting needs."""
+    with NodeMaps(name) as maps:
+        switch = maps.counters()
+        rt_switch = {i: v["switch"] for i, v in maps.runtime_table().items()}
+    rts = {i: runtime_counts(nodectl.runtime_query(name, i, "status", timeout=2.0) or {}) for i in range(runtimes)}
+    trial, other = sink.counts()
+    return {"sink": trial, "sink_other": other, "switch": switch, "rt_switch": rt_switch, "runtimes": rts,
+            "links": link_stats(node_ns), "cpu": cpu.sample({**pids, **cpu.node_pids(name)})}
+
+
+def _delta(a: dict, b: dict) -> dict:
+    return {k: v - a.get(k, 0) for k, v in b.items() if isinstance(v, int)}
+
+
+def runtime_deltas(snaps: list[dict]) -> dict[int, dict]:
+    """Per runtime, its counters' growth over the snapshots; a runtime whose
+    process was replaced between two snapshots counts from the new process's
+    start (what the old one did after the earlier snapshot is lost with it)."""
+    out: dict[int, dict] = {}
+    for a, b in itertools.pairwise(snaps):
+        for rt, cb in b["runtimes"].items():
+            ca = a["runtimes"].get(rt) or {}
+            if not cb:
+                continue
+            d = _delta(ca if ca.get("pid") == cb["pid"] else {}, cb)
+            for k in ("pid",) + _XSK_STATE:
+                d.pop(k, None)
+            acc = out.setdefault(rt, {})
+            for k, v in d.items():
+                acc[k] = acc.get(k, 0) + v
+            if ca.get("pid") not in (None, cb["pid"]):
+                acc["replaced"] = acc.get("replaced", 0) + 1
+    return out
+
+
+def _link_delta(a: dict, b: dict, names, key: str = "tx_dropped") -> int:
+    total = 0
+    for ifname in names:
+        vb = b["links"].get(ifname, {}).get(key, 0)
+        va = a["links"].get(ifname, {}).get(key, 0)
+        total += vb - va if vb >= va else vb  # a recreated link counts from 0
+    return total
+
+
+def _ring_levels(a: dict, b: dict) -> dict[int, int]:
+    """Frames waiting in each runtime's RX ring at the end, less at the start
+    (a killed runtime's ring went with it: not counted here)."""
+    return {rt: cb.get("rx_pending", 0) - (a["runtimes"].get(rt) or {}).get("rx_pending", 0)
+            for rt, cb in b["runtimes"].items() if cb}
+
+
+def _per_runtime(a: dict, b: dict, rts: dict, pending: dict) -> dict:
+    """Per runtime: frames into its socket and back out (the switch's view,
+    which outlives a runtime process), what its own counters explain of the
+    difference, and what they do not (for a killed runtime: what died with it)."""
+    out = {}
+    for rt, st in b["rt_switch"].items():
+        sa = a["rt_switch"].get(rt, {})
+        into, back = st["to_socket"] - sa.get("to_socket", 0), st["from_rt_packets"] - sa.get("from_rt_packets", 0)
+        d = rts.get(rt, {})
+        kept = (sum(v for k, v in d.items() if k.startswith("dropped_")) + d.get("markers", 0)
+                + d.get("held", 0) - d.get("sent_later", 0) + d.get("tx_ring_full", 0) + d.get("socket_full", 0)
+                + pending.get(rt, 0) + _link_delta(a, b, [f"rt{rt}"]))
+        out[rt] = {"into_socket": into, "back_from_runtime": back, "explained": kept,
+                   "not_explained": into - back - kept}
+    return out
+
+
+def account(snaps: list[dict], sent: int, failed: int) -> dict:
+    """Where the frames of a trial went, from its snapshots (first: before
+    the load, last: after it settled) and the generator's counts: `sent`
+    frames, of which `failed` its veth did not take."""
+    a, b = snaps[0], snaps[-1]
+    sw = _delta(a["switch"], b["switch"])
+    rts = runtime_deltas(snaps)
+
+    def total(key: str) -> int:
+        return sum(d.get(key, 0) for d in rts.values())
+
+    pending = _ring_levels(a, b)
+    node_links = b["links"]
+    rt_ports = [n for n in node_links if n.startswith("sw-rt")]
+    rt_ends = [n for n in node_links if n.startswith("rt") and n[2:].isdigit()]
+    offered = sent - failed
+    forwarded = b["sink"] - a["sink"]
+    drops = {f"switch_{k}": v for k, v in sw.items() if k.startswith("drop_") and v}
+    drops["switch_redirect_err"] = sw.get("redirect_err", 0)
+    drops["runtime_port_full"] = _link_delta(a, b, rt_ports)
+    drops["runtime_no_socket"] = sum(st.get("no_socket", 0) - a["rt_switch"].get(rt, {}).get("no_socket", 0)
+                                     for rt, st in b["rt_switch"].items())
+    drops["runtime_socket_full"] = total("socket_full")
+    reasons = sorted({k for d in rts.values() for k in d if k.startswith("dropped_")})
+    drops.update({f"runtime_{k}": total(k) for k in reasons})
+    drops["runtime_tx_ring_full"] = total("tx_ring_full")
+    drops["runtime_held_not_sent"] = total("held") - total("sent_later")
+    drops["runtime_still_in_rx_ring"] = sum(pending.values())
+    drops["runtime_tx_veth_dropped"] = _link_delta(a, b, rt_ends)
+    drops["sink_port_full"] = _link_delta(a, b, ["ext1"])
+    counted = sum(drops.values())
+    non_chain = sum(total(k) for k in reasons if k != "dropped_chain")
+    return {
+        "sent": sent, "generator_veth_dropped": failed, "offered": offered, "forwarded": forwarded,
+        "lost": offered - forwarded, "drops": {k: v for k, v in drops.items() if v},
+        "counted_drops": counted, "unaccounted": offered - forwarded - counted,
+        "other_frames": {"sink": b["sink_other"] - a["sink_other"],
+                         **{k: v for k, v in sw.items() if k.startswith("other_") and v}},
+        "cross_check": {"tracer_xmit_drop": sw.get("xmit_drop", 0),
+                        "veth_xmit_dropped": _link_delta(a, b, rt_ports + ["ext0", "ext1"]),
+                        "tracer_socket_full": sw.get("socket_full", 0)},
+        # what the runtimes' counters say reached the flows' actors
+        "to_actors": total("frames") - total("markers") - non_chain - drops["runtime_held_not_sent"],
+        "runtimes": {rt: {k: v for k, v in d.items() if v} for rt, d in rts.items()},
+        "per_runtime": _per_runtime(a, b, rts, pending),
+    }
+
+
+def _flows_of(name: str, runtimes: int, keys: set[str], detail: bool) -> list[dict]:
+    out = []
+    for i in range(runtimes):
+        reply = nodectl.runtime_query(name, i, "flows", timeout=30.0, detail=detail) or {}
+        out += [a for a in reply.get("flows", []) if a["key"] in keys]
+    return out
+
+
+def nf_checks(name: str, runtimes: int, keys: set[str], chain: list[str], acc: dict,
+              strict: bool = True) -> dict:
+    """The NFs' own counts for the trial's flows against the frames that
+    reached them; `problems` lists what makes the trial invalid (nothing
+    when not strict: a crash loses state by design)."""
+    actors = _flows_of(name, runtimes, keys, detail=bool(chain))
+    packets = sum(a["packets"]["orig"] + a["packets"]["reply"] for a in actors)
+    dropped = sum(a.get("dropped", 0) for a in actors)
+    out = {"flows": len(keys), "actors": len(actors), "frames_to_actors": packets,
+           "runtime_counters_say": acc["to_actors"], "dropped_by_actors": dropped,
+           "nf_errors": sum(a.get("nf_errors", 0) for a in actors)}
+    problems = []
+    if packets != acc["to_actors"]:
+        problems.append(f"actors counted {packets} frames, the runtimes' counters {acc['to_actors']}")
+    if dropped != acc["drops"].get("runtime_dropped_chain", 0):
+        problems.append(f"actors dropped {dropped}, the runtimes counted "
+                        f"{acc['drops'].get('runtime_dropped_chain', 0)} chain drops")
+    if len(actors) > len({a['key'] for a in actors}):
+        problems.append("a flow has an actor on two runtimes")
+    if out["nf_errors"]:
+        problems.append(f"{out['nf_errors']} NF errors")
+    nfs = [a.get("nfs") or {} for a in actors]
+    if "flow_monitor" in chain:
+        fm = out["flow_monitor_packets"] = sum(n["flow_monitor"]["packets"]["orig"] +
+                                               n["flow_monitor"]["packets"]["reply"] for n in nfs)
+        if fm != packets:
+            problems.append(f"flow_monitor counted {fm} of {packets} frames")
+    if "http_parser" in chain:
+        hp = [n["http_parser"] for n in nfs]
+        req = out["http_requests"] = sum(h["n_requests"] for h in hp)
+        out["http_errors"] = sum(h["n_errors"] for h in hp)
+        out["http_desync_flows"] = sum(1 for h in hp if not all(h["in_sync"].values()))
+        # every frame is one request; only NFs before the parser drop
+        if req != packets - dropped:
+            problems.append(f"http_parser parsed {req} requests of {packets - dropped} frames")
+        if out["http_errors"] or out["http_desync_flows"]:
+            problems.append(f"http_parser: {out['http_errors']} errors, {out['http_desync_flows']} flows out of sync")
+    out["ok"] = not problems
+    if strict:
+        out["problems"] = problems
+    else:
+        out["differences"] = problems
+    return out
+
+
+__all__ = ["account", "link_stats", "nf_checks", "runtime_counts", "runtime_deltas", "snapshot"]
