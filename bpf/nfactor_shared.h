@@ -13,7 +13,7 @@
 
 /* Bump when a pinned map's key or value changes: a node refuses to reuse
  * pinned maps written by another ABI. */
-#define NFX_ABI_VERSION 1
+#define NFX_ABI_VERSION 2
 
 #define NFX_MAX_RUNTIMES 64
 /* devmap slots: the two external ports, then one per runtime port */
