@@ -47,12 +47,21 @@ BPF_ARRAY(params, struct params, 1);
 
 int gen(struct xdp_md *ctx)
 {
-	void *data = (void *)(long)ctx->data, *end = (void *)(long)ctx->data_end;
-	void *l4 = data + sizeof(struct ethhdr) + sizeof(struct iphdr);
+	void *data, *end, *l4;
 	u32 zero = 0, n, f;
 	struct pace *s = pace.lookup(&zero);
 	struct params *p = params.lookup(&zero);
 
+	/* The template ends with a spare byte, cut on every run.  Live-frames
+	 * mode rebuilds a recycled frame from its context only if the program
+	 * changed the context, and the switch lengthens every frame it sends to
+	 * a runtime (the ingress trailer), in that same frame: without the cut
+	 * each frame would grow by a byte every time it is reused. */
+	if (bpf_xdp_adjust_tail(ctx, -1))
+		return XDP_ABORTED;
+	data = (void *)(long)ctx->data;
+	end = (void *)(long)ctx->data_end;
+	l4 = data + sizeof(struct ethhdr) + sizeof(struct iphdr);
 	if (!s || !p || p->flows == 0)
 		return XDP_ABORTED;
 	if (p->gap_ns) {

@@ -1,9 +1,12 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /*
- * Frame classification for the switch: a TCP/UDP flow with its canonical key,
- * "other" traffic (handled by policy), or a malformed frame (dropped).  The
- * Python runtime mirrors these rules in nfactor_xdp/packet.py; both are tested
- * against the same crafted frames.
+ * Frame classification for the switch: a flow with its canonical key (TCP/UDP
+ * by ports, fragments and other IP protocols by addresses and protocol, one
+ * or two VLAN tags parsed through), "other" traffic (handled by policy: ARP,
+ * ICMP, non-IP), or a frame that cannot be inspected (dropped: malformed,
+ * more VLAN tags).  The Python runtime mirrors these rules in
+ * nfactor_xdp/dataplane/packet.py; both are tested against the same crafted
+ * frames and fuzzed against each other (nfactorctl fuzz parsers).
  */
 #ifndef NFACTOR_PARSE_H
 #define NFACTOR_PARSE_H
@@ -14,6 +17,8 @@
 #define NFX_PF_IP_OPTIONS 1
 #define NFX_PF_FRAGMENT 2
 #define NFX_PF_IPV6_EXT 4
+#define NFX_PF_VLAN 8
+#define NFX_PF_OTHER_PROTO 16
 
 enum nfx_parse_result {
 	NFX_PARSE_FLOW = 0,	/* key and dir are set, *flags has NFX_PF_* */
@@ -24,6 +29,7 @@ enum nfx_parse_result {
 #define NFX_ETH_P_8021Q 0x8100
 #define NFX_ETH_P_8021AD 0x88A8
 #define NFX_ETH_P_ARP 0x0806
+#define NFX_VLAN_VID 0x0FFF
 #define NFX_IP_MF 0x2000
 #define NFX_IP_OFFSET 0x1FFF
 #define NFX_NEXTHDR_HOP 0
@@ -108,18 +114,22 @@ static __always_inline int nfx_parse_ipv4(void *nh, void *data_end, struct nfx_f
 		*why = NFX_CNT_DROP_BAD_IP;
 		return NFX_PARSE_DROP;
 	}
-	if (iph->protocol != IPPROTO_TCP && iph->protocol != IPPROTO_UDP) {
-		*why = iph->protocol == IPPROTO_ICMP ? NFX_CNT_CLS_ICMP : NFX_CNT_CLS_OTHER_PROTO;
+	if (iph->protocol == IPPROTO_ICMP) {
+		*why = NFX_CNT_CLS_ICMP;
 		return NFX_PARSE_OTHER;
 	}
 	if (hlen > sizeof(*iph))
 		*flags |= NFX_PF_IP_OPTIONS;
 	src[3] = iph->saddr;
 	dst[3] = iph->daddr;
+	if (iph->protocol != IPPROTO_TCP && iph->protocol != IPPROTO_UDP) {
+		/* GRE, ESP, IP-in-IP, SCTP...: a flow of the host pair, no ports */
+		*flags |= NFX_PF_OTHER_PROTO;
+	}
 	if (iph->frag_off & bpf_htons(NFX_IP_MF | NFX_IP_OFFSET)) {
 		/* Only the first fragment has ports: key every fragment without them. */
 		*flags |= NFX_PF_FRAGMENT;
-	} else {
+	} else if (!(*flags & NFX_PF_OTHER_PROTO)) {
 		l4 = nh + hlen;
 		*why = nfx_l4_ports(l4, data_end, iph->protocol, &sport, &dport);
 		if (*why)
@@ -160,10 +170,16 @@ static __always_inline int nfx_parse_ipv6(void *nh, void *data_end, struct nfx_f
 			return NFX_PARSE_DROP;
 		}
 		if (next == NFX_NEXTHDR_FRAGMENT) {
-			/* offset (13 bits) and M flag; an atomic fragment has neither */
-			if (((ext[2] << 8) | ext[3]) & 0xfff9)
-				fragment = 1;
+			next = ext[0];
 			p = ext + 8;
+			/* offset (13 bits) and M flag; an atomic fragment has neither.
+			 * Past a real fragment header lies the middle of a datagram:
+			 * its next header (the same in every fragment) is the key's. */
+			if (((ext[2] << 8) | ext[3]) & 0xfff9) {
+				fragment = 1;
+				break;
+			}
+			continue;
 		} else if (next == NFX_NEXTHDR_AUTH) {
 			p = ext + (ext[1] + 2) * 4;
 		} else {
@@ -171,22 +187,24 @@ static __always_inline int nfx_parse_ipv6(void *nh, void *data_end, struct nfx_f
 		}
 		next = ext[0];
 	}
-	if (next != IPPROTO_TCP && next != IPPROTO_UDP) {
-		if (next == NFX_NEXTHDR_HOP || next == NFX_NEXTHDR_ROUTING || next == NFX_NEXTHDR_DEST ||
-		    next == NFX_NEXTHDR_FRAGMENT || next == NFX_NEXTHDR_AUTH) {
-			*why = NFX_CNT_DROP_BAD_IPV6_EXT;
-			return NFX_PARSE_DROP;
-		}
-		*why = next == NFX_NEXTHDR_ICMPV6 ? NFX_CNT_CLS_ICMP : NFX_CNT_CLS_OTHER_PROTO;
+	if (next == NFX_NEXTHDR_ICMPV6) {
+		*why = NFX_CNT_CLS_ICMP;
 		return NFX_PARSE_OTHER;
+	}
+	if (!fragment && (next == NFX_NEXTHDR_HOP || next == NFX_NEXTHDR_ROUTING || next == NFX_NEXTHDR_DEST ||
+			  next == NFX_NEXTHDR_FRAGMENT || next == NFX_NEXTHDR_AUTH)) {
+		*why = NFX_CNT_DROP_BAD_IPV6_EXT;	/* the chain goes on past the walk */
+		return NFX_PARSE_DROP;
 	}
 	if (p > data_end) {
 		*why = NFX_CNT_DROP_BAD_IPV6_EXT;
 		return NFX_PARSE_DROP;
 	}
+	if (next != IPPROTO_TCP && next != IPPROTO_UDP)
+		*flags |= NFX_PF_OTHER_PROTO;
 	if (fragment) {
 		*flags |= NFX_PF_FRAGMENT;
-	} else {
+	} else if (!(*flags & NFX_PF_OTHER_PROTO)) {
 		*why = nfx_l4_ports(p, data_end, next, &sport, &dport);
 		if (*why)
 			return NFX_PARSE_DROP;
@@ -199,6 +217,7 @@ static __always_inline int nfx_parse(void *data, void *data_end, struct nfx_flow
 				     __u8 *dir, __u32 *why, __u32 *flags)
 {
 	struct ethhdr *eth = data;
+	void *nh = eth + 1;
 	__u16 proto;
 
 	if ((void *)(eth + 1) > data_end) {
@@ -206,13 +225,41 @@ static __always_inline int nfx_parse(void *data, void *data_end, struct nfx_flow
 		return NFX_PARSE_DROP;
 	}
 	proto = bpf_ntohs(eth->h_proto);
+	/* One or two tags: outer 802.1Q or 802.1ad, inner 802.1Q; their VIDs
+	 * are part of the key.  Anything deeper is not parsed. */
+	if (proto == NFX_ETH_P_8021Q || proto == NFX_ETH_P_8021AD) {
+		__be16 *tag = nh;
+
+		if ((void *)(tag + 2) > data_end) {
+			*why = NFX_CNT_DROP_SHORT_ETH;
+			return NFX_PARSE_DROP;
+		}
+		*flags |= NFX_PF_VLAN;
+		key->vlan_outer = tag[0] & bpf_htons(NFX_VLAN_VID);
+		proto = bpf_ntohs(tag[1]);
+		nh = tag + 2;
+		if (proto == NFX_ETH_P_8021Q) {
+			tag = nh;
+			if ((void *)(tag + 2) > data_end) {
+				*why = NFX_CNT_DROP_SHORT_ETH;
+				return NFX_PARSE_DROP;
+			}
+			key->vlan_inner = tag[0] & bpf_htons(NFX_VLAN_VID);
+			proto = bpf_ntohs(tag[1]);
+			nh = tag + 2;
+		}
+		/* A deeper stack cannot be inspected, and Linux hosts strip any
+		 * number of VID-0 tags: forwarding it would bypass every NF. */
+		if (proto == NFX_ETH_P_8021Q || proto == NFX_ETH_P_8021AD) {
+			*why = NFX_CNT_DROP_VLAN_DEEP;
+			return NFX_PARSE_DROP;
+		}
+	}
 	if (proto == ETH_P_IP)
-		return nfx_parse_ipv4(eth + 1, data_end, key, dir, why, flags);
+		return nfx_parse_ipv4(nh, data_end, key, dir, why, flags);
 	if (proto == ETH_P_IPV6)
-		return nfx_parse_ipv6(eth + 1, data_end, key, dir, why, flags);
-	if (proto == NFX_ETH_P_8021Q || proto == NFX_ETH_P_8021AD)
-		*why = NFX_CNT_CLS_VLAN;
-	else if (proto == NFX_ETH_P_ARP)
+		return nfx_parse_ipv6(nh, data_end, key, dir, why, flags);
+	if (proto == NFX_ETH_P_ARP)
 		*why = NFX_CNT_CLS_ARP;
 	else
 		*why = NFX_CNT_CLS_NON_IP;

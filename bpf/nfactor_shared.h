@@ -24,6 +24,15 @@
 #define NFX_MAX_PORTS 256
 #define NFX_MAX_IPV6_EXT 6
 
+/* The ingress trailer: the switch appends one byte to every frame it sends to
+ * a runtime, NFX_TRAILER_TAG | the external port (0/1) it came in on.  IP
+ * lengths exclude it and runtimes cut it from what NFs see; a runtime sends
+ * frames back with it, and the switch sends each out of the other external
+ * port, trailer removed.  So a frame's egress depends on its own ingress only. */
+#define NFX_TRAILER_LEN 1
+#define NFX_TRAILER_TAG 0xA8
+#define NFX_TRAILER_PORT_MASK 1
+
 /* What a port of the node is (ports map: ifindex -> struct nfx_port). */
 enum nfx_port_role {
 	NFX_PORT_NONE = 0,
@@ -42,7 +51,7 @@ enum nfx_rt_state {
 	NFX_RT_FAILED = 4,	/* keeps its flows (recovery brings them back) */
 };
 
-/* How traffic that is not a TCP/UDP flow is treated (ARP, ICMP, non-IP, VLAN). */
+/* How traffic that is not a flow is treated (ARP, ICMP, non-IP). */
 enum nfx_other_action {
 	NFX_OTHER_FORWARD = 0,	/* out of the opposite external port, untouched */
 	NFX_OTHER_PASS = 1,	/* to the node's own network stack */
@@ -76,9 +85,11 @@ struct nfx_rr_table {
 /*
  * Canonical flow key: the endpoint (address, port) that compares lower goes
  * first, so both directions of a connection share one entry.  IPv4 addresses
- * are stored IPv4-mapped (::ffff:a.b.c.d).  Ports in network byte order.
- * Fragments key on the addresses and protocol only (ports 0): every fragment
- * of a host pair reaches the same runtime.
+ * are stored IPv4-mapped (::ffff:a.b.c.d).  Ports and VLAN ids in network
+ * byte order.  Fragments and IP protocols other than TCP/UDP key on the
+ * addresses, protocol and VLANs only (ports 0): every fragment of a host pair
+ * reaches the same runtime.  VLAN ids are 0 when untagged, so a frame with a
+ * VID-0 (priority) tag names the same flow as an untagged one.
  */
 struct nfx_flow_key {
 	__u8 lo_addr[16];
@@ -87,14 +98,16 @@ struct nfx_flow_key {
 	__u16 hi_port;
 	__u8 proto;
 	__u8 pad[3];
+	__u16 vlan_outer;	/* VID of the outer tag (802.1Q or 802.1ad), 0: none */
+	__u16 vlan_inner;	/* VID of the inner 802.1Q tag, 0: none */
 };
 
-/* orig_dir: 0 if the flow's first frame went lo -> hi, 1 if hi -> lo */
+/* Where a flow is placed.  Nothing here decides where a frame leaves: each
+ * frame carries its own ingress (the trailer). */
 struct nfx_flow {
 	__u32 runtime;
-	__u8 orig_dir;
-	__u8 in_port;		/* external port (0/1) the first frame came in on */
-	__u16 flags;
+	__u8 orig_dir;		/* 0: the placing frame went lo -> hi, 1: hi -> lo (shown only) */
+	__u8 pad[3];
 	__u64 created_ns;	/* bpf_ktime_get_ns() at placement */
 };
 
@@ -133,20 +146,21 @@ enum nfx_counter {
 	NFX_CNT_BYPASS,			/* frames forwarded ext<->ext in bypass or lookup mode */
 	NFX_CNT_CLS_ARP,		/* classified: ARP */
 	NFX_CNT_CLS_ICMP,		/* classified: ICMP or ICMPv6 */
-	NFX_CNT_CLS_VLAN,		/* classified: VLAN-tagged (802.1Q/802.1ad) */
+	NFX_CNT_CLS_VLAN,		/* classified: one or two VLAN tags (802.1Q/802.1ad), parsed through */
 	NFX_CNT_CLS_NON_IP,		/* classified: other ethertype */
-	NFX_CNT_CLS_OTHER_PROTO,	/* classified: IP protocol other than TCP/UDP/ICMP */
+	NFX_CNT_CLS_OTHER_PROTO,	/* classified: IP protocol other than TCP/UDP/ICMP (a flow keyed without ports) */
 	NFX_CNT_CLS_FRAGMENT,		/* classified: IP fragment (keyed without ports) */
 	NFX_CNT_CLS_IP_OPTIONS,		/* classified: IPv4 with options */
 	NFX_CNT_CLS_IPV6_EXT,		/* classified: IPv6 with extension headers */
-	NFX_CNT_DROP_SHORT_ETH,		/* dropped: shorter than an Ethernet header */
+	NFX_CNT_DROP_SHORT_ETH,		/* dropped: shorter than an Ethernet header and its VLAN tags */
 	NFX_CNT_DROP_BAD_IP,		/* dropped: truncated IP header, bad IHL, version or lengths */
 	NFX_CNT_DROP_BAD_L4,		/* dropped: truncated TCP/UDP header or bad TCP data offset */
 	NFX_CNT_DROP_BAD_IPV6_EXT,	/* dropped: truncated or too long IPv6 extension chain */
+	NFX_CNT_DROP_VLAN_DEEP,		/* dropped: more than two VLAN tags, or 802.1ad inside a tag (hosts take VID-0 stacks as untagged) */
 	NFX_CNT_DROP_NO_RUNTIME,	/* dropped: new flow but no runtime is running */
 	NFX_CNT_DROP_MAP_FULL,		/* dropped: flow table insert failed */
-	NFX_CNT_DROP_RT_NO_FLOW,	/* dropped: frame from a runtime with no flow entry */
-	NFX_CNT_DROP_RT_OTHER,		/* dropped: non-flow frame from a runtime port */
+	NFX_CNT_DROP_NO_TAILROOM,	/* dropped: no room to append the ingress trailer to a frame for a runtime */
+	NFX_CNT_DROP_RT_NO_TRAILER,	/* dropped: frame from a runtime without a valid ingress trailer */
 	NFX_CNT_DROP_UNKNOWN_PORT,	/* dropped: frame on a port with no role */
 	NFX_CNT_DROP_NO_PORT,		/* dropped: redirect target slot has no device */
 	NFX_CNT_REDIRECT_ERR,		/* switch redirects the kernel failed after the program returned (tracer) */

@@ -4,15 +4,18 @@
  * to the switch-side end of every runtime port.
  *
  *   external port:  parse -> flow table -> new flow? place it round-robin on
- *                   a running runtime -> redirect to that runtime's port
- *   runtime port:   frames coming back from a runtime -> redirect out of the
- *                   external port opposite to where the flow's frames of that
- *                   direction came in (bump in the wire: ext0 <-> ext1)
+ *                   a running runtime -> append the ingress trailer (the port
+ *                   the frame came in on) -> redirect to that runtime's port
+ *   runtime port:   frames coming back from a runtime -> read and remove the
+ *                   trailer -> redirect out of the other external port (bump
+ *                   in the wire: ext0 <-> ext1).  No flow lookup: a frame's
+ *                   egress depends on its own ingress only, so nothing sent
+ *                   from one side can steer the other side's frames.
  *
  * In lookup mode (config.mode) flows are parsed, looked up and placed as
  * usual, then sent straight out of the opposite external port.
  *
- * Traffic that is not a TCP/UDP flow gets config.other_action.  Every verdict
+ * Traffic that is not a flow (nfactor_parse.h) gets config.other_action.  Every verdict
  * and every drop reason has a counter (enum nfx_counter).
  */
 #include <uapi/linux/bpf.h>
@@ -52,6 +55,10 @@ static __always_inline void count_classes(__u32 flags)
 		nfx_count(NFX_CNT_CLS_FRAGMENT);
 	if (flags & NFX_PF_IPV6_EXT)
 		nfx_count(NFX_CNT_CLS_IPV6_EXT);
+	if (flags & NFX_PF_VLAN)
+		nfx_count(NFX_CNT_CLS_VLAN);
+	if (flags & NFX_PF_OTHER_PROTO)
+		nfx_count(NFX_CNT_CLS_OTHER_PROTO);
 }
 
 #define NFX_RR_TRIES 4
@@ -131,22 +138,22 @@ static __always_inline int pick_runtime(void)
 	return -1;
 }
 
-static __always_inline struct nfx_flow *place_flow(struct nfx_flow_key *key, __u8 dir,
-						   __u32 in_port, int replace)
+/* Place a flow; returns its runtime, or -1 (counted). */
+static __always_inline int place_flow(struct nfx_flow_key *key, __u8 dir, int replace)
 {
 	struct nfx_flow entry = {};
 	struct nfx_flow *flow;
+	struct nfx_rt_stats *st;
 	int rt = pick_runtime();
 	__u32 rt_id;
 	int err;
 
 	if (rt < 0) {
 		nfx_count(NFX_CNT_DROP_NO_RUNTIME);
-		return NULL;
+		return -1;
 	}
 	entry.runtime = rt;
 	entry.orig_dir = dir;
-	entry.in_port = in_port;
 	entry.created_ns = bpf_ktime_get_ns();
 	/* insert() is BPF_NOEXIST: if another CPU placed the flow first, keep its choice */
 	if (replace)
@@ -155,20 +162,66 @@ static __always_inline struct nfx_flow *place_flow(struct nfx_flow_key *key, __u
 		err = flows.insert(key, &entry);
 	if (err == -17 /* EEXIST */) {
 		nfx_count(NFX_CNT_FLOW_RACE);
+		flow = flows.lookup(key);
+		return flow ? (int)flow->runtime : -1;
 	} else if (err) {
 		nfx_count(NFX_CNT_DROP_MAP_FULL);
-		return NULL;
-	} else {
-		struct nfx_rt_stats *st;
-
-		rt_id = rt;
-		nfx_count(replace ? NFX_CNT_FLOW_REPLACED : NFX_CNT_FLOW_NEW);
-		st = rt_stats.lookup(&rt_id);
-		if (st)
-			st->flows_placed++;
+		return -1;
 	}
-	flow = flows.lookup(key);
-	return flow;
+	/* No lookup of the new entry: a lookup would set its LRU reference bit.
+	 * Unreferenced until the flow's second frame, a one-packet flow is among
+	 * the first the LRU evicts, before flows with traffic (measured in
+	 * docs/architecture.md). */
+	rt_id = rt;
+	nfx_count(replace ? NFX_CNT_FLOW_REPLACED : NFX_CNT_FLOW_NEW);
+	st = rt_stats.lookup(&rt_id);
+	if (st)
+		st->flows_placed++;
+	return rt;
+}
+
+/* The offset of the frame's last NFX_TRAILER_LEN bytes, as a bounded scalar
+ * the verifier accepts (the compiler must not fold it into pointer math). */
+static __always_inline __u32 trailer_offset(void *data, void *data_end)
+{
+	__u64 len = data_end - data;
+
+	asm volatile("" : "+r"(len));
+	return (len - NFX_TRAILER_LEN) & 0x3FFF;	/* XDP frames fit a page; the verifier wants < 64 KiB */
+}
+
+/* Append the trailer: NFX_TRAILER_TAG | the external port the frame came in on. */
+static __always_inline int add_trailer(struct xdp_md *ctx, __u32 in_port)
+{
+	void *data, *data_end;
+	__u8 *t;
+
+	if (bpf_xdp_adjust_tail(ctx, NFX_TRAILER_LEN))
+		return -1;
+	data = (void *)(long)ctx->data;
+	data_end = (void *)(long)ctx->data_end;
+	t = data + trailer_offset(data, data_end);
+	if ((void *)(t + NFX_TRAILER_LEN) > data_end)
+		return -1;
+	*t = NFX_TRAILER_TAG | in_port;
+	return 0;
+}
+
+/* Read and remove the trailer; returns the ingress port (0/1), or -1. */
+static __always_inline int take_trailer(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	__u8 *t = data + trailer_offset(data, data_end), tag;
+
+	if (data_end - data <= sizeof(struct ethhdr) || (void *)(t + NFX_TRAILER_LEN) > data_end)
+		return -1;
+	tag = *t;
+	if ((tag & ~NFX_TRAILER_PORT_MASK) != NFX_TRAILER_TAG)
+		return -1;
+	if (bpf_xdp_adjust_tail(ctx, -NFX_TRAILER_LEN))
+		return -1;
+	return tag & NFX_TRAILER_PORT_MASK;
 }
 
 static __always_inline int from_external(struct xdp_md *ctx, struct nfx_config *cfg, __u32 in_port)
@@ -178,9 +231,9 @@ static __always_inline int from_external(struct xdp_md *ctx, struct nfx_config *
 	struct nfx_flow_key key = {};
 	struct nfx_flow *flow;
 	struct nfx_rt_stats *st;
-	__u32 why = 0, flags = 0, rt;
+	__u32 why = 0, flags = 0, rt, len;
 	__u8 dir = 0;
-	int cls;
+	int cls, placed;
 
 	nfx_count(NFX_CNT_RX_EXT);
 	if (cfg->mode == NFX_MODE_BYPASS) {
@@ -200,13 +253,15 @@ static __always_inline int from_external(struct xdp_md *ctx, struct nfx_config *
 
 	flow = flows.lookup(&key);
 	if (!flow)
-		flow = place_flow(&key, dir, in_port, 0);
+		placed = place_flow(&key, dir, 0);
 	else if (runtime_gone(flow->runtime))
-		flow = place_flow(&key, dir, in_port, 1);
-	if (!flow)
+		placed = place_flow(&key, dir, 1);
+	else
+		placed = flow->runtime;
+	if (placed < 0)
 		return XDP_DROP;
 
-	rt = flow->runtime;
+	rt = placed;
 	if (rt >= NFX_MAX_RUNTIMES)
 		return XDP_DROP;
 	if (cfg->mode == NFX_MODE_LOOKUP) {
@@ -215,10 +270,18 @@ static __always_inline int from_external(struct xdp_md *ctx, struct nfx_config *
 		nfx_count(NFX_CNT_BYPASS);
 		return redirect_slot(in_port ? NFX_SLOT_EXT0 : NFX_SLOT_EXT1);
 	}
+	len = data_end - data;
+	if (add_trailer(ctx, in_port)) {
+		/* Without it the frame could not find its way back: drop, counted.
+		 * Native veth frames have room (the driver copies frames with less
+		 * than XDP headroom into pages); see docs/architecture.md. */
+		nfx_count(NFX_CNT_DROP_NO_TAILROOM);
+		return XDP_DROP;
+	}
 	st = rt_stats.lookup(&rt);
 	if (st) {
 		st->to_rt_packets++;
-		st->to_rt_bytes += data_end - data;
+		st->to_rt_bytes += len;
 	}
 	nfx_count(NFX_CNT_TO_RUNTIME);
 	return redirect_slot(NFX_SLOT_RT_BASE + rt);
@@ -226,35 +289,26 @@ static __always_inline int from_external(struct xdp_md *ctx, struct nfx_config *
 
 static __always_inline int from_runtime(struct xdp_md *ctx, __u32 runtime)
 {
-	void *data = (void *)(long)ctx->data;
-	void *data_end = (void *)(long)ctx->data_end;
-	struct nfx_flow_key key = {};
-	struct nfx_flow *flow;
 	struct nfx_rt_stats *st;
-	__u32 why = 0, flags = 0, out;
-	__u8 dir = 0;
+	int in_port;
 
 	nfx_count(NFX_CNT_RX_RUNTIME);
-	if (nfx_parse(data, data_end, &key, &dir, &why, &flags) != NFX_PARSE_FLOW) {
-		nfx_count(NFX_CNT_DROP_RT_OTHER);
+	/* Out of the port opposite to where this very frame came in: no flow
+	 * entry needed, so an evicted or re-placed entry cannot misroute it. */
+	in_port = take_trailer(ctx);
+	if (in_port < 0) {
+		nfx_count(NFX_CNT_DROP_RT_NO_TRAILER);
 		return XDP_DROP;
 	}
-	flow = flows.lookup(&key);
-	if (!flow) {
-		nfx_count(NFX_CNT_DROP_RT_NO_FLOW);
-		return XDP_DROP;
-	}
-	/* Same direction as the flow's first frame: out of the opposite port. */
-	out = (dir == flow->orig_dir) ? !flow->in_port : flow->in_port;
 	if (runtime < NFX_MAX_RUNTIMES) {
 		st = rt_stats.lookup(&runtime);
 		if (st) {
 			st->from_rt_packets++;
-			st->from_rt_bytes += data_end - data;
+			st->from_rt_bytes += (long)ctx->data_end - (long)ctx->data;
 		}
 	}
 	nfx_count(NFX_CNT_TO_EXT);
-	return redirect_slot(out ? NFX_SLOT_EXT1 : NFX_SLOT_EXT0);
+	return redirect_slot(in_port ? NFX_SLOT_EXT0 : NFX_SLOT_EXT1);
 }
 
 int nfx_vswitch(struct xdp_md *ctx)

@@ -8,8 +8,8 @@ Config (the "firewall" entry of the policy's nf_config):
      "strict_tcp": false}       # see "strict_tcp" below
 
 A rule's match fields are those of a service rule (nfactor_xdp.dataplane.rules.FlowMatch:
-prefixes, tcp/udp, ports or ranges, each may be omitted or "any"); "action" is
-required.  Unknown keys are errors.  init() validates the whole config before
+prefixes, protocol by name (tcp, udp, gre, esp, sctp, ...) or number, ports or
+ranges, each may be omitted or "any"); "action" is required.  Unknown keys are errors.  init() validates the whole config before
 changing anything (a bad config raises NFError naming the rule index and
 field, e.g. "firewall.rules[2].dport: ...", and the NF keeps its previous
 config), and bumps `self.version` on every successful call.
@@ -19,8 +19,10 @@ Matching
     orientation as of its first packet: src is the side that sent it.  A packet
     in the REPLY direction has its addresses and ports swapped before
     matching, so "dst 10.0.0.2 dport 80" covers both directions of a
-    connection to that server.  Frames with no L4 header (IP fragments, which
-    are flows of their own with ports 0) match port rules as ports 0.
+    connection to that server.  Flows of protocols without ports (GRE, ESP,
+    ...) never match a rule with a port or range.  IP fragments never reach
+    the NF: the runtime reassembles them and the NF sees the datagram, with
+    its real ports, in the flow of its 5-tuple (or the policy drops them).
 
 When the verdict is computed
     On the flow's first packet, and again on the first packet after the NF's
@@ -42,8 +44,8 @@ Connection tracking (TCP, per flow, from flags and directions)
     closed       an ACK without FIN after both FINs; or an RST (flagged "reset")
     A bare SYN from ORIG on a closed flow reopens it (syn_sent, flags cleared).
     Out-of-order flags are otherwise ignored (the state does not move);
-    sequence numbers are not checked.  UDP flows are "udp"; TCP fragments (no
-    header to read) are "untracked".
+    sequence numbers are not checked.  UDP flows are "udp"; flows of other
+    protocols, and TCP frames with no header to read, are "untracked".
 
 strict_tcp (false by default)
     - a TCP flow whose first packet is not a bare SYN (SYN without ACK, FIN,
@@ -67,7 +69,7 @@ from __future__ import annotations
 import ipaddress
 
 from nfactor_xdp.dataplane.nf import NetworkFunction, NFError, register
-from nfactor_xdp.dataplane.packet import ORIG, REPLY, TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
+from nfactor_xdp.dataplane.packet import ORIG, REPLY, TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, UDP
 from nfactor_xdp.dataplane.rules import FlowMatch, RuleError
 
 ALLOW, DROP, PENDING = "allow", "drop", "pending"
@@ -206,7 +208,7 @@ class Firewall(NetworkFunction):
             elif state["ct"] == "new":
                 state["ct"] = "untracked"
         elif state["ct"] == "new":
-            state["ct"] = "udp"
+            state["ct"] = "udp" if pkt.proto == UDP else "untracked"
         if state["cfg"] != self.version:
             self._evaluate(pkt, state)
             if state["verdict"] == DROP:

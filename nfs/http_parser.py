@@ -6,7 +6,9 @@ Flow state (a plain dict, so the default msgpack serialize() carries it over
 a migration, half-parsed header included):
 
     requests    [{"method", "path", "host", "version"}, ...]  the most recent
-                max_records requests (strings; long fields cut to max_field_bytes)
+                max_records requests (strings, bytes that are not UTF-8 escaped
+                as \\xNN; long fields cut to max_field_bytes *encoded* bytes, so
+                the state stays within nf.MAX_STATE_BYTES with the defaults)
     responses   [{"status": int, "reason", "version"}, ...]   likewise
     n_requests, n_responses   totals (records dropped from the lists included)
     errors      [{"dir": "orig"|"reply", "error": str}, ...]   the first max_errors
@@ -302,7 +304,24 @@ class HttpParser(NetworkFunction):
                 b",".join(codings).lower() if codings else None)
 
     def _text(self, b: bytes) -> str:
-        return b[:self.max_field_bytes].decode("utf-8", "backslashreplace")
+        """A recorded field: at most max_field_bytes once encoded, which is
+        what the flow's state carries (a byte that is not UTF-8 becomes the
+        four characters of its escape, so cutting the bytes is not enough)."""
+        limit = self.max_field_bytes
+        b = b[:limit]
+        if b.isascii():
+            return b.decode("ascii")
+        text = b.decode("utf-8", "backslashreplace")
+        if len(text.encode()) <= limit:
+            return text
+        lo, hi = 0, len(b)  # the longest prefix that fits (found by halving; it always fits)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if len(b[:mid].decode("utf-8", "backslashreplace").encode()) <= limit:
+                lo = mid
+            else:
+                hi = mid - 1
+        return b[:lo].decode("utf-8", "backslashreplace")
 
     def _content_length(self, state, d, direction, lengths: list):
         first = lengths[0]

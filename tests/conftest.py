@@ -54,14 +54,15 @@ def testbed():
 def node_factory(testbed):
     nodes = []
 
-    def make(runtimes: int = 2, policy: dict | None = None) -> RunningNode:
+    def make(runtimes: int = 2, policy: dict | None = None, **settings) -> RunningNode:
+        """settings: more NodeConfig fields (e.g. flow_table_size)."""
         name = f"n{uuid.uuid4().hex[:5]}"
         path = None
         if policy is not None:
             path = f"/tmp/nfactor-test-policy-{name}.json"
             with open(path, "w") as f:
                 json.dump(policy, f)
-        n = RunningNode(testbed, name, runtimes, path)
+        n = RunningNode(testbed, name, runtimes, path, **settings)
         nodes.append(n)
         return n
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import (ICMPv6EchoRequest, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment,
                                 IPv6ExtHdrHopByHop, IPv6ExtHdrRouting)
-from scapy.layers.l2 import ARP, Dot1Q, Ether
+from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
 
 from nfactor_xdp.dataplane.packet import DROP, FLOW, OTHER
 
@@ -33,6 +33,15 @@ class Case:
 
 def _b(pkt) -> bytes:
     return bytes(pkt)
+
+
+def tagged(*vids: int, outer_type: int = 0x8100) -> Ether:
+    """An Ethernet header with VLAN tags (outermost first): 802.1Q each, or
+    `outer_type` (0x88A8: 802.1ad) for the first."""
+    out = Ether(src=SRC_MAC, dst=DST_MAC)
+    for i, vid in enumerate(vids):
+        out = out / (Dot1AD(vlan=vid) if i == 0 and outer_type == 0x88A8 else Dot1Q(vlan=vid))
+    return out
 
 
 def cases() -> list[Case]:
@@ -66,9 +75,56 @@ def cases() -> list[Case]:
         Case("arp", _b(Ether(src=SRC_MAC, dst="ff:ff:ff:ff:ff:ff") / ARP(psrc=A4, pdst=B4)), OTHER, "cls_arp"),
         Case("icmp echo", _b(eth(IP(src=A4, dst=B4) / ICMP())), OTHER, "cls_icmp"),
         Case("icmpv6 echo", _b(eth(IPv6(src=A6, dst=B6) / ICMPv6EchoRequest())), OTHER, "cls_icmp"),
-        Case("gre", _b(eth(IP(src=A4, dst=B4, proto=47) / (b"\0" * 8))), OTHER, "cls_other_proto"),
-        Case("vlan tagged tcp", _b(Ether(src=SRC_MAC, dst=DST_MAC) / Dot1Q(vlan=5) / IP(src=A4, dst=B4) / TCP()),
-             OTHER, "cls_vlan"),
+        # IP protocols other than TCP/UDP/ICMP: flows keyed by addresses and protocol
+        Case("gre", _b(eth(IP(src=A4, dst=B4, proto=47) / (b"\0" * 8))), FLOW, "cls_other_proto",
+             _b(eth(IP(src=B4, dst=A4, proto=47) / (b"\0" * 8)))),
+        Case("esp4", _b(eth(IP(src=A4, dst=B4, proto=50) / (b"\1" * 24))), FLOW, "cls_other_proto"),
+        Case("sctp4 (no L4 parsing)", _b(eth(IP(src=A4, dst=B4, proto=132) / (b"\2" * 4))), FLOW, "cls_other_proto"),
+        Case("ip-in-ip, empty payload", _b(eth(IP(src=A4, dst=B4, proto=4))), FLOW, "cls_other_proto"),
+        Case("gre6", _b(eth(IPv6(src=A6, dst=B6, nh=47) / (b"\0" * 8))), FLOW, "cls_other_proto",
+             _b(eth(IPv6(src=B6, dst=A6, nh=47) / (b"\0" * 8)))),
+        Case("ipv6 no next header", _b(eth(IPv6(src=A6, dst=B6, nh=59))), FLOW, "cls_other_proto"),
+        Case("esp6 behind hop-by-hop", _b(eth(IPv6(src=A6, dst=B6) / IPv6ExtHdrHopByHop(nh=50) / (b"\3" * 16))),
+             FLOW, "cls_other_proto"),
+        Case("ipv6 esp behind an overrunning dest opts", _b(eth(IPv6(src=A6, dst=B6, nh=60)
+                                                                / (bytes([50, 9]) + b"\0" * 6))),
+             DROP, "drop_bad_ipv6_ext"),
+        # VLAN tags: one or two are parsed through, the VIDs join the key
+        Case("vlan tagged tcp", _b(tagged(5) / IP(src=A4, dst=B4) / TCP()), FLOW, "cls_vlan",
+             _b(tagged(5) / IP(src=B4, dst=A4) / TCP(sport=80, dport=20, flags="SA"))),
+        Case("vlan 0 (priority tag) tcp", _b(tagged(0) / IP(src=A4, dst=B4) / TCP(sport=40000, dport=80, flags="S")),
+             FLOW, "cls_vlan"),
+        Case("qinq 802.1ad+802.1Q udp6", _b(tagged(100, 200, outer_type=0x88A8) / IPv6(src=A6, dst=B6)
+                                            / UDP(sport=1, dport=2)), FLOW, "cls_vlan",
+             _b(tagged(100, 200, outer_type=0x88A8) / IPv6(src=B6, dst=A6) / UDP(sport=2, dport=1))),
+        Case("double 802.1Q tcp4", _b(tagged(7, 8) / IP(src=A4, dst=B4) / TCP(sport=22, dport=2222)),
+             FLOW, "cls_vlan"),
+        Case("802.1ad tagged gre", _b(tagged(9, outer_type=0x88A8) / IP(src=A4, dst=B4, proto=47) / (b"\0" * 4)),
+             FLOW, "cls_other_proto"),
+        Case("vlan tagged ipv4 fragment", _b(tagged(5) / IP(src=A4, dst=B4, frag=8, proto=6) / (b"f" * 16)),
+             FLOW, "cls_fragment"),
+        Case("three vlan tags", _b(tagged(1, 2, 3) / IP(src=A4, dst=B4) / TCP()), DROP, "drop_vlan_deep"),
+        Case("three vid-0 tags", _b(tagged(0, 0, 0) / IP(src=A4, dst=B4) / TCP()), DROP, "drop_vlan_deep"),
+        Case("802.1ad inside 802.1Q", _b(Ether(src=SRC_MAC, dst=DST_MAC, type=0x8100) / b"\x00\x05\x88\xa8"
+                                        / b"\x00\x06\x08\x00" / IP(src=A4, dst=B4) / TCP()),
+             DROP, "drop_vlan_deep"),
+        Case("vlan tagged arp", _b(tagged(5) / ARP(psrc=A4, pdst=B4)), OTHER, "cls_arp"),
+        Case("vlan tagged icmp", _b(tagged(5) / IP(src=A4, dst=B4) / ICMP()), OTHER, "cls_icmp"),
+        Case("vlan tag cut short", _b(tagged(5) / IP(src=A4, dst=B4) / TCP())[:16], DROP, "drop_short_eth"),
+        Case("inner vlan tag cut short", _b(tagged(5, 6) / IP(src=A4, dst=B4) / TCP())[:20], DROP, "drop_short_eth"),
+        Case("vlan tagged ipv4 cut short", _b(tagged(5) / IP(src=A4, dst=B4) / TCP())[:30], DROP, "drop_bad_ip"),
+        # fragments: keyed without ports, whatever follows the fragment header
+        Case("ipv6 first fragment", _b(eth(IPv6(src=A6, dst=B6) / IPv6ExtHdrFragment(offset=0, m=1, nh=6)
+                                           / TCP(sport=1, dport=22))), FLOW, "cls_fragment"),
+        Case("ipv6 fragment of a dest-opts chain", _b(eth(IPv6(src=A6, dst=B6)
+                                                          / IPv6ExtHdrFragment(offset=3, m=1, nh=60)
+                                                          / (b"\xff" * 24))), FLOW, "cls_fragment"),
+        Case("ipv6 fragment of icmpv6", _b(eth(IPv6(src=A6, dst=B6) / IPv6ExtHdrFragment(offset=3, m=0, nh=58)
+                                               / (b"\0" * 8))), OTHER, "cls_icmp"),
+        Case("ipv6 atomic fragment (no offset, no M)", _b(eth(IPv6(src=A6, dst=B6) / IPv6ExtHdrFragment(nh=17)
+                                                              / UDP(sport=3, dport=4))), FLOW, "cls_ipv6_ext"),
+        Case("ipv4 esp fragment", _b(eth(IP(src=A4, dst=B4, proto=50, flags="MF") / (b"\4" * 16))),
+             FLOW, "cls_fragment"),
         Case("non-ip ethertype", _b(Ether(src=SRC_MAC, dst=DST_MAC, type=0x88B5) / (b"\0" * 46)), OTHER, "cls_non_ip"),
         Case("runt 10 bytes", b"\x02" * 10, DROP, "drop_short_eth"),
         Case("empty-ish 13 bytes", b"\x00" * 13, DROP, "drop_short_eth"),

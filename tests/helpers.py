@@ -56,7 +56,7 @@ def run_tool(ns: str, *args: str, timeout: float = 60.0) -> dict:
 class RunningNode:
     """A node started on a testbed (the `node` and `node_factory` fixtures)."""
 
-    def __init__(self, tb, name: str, runtimes: int, policy: str | None = None):
+    def __init__(self, tb, name: str, runtimes: int, policy: str | None = None, **settings):
         from nfactor_xdp.control import node_client as nodectl
         from nfactor_xdp.formats.config import NodeConfig
         show = tb.show()
@@ -69,7 +69,8 @@ class RunningNode:
         self.dst_ip = show["hosts"]["dst"]["ipv4"].split("/")[0]
         self.src_ip6 = show["hosts"]["src"]["ipv6"].split("/")[0]
         self.dst_ip6 = show["hosts"]["dst"]["ipv6"].split("/")[0]
-        self.cfg = NodeConfig(name=name, netns=show["namespaces"]["node"], runtimes=runtimes, policy=policy)
+        self.cfg = NodeConfig(name=name, netns=show["namespaces"]["node"], runtimes=runtimes, policy=policy,
+                              **settings)
         self.state = nodectl.start(self.cfg)
 
     def status(self) -> dict:

@@ -182,7 +182,7 @@ print(json.dumps(got), flush=True)
 def _new_tcp_flow(n, before: set) -> dict:
     """The one TCP flow that appeared since `before`, as its runtime sees it.
     Asked right after its connection ended: a closed flow's actor lingers
-    (runtime.CLOSE_LINGER) before it is released."""
+    (lifetime.CLOSE_LINGER) before it is released."""
     new = [f for f in n.flows()["flows"] if f["flow"].startswith("tcp") and f["key"] not in before]
     assert len(new) == 1 and "nfs" in new[0], new
     before.add(new[0]["key"])

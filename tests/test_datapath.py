@@ -131,6 +131,8 @@ def test_tcp_download_completes_with_valid_checksums(node):
     st = node.status()
     assert st["switch"]["redirect_err"] == 0
     assert st["switch"]["flow_new"] == 1
+    # every frame of the download (MTU-sized ones too) took the ingress trailer and came back with it
+    assert st["switch"]["drop_no_tailroom"] == st["switch"]["drop_rt_no_trailer"] == 0
 
 
 def test_status_and_flows_cli_json(node):
@@ -168,7 +170,7 @@ def test_a_redirect_into_a_veth_without_napi_is_counted_not_silent(node):
     assert st["redirect_err"] + st["xmit_drop"] >= lost
 
 
-PARSE_DROPS = ("drop_short_eth", "drop_bad_ip", "drop_bad_l4", "drop_bad_ipv6_ext")
+PARSE_DROPS = ("drop_short_eth", "drop_bad_ip", "drop_bad_l4", "drop_bad_ipv6_ext", "drop_vlan_deep")
 
 
 def _raw_sender(ns: str, frames: list[bytes]) -> None:
@@ -176,6 +178,48 @@ def _raw_sender(ns: str, frames: list[bytes]) -> None:
             "[s.send(bytes.fromhex(h)) for h in json.load(sys.stdin)]")
     subprocess.run(["ip", "netns", "exec", ns, PY, "-c", code], input=json.dumps([f.hex() for f in frames]),
                    text=True, check=True, timeout=30)
+
+
+_SPOOFER = """
+import socket, sys, time
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind(("eth0", 0))
+frame, end = bytes.fromhex(sys.argv[1]), time.monotonic() + float(sys.argv[2])
+while time.monotonic() < end:
+    s.send(frame)
+    time.sleep(0.001)
+"""
+
+
+def test_spoofed_frames_from_one_side_never_steer_the_other_sides_frames(node):
+    """Issue item 8, end to end: before a flow starts, its source side sends a
+    frame of the flow's reply direction (as if from the destination); then the
+    flow runs both ways (MTU-sized datagrams, echoed) while each side keeps
+    sending frames of the other side's direction.  Every datagram and every
+    echo arrives, in order: each frame left by the port opposite its ingress."""
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import Ether
+    sport, packets, nobody = 33000, 300, "02:00:00:00:00:99"  # spoofed frames: for no host's MAC
+    reply_dir = bytes(Ether(dst=nobody) / IP(src=node.dst_ip, dst=node.src_ip) / UDP(sport=9000, dport=sport) / b"s")
+    orig_dir = bytes(Ether(dst=nobody) / IP(src=node.src_ip, dst=node.dst_ip) / UDP(sport=sport, dport=9000) / b"s")
+    _raw_sender(node.src_ns, [reply_dir])  # the flow's first frame: spoofed, from the wrong side
+    spoofers = [subprocess.Popen(["ip", "netns", "exec", ns, PY, "-c", _SPOOFER, frame.hex(), "30"])
+                for ns, frame in ((node.src_ns, reply_dir), (node.dst_ns, orig_dir))]
+    sink = Proc(node.dst_ns, "udp-sink", "--echo", "--expect", str(packets), "--timeout", "30").wait_ready()
+    try:
+        sent = run_tool(node.src_ns, "udp-send", "--dst", node.dst_ip, "--flows", "1", "--packets", str(packets),
+                        "--pps", "200", "--size", "1472", "--base-port", str(sport), "--echo", "--echo-wait", "10")
+        got = sink.result()
+    finally:
+        sink.kill()
+        for p in spoofers:
+            p.kill()
+            p.wait()
+    assert got["received"] == packets and got["flows"] == {f"{node.src_ip}:{sport}": list(range(packets))}
+    assert sent["echoes"] == {str(sport): list(range(packets))}
+    sw = node.status()["switch"]
+    assert sw["flow_new"] == 1  # the spoofed frames and the real ones: one flow, one runtime
+    assert sw["drop_no_tailroom"] == sw["drop_rt_no_trailer"] == 0
 
 
 def test_bad_input_is_counted_and_good_traffic_keeps_flowing(node):

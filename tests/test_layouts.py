@@ -10,7 +10,7 @@ from nfactor_xdp.kern.layouts import HeaderError, SharedHeader
 
 
 def test_struct_sizes():
-    assert ctypes.sizeof(L.FlowKeyStruct) == 40
+    assert ctypes.sizeof(L.FlowKeyStruct) == 44  # 5-tuple, then the VLAN ids
     assert ctypes.sizeof(L.Flow) == 16
     assert ctypes.sizeof(L.RRTable) == 8 + 4 * L.C["NFX_MAX_RUNTIMES"]
     assert ctypes.sizeof(L.RtStats) % 8 == 0

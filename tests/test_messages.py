@@ -1,6 +1,8 @@
 """Control messages: frame round trips, every rejection reason, fuzzing, the
-UDP endpoint (floods, request/reply, retries, timeouts) and the cluster key
-file.  No root needed: loopback sockets and a tmp_path key file."""
+endpoint over UDP (floods, request/reply, retries, timeouts; over UNIX
+sockets and requests acted on once: test_endpoint_unix.py) and the cluster
+key file.  Loopback sockets and a tmp_path key file; the test marked root
+changes a file's owner."""
 from __future__ import annotations
 
 import collections
@@ -335,9 +337,7 @@ def test_retries_then_reply_calls_on_reply_once(pair):
     replies, timeouts, seen = [], [], []
 
     def serve(msg, addr):
-        seen.append(msg.rid)
-        if len(seen) == 3:  # ignore the first two requests
-            b.reply(msg, addr, {"ok": True})
+        seen.append((msg, addr))  # answered later
 
     t0 = time.monotonic()
     rid = a.request(b.address, MsgType.STATUS, {}, on_reply=replies.append, timeout=0.2, retries=3,
@@ -345,11 +345,13 @@ def test_retries_then_reply_calls_on_reply_once(pair):
     pump({b: serve}, lambda: len(seen) == 1, what="first request")
     a.tick(now=t0 + 0.1)  # before the timeout: nothing
     assert a.counters["resent"] == 0
-    a.tick(now=t0 + 1)    # timed out: second attempt
-    pump({b: serve}, lambda: len(seen) == 2, what="second request")
-    a.tick(now=t0 + 2)    # third attempt, which gets the reply
+    a.tick(now=t0 + 1)    # timed out: second attempt, which the server drops (still in progress)
+    pump({b: serve}, lambda: b.counters["duplicate_request"] == 1, what="second request")
+    a.tick(now=t0 + 2)    # third attempt, the same
+    pump({b: serve}, lambda: b.counters["duplicate_request"] == 2, what="third request")
+    b.reply(seen[0][0], seen[0][1], {"ok": True})
     pump({a: None, b: serve}, lambda: replies, what="reply")
-    assert seen == [rid, rid, rid]
+    assert [m.rid for m, _ in seen] == [rid]  # the handler saw the request once
     assert [r.rid for r in replies] == [rid] and timeouts == []
 
     # the same reply again (e.g. to a retry the server answered twice) is ignored
@@ -374,7 +376,9 @@ def test_timeout_after_last_retry(pair):
     for step in (1, 2):
         a.tick(now=t0 + step)
         assert timeouts == []
-    pump({b: lambda msg, addr: seen.append(msg)}, lambda: len(seen) == 3, what="three attempts")
+    pump({b: lambda msg, addr: seen.append(msg)}, lambda: b.counters["duplicate_request"] == 2,
+         what="three attempts")
+    assert len(seen) == 1  # the retries reached the server, not its handler
     a.tick(now=t0 + 2.1)  # last attempt's timeout not yet passed
     assert timeouts == []
     a.tick(now=t0 + 3)
@@ -417,8 +421,9 @@ def test_call_timeout_raises_naming_the_address(pair):
         a.call(silent.address, MsgType.STATUS, {}, timeout=0.05, retries=2)
     assert time.monotonic() - start >= 0.15
     seen = []
-    pump({silent: lambda msg, addr: seen.append(msg.rid)}, lambda: len(seen) == 3, what="3 attempts")
-    assert len(set(seen)) == 1
+    pump({silent: lambda msg, addr: seen.append(msg.rid)}, lambda: silent.counters["duplicate_request"] == 2,
+         what="3 attempts")
+    assert len(seen) == 1  # one request, retried: the handler sees it once
 
 
 def test_call_against_wrong_key_times_out_and_receiver_counts_bad_mac():
@@ -537,3 +542,54 @@ def test_concurrent_creators_agree_on_one_key(tmp_path):
         with open(path, "rb") as f:
             assert f.read() == keys[0]
         assert os.listdir(os.path.dirname(path)) == ["cluster.key"]
+
+
+def test_key_behind_a_symlink_refused(tmp_path):
+    real = tmp_path / "real.key"
+    ClusterKey.load_or_create(str(real))
+    link = tmp_path / "cluster.key"
+    link.symlink_to(real)
+    with pytest.raises(ClusterKeyError, match=f"{link} is a symlink"):
+        ClusterKey.load(str(link))
+    with pytest.raises(ClusterKeyError, match="symlink"):
+        ClusterKey.load_or_create(str(link))
+    dangling = tmp_path / "dangling.key"
+    dangling.symlink_to(tmp_path / "nowhere")  # create must not write through it either
+    with pytest.raises(ClusterKeyError, match="symlink"):
+        ClusterKey.load_or_create(str(dangling))
+    assert not (tmp_path / "nowhere").exists()
+
+
+@pytest.mark.root
+def test_key_of_another_owner_refused(tmp_path):
+    path = tmp_path / "cluster.key"
+    ClusterKey.load_or_create(str(path))
+    os.chown(path, 65534, 65534)
+    with pytest.raises(ClusterKeyError, match=f"{path} is owned by uid 65534, not by this user.*chown 0 {path}"):
+        ClusterKey.load(str(path))
+    os.chown(path, 0, 0)
+    assert len(ClusterKey.load(str(path))) == 32
+
+
+def test_fuzz_sample_of_control_messages_finds_nothing():
+    """A bounded sample of `nfactorctl fuzz messages` (which runs 1,000,000 by default)."""
+    from nfactor_xdp.tools.fuzz_messages import GENERATORS, run
+    report = run(30_000, seed=20240602)
+    assert report["ok"], report["examples"]
+    assert set(report["outcomes"]) == set(GENERATORS)
+    seen = collections.Counter()
+    for outcomes in report["outcomes"].values():
+        seen.update(outcomes)
+    assert seen["accepted"] > 100 and set(m.REASONS) <= set(seen)  # every reason, and real messages, reached
+
+
+def test_fuzz_messages_command_reports_json():
+    import json
+
+    from click.testing import CliRunner
+
+    from nfactor_xdp.cli import main
+    r = CliRunner().invoke(main, ["fuzz", "messages", "--count", "500", "--seed", "3"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output)
+    assert report["count"] == 500 and report["ok"] and report["findings"] == {}

@@ -87,3 +87,71 @@ def test_bad_policy_files(tmp_path):
         load_policy(str(f))
     with pytest.raises(RuleError, match="not found"):
         load_policy(str(tmp_path / "missing.json"))
+
+
+def test_every_policy_file_error_names_the_file(tmp_path):
+    f = tmp_path / "bad.json"
+    f.write_text(json.dumps({"rules": [{"dport": "80", "chain": ["no_such_nf"]}]}))
+    with pytest.raises(RuleError, match=f"policy file {f}: rules\\[0\\].chain: unknown NF"):
+        load_policy(str(f))
+    with pytest.raises(RuleError, match=f"policy file {tmp_path}: "):  # a directory: an OSError underneath
+        load_policy(str(tmp_path))
+
+
+def test_save_policy_is_atomic_and_durable(tmp_path, monkeypatch):
+    import os
+    path = str(tmp_path / "policy.json")
+    old = policy({"dport": "80", "chain": [FM]})
+    save_policy(old, path)
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        with open(path) as f:  # the old file is whole until the rename
+            assert json.load(f) == old.to_dict()
+        events.append(("rename", os.path.dirname(src) == os.path.dirname(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    new = policy({"dport": "443", "chain": [FW]})
+    save_policy(new, path)
+    # the data reaches the disk before the rename, the rename before save_policy returns
+    assert [e[0] for e in events] == ["fsync", "rename", "fsync"], events
+    assert events[0][1] != path and os.path.dirname(events[0][1]) == str(tmp_path)  # a temporary in the same dir
+    assert events[1] == ("rename", True) and events[2] == ("fsync", str(tmp_path))
+    assert load_policy(path).to_dict() == new.to_dict() and os.listdir(tmp_path) == ["policy.json"]
+
+    # a write that fails midway (disk full at fsync) leaves the old file, whole, and no temporary
+    def broken_fsync(fd):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(OSError, match="No space"):
+        save_policy(old, path)
+    assert load_policy(path).to_dict() == new.to_dict() and os.listdir(tmp_path) == ["policy.json"]
+
+
+def test_protocols_by_name_or_number_and_ports_never_match_a_portless_flow():
+    t = policy({"proto": "gre", "chain": [FM]}, {"proto": 50, "chain": [FW]},
+               {"proto": "sctp", "dport": "0-65535", "chain": [HP]}, default=[]).table()
+    assert t.lookup("10.0.0.1", "10.0.0.2", 47, 0, 0) == (encode_chain([FM]), 1)
+    assert t.lookup("10.0.0.1", "10.0.0.2", 50, 0, 0) == (encode_chain([FW]), 2)
+    assert t.lookup("10.0.0.1", "10.0.0.2", 132, 0, 0) == (0, 0)  # a port range: SCTP has no ports here
+    assert [r.to_dict()["proto"] for r in policy({"proto": "ESP", "chain": [FM]}, {"proto": "200", "chain": [FM]},
+                                                  {"proto": "any", "chain": [FM]}).rules] == ["esp", "200", "any"]
+    for bad, why in (("icmp", "ICMP is not a flow"), ("icmpv6", "ICMP is not a flow"), ("banana", "not an IP"),
+                     (256, "not an IP"), (-1, "not an IP")):
+        with pytest.raises(RuleError, match=f"rules\\[0\\]\\.proto: .*{why}"):
+            policy({"proto": bad, "chain": [FM]})
+
+
+def test_the_fragments_option_round_trips_and_is_checked():
+    p = Policy.from_dict({"fragments": "drop"})
+    assert p.fragments == "drop" and Policy.from_dict(p.to_dict()).fragments == "drop"
+    assert Policy.from_dict({}).fragments == "reassemble"
+    with pytest.raises(RuleError, match="policy.fragments: 'keep' is not reassemble or drop"):
+        Policy.from_dict({"fragments": "keep"})

@@ -11,7 +11,8 @@ from scapy.layers.l2 import Ether
 from nfactor_xdp.dataplane.rules import Policy
 from nfactor_xdp.formats.messages import Message, MsgType
 from nfactor_xdp.formats.config import NodeConfig
-from nfactor_xdp.dataplane.runtime import CLOSE_LINGER, Runtime
+from nfactor_xdp.dataplane.lifetime import CLOSE_LINGER
+from nfactor_xdp.dataplane.runtime import Runtime
 
 
 def udp(sport=5000, dport=53, src="10.0.0.1", dst="10.0.0.2"):

@@ -7,7 +7,7 @@ import pytest
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
-from nfactor_xdp.dataplane import migration, replication
+from nfactor_xdp.dataplane import arrivals, migration, replication
 from nfactor_xdp.dataplane.rules import Policy
 from nfactor_xdp.dataplane.runtime import Runtime
 from nfactor_xdp.formats.config import NodeConfig
@@ -98,7 +98,7 @@ def arriving(rt: Runtime, ep: Endpoint, frame) -> bytes:
 
 
 def test_an_arriving_flow_holds_frames_up_to_its_limit_then_drops_and_counts(monkeypatch):
-    monkeypatch.setattr(migration, "MAX_BUFFER", 10)
+    monkeypatch.setattr(arrivals, "MAX_BUFFER", 10)
     rt, sock, ep = runtime()
     key = arriving(rt, ep, udp())
     for i in range(15):
@@ -126,7 +126,7 @@ def test_an_aborted_arrival_hands_every_held_frame_back_in_pages():
     while start is not None:
         rt.migrator.on_abort(msg(MsgType.MIGRATE_DONE, {"key": key.hex(), "abort": True, "from": start}), None)
         page = ep.replies[-1]
-        assert page["ok"] and sum(len(f[0]) for f in page["frames"]) <= migration.TAKE_BACK_BYTES
+        assert page["ok"] and sum(len(f[0]) for f in page["frames"]) <= arrivals.TAKE_BACK_BYTES
         back += [f[0][-1] for f in page["frames"]]
         start = page["next"]
     assert back == list(range(100))           # all of them, in order, once

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import os
 import select
+import shutil
 import signal
 import socket
 import statistics
@@ -22,6 +23,7 @@ from nfactor_xdp.formats import config as nodeconf
 from nfactor_xdp.kern.bpfsys import BPF_NOEXIST
 from nfactor_xdp.formats.messages import ClusterKey, Endpoint, MessageTimeout, MsgType
 from nfactor_xdp.dataplane.packet import FLOW, classify
+from nfactor_xdp.formats.flowkey import KEY_SIZE
 from nfactor_xdp.control.switch_agent import MarkerInjector, SwitchAgent
 from nfactor_xdp.formats import marker
 from nfactor_xdp.formats.config import NodeConfig
@@ -30,7 +32,6 @@ from nfactor_xdp.kern import grace
 from tests.helpers import wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-AGENT_PORT = 47100   # the namespace is new: any port is free
 ETH_P_ALL = 0x0003
 _sports = itertools.count(20000)  # a new flow per use
 
@@ -56,7 +57,7 @@ def _marker(sport: int, nonce: int) -> bytes:
 class Env:
     def __init__(self, ns: str, node: str, maps, client: Endpoint, agent: subprocess.Popen, log: str):
         self.ns, self.node, self.maps, self.client, self.agent, self.log = ns, node, maps, client, agent, log
-        self.addr = ("127.0.0.1", AGENT_PORT)
+        self.addr = nodeconf.control_socket(node, "switch")
 
     def call(self, msg_type, body: dict, timeout: float = 5.0) -> dict:
         # no retries: a re-sent MOVE would inject its marker twice and skew the counters
@@ -73,14 +74,13 @@ class Env:
     def status(self) -> dict:
         return self.call(MsgType.STATUS, {})
 
-    def add_flow(self, runtime: int = 0, in_port: int = 1) -> tuple[bytes, int]:
+    def add_flow(self, runtime: int = 0) -> tuple[bytes, int]:
         """A flow placed on `runtime`; returns (key, source port)."""
         sport = next(_sports)
         kind, key, direction, _ = classify(_frame(sport, b"data"))
         assert kind == FLOW
         self.maps["flows"].set(L.FlowKeyStruct.from_buffer_copy(key),
-                               L.Flow(runtime=runtime, orig_dir=direction, in_port=in_port, flags=0,
-                                      created_ns=123456789), BPF_NOEXIST)
+                               L.Flow(runtime=runtime, orig_dir=direction, created_ns=123456789), BPF_NOEXIST)
         return key, sport
 
     def entry(self, key: bytes):
@@ -113,11 +113,11 @@ def _make_port(ns: str) -> None:
     attach_pass("rt0", ns)
 
 
-def _start_agent(ns: str, node: str, port: int, log: str) -> subprocess.Popen:
+def _start_agent(ns: str, node: str, log: str) -> subprocess.Popen:
     # Forked from inside the namespace, like the supervisor does: `ip netns exec`
     # would mount the namespace's own /sys, without the bpffs holding the pins.
     with open(log, "ab") as out, netns.entered(ns):
-        cfg = NodeConfig(name=node, switch_agent_port=port)
+        cfg = NodeConfig(name=node)
         return subprocess.Popen([sys.executable, "-m", "nfactor_xdp.control.switch_agent",
                                  "--config-json", cfg.to_json()],
                                 cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -141,7 +141,7 @@ def env(tmp_path_factory):
     tag = uuid.uuid4().hex[:6]
     ns, node = f"nfxsa-{tag}", f"s{tag}"
     log = str(tmp_path_factory.mktemp("switchagent") / "agent.log")
-    progs = maps = client = agent = None
+    progs = maps = client = agent = e = None
     netns.create(ns)
     try:
         _make_port(ns)
@@ -150,9 +150,9 @@ def env(tmp_path_factory):
         maps = NodeMaps(node)
         for rt_id in range(L.C["NFX_MAX_RUNTIMES"]):  # the agent only moves flows to running runtimes
             maps.set_runtime(rt_id, L.C["NFX_RT_RUNNING"], 0)
-        agent = _start_agent(ns, node, AGENT_PORT, log)
-        with netns.entered(ns):  # the client's socket lives in the node's namespace
-            client = Endpoint(("127.0.0.1", 0), ClusterKey.load_or_create(nodeconf.cluster_key_path()), "test")
+        agent = _start_agent(ns, node, log)
+        client = Endpoint(nodeconf.control_socket(node, "test"), ClusterKey.load_or_create(nodeconf.cluster_key_path()),
+                          "test")
         e = Env(ns, node, maps, client, agent, log)
 
         def pong():
@@ -164,8 +164,8 @@ def env(tmp_path_factory):
         wait_for(pong, timeout=15, what="the switch agent to answer PING")
         yield e
     finally:
-        if agent is not None:
-            _stop(agent)
+        for proc in {agent, e and e.agent} - {None}:  # a test may have replaced the agent
+            _stop(proc)
         if client is not None:
             client.close()
         if maps is not None:
@@ -174,6 +174,7 @@ def env(tmp_path_factory):
             progs.close()
         remove_pins(node)
         netns.remove(ns)
+        shutil.rmtree(nodeconf.run_dir(node), ignore_errors=True)
     assert not os.path.exists(f"/sys/fs/bpf/nfactor/{node}"), "pins left behind"
 
 
@@ -211,7 +212,7 @@ class Capture:
 def test_a_move_to_a_runtime_that_is_not_running_is_refused(env):
     env.maps.set_runtime(5, L.C["NFX_RT_FAILED"], 0)
     try:
-        body = {"key": bytes(40).hex(), "to": 5, "from": 0, "marker": None}
+        body = {"key": bytes(KEY_SIZE).hex(), "to": 5, "from": 0, "marker": None}
         reply = env.client.call(env.addr, MsgType.MIGRATE_MOVE, body, timeout=1.0)
         assert reply.body["ok"] is False and "not running" in reply.body["error"]
     finally:
@@ -253,7 +254,7 @@ def test_grace_period_is_a_real_wait_and_takes_reasonable_time():
 
 @netns_test
 def test_move_rewrites_the_entry_and_the_marker_arrives_through_the_ring(env):
-    key, sport = env.add_flow(runtime=0, in_port=1)
+    key, sport = env.add_flow(runtime=0)
     before = env.entry(key)
     marker = _marker(sport, 7)
     cap = Capture(env.ns)
@@ -263,8 +264,7 @@ def test_move_rewrites_the_entry_and_the_marker_arrives_through_the_ring(env):
         assert r["ok"] and r["batch"] == 1 and r["grace_us"] >= 0, r
         after = env.entry(key)
         assert after.runtime == 3
-        assert (after.orig_dir, after.in_port, after.flags, after.created_ns) == \
-            (before.orig_dir, before.in_port, before.flags, before.created_ns)
+        assert (after.orig_dir, after.created_ns) == (before.orig_dir, before.created_ns)
         seen = cap.expect([marker])
         assert marker in seen
         # it went through rt0's NAPI ring (the one redirected frames take), not the backlog
@@ -318,7 +318,7 @@ def test_waiting_moves_share_one_grace_period_in_process(env):
     """Deterministic: with 20 requests already queued, one serve_once is one batch."""
     flows = [env.add_flow(runtime=0) for _ in range(20)]
     with netns.entered(env.ns):
-        agent = SwitchAgent(env.node, 0, env.client.key)
+        agent = SwitchAgent(env.node, env.client.key, path=nodeconf.control_socket(env.node, "switch-in-process"))
     try:
         replies = []
         for key, sport in flows:
@@ -371,8 +371,7 @@ def test_bad_requests_get_an_error_and_the_agent_keeps_serving(env):
     assert env.entry(key).runtime == 5
     # a message the agent does not handle, and a frame that is not ours at all
     assert not env.call(MsgType.HEARTBEAT, {})["ok"]
-    with netns.entered(env.ns):
-        junk = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    junk = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     junk.sendto(b"not a control frame" * 3, env.addr)
     junk.close()
     assert env.call(MsgType.PING, {})["ok"] and env.agent.poll() is None
@@ -435,24 +434,23 @@ def test_injector_reports_a_missing_interface(env):
 
 
 @netns_test
-def test_sigterm_stops_the_agent(env, tmp_path):
-    log = str(tmp_path / "agent2.log")
-    proc = _start_agent(env.ns, env.node, AGENT_PORT + 1, log)
-    try:
-        def pong():
-            try:
-                return env.client.call(("127.0.0.1", AGENT_PORT + 1), MsgType.PING, {},
-                                       timeout=0.2, retries=0).body["ok"]
-            except MessageTimeout:
-                assert proc.poll() is None, open(log).read()
-                return False
-        wait_for(pong, timeout=15, what="second agent up")
-        t0 = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=5) == 0, open(log).read()
-        print(f"\nMEASURED SIGTERM to exit: {(time.monotonic() - t0) * 1000:.0f} ms")
-    finally:
-        _stop(proc)
+def test_sigterm_stops_the_agent(env):
+    """The node has one agent (one socket name): this stops it and starts its successor,
+    which takes over the name the first one left."""
+    t0 = time.monotonic()
+    env.agent.send_signal(signal.SIGTERM)
+    assert env.agent.wait(timeout=5) == 0, open(env.log).read()
+    print(f"\nMEASURED SIGTERM to exit: {(time.monotonic() - t0) * 1000:.0f} ms")
+    assert not os.path.exists(env.addr)  # it took its socket with it
+    env.agent = _start_agent(env.ns, env.node, env.log)
+
+    def pong():
+        try:
+            return env.client.call(env.addr, MsgType.PING, {}, timeout=0.2, retries=0).body["ok"]
+        except MessageTimeout:
+            assert env.agent.poll() is None, open(env.log).read()
+            return False
+    wait_for(pong, timeout=15, what="the next agent up")
 
 
 # --- ordering on the real path -----------------------------------------------------
@@ -505,9 +503,10 @@ def live_switch(tmp_path):
                 node.maps.set_runtime_state(rt, L.C["NFX_RT_RUNNING"])
             xsk = XskSocket(socket.if_nametoindex("rt0"), 0)
             node.maps["xsks"].set(0, xsk.fd)
-            client = Endpoint(("127.0.0.1", 0), ClusterKey.load_or_create(nodeconf.cluster_key_path()), "test")
-        agent = _start_agent(ns, name, AGENT_PORT, log)
-        addr = ("127.0.0.1", AGENT_PORT)
+        client = Endpoint(nodeconf.control_socket(name, "test"), ClusterKey.load_or_create(nodeconf.cluster_key_path()),
+                          "test")
+        agent = _start_agent(ns, name, log)
+        addr = nodeconf.control_socket(name, "switch")
 
         def pong():
             assert agent.poll() is None, open(log).read()
@@ -543,7 +542,7 @@ def test_no_frame_of_the_flow_reaches_the_old_runtime_after_its_marker(live_swit
     template = raw(hdr / (b"\0" * 8))
     kind, key, direction, _ = classify(template)
     node.maps["flows"].set(L.FlowKeyStruct.from_buffer_copy(key),
-                           L.Flow(runtime=0, orig_dir=direction, in_port=0, flags=0, created_ns=1), BPF_NOEXIST)
+                           L.Flow(runtime=0, orig_dir=direction, created_ns=1), BPF_NOEXIST)
     seen: list[tuple[str, int]] = []  # ("data", seq), ("marker", nonce) or ("other", length), in socket order
     replies: dict[int, dict] = {}
 
@@ -563,8 +562,8 @@ def test_no_frame_of_the_flow_reaches_the_old_runtime_after_its_marker(live_swit
             payload = bytes(xsk.frame(a, ln)[42:])
             if len(payload) == 16 and payload[:8] == marker.MAGIC.to_bytes(8, "big"):
                 seen.append(("marker", int.from_bytes(payload[8:], "big")))
-            elif len(payload) == 8:
-                seen.append(("data", int.from_bytes(payload, "big")))
+            elif len(payload) == 8 + L.C["NFX_TRAILER_LEN"]:  # the switch's ingress trailer follows
+                seen.append(("data", int.from_bytes(payload[:8], "big")))
             else:
                 seen.append(("other", len(payload)))
         if descs:

@@ -6,7 +6,7 @@ flow to one of N Python runtimes (one per core, AF_XDP sockets); processed
 frames leave by the opposite interface.
 
 Each command group is a module of this package (node, rules, migrate,
-runtime, testbed, bench, demo, probe), imported only when that command runs
+runtime, testbed, bench, demo, probe, fuzz), imported only when that command runs
 or help lists it; the modules import the layers below (tools, control, ...)
 inside their commands.  Exit codes are decided here, in NodeCtl.invoke.
 """
@@ -28,7 +28,7 @@ EXIT_PARTIAL = 3  # the command did part of its work: some flows did not move, t
 COMMANDS = {
     "up": "node", "down": "node", "status": "node", "flows": "node",
     "rules": "rules", "migrate": "migrate", "runtime": "runtime",
-    "testbed": "testbed", "bench": "bench", "demo": "demo", "probe": "probe",
+    "testbed": "testbed", "bench": "bench", "demo": "demo", "probe": "probe", "fuzz": "fuzz",
 }
 
 
@@ -68,7 +68,7 @@ EPILOG = f"""\b
 Exit codes:
   {EXIT_OK}  done
   {EXIT_ERROR}  error: the node refused or could not do it (the reason on stderr),
-     or `probe` found a feature missing
+     `probe` found a feature missing, or `fuzz` found a problem
   {EXIT_USAGE}  usage error: unknown command, bad option or value
   {EXIT_PARTIAL}  partly done: `migrate` could not move some flows, `demo` lost traffic
 """

@@ -39,6 +39,9 @@ def migrate(name, src, dst, all_flows, count, flows_, as_json):
             click.echo(f"  the batch took {report['seconds'] * 1000:.1f} ms ({report['batch_us_per_flow']:.0f} us "
                        f"per flow of the batch)" + (f"; one flow's migration took {lat['avg']:.0f} us on average, "
                                                     f"p99 {lat['p99']:.0f} us" if lat else ""))
+        if report.get("not_migratable"):
+            click.echo(f"{report['not_migratable']} flows cannot move: their state is larger than a migration "
+                       f"carries (nfactorctl flows shows them as not migratable)")
         if report["failed"]:
             click.echo(f"last error: {report.get('last_error')}")
     if report["failed"]:

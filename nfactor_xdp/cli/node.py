@@ -101,6 +101,10 @@ def _show_controller(c: dict) -> None:
                    f"rejected frames {sum((c.get('rejected') or {}).values())}")
     else:
         click.echo(f"controller: NOT ANSWERING ({c.get('restarts', 0)} restarts)")
+        why = (c.get("last_exit") or {}).get("why")
+        if why:  # e.g. dying again and again: why, and when the next try is
+            click.echo(f"controller: exited {c.get('quick_exits')} times in a row, next start in "
+                       f"{c.get('restart_delay_s') or 0:.2f} s; last exit: {why}")
 
 
 def _show_runtimes(runtimes: list[dict]) -> None:
@@ -162,3 +166,7 @@ def flows(name, as_json, limit):
         click.echo(f"{rt!s:>7} {p.get('orig', '-')!s:>10} {p.get('reply', '-')!s:>10} "
                    f"{f.get('dropped', '-')!s:>8}  {chain:<36} {f['flow']}")
     click.echo(f"{len(out['flows'])} flows")
+    stuck = sum(1 for f in out["flows"] if f.get("migratable") is False)
+    if stuck:
+        click.echo(f"{stuck} of them cannot migrate: their state is larger than a migration carries (--json: "
+                   f"state_bytes)")

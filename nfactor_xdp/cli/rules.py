@@ -44,20 +44,22 @@ def rules_list(name, as_json):
     rows = [r.to_dict() for r in policy.table().rules]
     if as_json:
         emit_json({"rules": rows, "default_chain": nf.chain_names(policy.default_chain),
-                   "nfs": nf.known()})
+                   "fragments": policy.fragments, "nfs": nf.known()})
         return
     click.echo(f"{'id':>3} {'src':<18} {'dst':<18} {'proto':<5} {'sport':<11} {'dport':<11} chain")
     for r in rows:
         click.echo(f"{r['id']:>3} {r['src']:<18} {r['dst']:<18} {r['proto']:<5} {r['sport']:<11} "
                    f"{r['dport']:<11} {'->'.join(r['chain']) or '(none)'}")
     click.echo(f"default chain: {'->'.join(nf.chain_names(policy.default_chain)) or '(none: pass through)'}")
+    click.echo(f"IP fragments: {policy.fragments}")
 
 
 @rules.command("add")
 @name_option
 @click.option("--src", default="any", show_default=True, help="Source prefix (the flow's first sender).")
 @click.option("--dst", default="any", show_default=True, help="Destination prefix.")
-@click.option("--proto", default="any", show_default=True, help="tcp, udp or any.")
+@click.option("--proto", default="any", show_default=True,
+              help="tcp, udp, gre, esp, ah, sctp, ipip, ipv6, ..., a protocol number, or any.")
 @click.option("--sport", default="any", show_default=True, help="Source port or range (1000-2000).")
 @click.option("--dport", default="any", show_default=True, help="Destination port or range.")
 @click.option("--chain", required=True, help="NFs in order, comma-separated (see `rules list --json`).")
@@ -92,6 +94,18 @@ def rules_default(name, chain):
         policy.default_chain = parse_chain(chain, "--chain")
         return "default chain set"
     _edit(name, set_default)
+
+
+@rules.command("fragments")
+@name_option
+@click.argument("mode", type=click.Choice(["reassemble", "drop"]))
+def rules_fragments(name, mode):
+    """What runtimes do with IP fragments: reassemble them so the chain sees
+    each datagram with its real ports (default), or drop them all."""
+    def set_mode(policy):
+        policy.fragments = mode
+        return f"IP fragments: {mode}"
+    _edit(name, set_mode)
 
 
 @rules.command("load")

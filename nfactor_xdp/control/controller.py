@@ -33,6 +33,7 @@ from .durable_log import ControllerLog
 from ..kern.maps import NodeMaps
 from ..formats.messages import ClusterKey, Endpoint, Message, MsgType
 from ..dataplane.rules import Policy, RuleError, load_policy
+from ..errors import NFactorError
 
 COMPACT_EVERY = 200  # logged changes between compactions
 LOAD_PUSH_INTERVAL = 0.5  # seconds between view pushes that only carry new loads
@@ -40,13 +41,21 @@ LOAD_PUSH_INTERVAL = 0.5  # seconds between view pushes that only carry new load
 log = logs.get("controller")
 
 
+class RecoveryError(NFactorError):
+    """The controller cannot rebuild its state (bad policy file, a log op
+    that fails): it exits saying why, and the supervisor backs off."""
+
+
 class Controller:
     def __init__(self, cfg: NodeConfig):
         self.cfg = cfg
         self.node = cfg.name
         self.key = ClusterKey.load_or_create(nodeconf.cluster_key_path())
-        self.ep = Endpoint(("127.0.0.1", cfg.control_port), self.key, "controller")
-        self.supervisor = ("127.0.0.1", cfg.supervisor_port)
+        self.ep = Endpoint(nodeconf.control_socket(cfg.name, "controller"), self.key, "controller")
+        # heartbeats alone on their own socket: a burst (or a flood) of other
+        # messages cannot fill the queue they wait in and fire the failure detector
+        self.hb = Endpoint(nodeconf.control_socket(cfg.name, "heartbeat"), self.key, "controller")
+        self.supervisor = nodeconf.control_socket(cfg.name, "supervisor")
         self.heartbeat = cfg.heartbeat
         self.miss_limit = cfg.miss_limit
         self.scale_threshold = cfg.scale_threshold
@@ -67,6 +76,7 @@ class Controller:
         self.min_runtimes = cfg.min_runtimes
         self.last_scale = 0.0
         self.stopping = False
+        self.recovered = False  # only a recovered state may be compacted into the log
         self.stats = {"heartbeats": 0, "registers": 0, "failures_detected": 0, "exits_reported": 0,
                       "scale_outs": 0, "scale_ins": 0, "view_pushes": 0, "replayed_ops": 0, "restarted_at": time.time()}
 
@@ -79,15 +89,16 @@ class Controller:
             self.policy = Policy.from_dict(snapshot["policy"])
             self.view_version = snapshot.get("view_version", 0)
         elif os.path.exists(nodeconf.policy_path(self.node)):
+            # never run the node without its NFs: a bad policy file stops us here (RecoveryError)
             try:
                 self.policy = load_policy(nodeconf.policy_path(self.node))
             except RuleError as e:
-                log.error("ignoring the bad policy file: %s", e)
-        for op in ops:
-            self._apply(op)
+                raise RecoveryError(f"cannot load the node's policy: {e}") from None
+        for i, op in enumerate(ops):
+            self._replay(op, f"logged op {i + 1} of {len(ops)}")
         for seq, op in pending:
             # died between intent and success mark: every op is idempotent, apply it again
-            self._apply(op)
+            self._replay(op, f"pending op (seq {seq})")
             self.log.done(seq)
         self.stats["replayed_ops"] = len(ops) + len(pending)
         if ops or pending:
@@ -97,6 +108,14 @@ class Controller:
             # a grace period: runtimes kept running while we were away
             self.live[rt_id] = {"last": now, "load": {}}
         self._sync_switch()
+        self.recovered = True
+
+    def _replay(self, op, what: str) -> None:
+        try:
+            self._apply(op)
+        except Exception as e:  # a log this controller cannot apply: say which op and why
+            raise RecoveryError(f"replaying the log {nodeconf.controller_log_path(self.node)} failed at "
+                                f"{what} {str(op)[:200]}: {type(e).__name__}: {e}") from None
 
     def _change(self, op: dict) -> None:
         """Log the intent, apply, mark success (paper 4.1)."""
@@ -175,7 +194,7 @@ class Controller:
         self.stats["registers"] += 1
         # a runtime recovering its flows' state keeps them but takes no new ones yet
         state = "starting" if msg.body.get("recovering") else "running"
-        self._change({"op": "state", "id": rt, "state": state, "addr": list(addr),
+        self._change({"op": "state", "id": rt, "state": state, "addr": _wire_addr(addr),
                       "pid": msg.body.get("pid"), "core": msg.body.get("core"), "port": msg.body.get("port")})
         self.live[rt] = {"last": time.monotonic(), "load": {}}
         self.ep.reply(msg, addr, {"ok": True, "policy": self.policy.to_dict(), "view": self.public_view()})
@@ -222,13 +241,13 @@ class Controller:
         view = self.public_view()
         for e in self.view.values():
             if e.get("state") != "failed" and e.get("addr"):
-                self.ep.send(tuple(e["addr"]), MsgType.VIEW, view)
+                self.ep.send(_peer_addr(e["addr"]), MsgType.VIEW, view)
 
     def push_rules(self) -> list[int]:
         took = []
         for rt, e in sorted(self.view.items()):
             if e.get("state") in ("running", "leaving") and e.get("addr"):
-                self.ep.send(tuple(e["addr"]), MsgType.RULES, {"policy": self.policy.to_dict()})
+                self.ep.send(_peer_addr(e["addr"]), MsgType.RULES, {"policy": self.policy.to_dict()})
                 took.append(rt)
         return took
 
@@ -251,9 +270,14 @@ class Controller:
             if e.get("state") != "leaving" or e.get("stopping"):
                 continue
             load = self.live.get(rt, {}).get("load", {})
-            if load.get("flows") == 0 and load.get("migrating") == 0:
+            # flows whose state cannot fit a control message never move: the drain ends without them
+            stuck = load.get("not_migratable", 0)
+            if load.get("flows") == stuck and load.get("migrating") == 0:
                 e["stopping"] = True  # asked once; the supervisor's RUNTIME_STOP removes it from the view
-                self.ep.send(self.supervisor, MsgType.RUNTIME_STOP, {"id": rt, "why": "drained"})
+                if stuck:
+                    log.warning("runtime %d drained but for %d flows whose state cannot move: released when it "
+                                "stops (the switch places them anew, with fresh NF state)", rt, stuck)
+                self.ep.send(self.supervisor, MsgType.RUNTIME_STOP, {"id": rt, "why": "drained", "released": stuck})
 
     def consider_scale_in(self, now: float) -> None:
         if not self.scale_in_threshold:
@@ -309,18 +333,26 @@ class Controller:
 
     def status(self) -> dict:
         return {"view": self.public_view(), "policy": self.policy.to_dict(), "stats": self.stats,
-                "rejected": dict(self.ep.rejected), "log": self.log.stats(),
+                "rejected": dict(self.ep.rejected), "rejected_heartbeats": dict(self.hb.rejected),
+                "log": self.log.stats(),
                 "heartbeat": self.heartbeat, "miss_limit": self.miss_limit, "pid": os.getpid()}
 
     def run(self) -> None:
         poller = select.poll()
         poller.register(self.ep.fileno(), select.POLLIN)
+        poller.register(self.hb.fileno(), select.POLLIN)
         tick = self.heartbeat / 2
         next_push = time.monotonic()
         while not self.stopping:
             poller.poll(int(tick * 1000))
             for msg, addr in self.ep.receive(256):
                 self.on_message(msg, addr)
+            while True:  # every heartbeat waiting, before the failure detector looks
+                got = self.hb.receive(256)
+                for msg, addr in got:
+                    self.on_message(msg, addr)
+                if len(got) < 256:
+                    break
             now = time.monotonic()
             self.detect_failures(now)
             self.consider_scale_out(now)
@@ -334,27 +366,53 @@ class Controller:
 
     def close(self) -> None:
         try:
-            self.log.compact(self.snapshot())
+            if self.recovered:
+                self.log.compact(self.snapshot())
         except Exception:
             pass
         self.log.close()
         self.maps.close()
         self.ep.close()
+        self.hb.close()
+
+
+def _wire_addr(addr):
+    """A peer's address as the view carries it (JSON and msgpack: a path, or [host, port])."""
+    return addr if isinstance(addr, str) else list(addr)
+
+
+def _peer_addr(addr):
+    """What Endpoint.send takes, from a view entry's addr."""
+    return addr if isinstance(addr, str) else tuple(addr)
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg, _ = process_args("nfactor-controller", __doc__, argv)
     logs.setup("controller")
-    ctl = Controller(cfg)
+    try:
+        ctl = Controller(cfg)
+    except Exception as e:
+        return _give_up(cfg, f"cannot start: {type(e).__name__}: {e}")
     stop_on_signals(lambda: setattr(ctl, "stopping", True))
     try:
-        ctl.recover()
-        log.info("up on 127.0.0.1:%d, %d runtimes in the view, %d ops replayed", cfg.control_port,
+        try:
+            ctl.recover()
+        except RecoveryError as e:
+            return _give_up(cfg, str(e))
+        except Exception as e:  # e.g. an unreadable log: the log is left as it is
+            return _give_up(cfg, f"recovery failed: {type(e).__name__}: {e}")
+        log.info("up on %s, %d runtimes in the view, %d ops replayed", ctl.ep.address,
                  len(ctl.view), ctl.stats["replayed_ops"])
         ctl.run()
     finally:
         ctl.close()
     return 0
+
+
+def _give_up(cfg: NodeConfig, why: str) -> int:
+    log.error("%s", why)
+    nodeconf.write_exit_reason(cfg.name, "controller", why)
+    return 2
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 
 from ..dataplane.rules import Policy, load_policy, save_policy
@@ -14,15 +13,14 @@ from ..formats import config as nodeconf
 from ..formats import flowkey, query
 from ..formats.config import NodeConfig
 from ..formats.messages import ClusterKey, Endpoint, MessageTimeout, MsgType
-from ..kern import netns
 from ..kern.maps import NodeMaps
-from .processes import pid_alive, stop_processes
-from .supervisor import force_down
+from .processes import ISOLATED_CWD, is_same, module_command, signal_process
+from .supervisor import check_policy, force_down, stop_leftovers
 
 START_TIMEOUT = 60.0
 _POLL = 0.05  # polling the supervisor's state file or exit, always with a deadline
-# who control_call can ask, and the config field holding where it listens
-PORTS = {"control": "control_port", "supervisor": "supervisor_port", "switch": "switch_agent_port"}
+# who control_call can ask, and the name of its control socket
+ROLES = {"control": "controller", "supervisor": "supervisor", "switch": "switch"}
 
 
 class NodeCtlError(NFactorError):
@@ -39,8 +37,10 @@ def _log_tail(name: str, path: str | None = None, lines: int = 15) -> str:
 
 
 def supervisor_alive(name: str) -> bool:
+    """The supervisor recorded in the node's state still runs (the very
+    process: a pid reused since by another process does not count)."""
     state = nodeconf.read_state(name)
-    return bool(state) and pid_alive(state.get("supervisor_pid"))
+    return bool(state) and is_same(state.get("supervisor"))
 
 
 def start(cfg: NodeConfig, timeout: float = START_TIMEOUT) -> dict:
@@ -50,17 +50,18 @@ def start(cfg: NodeConfig, timeout: float = START_TIMEOUT) -> dict:
         raise NodeCtlError("the node needs root (XDP, bpffs, veths)")
     if supervisor_alive(cfg.name):
         raise NodeCtlError(f"node {cfg.name!r} is already up (nfactorctl down --name {cfg.name})")
+    if cfg.policy:
+        cfg.policy = os.path.abspath(cfg.policy)  # the supervisor starts in ISOLATED_CWD
+    check_policy(cfg)  # here too, to say so before anything starts
     state = nodeconf.read_state(cfg.name)
     if state:
         # A previous supervisor died: clear what it left running, keep the pins.
-        pids = [r.get("pid") for r in state.get("runtimes", [])]
-        pids += [(state.get(child) or {}).get("pid") for child in ("controller", "switch_agent")]
-        stop_processes([p for p in pids if pid_alive(p)])
+        stop_leftovers(state)
     os.makedirs(cfg.run_dir, mode=0o700, exist_ok=True)
     logpath = nodeconf.log_path(cfg.name, "supervisor")
     with open(logpath, "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "nfactor_xdp.control.supervisor", "--config-json", cfg.to_json()],
+            module_command("nfactor_xdp.control.supervisor", "--config-json", cfg.to_json()), cwd=ISOLATED_CWD,
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -78,25 +79,23 @@ def stop(name: str, timeout: float = 30.0, purge: bool = False) -> list[str]:
     """Stop a node; if its supervisor is gone, clean up what it left.  Returns
     what the forced cleanup removed (empty when the supervisor did it itself)."""
     state = nodeconf.read_state(name)
-    if state and pid_alive(state.get("supervisor_pid")):
-        pid = state["supervisor_pid"]
-        os.kill(pid, signal.SIGTERM)
+    sup = (state or {}).get("supervisor")
+    if signal_process(sup, signal.SIGTERM):  # never a process that merely reuses the recorded pid
         deadline = time.monotonic() + timeout
-        while pid_alive(pid) and time.monotonic() < deadline:
+        while is_same(sup) and time.monotonic() < deadline:
             time.sleep(_POLL)
-        if pid_alive(pid):
-            os.kill(pid, signal.SIGKILL)
+        signal_process(sup, signal.SIGKILL)
     removed = []
     if nodeconf.read_state(name) is not None or purge or NodeMaps(name).exists():
         removed = force_down(name)
     return removed
 
 
-def _endpoint(ns: str | None = None) -> Endpoint:
-    """An endpoint on the node's control network: its loopback is that of the
-    node's namespace (a socket stays in the namespace it was made in)."""
-    with netns.entered(ns if ns and netns.exists(ns) else None):
-        return Endpoint(("127.0.0.1", 0), ClusterKey.load_or_create(nodeconf.cluster_key_path()), "nfactorctl")
+def _endpoint(name: str) -> Endpoint:
+    """A client's endpoint among the node's control sockets: a name of its
+    own (removed when closed) in the node's root-only control directory."""
+    path = nodeconf.control_socket(name, f"cli-{os.getpid()}-{os.urandom(4).hex()}")
+    return Endpoint(path, ClusterKey.load_or_create(nodeconf.cluster_key_path()), "nfactorctl")
 
 
 def control_call(name: str, to: str, msg_type, body: dict, timeout: float = 1.0) -> dict:
@@ -105,12 +104,9 @@ def control_call(name: str, to: str, msg_type, body: dict, timeout: float = 1.0)
     state = nodeconf.read_state(name)
     if state is None:
         raise NodeCtlError(f"node {name!r} is not up")
-    port = (state.get("config") or {}).get(PORTS[to])
-    if not port:
-        raise NodeCtlError(f"node {name!r} has no {to} address in its state")
-    ep = _endpoint((state.get("config") or {}).get("netns"))
+    ep = _endpoint(name)
     try:
-        reply = ep.call(("127.0.0.1", port), msg_type, body, timeout=timeout, retries=3)
+        reply = ep.call(nodeconf.control_socket(name, ROLES[to]), msg_type, body, timeout=timeout, retries=3)
     except MessageTimeout as e:
         raise NodeCtlError(str(e)) from None
     finally:
@@ -132,23 +128,26 @@ def status(name: str) -> dict:
     if state is None:
         raise NodeCtlError(f"node {name!r} is not up (no {nodeconf.state_path(name)})")
     out = {"node": name, "phase": state.get("phase"), "supervisor_pid": state.get("supervisor_pid"),
-           "supervisor_alive": pid_alive(state.get("supervisor_pid")),
+           "supervisor_alive": is_same(state.get("supervisor")),
            "config": state.get("config"), "xdp_modes": state.get("xdp_modes"),
            "redirect_error_tracer": state.get("tracer"), "runtimes": [], "switch": {}}
     with NodeMaps(name) as maps:
         table = maps.runtime_table() if maps.exists() else {}
         out["switch"] = maps.counters() if maps.exists() else {}
         out["switch_flows"] = sum(1 for _ in maps["flows"].keys()) if maps.exists() else 0
+    # restarts, restarts in a row, the delay before the next, and why it last exited
+    procs = {role: {k: (state.get(role) or {}).get(k) for k in ("restarts", "quick_exits", "restart_delay_s",
+                                                               "last_exit")} for role in ("controller", "switch_agent")}
+    out["switch_agent"] = procs["switch_agent"]
     try:
         ctl = control_call(name, "control", MsgType.STATUS, {}, timeout=0.3)
         view = {e["id"]: e for e in ctl["view"]["runtimes"]}
         out["controller"] = {"pid": ctl.get("pid"), "alive": True, "view_version": ctl["view"]["version"],
                              "stats": ctl.get("stats"), "rejected": ctl.get("rejected"), "log": ctl.get("log"),
-                             "rules": len(ctl.get("policy", {}).get("rules", [])),
-                             "restarts": (state.get("controller") or {}).get("restarts", 0)}
+                             "rules": len(ctl.get("policy", {}).get("rules", [])), **procs["controller"]}
     except NodeCtlError:
         view = {}
-        out["controller"] = {"alive": False, "restarts": (state.get("controller") or {}).get("restarts", 0)}
+        out["controller"] = {"alive": False, **procs["controller"]}
     for rt in state.get("runtimes", []):
         entry = dict(rt)
         v = view.get(rt["id"], {})
@@ -161,10 +160,31 @@ def status(name: str) -> dict:
         if live:
             for k in ("pid", "recovering", "flows", "frames", "forwarded", "sent_later", "held", "markers",
                       "dropped", "dropped_by_chain", "dropped_not_flow", "flows_created", "flows_expired",
-                      "idle_waits", "xsk", "uptime", "replication", "migration", "limits", "control_errors"):
+                      "flows_evicted", "switch_entries_deleted",
+                      "idle_waits", "xsk", "uptime", "replication", "migration", "limits", "control_errors",
+                      "fragments"):
                 entry[k] = live.get(k)
         out["runtimes"].append(entry)
     return out
+
+
+def runtime_flows(name: str, rt_id: int, limit: int | None = None, detail: bool = True,
+                  timeout: float = 0.5) -> list[dict] | None:
+    """The flows of runtime rt_id (at most `limit`), a page per query: it
+    answers one page between two packet batches.  None if it does not answer;
+    what came if it stops answering midway."""
+    out, cursor = [], None
+    while True:
+        args = {"detail": detail, **({"cursor": cursor} if cursor else {})}
+        if limit:
+            args["limit"] = limit - len(out)
+        reply = runtime_query(name, rt_id, "flows", timeout=timeout, **args)
+        if reply is None:
+            return out if cursor else None
+        out += reply.get("flows", [])
+        cursor = reply.get("cursor")
+        if not cursor or (limit and len(out) >= limit):
+            return out
 
 
 def flows(name: str, limit: int | None = None) -> dict:
@@ -175,8 +195,7 @@ def flows(name: str, limit: int | None = None) -> dict:
         placed = {f["key"]: f for f in maps.flows()}
     actors = {}
     for rt in state.get("runtimes", []):
-        reply = runtime_query(name, rt["id"], "flows", limit=limit)
-        for a in (reply or {}).get("flows", []):
+        for a in runtime_flows(name, rt["id"], limit=limit) or []:
             actors[a["key"]] = dict(a, runtime=rt["id"])
     out = []
     for key in sorted(set(placed) | set(actors)):
@@ -189,7 +208,7 @@ def flows(name: str, limit: int | None = None) -> dict:
         }
         if a:
             for k in ("chain", "rule", "dropped", "closed", "nfs", "nf_errors", "errors", "replica",
-                      "snapshot_version", "migrating"):
+                      "snapshot_version", "migrating", "migratable", "state_bytes"):
                 if k in a:
                     entry[k] = a[k]
         out.append(entry)

@@ -20,14 +20,13 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import sys
 import time
 
 from pyroute2 import IPRoute
 
 from .. import logs
-from ..dataplane.rules import load_policy, save_policy
+from ..dataplane.rules import RuleError, load_policy, save_policy
 from ..errors import NFactorError
 from ..formats import config as nodeconf
 from ..formats import query
@@ -37,10 +36,10 @@ from ..kern import layouts as L
 from ..kern import netns
 from ..kern.loader import Programs, detach, remove_pins
 from ..kern.maps import NodeMaps
-from .processes import Child, pid_alive, stop_processes
+from .processes import Child, identity, stop_processes
 
 READY_TIMEOUT = 20.0
-RESTART_BACKOFF = 0.1  # seconds before a dead runtime is started again
+RESTART_BACKOFF = 0.1  # seconds before a dead runtime is started again (doubling while it keeps dying)
 CONTROLLER_BACKOFF = RESTART_BACKOFF / 5
 _POLL = 0.05  # polling interval while waiting for runtimes, always with a deadline
 RUNTIME_MODULE = "nfactor_xdp.dataplane.runtime"
@@ -65,23 +64,16 @@ def _ifindex(ipr: IPRoute, name: str) -> int | None:
     return found[0] if found else None
 
 
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class RuntimeProc(Child):
     """The supervisor's record of a runtime process.  `process` is the
     process's own life (started; ready: registered with the controller;
     exited); the runtime's state in the node is the controller's view."""
 
     def __init__(self, cfg: NodeConfig, rt_id: int):
-        super().__init__(cfg, f"rt{rt_id}", RUNTIME_MODULE, "--id", str(rt_id))
+        super().__init__(cfg, f"rt{rt_id}", RUNTIME_MODULE, "--id", str(rt_id), backoff=RESTART_BACKOFF)
         self.id, self.core = rt_id, cfg.core_of(rt_id)
         self.sw, self.port = nodeconf.runtime_ports(rt_id)
         self.process = "started"
-        self.failed_at = 0.0
 
     def spawn(self) -> None:
         super().spawn()
@@ -94,9 +86,8 @@ class RuntimeProc(Child):
 
 class Node:
     def __init__(self, cfg: NodeConfig):
-        # every process learns where the others listen from the one config
+        # every process finds the others' control sockets from the node's name
         cfg.validate()
-        cfg.control_port, cfg.supervisor_port, cfg.switch_agent_port = (free_udp_port() for _ in range(3))
         self.cfg = cfg
         self.progs = Programs(cfg.name, flow_table_size=cfg.flow_table_size)
         self.maps = NodeMaps(cfg.name)
@@ -105,17 +96,18 @@ class Node:
         self.attached: list[str] = []
         self.xdp_modes: dict[str, str] = {}
         self.ep: Endpoint | None = None
-        self.controller = Child(cfg, "controller", "nfactor_xdp.control.controller")
-        self.switch_agent = Child(cfg, "switch-agent", "nfactor_xdp.control.switch_agent")
+        self.controller = Child(cfg, "controller", "nfactor_xdp.control.controller", backoff=CONTROLLER_BACKOFF)
+        self.switch_agent = Child(cfg, "switch-agent", "nfactor_xdp.control.switch_agent", backoff=RESTART_BACKOFF)
 
     # --- bring up ----------------------------------------------------------
     def up(self) -> None:
         os.makedirs(self.cfg.run_dir, mode=0o700, exist_ok=True)
         self._write_state("starting")
+        check_policy(self.cfg)
         if self.cfg.policy:
             save_policy(load_policy(self.cfg.policy), nodeconf.policy_path(self.cfg.name))
         self.setup_switch()
-        self.ep = Endpoint(("127.0.0.1", self.cfg.supervisor_port),
+        self.ep = Endpoint(nodeconf.control_socket(self.cfg.name, "supervisor"),
                            ClusterKey.load_or_create(nodeconf.cluster_key_path()), "supervisor")
         self.controller.spawn()
         self.switch_agent.spawn()
@@ -170,10 +162,14 @@ class Node:
             # could be processed on two CPUs at once, out of order).
             ipr.link("add", ifname=sw, kind="veth", num_tx_queues=1, num_rx_queues=1,
                      peer={"ifname": port, "num_tx_queues": 1, "num_rx_queues": 1})
+        # Frames to a runtime carry the switch's ingress trailer: one byte more
+        # than the largest frame the external ports take (redirects check it).
+        mtu = max(ipr.get_links(_ifindex(ipr, ext))[0].get_attr("IFLA_MTU")
+                  for ext in (self.cfg.ext0, self.cfg.ext1)) + L.C["NFX_TRAILER_LEN"]
         for name in (sw, port):
             # Nothing but the runtime's frames may cross this link.
             _set_sysctl(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "1")
-            ipr.link("set", index=_ifindex(ipr, name), state="up")
+            ipr.link("set", index=_ifindex(ipr, name), state="up", mtu=mtu)
         sw_idx, port_idx = _ifindex(ipr, sw), _ifindex(ipr, port)
         self.maps.set_slot(L.C["NFX_SLOT_RT_BASE"] + rt_id, sw_idx)
         self.maps.set_port(sw_idx, L.C["NFX_PORT_RUNTIME"], rt_id)
@@ -215,7 +211,7 @@ class Node:
 
     def _notify_controller(self, msg_type, body: dict) -> None:
         if self.ep:
-            self.ep.send(("127.0.0.1", self.cfg.control_port), msg_type, body)
+            self.ep.send(nodeconf.control_socket(self.cfg.name, "controller"), msg_type, body)
 
     def _ready(self, rt: RuntimeProc) -> bool:
         """Ready: its socket is registered and the controller has it in the view."""
@@ -258,14 +254,14 @@ class Node:
     def _reap(self) -> bool:
         changed = False
         now = time.monotonic()
-        if self.controller.exited() and now - self.controller.started_at >= CONTROLLER_BACKOFF:
-            log.warning("controller exited with %s; restarting it", self.controller.proc.returncode)
-            self.controller.respawn()
-            changed = True
-        if self.switch_agent.exited():
-            log.warning("switch agent exited with %s; restarting it", self.switch_agent.proc.returncode)
-            self.switch_agent.respawn()
-            changed = True
+        for child in (self.controller, self.switch_agent):
+            if child.exited():
+                if child.exited_at is None:
+                    self._exited(child, now)
+                    changed = True
+                if child.restart_due(now):
+                    child.respawn()
+                    changed = True
         for rt in self.runtimes:
             if not rt.exited():
                 if rt.process == "started" and self._ready(rt):
@@ -275,14 +271,19 @@ class Node:
             if rt.process != "exited":
                 # the controller marks it failed in the view and the switch at once
                 rt.process = "exited"
-                rt.failed_at = now
-                log.warning("runtime %d exited with %s", rt.id, rt.proc.returncode)
+                self._exited(rt, now)
                 self._notify_controller(MsgType.RUNTIME_EXITED, {"id": rt.id, "code": rt.proc.returncode})
                 changed = True
-            if now - rt.failed_at >= RESTART_BACKOFF:
+            if rt.restart_due(now):
                 rt.respawn()
                 changed = True
         return changed
+
+    def _exited(self, child: Child, now: float) -> None:
+        child.note_exit(now)
+        why = child.last_exit["why"]
+        log.warning("%s exited with %s%s; restarting it in %.2fs (exit %d in a row soon after its start)",
+                    child.role, child.proc.returncode, f": {why}" if why else "", child.delay, child.quick_exits)
 
     def on_request(self, msg: Message, addr) -> bool:
         """Operator and controller requests; bad ones get an error reply."""
@@ -314,7 +315,7 @@ class Node:
     # --- take down -----------------------------------------------------------
     def down(self) -> None:
         self._write_state("stopping")
-        stop_processes([rt.pid for rt in self.runtimes if rt.pid])
+        stop_processes([rt.identity for rt in self.runtimes])
         self.controller.stop()
         self.switch_agent.stop()
         for rt in self.runtimes:
@@ -330,7 +331,8 @@ class Node:
 
     def _write_state(self, phase: str) -> None:
         nodeconf.write_state(self.cfg.name, {
-            "phase": phase, "supervisor_pid": os.getpid(), "config": self.cfg.to_dict(),
+            "phase": phase, "supervisor_pid": os.getpid(), "supervisor": identity(os.getpid()),
+            "config": self.cfg.to_dict(),
             "runtimes": [rt.info() for rt in self.runtimes],
             "xdp_modes": self.xdp_modes, "tracer": self.progs.tracing,
             "controller": self.controller.info(), "switch_agent": self.switch_agent.info(),
@@ -370,13 +372,30 @@ def teardown(cfg: NodeConfig) -> list[str]:
     return done
 
 
+def check_policy(cfg: NodeConfig) -> None:
+    """Refuse to start a node whose policy cannot be loaded: it would forward
+    traffic without its NFs.  Checks --policy if given, else the saved one."""
+    path = cfg.policy or nodeconf.policy_path(cfg.name)
+    if cfg.policy or os.path.exists(path):
+        try:
+            load_policy(path)
+        except RuleError as e:
+            raise NodeError(f"not starting node {cfg.name!r}: {e} (fix the file, or remove it to run "
+                            f"with the default policy)") from None
+
+
+def stop_leftovers(state: dict) -> None:
+    """Stop the processes a dead supervisor left, as recorded in its state:
+    only those still the very processes recorded (pid and start time)."""
+    children = list(state.get("runtimes", [])) + [state.get(c) or {} for c in ("controller", "switch_agent")]
+    stop_processes([c.get("identity") for c in children])
+
+
 def force_down(name: str) -> list[str]:
     """`down` when the supervisor is gone: stop what it left running, then teardown."""
     state = nodeconf.read_state(name) or {}
     cfg = NodeConfig.from_dict(state.get("config", {"name": name}))
-    pids = [r.get("pid") for r in state.get("runtimes", [])]
-    pids += [(state.get(child) or {}).get("pid") for child in ("controller", "switch_agent")]
-    stop_processes([p for p in pids if pid_alive(p)])
+    stop_leftovers(state)
     return teardown(cfg)
 
 

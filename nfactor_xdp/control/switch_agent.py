@@ -1,9 +1,10 @@
 """The switch agent: moves a flow from one runtime to another for flow
 migration (paper section 5) and injects the migration marker.
 
-    python -m nfactor_xdp.control.switch_agent --node NAME --port P
+    python -m nfactor_xdp.control.switch_agent --config-json CONFIG
 
-It runs in the node's network namespace.  The source runtime S asks it to
+It runs in the node's network namespace, its control socket in the node's
+run directory (nodeconf.control_socket(name, "switch")).  The source runtime S asks it to
 move a flow to the target T (MIGRATE_MOVE).  The agent
 
 1. rewrites the flow's entry in the pinned `flows` map: new frames go to T;
@@ -161,13 +162,13 @@ def parse_move(body: dict) -> Move:
 # --- the agent ----------------------------------------------------------------------
 
 class SwitchAgent:
-    def __init__(self, node: str, port: int, key: bytes | None = None, host: str = "127.0.0.1"):
+    def __init__(self, node: str, key: bytes | None = None, path: str | None = None):
         self.node = node
         self.maps = NodeMaps(node)
         self.flows = self.maps["flows"]  # opened now: fail at start if the node has no pins
         if key is None:
             key = ClusterKey.load_or_create(nodeconf.cluster_key_path())
-        self.ep = Endpoint((host, port), key, "switch")
+        self.ep = Endpoint(path or nodeconf.control_socket(node, "switch"), key, "switch")
         self.injector = MarkerInjector()
         self.stats = collections.Counter({n: 0 for n in (
             "moves", "batches", "markers_sent", "marker_errors", "membarriers",
@@ -294,10 +295,10 @@ def main(argv: list[str] | None = None) -> int:
     except grace.GracePeriodError as e:
         log.error("%s", e)
         return 1
-    agent = SwitchAgent(cfg.name, cfg.switch_agent_port)
+    agent = SwitchAgent(cfg.name)
     stop_on_signals(lambda: setattr(agent, "stopping", True))
     try:
-        log.info("up on 127.0.0.1:%d", cfg.switch_agent_port)
+        log.info("up on %s", agent.ep.address)
         agent.run()
     finally:
         agent.close()

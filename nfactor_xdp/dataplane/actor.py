@@ -11,7 +11,7 @@ from the same event loop, and move it between runtimes in one wire format
 from __future__ import annotations
 
 from ..formats.flowkey import describe
-from .nf import NetworkFunction
+from .nf import MAX_STATE_BYTES, NetworkFunction
 from .packet import TCP, TCP_FIN, TCP_RST, Packet
 
 MAX_ERRORS_KEPT = 4
@@ -20,7 +20,8 @@ MAX_ERRORS_KEPT = 4
 class Actor:
     __slots__ = ("key", "proto", "orig_dir", "chain", "rule_id", "nfs", "states", "packets", "bytes",
                  "dropped", "nf_errors", "errors", "first_seen", "last_seen", "fin", "closed_at",
-                 "fast_keys", "migration", "replicator", "replica", "snap_count", "snap_version")
+                 "fast_keys", "migration", "replicator", "replica", "snap_count", "snap_version", "too_big",
+                 "clock")
 
     def __init__(self, key: bytes, orig_dir: int, now: float, chain: int = 0,
                  nfs: tuple[NetworkFunction, ...] | list = (), rule_id: int = 0, replicator=None):
@@ -41,11 +42,13 @@ class Actor:
         self.fin = 0                   # bit per direction that sent a FIN
         self.closed_at = 0.0           # when FIN both ways or RST was seen
         self.fast_keys: list[bytes] = []  # the flow table's fast-path entries for this flow
-        self.migration = None             # migration.Outgoing (leaving) or migration.Incoming (arriving)
+        self.migration = None             # migration.Outgoing (leaving) or arrivals.Incoming (arriving)
         self.replicator = replicator      # snapshots every K packets go through it (None: no replication)
         self.replica = None               # the peer runtime holding this flow's snapshots
         self.snap_count = 0
         self.snap_version = 0
+        self.too_big = 0                  # its state's encoded size if a migration found it too big (-1: unencodable)
+        self.clock = now                  # last_seen when the flow table's clock hand last passed it
 
     def on_packet(self, frame, direction: int, l4: int, now: float) -> bool:
         """Process one frame of the flow; True forwards it, False drops it."""
@@ -94,6 +97,11 @@ class Actor:
             except Exception:
                 pass
 
+    def state_bytes(self) -> int:
+        """Encoded size of the flow's NF states (NF API), what a migration
+        carries; over nf.MAX_STATE_BYTES the flow cannot move."""
+        return sum(nf.state_bytes(st) for nf, st in zip(self.nfs, self.states))
+
     # --- the wire format: migration and replication both move an actor this way
     def to_wire(self, now: float) -> dict:
         """Everything another runtime needs to go on with this flow: its chain,
@@ -137,6 +145,14 @@ class Actor:
             out["snapshot_version"] = self.snap_version
         if self.migration is not None:
             out["migrating"] = self.migration.describe()
+        if detail:
+            try:
+                out["state_bytes"] = self.state_bytes()
+                out["migratable"] = out["state_bytes"] <= MAX_STATE_BYTES
+            except Exception:
+                out["migratable"] = False
+        elif self.too_big:
+            out["migratable"] = False
         if self.nf_errors:
             out["nf_errors"] = self.nf_errors
             out["errors"] = self.errors

@@ -20,13 +20,14 @@ import time
 from ..errors import NFactorError
 from ..formats import marker
 from ..formats.messages import MessageError, MsgType
+from .arrivals import Arrivals
+from .batches import Batch
+from .nf import MAX_STATE_BYTES
 
 MARKER_TIMEOUT = 0.3   # seconds to wait for the marker before asking for it again
 MARKER_RESENDS = 5
-MAX_BUFFER = 20000     # frames a target holds per arriving flow; beyond, dropped and counted (buffer_overflow)
-TAKE_BACK_BYTES = 40_000  # frames per message when a target hands its buffer back (control frames hold 60,000)
-TAKE_BACK_KEEP = 5.0   # seconds a target keeps an aborted flow's frames for the source to take back
-RECENT_MARKERS = 5.0   # seconds a finished migration's marker is still recognised
+LEFT_KEEP = 5.0        # seconds a flow that left is remembered (its frames behind the marker are dropped)
+KEEP_BATCHES = 64      # finished batches kept for their reports (migrate_status); older ones are pruned
 
 
 class MigrationError(NFactorError, ValueError):
@@ -52,55 +53,9 @@ class Outgoing:
         return f"out to {self.target}"
 
 
-class Incoming:
-    """The migration state of a flow arriving here (target side): its frames
-    are held until the source's state comes."""
-    __slots__ = ("source", "buffer")
-
-    def __init__(self, source: str):
-        self.source = source
-        self.buffer: list[tuple[bytes, int, int]] = []
-
-    def describe(self) -> str:
-        return "in"
-
-
-class Batch:
-    """One `nfactorctl migrate` request: how its flows fared."""
-
-    def __init__(self, bid: int, target: int, keys: list[bytes]):
-        self.id, self.target = bid, target
-        self.total = len(keys)
-        self.waiting = list(keys)       # not started yet (concurrency cap)
-        self.succeeded = self.failed = self.retried = 0
-        self.durations: list[float] = []
-        self.started = time.monotonic()
-        self.finished: float | None = None
-
-    def report(self) -> dict:
-        """seconds: the whole batch, from the request to its last flow done
-        (queueing behind the concurrency cap included); batch_us_per_flow:
-        that time over the batch's flows; flow_latency_us: each migrated
-        flow's own migration, from its first message to its completion
-        (queueing excluded, failed flows not counted)."""
-        done = self.succeeded + self.failed
-        seconds = (self.finished or time.monotonic()) - self.started
-        lat = sorted(self.durations)
-        latency = {}
-        if lat:
-            latency = {"avg": round(sum(lat) / len(lat) * 1e6, 1), "p50": round(lat[len(lat) // 2] * 1e6, 1),
-                       "p99": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e6, 1),
-                       "max": round(lat[-1] * 1e6, 1), "flows": len(lat)}
-        return {"batch": self.id, "to": self.target, "total": self.total, "succeeded": self.succeeded,
-                "failed": self.failed, "retried": self.retried, "in_progress": self.total - done,
-                "done": done == self.total, "seconds": round(seconds, 6),
-                "batch_us_per_flow": round(seconds * 1e6 / self.total, 1) if self.total else None,
-                "flow_latency_us": latency}
-
-
-class Migrator:
+class Migrator(Arrivals):
     """The migration side of one runtime: its outgoing flows (it is the
-    source) and the messages it answers as a target.
+    source) and, through Arrivals, the messages it answers as a target.
 
     flows: the runtime's FlowTable; view: its View; make_actor(key, orig_dir,
     chain, rule): a fresh actor for this runtime; transmit(frame): send a
@@ -117,9 +72,10 @@ class Migrator:
         self.out: dict[bytes, Outgoing] = {}
         self.batches: dict[int, Batch] = {}
         self.next_batch = 1
-        self.recent: dict[bytes, float] = {}  # marker payloads of finished migrations -> expiry
         self.left: dict[bytes, tuple[float, int]] = {}  # keys of flows that migrated away -> (expiry, target)
         self.returning: dict[bytes, tuple[list, float]] = {}  # aborted arrivals: key -> (frames, expiry)
+        self.unmovable: set[bytes] = set()  # flows whose state was found too big to move
+        self.cut: int | None = None  # held frames keep the switch's trailer; actors see them without (runtime.cut)
         self.last_error = ""
         self.stats = {"late_markers": 0, "out_started": 0, "out_succeeded": 0, "out_failed": 0, "marker_resends": 0,
                       "in_created": 0, "in_completed": 0, "in_refused": 0, "in_aborted": 0, "replayed": 0,
@@ -140,22 +96,66 @@ class Migrator:
             raise MigrationError("no switch agent configured")
         b = Batch(self.next_batch, target, [k for k in keys if k in self.flows])
         self.next_batch += 1
+        self._prune()
         self.batches[b.id] = b
         self.pump()
         if not b.total:
             b.finished = time.monotonic()
         return b
 
+    def _prune(self) -> None:
+        """Forget finished batches but the newest KEEP_BATCHES (a drain or the
+        load balancer starts one every heartbeat)."""
+        done = [bid for bid, b in self.batches.items() if b.finished is not None]
+        for bid in done[:max(0, len(done) - KEEP_BATCHES + 1)]:
+            del self.batches[bid]
+
     def pump(self) -> None:
         """Start waiting migrations while under the concurrency cap."""
-        for b in self.batches.values():
+        for b in list(self.batches.values()):
             while b.waiting and len(self.out) < self.max_concurrent:
                 key = b.waiting.pop(0)
                 actor = self.flows.get(key)
                 if actor is None or actor.migration is not None:
                     self._finish(b, None, ok=False)
-                    continue
-                self._begin(b, key, actor)
+                elif self.view.addr(b.target) is None:  # the target left the view: nothing is sent to it
+                    self.last_error = f"runtime {b.target} left the view"
+                    self._finish(b, None, ok=False)
+                elif not self._fits(actor):
+                    b.not_migratable.append(key)
+                    self._finish(b, None, ok=False)
+                else:
+                    self._begin(b, key, actor)
+
+    def _fits(self, actor) -> bool:
+        """Can the flow's state travel in a control message?  Measured before
+        anything is asked of the target or the switch; a flow that cannot is
+        marked (actor.too_big, shown by `flows`) and stays here."""
+        try:
+            size = actor.state_bytes()
+        except Exception as e:  # an NF that cannot serialize its state: that flow cannot move
+            self.last_error = f"cannot serialize the state of a flow: {type(e).__name__}: {e}"
+            actor.too_big = -1
+            self._mark(actor)
+            return False
+        actor.too_big = size if size > MAX_STATE_BYTES else 0
+        self._mark(actor)
+        if actor.too_big:
+            self.last_error = f"a flow's state takes {size} bytes encoded, more than a migration carries " \
+                              f"({MAX_STATE_BYTES}): it stays here"
+        return not actor.too_big
+
+    def _mark(self, actor) -> None:
+        if actor.too_big:
+            self.unmovable.add(actor.key)
+        else:
+            self.unmovable.discard(actor.key)
+
+    def not_migratable(self) -> int:
+        """How many of the flows here were found too big to move (by their last attempt)."""
+        for key in [k for k in self.unmovable if not getattr(self.flows.get(k), "too_big", 0)]:
+            self.unmovable.discard(key)  # ended, or fits now
+        return len(self.unmovable)
 
     def _begin(self, b: Batch, key: bytes, actor) -> None:
         m = Outgoing(key, b.target, b.id)
@@ -166,8 +166,12 @@ class Migrator:
         self._create(m, actor, timeout=0.5)
 
     def _create(self, m: Outgoing, actor, timeout: float) -> None:
+        target = self.view.addr(m.target)
+        if target is None or actor is None:  # (a retry) the target left the view: nothing has moved yet
+            self._fail(m, f"runtime {m.target} left the view")
+            return
         body = {"key": m.key.hex(), "chain": actor.chain, "rule": actor.rule_id, "orig_dir": actor.orig_dir}
-        self.ep.request(self.view.addr(m.target), MsgType.MIGRATE_CREATE, body,
+        self.ep.request(target, MsgType.MIGRATE_CREATE, body,
                         lambda msg, m=m: self._created(m, msg), timeout=timeout, retries=3,
                         on_timeout=lambda rid, m=m: self._timed_out(m, "create", "target did not answer create"))
 
@@ -189,6 +193,9 @@ class Migrator:
 
     def _move(self, m: Outgoing) -> None:
         actor = self.flows.get(m.key)
+        if actor is None:
+            self._fail(m, "the flow's actor is gone")
+            return
         frame = marker.frame(m.key, actor.orig_dir, m.payload)
         body = {"key": m.key.hex(), "to": m.target, "from": self.view.me, "marker": frame.hex()}
         m.deadline = time.monotonic() + MARKER_TIMEOUT
@@ -214,7 +221,7 @@ class Migrator:
         """A frame of a flow that is leaving.  True: it was the marker (or a
         re-sent copy of it), which is consumed here."""
         m = actor.migration
-        if m.step != "create" and marker.is_marker(frame, l4, m.payload):
+        if m.step != "create" and marker.carried(frame, l4, actor.proto) == m.payload:  # as late_marker sees it
             self.stats["markers_consumed"] += 1
             if not m.marker_seen:
                 m.marker_seen = True
@@ -230,28 +237,35 @@ class Migrator:
             self._rollback(m, f"runtime {m.target} left the view before it got the state")
             return
         m.step = "state"
-        body = {"key": m.key.hex(), "actor": actor.to_wire(time.monotonic())}
         try:
+            body = {"key": m.key.hex(), "actor": actor.to_wire(time.monotonic())}
             self.ep.request(target, MsgType.MIGRATE_STATE, body,
                             lambda msg, m=m: self._done(m, msg), timeout=0.2, retries=5,
                             on_timeout=lambda rid, m=m: self._timed_out(m, "state", "target did not take the state"))
-        except MessageError as e:  # e.g. a state too big for one message: keep the flow here
-            self._rollback(m, f"cannot send the state: {e}")
+        except Exception as e:  # a state grown too big for one message, an NF that cannot serialize: keep the flow
+            if isinstance(e, MessageError) and e.reason == "oversized":
+                actor.too_big = actor.state_bytes()
+                self._mark(actor)
+            self._rollback(m, f"cannot send the state: {type(e).__name__}: {e}")
 
-    def late_marker(self, frame) -> bool:
-        """A re-sent marker that arrives after its migration ended: drop it
-        rather than take it for the first frame of a new flow."""
-        if not self.recent or len(frame) < marker.PAYLOAD_SIZE:
+    def late_marker(self, frame, l4: int, proto: int, actor) -> bool:
+        """A marker that is not the one the flow's migration from here awaits
+        (`actor`: the flow's, or None): a copy of an earlier one, re-sent or
+        delayed, after any amount of time.  Dropped and counted (late_markers),
+        never forwarded, buffered nor made a new flow: a marker never reaches
+        an endpoint.  Known by its form (marker.carried), so nothing about
+        finished migrations needs remembering."""
+        payload = marker.carried(frame, l4, proto)
+        if payload is None:
             return False
-        if bytes(frame[-marker.PAYLOAD_SIZE:]) in self.recent:
-            self.stats["late_markers"] += 1
-            return True
-        return False
+        m = actor.migration if actor is not None else None
+        if isinstance(m, Outgoing) and m.step != "create" and payload == m.payload:
+            return False  # the marker itself: on_frame consumes it
+        self.stats["late_markers"] += 1
+        return True
 
-    def _remember(self, m: Outgoing) -> None:
+    def _forget_left(self) -> None:
         now = time.monotonic()
-        self.recent = {p: t for p, t in self.recent.items() if t > now}
-        self.recent[m.payload] = now + RECENT_MARKERS
         while self.left:  # in expiry order: stop at the first one still fresh
             key = next(iter(self.left))
             if self.left[key][0] > now:
@@ -260,7 +274,7 @@ class Migrator:
 
     def left_here(self, key: bytes) -> bool:
         """A frame of flow `key`, which has no actor here.  True if the flow
-        migrated away from here in the last RECENT_MARKERS seconds: the frame
+        migrated away from here in the last LEFT_KEEP seconds: the frame
         came behind its marker (counted in after_marker) and the caller drops
         it, rather than start the flow anew here with fresh NF state while
         its actor lives on at the target.  By construction no frame that
@@ -288,12 +302,12 @@ class Migrator:
             m.resends += 1
             self._send_state(m, self.flows.get(m.key))
             return
-        if not msg.body.get("ok"):
-            self._fail(m, f"target refused the state: {msg.body.get('error')}")
+        if not msg.body.get("ok"):  # e.g. a restarted target, which never heard of the flow
+            self._rollback(m, f"target refused the state: {msg.body.get('error')}")
             return
-        self._remember(m)
+        self._forget_left()
         self.left.pop(m.key, None)  # re-inserted last: the dict stays in expiry order
-        self.left[m.key] = (time.monotonic() + RECENT_MARKERS, m.target)
+        self.left[m.key] = (time.monotonic() + LEFT_KEEP, m.target)
         actor = self.flows.remove(m.key)
         if actor is not None:
             self.on_left(actor)  # the target's actor replicates from now on
@@ -340,7 +354,7 @@ class Migrator:
         for data, direction, l4 in msg.body.get("frames", []):
             frame = bytearray(data)
             self.stats["taken_back"] += 1
-            if actor is not None and actor.on_packet(memoryview(frame), direction, l4, now) \
+            if actor is not None and actor.on_packet(memoryview(frame)[:self.cut], direction, l4, now) \
                     and not self.transmit(frame):
                 self.stats["replay_tx_fail"] += 1
         if isinstance(msg.body.get("next"), int):
@@ -349,7 +363,6 @@ class Migrator:
     def _fail(self, m: Outgoing, why: str) -> None:
         if not self._current(m):
             return  # finished already: count each flow once
-        self._remember(m)
         actor = self.flows.get(m.key)
         if actor is not None and actor.migration is m:
             actor.migration = None  # the flow stays here with its state intact
@@ -384,100 +397,5 @@ class Migrator:
                 m.step = "move"
                 self._move(m)
 
-    # --- target side -------------------------------------------------------------
-    def on_create(self, msg, addr) -> None:
-        if self.hooks.fire("ignore_create"):
-            return
-        b = msg.body
-        try:
-            key = bytes.fromhex(b["key"])
-            chain, rule, orig_dir = int(b["chain"]), int(b["rule"]), int(b["orig_dir"])
-            if len(key) != 40:
-                raise ValueError("bad key")
-            existing = self.flows.get(key)
-            if existing is not None:
-                if isinstance(existing.migration, Incoming):
-                    self.ep.reply(msg, addr, {"ok": True})  # a retry
-                    return
-                raise ValueError("this runtime already has the flow")
-            if self.view.leaving:
-                raise ValueError("runtime is leaving")
-            actor = self.make_actor(key, orig_dir, chain, rule)
-        except (KeyError, ValueError, TypeError, NFactorError) as e:
-            self.stats["in_refused"] += 1
-            self.ep.reply(msg, addr, {"ok": False, "error": str(e)})
-            return
-        actor.migration = Incoming(msg.sender)
-        self.left.pop(key, None)  # the flow comes back: its frames are no longer late ones
-        self.flows.add(actor)
-        self.stats["in_created"] += 1
-        self.ep.reply(msg, addr, {"ok": True})
-
-    def on_abort(self, msg, addr) -> None:
-        """The source gave up: forget the flow and hand back what was
-        buffered, a page per request (`from`: the first frame wanted)."""
-        try:
-            key = bytes.fromhex(msg.body["key"])
-            start = int(msg.body.get("from") or 0)
-        except (KeyError, ValueError, TypeError):
-            self.ep.reply(msg, addr, {"ok": False, "error": "bad key"})
-            return
-        now = time.monotonic()
-        self.returning = {k: v for k, v in self.returning.items() if v[1] > now}
-        actor = self.flows.get(key)
-        if actor is not None and isinstance(actor.migration, Incoming):
-            self.flows.remove(key)
-            self.stats["in_aborted"] += 1
-            self.returning[key] = (actor.migration.buffer, now + TAKE_BACK_KEEP)
-        held = self.returning.get(key, ([], 0))[0]
-        page, room, i = [], TAKE_BACK_BYTES, start
-        while i < len(held) and (not page or room >= len(held[i][0]) + 16):
-            data, direction, l4 = held[i]
-            page.append([data, direction, l4])
-            room -= len(data) + 16
-            i += 1
-        more = i < len(held)
-        if not more:
-            self.returning.pop(key, None)
-        self.ep.reply(msg, addr, {"ok": True, "frames": page, "next": i if more else None})
-
-    def buffer(self, actor, frame, direction: int, l4: int) -> None:
-        held = actor.migration.buffer
-        if len(held) >= MAX_BUFFER:
-            self.stats["buffer_overflow"] += 1
-            return
-        held.append((bytes(frame), direction, l4))
-        self.stats["buffered"] += 1
-
-    def on_state(self, msg, addr) -> None:
-        try:
-            key = bytes.fromhex(msg.body["key"])
-            actor = self.flows.get(key)
-            if actor is None:
-                raise KeyError(key)
-        except (KeyError, ValueError, TypeError):
-            self.ep.reply(msg, addr, {"ok": False, "error": "no such incoming flow"})
-            return
-        incoming = actor.migration
-        if not isinstance(incoming, Incoming):
-            self.ep.reply(msg, addr, {"ok": True})  # a retry: done already
-            return
-        now = time.monotonic()
-        try:
-            actor.load_wire(msg.body["actor"], now)
-        except Exception as e:  # a peer's bad state must not crash us
-            self.ep.reply(msg, addr, {"ok": False, "error": f"bad state: {e}"})
-            return
-        actor.migration = None
-        # replay what arrived meanwhile, in order, then carry on as usual
-        for data, direction, l4 in incoming.buffer:
-            frame = bytearray(data)
-            if actor.on_packet(memoryview(frame), direction, l4, now):
-                if not self.transmit(frame):
-                    self.stats["replay_tx_fail"] += 1
-            self.stats["replayed"] += 1
-        self.stats["in_completed"] += 1
-        self.ep.reply(msg, addr, {"ok": True})
-
     def status(self) -> dict:
-        return {**self.stats, "in_progress": len(self.out)}
+        return {**self.stats, "in_progress": len(self.out), "not_migratable": self.not_migratable()}

@@ -26,9 +26,14 @@ from typing import Any
 
 import msgpack
 from ..errors import NFactorError
+from ..formats.messages import MAX_FRAME
 
 MAX_TYPE_ID = 15
 MAX_CHAIN = 16  # 64 bits / 4
+# The most one flow's NF states may take encoded (serialize(), every NF of its
+# chain together): a migration carries them in one control message, and so
+# does a snapshot; the rest of the message (key, counters) fits in the room left.
+MAX_STATE_BYTES = MAX_FRAME - 2_000
 
 
 class NFError(NFactorError, ValueError):
@@ -70,6 +75,13 @@ class NetworkFunction:
 
     def serialize(self, state) -> bytes:
         return msgpack.packb(_plain(state), use_bin_type=True)
+
+    def state_bytes(self, state) -> int:
+        """The encoded size of a flow's state, what migration and replication
+        carry.  A flow whose states add up to more than MAX_STATE_BYTES stays
+        where it is (reported as not migratable) and is not replicated: an NF
+        bounds what it keeps per flow by this measure, not by characters."""
+        return len(self.serialize(state))
 
     def deserialize(self, data: bytes):
         plain = msgpack.unpackb(data, raw=False, strict_map_key=False)

@@ -3,8 +3,13 @@ function per op, each taking the runtime and the request, returning the
 reply.  `nfactorctl status`, `flows`, `migrate` and the tests ask these."""
 from __future__ import annotations
 
+import time
+
 from .migration import MigrationError
 from .rules import Policy, RuleError
+
+PAGE = 500       # flows per page of the flows query, unless it asks for fewer
+MAX_PAGE = 2000  # ... or more: a page of detailed flows takes ~10 ms per 1000
 
 
 def ping(rt, req: dict) -> dict:
@@ -16,12 +21,20 @@ def status(rt, req: dict) -> dict:
 
 
 def flows(rt, req: dict) -> dict:
+    """A page of the runtime's flows: at most `limit` (PAGE, at most
+    MAX_PAGE) and `cursor`, the next page's, None on the last.  Served between
+    packet batches, a page at a time: a listing of any length never holds the
+    packet loop longer than one page does (node_client.flows fetches them all)."""
     limit = req.get("limit")
-    actors = list(rt.flows.values())
-    if isinstance(limit, int) and limit >= 0:
-        actors = actors[:limit]
+    limit = min(limit, MAX_PAGE) if isinstance(limit, int) and limit > 0 else PAGE
+    cursor = req.get("cursor")
+    try:
+        actors, cursor, total = rt.flows.page(cursor if isinstance(cursor, str) else None, limit, time.monotonic())
+    except KeyError:
+        return {"ok": False, "error": "no such cursor (expired?): list the flows again from the first page"}
     detail = bool(req.get("detail", True))
-    return {"ok": True, "id": rt.id, "flows": [a.summary(detail=detail) for a in actors]}
+    return {"ok": True, "id": rt.id, "flows": [a.summary(detail=detail) for a in actors], "cursor": cursor,
+            "total": total}
 
 
 def migrate(rt, req: dict) -> dict:

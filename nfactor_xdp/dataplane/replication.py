@@ -2,10 +2,14 @@
 
 Every K packets (and when a flow is created) an actor's wire form (every NF
 state, NF API serialize) is sent to its replica: the least loaded running
-peer, chosen at its first snapshot; a peer that refuses is avoided, and the
-actor then tries the next.  Each runtime keeps one store per peer holding the
-latest snapshot per flow (versioned: an old one never overwrites a newer
-one).
+peer, chosen at its first snapshot; a peer that refuses is avoided for a
+while, and the actor then tries the next.  Placement follows the view: when a
+peer stops running (failed, leaving, gone) the actors it held are placed anew,
+and when a peer runs again (restarted: a new address, an empty store) its
+refusal is forgotten and the actors it held, or that had no replica, send it
+their snapshot at once, without waiting for K more packets.  Each runtime
+keeps one store per peer holding the latest snapshot per flow (versioned: an
+old one never overwrites a newer one).
 
 A restarted runtime registers as `starting` (it keeps its flows in the
 switch, gets no new ones), fetches its snapshots from every peer, recreates
@@ -16,11 +20,12 @@ a crash, at most K-1 packets' worth per flow.
 """
 from __future__ import annotations
 
+import collections
 import time
 
 import msgpack
 
-from ..formats.messages import MsgType
+from ..formats.messages import MessageError, MsgType
 from .view import LEAVING, RUNNING
 
 MAX_PENDING = 50_000      # actors waiting to be snapshotted; beyond that, shed (counted)
@@ -28,6 +33,8 @@ MAX_STORE = 200_000       # snapshots this runtime holds for its peers before it
 MESSAGE_BUDGET = 40_000   # bytes of encoded snapshots per control message (frames are capped at 60,000)
 FETCH_TIMEOUT = 0.5
 MAX_RECOVERY_BUFFER = 50_000
+REFUSAL_HOLD = 10.0       # seconds a peer that refused snapshots (full) is avoided, unless it runs again
+RESYNC_SLICE = 2_000      # actors re-sent per flush after a view change: the packet loop never waits long
 
 
 def _encoded_size(snap: dict) -> int:
@@ -49,7 +56,10 @@ class Replicator:
         self.ep = None
         self.pending: dict[bytes, object] = {}            # key -> actor due for a snapshot
         self.stores: dict[int, dict[str, dict]] = {}      # peer id -> key hex -> snapshot
-        self.refused_by: set[int] = set()
+        self.refused_by: dict[int, float] = {}            # peer id -> avoided until (monotonic)
+        self.peers_seen: dict[int, object] = {}           # running peer id -> its control address
+        self.resync: collections.deque[bytes] = collections.deque()  # keys of actors to snapshot again
+        view.listeners.append(self.view_changed)
         self.recovering = False
         self.waiting: set[int] = set()
         self.recovery = {"phase": "none", "peers_asked": 0, "peers_answered": 0, "snapshots": 0,
@@ -57,7 +67,7 @@ class Replicator:
                          "seconds": 0.0}
         self.buffer: list[bytes] = []
         self.stats = {"snapshots_sent": 0, "snapshot_messages": 0, "shed": 0, "refused": 0, "too_big": 0,
-                      "stored": 0, "stale_ignored": 0, "dropped_on_end": 0, "store_refused": 0}
+                      "stored": 0, "stale_ignored": 0, "dropped_on_end": 0, "store_refused": 0, "bad_state": 0}
 
     def attach(self, ep) -> None:
         self.ep = ep
@@ -74,6 +84,39 @@ class Replicator:
             return None
         return min(peers, key=lambda e: (self.view.cpu(e, 0.0), e["id"]))["id"]
 
+    def _refusing(self) -> set[int]:
+        now = time.monotonic()
+        return {p for p, until in self.refused_by.items() if until > now}
+
+    def view_changed(self) -> None:
+        """A new view.  A peer that stopped running or restarted (its address
+        changed) no longer holds our snapshots: its actors are placed anew.  A
+        peer that runs (again) is asked again, and every actor it held or
+        that had no replica sends a snapshot now (idle flows included)."""
+        seen = {e["id"]: self.view.addr(e["id"]) for e in self.view.peers((RUNNING,))}
+        gone = {p for p, addr in self.peers_seen.items() if seen.get(p) != addr}
+        new = {p for p, addr in seen.items() if self.peers_seen.get(p) != addr}
+        self.peers_seen = seen
+        for p in gone | new:
+            self.refused_by.pop(p, None)
+        if not (gone or new) or not self.active:
+            return
+        for key, actor in self.flows.items():
+            if actor.replicator is None:
+                continue
+            if actor.replica in gone:
+                actor.replica = None
+            if actor.replica is None:
+                self.resync.append(key)
+        self._refill()
+
+    def _refill(self) -> None:
+        """Move the next actors to snapshot again into `pending`, up to a slice."""
+        while self.resync and len(self.pending) < RESYNC_SLICE:
+            actor = self.flows.get(self.resync.popleft())
+            if actor is not None:
+                self.pending.setdefault(actor.key, actor)
+
     def due(self, actor) -> None:
         """Called by an actor every K packets (and once when it is created)."""
         if len(self.pending) >= MAX_PENDING and actor.key not in self.pending:
@@ -86,17 +129,25 @@ class Replicator:
         if not self.pending or self.ep is None:
             return
         now = time.monotonic()
+        refusing = self._refusing()
         batches: dict[int, list[dict]] = {}
         for key, actor in self.pending.items():
             if self.flows.get(key) is not actor or actor.migration is not None:
                 continue
-            if actor.replica is None or actor.replica in self.refused_by:
-                actor.replica = self.choose_replica(exclude=self.refused_by)
+            if actor.replica is None or actor.replica in refusing or self.view.addr(actor.replica) is None:
+                actor.replica = self.choose_replica(exclude=refusing)
                 if actor.replica is None:
-                    continue
+                    continue  # no peer to hold it now: the next view with one sends it
+            try:
+                snap = self.snapshot(actor, now)
+            except Exception:  # an NF that cannot serialize this state: skip the flow, not the others
+                self.stats["bad_state"] += 1
+                continue
             actor.snap_version += 1
-            batches.setdefault(actor.replica, []).append(self.snapshot(actor, now))
+            snap["v"] = actor.snap_version
+            batches.setdefault(actor.replica, []).append(snap)
         self.pending.clear()
+        self._refill()
         for replica, snaps in batches.items():
             self.send(replica, snaps)
 
@@ -107,14 +158,10 @@ class Replicator:
     def send(self, replica: int, snaps: list[dict], drop: list[str] = ()) -> None:
         addr = self.view.addr(replica)
         if addr is None:
-            self.refused_by.add(replica)
-            return
+            return  # not running: its actors are placed anew (view_changed)
         chunk, size = [], 0
         for s in snaps:
-            n = _encoded_size(s)
-            if n > MESSAGE_BUDGET:
-                self.stats["too_big"] += 1  # a state too big for one message
-                continue
+            n = _encoded_size(s)  # one larger than the budget goes alone (nf.MAX_STATE_BYTES fits a message)
             if chunk and size + n > MESSAGE_BUDGET:
                 self._send_chunk(replica, addr, chunk, [])
                 chunk, size = [], 0
@@ -124,15 +171,26 @@ class Replicator:
             self._send_chunk(replica, addr, chunk, list(drop))
 
     def _send_chunk(self, replica: int, addr, snaps: list[dict], drop: list[str]) -> None:
+        try:
+            self.ep.request(addr, MsgType.SNAPSHOT, {"from": self.view.me, "snaps": snaps, "drop": drop},
+                            lambda msg, r=replica, s=snaps: self._stored(r, s, msg), timeout=0.3, retries=2,
+                            on_timeout=lambda rid, s=snaps: self._again(s))
+        except MessageError:  # a state too big for any message (over nf.MAX_STATE_BYTES): not replicated
+            self.stats["too_big"] += len(snaps)
+            return
         self.stats["snapshots_sent"] += len(snaps)
         self.stats["snapshot_messages"] += 1
-        self.ep.request(addr, MsgType.SNAPSHOT, {"from": self.view.me, "snaps": snaps, "drop": drop},
-                        lambda msg, r=replica: self._stored(r, msg), timeout=0.3, retries=2)
 
-    def _stored(self, replica: int, msg) -> None:
+    def _stored(self, replica: int, snaps: list[dict], msg) -> None:
         if not msg.body.get("ok"):
             self.stats["refused"] += 1
-            self.refused_by.add(replica)  # its actors pick another replica at their next snapshot
+            self.refused_by[replica] = time.monotonic() + REFUSAL_HOLD
+            self._again(snaps)  # to another replica now, if there is one
+
+    def _again(self, snaps: list[dict]) -> None:
+        """Snapshots that did not get stored (no answer, refused): their actors send again."""
+        self.resync.extend(bytes.fromhex(s["key"]) for s in snaps)
+        self._refill()
 
     def flow_ended(self, actor) -> None:
         """The flow ended or left: its replica forgets it."""
@@ -194,7 +252,7 @@ class Replicator:
         self.waiting = {e["id"] for e in peers}
         self.recovery["peers_asked"] = len(peers)
         for e in peers:  # in parallel: one request per peer, pages follow
-            self._fetch(e["id"], tuple(e["addr"]), None)
+            self._fetch(e["id"], self.view.addr(e["id"], (RUNNING, LEAVING)), None)
         if not peers:
             self.finish_recovery()
 
@@ -207,7 +265,7 @@ class Replicator:
         snaps = msg.body.get("snaps") or []
         for s in snaps:
             try:
-                self.restore(s)
+                self.restore(s, peer)
             except Exception:  # one bad snapshot must not stop the recovery of the others
                 self.recovery["bad"] += 1
         self.recovery["snapshots"] += len(snaps)
@@ -216,16 +274,22 @@ class Replicator:
         else:
             self._peer_done(peer)
 
-    def restore(self, s: dict) -> None:
+    def restore(self, s: dict, peer: int) -> None:
+        """A snapshot from `peer`.  Two peers may hold one flow (its replica
+        changed): the newest version wins.  The actor's replica is the peer
+        that held it, so it is told when the flow ends."""
         key = bytes.fromhex(s["key"])
-        if key in self.flows:
+        wire, version = s["actor"], int(s["v"])
+        actor = self.flows.get(key)
+        if actor is None:
+            actor = self.make_actor(key, int(wire["orig_dir"]), int(wire["chain"]), int(wire["rule"]))
+        elif actor.snap_version >= version:
             return
-        wire = s["actor"]
-        actor = self.make_actor(key, int(wire["orig_dir"]), int(wire["chain"]), int(wire["rule"]))
         actor.load_wire(wire, time.monotonic())
-        actor.snap_version = int(s["v"])
-        self.flows.add(actor)
-        self.recovery["actors"] += 1
+        actor.snap_version, actor.replica = version, peer
+        if key not in self.flows:
+            self.flows.add(actor)
+            self.recovery["actors"] += 1
 
     def _peer_done(self, peer: int) -> None:
         self.waiting.discard(peer)

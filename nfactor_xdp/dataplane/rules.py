@@ -1,30 +1,40 @@
 """Service chain rules (paper 3.1) and the node's policy file.
 
 A rule matches a flow's 5-tuple, as seen on its first packet (src = the side
-that sent it): source and destination prefixes, protocol, source and
-destination port or port range, each with a wildcard.  The most specific
-matching rule wins (longest prefixes first, then protocol and the narrowest
-ports; among equals, the earlier rule); no match gives the default chain.
+that sent it): source and destination prefixes, protocol (tcp, udp, gre, esp,
+sctp, ... or a number), source and destination port or port range, each with
+a wildcard.  A port or range never matches a protocol without ports.  The
+most specific matching rule wins (longest prefixes first, then protocol and
+the narrowest ports; among equals, the earlier rule); no match gives the
+default chain.
 
 Policy file (JSON), also what `nfactorctl rules` edits:
 
     {"default_chain": ["flow_monitor"],
      "rules": [{"proto": "tcp", "dport": "80", "chain": ["flow_monitor", "firewall", "http_parser"]}],
      "nf_config": {"firewall": {"rules": [{"dport": "8081", "action": "drop"}]}},
-     "nf_modules": ["my_package.my_nf"]}
+     "nf_modules": ["my_package.my_nf"],
+     "fragments": "reassemble"}
+
+"fragments": what a runtime does with IP fragments.  "reassemble" (default):
+hold them until their datagram is whole, run the chain of the datagram's own
+flow (its real ports) on it, and send the fragments on if it allows it.
+"drop": drop every fragment (counted).
 """
 from __future__ import annotations
 
 import ipaddress
 import json
 import os
+import tempfile
 from dataclasses import dataclass, field
 
 from . import nf
 from ..errors import NFactorError
+from ..formats.flowkey import NOT_FLOWS, PORTED, PROTO_NAMES, proto_number
 
-PROTOS = {"tcp": 6, "udp": 17}
 ANY = ("any", "*", "", None)
+FRAGMENT_MODES = ("reassemble", "drop")
 
 
 class RuleError(NFactorError, ValueError):
@@ -40,14 +50,16 @@ def _prefix(value, what: str):
         raise RuleError(f"{what}: {value!r} is not an address or prefix (e.g. 10.0.0.0/8, fd00::/8, any)") from None
 
 
-def _proto(value):
+def _proto(value, what: str = "proto"):
     if value in ANY:
         return None
-    if isinstance(value, int) and value in PROTOS.values():
-        return value
-    if isinstance(value, str) and value.lower() in PROTOS:
-        return PROTOS[value.lower()]
-    raise RuleError(f"proto: {value!r} is not tcp, udp or any")
+    try:
+        proto = proto_number(value)
+    except ValueError as e:
+        raise RuleError(f"{what}: {e}, or any") from None
+    if proto in NOT_FLOWS:
+        raise RuleError(f"{what}: {value!r}: ICMP is not a flow (the switch's other traffic, see --other)")
+    return proto
 
 
 def _ports(value, what: str):
@@ -80,7 +92,7 @@ class FlowMatch:
         if not isinstance(d, dict):
             raise RuleError(f"{where}: must be an object")
         m = cls(_prefix(d.get("src"), f"{where}.src"), _prefix(d.get("dst"), f"{where}.dst"),
-                _proto(d.get("proto")), _ports(d.get("sport"), f"{where}.sport"),
+                _proto(d.get("proto"), f"{where}.proto"), _ports(d.get("sport"), f"{where}.sport"),
                 _ports(d.get("dport"), f"{where}.dport"))
         if m.src is not None and m.dst is not None and m.src.version != m.dst.version:
             raise RuleError(f"{where}: src and dst are of different IP versions")
@@ -90,6 +102,8 @@ class FlowMatch:
         """src/dst are ipaddress objects."""
         if self.proto is not None and proto != self.proto:
             return False
+        if (self.sport is not None or self.dport is not None) and proto not in PORTED:
+            return False  # a flow without ports has none to match
         if self.src is not None and (src.version != self.src.version or src not in self.src):
             return False
         if self.dst is not None and (dst.version != self.dst.version or dst not in self.dst):
@@ -112,7 +126,7 @@ class FlowMatch:
         def ports(r):
             return "any" if r is None else (str(r[0]) if r[0] == r[1] else f"{r[0]}-{r[1]}")
         return {"src": str(self.src) if self.src else "any", "dst": str(self.dst) if self.dst else "any",
-                "proto": {6: "tcp", 17: "udp"}.get(self.proto, "any"),
+                "proto": "any" if self.proto is None else PROTO_NAMES.get(self.proto, str(self.proto)),
                 "sport": ports(self.sport), "dport": ports(self.dport)}
 
 
@@ -149,12 +163,13 @@ class Policy:
     default_chain: int = 0
     nf_config: dict = field(default_factory=dict)
     nf_modules: list[str] = field(default_factory=list)
+    fragments: str = "reassemble"   # FRAGMENT_MODES
 
     @classmethod
     def from_dict(cls, d: dict) -> "Policy":
         if not isinstance(d, dict):
             raise RuleError("policy: must be a JSON object")
-        unknown = set(d) - {"rules", "default_chain", "nf_config", "nf_modules"}
+        unknown = set(d) - {"rules", "default_chain", "nf_config", "nf_modules", "fragments"}
         if unknown:
             raise RuleError(f"policy: unknown keys {sorted(unknown)}")
         mods = d.get("nf_modules", [])
@@ -164,8 +179,11 @@ class Policy:
             nf.load_modules(mods)
         except nf.NFError as e:
             raise RuleError(f"policy.nf_modules: {e}") from None
+        fragments = d.get("fragments", "reassemble")
+        if fragments not in FRAGMENT_MODES:
+            raise RuleError(f"policy.fragments: {fragments!r} is not {' or '.join(FRAGMENT_MODES)}")
         p = cls(default_chain=parse_chain(d.get("default_chain", []), "policy.default_chain"),
-                nf_modules=mods)
+                nf_modules=mods, fragments=fragments)
         cfg = d.get("nf_config", {})
         if not isinstance(cfg, dict):
             raise RuleError("policy.nf_config: an object of NF name -> config")
@@ -214,7 +232,7 @@ class Policy:
     def to_dict(self) -> dict:
         return {"default_chain": nf.chain_names(self.default_chain),
                 "rules": [{k: v for k, v in r.to_dict().items() if k != "chain_int"} for r in self.rules],
-                "nf_config": self.nf_config, "nf_modules": self.nf_modules}
+                "nf_config": self.nf_config, "nf_modules": self.nf_modules, "fragments": self.fragments}
 
     def table(self) -> "RuleTable":
         return RuleTable(self.rules, self.default_chain)
@@ -238,6 +256,7 @@ class RuleTable:
 
 
 def load_policy(path: str) -> Policy:
+    """The policy in file `path`; any problem is a RuleError naming the file."""
     try:
         with open(path) as f:
             data = json.load(f)
@@ -245,12 +264,38 @@ def load_policy(path: str) -> Policy:
         raise RuleError(f"policy file {path} not found") from None
     except ValueError as e:
         raise RuleError(f"policy file {path}: not valid JSON ({e})") from None
-    return Policy.from_dict(data)
+    except OSError as e:
+        raise RuleError(f"policy file {path}: {e.strerror or e}") from None
+    try:
+        return Policy.from_dict(data)
+    except RuleError as e:
+        raise RuleError(f"policy file {path}: {e}") from None
 
 
 def save_policy(policy: Policy, path: str) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(policy.to_dict(), f, indent=1)
-    os.replace(tmp, path)
+    """Atomically and durably: a reader (or a crash at any point) sees the old
+    file or the new one, whole, and the new one survives a power loss once
+    this returns (written to a private temporary file, fsynced, renamed over
+    the old one, the directory fsynced)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    data = json.dumps(policy.to_dict(), indent=1).encode()
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp's 0600; the policy is configuration, not a secret
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    dfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)  # the rename itself
+    finally:
+        os.close(dfd)

@@ -16,34 +16,40 @@ import time
 
 from .. import logs
 from ..formats import config as nodeconf
-from ..formats import query
+from ..formats import marker, query
 from ..formats.config import NodeConfig, process_args, stop_on_signals
 from ..formats.messages import ClusterKey, Endpoint, Message, MsgType
+from ..kern import layouts as L
 from ..kern.maps import NodeMaps
 from ..kern.xsk import XskSocket
 from . import nf as nf_api
 from .actor import Actor
 from .faults import FaultHooks
 from .flowtable import FlowTable
-from .migration import Incoming, Migrator
-from .packet import FLOW, V4_L4, V4_SRC, Packet, classify
+from .lifetime import Lifetime
+from .arrivals import Incoming
+from .migration import Migrator
+from .fragments import FragmentPath, Reassembler
+from .packet import FLOW, TCP, UDP, V4_L4, V4_SRC, Packet, classify
 from .queries import QUERIES
 from .replication import Replicator
-from .rules import Policy, RuleError, load_policy
+from .rules import Policy, RuleError
 from .view import RUNNING, STARTING, View
 
 HOUSEKEEPING_INTERVAL = 1.0
 MIGRATE_WINDOW = 1.0  # seconds over the load threshold before a runtime sheds flows
 IDLE_POLL_MS = 100
-CLOSE_LINGER = 2.0  # seconds an actor outlives its TCP close (last ACKs, retransmits)
 SHED_SHARE = 5      # an overloaded runtime moves 1/SHED_SHARE of its flows
 FAST_PATH_BYTES = slice(V4_SRC, V4_L4 + 4)  # IPv4 addresses and ports: one direction of a flow
+MARKER_LENGTHS = frozenset(n + t for n in marker.V4_LENGTHS for t in (0, L.C["NFX_TRAILER_LEN"]))
 
 log = logs.get("runtime")
 
 
 class Runtime:
-    def __init__(self, cfg: NodeConfig, rt_id: int, policy: Policy | None = None):
+    def __init__(self, cfg: NodeConfig, rt_id: int, policy: Policy | None = None, controlled: bool = False):
+        """controlled: part of a node (registers with its controller, which
+        gives it the policy); without, a runtime alone (tests, benchmarks)."""
         self.cfg = cfg
         self.id = rt_id
         self.ifname = nodeconf.runtime_ports(rt_id)[1]
@@ -67,19 +73,29 @@ class Runtime:
         self.maps: NodeMaps | None = None
         self.ctl: query.Server | None = None
         self.ep: Endpoint | None = None
-        self.controller = ("127.0.0.1", cfg.control_port) if cfg.control_port else None
+        self.controller = nodeconf.control_socket(cfg.name, "controller") if controlled else None
+        self.heartbeats = nodeconf.control_socket(cfg.name, "heartbeat") if controlled else None
         self.migrator = Migrator(self.flows, self.view, make_actor=self.make_actor, transmit=self.transmit,
                                  on_left=self._flow_left, hooks=self.hooks, max_concurrent=cfg.max_migrations)
         self.replicator = Replicator(self.flows, self.view, cfg.snapshot_every, make_actor=self.make_actor,
                                      replay=self.handle_slow, transmit=self.transmit, on_recovered=self.register)
+        self.lifetime = Lifetime(rt_id, self.flows, self.replicator, self.stats, max_flows=cfg.max_flows,
+                                 idle_timeout=cfg.idle_timeout)
+        # On a node every frame ends with the switch's ingress trailer (nfactor_shared.h): kept
+        # for the way back (forwarded, copied, replayed), cut from what actors see.
+        self.cut: int | None = None
+        self.fragments = FragmentPath(Reassembler(cfg.frag_max_datagrams, cfg.frag_max_bytes, cfg.frag_timeout),
+                                      self.flows.get, self.new_actor, self.transmit, self.replicator)
         self.registered = False
+        self.refused: str | None = None
         self._load_mark = (time.monotonic(), sum(os.times()[:2]), 0)
 
     # --- lifecycle ---------------------------------------------------------
     def start(self) -> None:
         os.sched_setaffinity(0, {self.core})
         self.xsk = XskSocket(socket.if_nametoindex(self.ifname), 0)
-        self.maps = NodeMaps(self.cfg.name)
+        self.maps = self.lifetime.maps = NodeMaps(self.cfg.name)
+        self.cut = self.migrator.cut = -L.C["NFX_TRAILER_LEN"]
         self.ctl = query.Server(nodeconf.runtime_socket(self.cfg.name, self.id), self.on_request)
         if self.controller:
             # hold frames until the flows' state is back from the peers (recovery)
@@ -87,10 +103,9 @@ class Runtime:
         # Registering the socket is what makes frames flow to us.
         self.maps["xsks"].set(self.id, self.xsk.fd)
         if self.controller:
-            self.ep = Endpoint(("127.0.0.1", 0), ClusterKey.load_or_create(nodeconf.cluster_key_path()),
-                               f"rt{self.id}")
-            agent = ("127.0.0.1", self.cfg.switch_agent_port) if self.cfg.switch_agent_port else None
-            self.migrator.attach(self.ep, agent)
+            self.ep = Endpoint(nodeconf.control_socket(self.cfg.name, f"rt{self.id}"),
+                               ClusterKey.load_or_create(nodeconf.cluster_key_path()), f"rt{self.id}")
+            self.migrator.attach(self.ep, nodeconf.control_socket(self.cfg.name, "switch"))
             self.replicator.attach(self.ep)
             self.register(recovering=True)
 
@@ -134,7 +149,10 @@ class Runtime:
             try:
                 self.set_policy(Policy.from_dict(body["policy"]))
             except RuleError as e:
-                log.error("the controller sent a bad policy: %s", e)
+                # frames are held until now: never process them without the node's policy
+                self.refused = f"the controller's policy cannot be used here, not running without it: {e}"
+                self.stopping = True  # main says why; the supervisor restarts it, backing off
+                return
         self.view.update(body.get("view"))
         if recovering:
             self.replicator.start_recovery()  # registers again, as running, when done
@@ -158,7 +176,7 @@ class Runtime:
             try:
                 self.set_policy(Policy.from_dict(msg.body.get("policy")))
             except RuleError as e:
-                log.error("the controller pushed a bad policy: %s", e)
+                log.error("the controller pushed a bad policy, keeping the current one: %s", e)
         elif t == MsgType.REGISTER and msg.body.get("again") and self.registered:
             self.register()  # the controller lost us (e.g. restarted from an old log)
         elif t == MsgType.MIGRATE_CREATE:
@@ -186,7 +204,8 @@ class Runtime:
     def send_heartbeat(self) -> None:
         load = self.load()
         load["migrating"] = len(self.migrator.out)
-        self.ep.send(self.controller, MsgType.HEARTBEAT, {"id": self.id, "load": load})
+        load["not_migratable"] = self.migrator.not_migratable()  # a drain ends without them
+        self.ep.send(self.heartbeats, MsgType.HEARTBEAT, {"id": self.id, "load": load})
         self.rebalance(load)
 
     def rebalance(self, load: dict) -> None:
@@ -224,11 +243,12 @@ class Runtime:
         # Fast path: IPv4 without options or fragmentation, flow already seen
         # in this direction; the raw address/port bytes find the actor.  The
         # checks are literals on purpose (the hottest line): ethertype 0x0800,
-        # version 4 with IHL 5, no MF flag or fragment offset, protocol byte.
+        # version 4 with IHL 5, no MF flag or fragment offset, protocol byte;
+        # a frame as long as a marker goes the slow way, which knows one.
         if frame[12] == 8 and frame[13] == 0 and frame[14] == 0x45 and not (frame[20] & 0x3F or frame[21]):
             hit = self.fast.get(frame[FAST_PATH_BYTES].tobytes())
-            if hit is not None and hit[0].proto == frame[23]:
-                return hit[0].on_packet(frame, hit[1], V4_L4, self.now)
+            if hit is not None and hit[0].proto == frame[23] and len(frame) not in MARKER_LENGTHS:
+                return hit[0].on_packet(frame[:self.cut], hit[1], V4_L4, self.now)
         return self.handle_slow(frame)
 
     def handle_slow(self, frame) -> bool:
@@ -240,13 +260,18 @@ class Runtime:
             # The switch sends us flows only; anything else is counted and dropped.
             self.stats["dropped_not_flow"] += 1
             return False
+        if l4 < 0:  # a fragment: the chain sees its datagram, whole, as its own flow
+            return self.fragments.on_fragment(frame, key, self.now, self.policy.fragments)
         actor = self.flows.get(key)
+        if self.migrator.late_marker(frame, l4, key[36], actor):
+            return False  # a copy of an earlier migration's marker, whenever it comes: dropped, counted
         if actor is None:
-            if self.migrator.late_marker(frame):
-                return False
             if self.migrator.left_here(key):
                 return False  # the flow migrated away: a frame behind its marker, counted (after_marker)
-            actor = self.flows.add(self.new_actor(frame, key, direction, l4))
+            if not self.lifetime.admit():
+                return False  # full of flows that cannot be given up now: refused, counted
+            actor = self.fragments.adopt(key) or self.new_actor(frame, key, direction, l4)
+            self.flows.add(actor)
         migration = actor.migration
         if migration is not None:
             if isinstance(migration, Incoming):
@@ -254,10 +279,10 @@ class Runtime:
                 return False
             if self.migrator.on_frame(actor, frame, l4):
                 return False  # the marker: consumed here (counted by the migrator)
-            return actor.on_packet(frame, direction, l4, self.now)
-        if l4 == V4_L4 and frame[14] == 0x45:  # IPv4 without options: the fast path's kind
+            return actor.on_packet(frame[:self.cut], direction, l4, self.now)
+        if l4 == V4_L4 and frame[14] == 0x45 and (actor.proto == TCP or actor.proto == UDP):  # the fast path's kind
             self.flows.learn_fast(frame[FAST_PATH_BYTES].tobytes(), actor, direction)
-        return actor.on_packet(frame, direction, l4, self.now)
+        return actor.on_packet(frame[:self.cut], direction, l4, self.now)
 
     def transmit(self, frame) -> bool:
         """Send a frame that is not in the UMEM (a replayed one)."""
@@ -266,14 +291,16 @@ class Runtime:
         self.xsk.reclaim()
         return self.xsk.send_frame(frame)
 
-    def new_actor(self, frame, key: bytes, direction: int, l4: int) -> Actor:
+    def new_actor(self, frame, key: bytes, direction: int, l4: int, replicate: bool = True) -> Actor:
         """A flow's first frame: find its chain (rules see the first frame's
         orientation) and give it an actor with a fresh state per NF."""
         first = Packet(frame, 0, l4, key[36])
         chain, rule_id = self.table.lookup(first.src, first.dst, first.proto, first.sport, first.dport)
         self.stats["flows_created"] += 1
         actor = self.make_actor(key, direction, chain, rule_id)
-        if actor.replicator is not None:
+        if not replicate:
+            actor.replicator = None  # a fragments-only actor (fragments.py): not this runtime's flow
+        elif actor.replicator is not None:
             self.replicator.due(actor)  # a first snapshot: every flow exists on its replica from the start
         return actor
 
@@ -305,7 +332,7 @@ class Runtime:
         self.policy_version += 1
 
     def run(self) -> None:
-        xsk, ctl, handle, batch, ep = self.xsk, self.ctl, self.handle, self.cfg.batch, self.ep
+        xsk, ctl, handle, batch, ep, lifetime = self.xsk, self.ctl, self.handle, self.cfg.batch, self.ep, self.lifetime
         poller = select.poll()
         poller.register(xsk.fd, select.POLLIN)
         poller.register(ctl.fileno(), select.POLLIN)
@@ -319,26 +346,29 @@ class Runtime:
             self.now = time.monotonic()
             if xsk.forward_batch(handle, batch):
                 batches += 1
+                if lifetime.ended:
+                    lifetime.flush()  # switch entries of flows given up for new ones
                 if ep:
                     # peers' messages (migrations) every batch: a non-blocking recv is cheap
                     for msg, addr in ep.receive(256):
                         self.on_control(msg, addr)
                 if batches & 15:
                     continue
-                # Under load, still answer queries and run timers.
-                ctl.serve_pending()
+                # Under load, still answer queries (one per turn: a listing's pages
+                # come between batches) and run timers.
+                ctl.serve_pending(1)
             else:
                 self.stats["idle_waits"] += 1
                 for fd, _ in poller.poll(idle_ms):
                     if fd == ctl.fileno():
-                        ctl.serve_pending()
+                        ctl.serve_pending(1)
                 self.now = time.monotonic()
             if ep:
                 for msg, addr in ep.receive(256):
                     self.on_control(msg, addr)
                 ep.tick(self.now)
                 if self.migrator.out:
-                    self.migrator.tick(self.now)
+                    self._guarded(self.migrator.tick, self.now)
                 if self.replicator.pending:
                     try:
                         self.replicator.flush()
@@ -347,23 +377,26 @@ class Runtime:
                         self.replicator.pending.clear()
                         log.error("snapshot flush: %s: %s", type(e).__name__, e)
                 if self.now >= next_heartbeat:
-                    self.send_heartbeat()
+                    self._guarded(self.send_heartbeat)
                     next_heartbeat = self.now + self.cfg.heartbeat
             if self.now >= next_housekeeping:
                 self.expire_idle()
                 next_housekeeping = self.now + HOUSEKEEPING_INTERVAL
 
+    def _guarded(self, fn, *args) -> None:
+        """A timer of the control side: an error in it is counted and logged,
+        and never stops the packet loop (as errors in messages' handlers)."""
+        try:
+            fn(*args)
+        except Exception as e:
+            self.stats["control_errors"] += 1
+            log.error("%s: %s: %s", fn.__name__, type(e).__name__, e)
+
     def expire_idle(self) -> None:
         """Release actors idle for idle_timeout, or closed (FIN both ways, RST)
-        for CLOSE_LINGER."""
-        idle, closed = self.now - self.cfg.idle_timeout, self.now - CLOSE_LINGER
-        gone = [k for k, a in self.flows.items()
-                if a.migration is None and (a.last_seen < idle or (a.closed_at and a.closed_at < closed))]
-        for k in gone:
-            actor = self.flows.remove(k)
-            actor.end()
-            self.replicator.flow_ended(actor)
-        self.stats["flows_expired"] += len(gone)
+        for CLOSE_LINGER; their switch entries go too (lifetime.py)."""
+        self.lifetime.expire(self.now)
+        self.fragments.expire(self.now, self.now - self.cfg.idle_timeout)
 
     # --- queries -------------------------------------------------------------
     def on_request(self, req: dict) -> dict:
@@ -375,23 +408,27 @@ class Runtime:
     def packet_counts(self) -> dict:
         """Where every frame this runtime received went.  received =
         forwarded + held + markers + each drop; held frames (an arriving
-        flow's, or everything while recovering) are sent later, counted in
+        flow's, everything while recovering, IP fragments until their
+        datagram is whole) are sent later, counted in
         sent_later; chain drops are what the NFs dropped (the rest of the
         frames the handler did not forward, every other reason being counted
         where it happens)."""
         xs = self.xsk.statistics()
         mig, rec = self.migrator.stats, self.replicator.recovery
-        held = {"migration": mig["buffered"], "recovery": rec["buffered"]}
+        frag = self.fragments.stats
+        held = {"migration": mig["buffered"], "recovery": rec["buffered"], "fragments": frag["held"]}
         dropped = {"not_flow": self.stats["dropped_not_flow"], "late_marker": mig["late_markers"],
                    "after_marker": mig["after_marker_dropped"],
                    "migration_buffer_full": mig["buffer_overflow"], "recovery_buffer_full": rec["buffer_overflow"],
-                   "handler_error": xs["handler_error_frames"]}
+                   "handler_error": xs["handler_error_frames"], "fragments": frag["dropped"],
+                   "flow_cap": self.stats["dropped_flow_cap"]}
         not_forwarded = xs["dropped_by_handler"]
         dropped["chain"] = not_forwarded - sum(held.values()) - mig["markers_consumed"] - sum(dropped.values())
         dropped["tx_ring_full"] = xs["tx_dropped_ring_full"]  # forwarded by the chain, no room to send
-        # held frames go through the chain later (replayed, or taken back by a source)
-        later = mig["replayed"] + rec["replayed"] + mig["taken_back"]
-        failed = mig["replay_tx_fail"] + rec["replay_tx_fail"]
+        # held frames go through the chain later (replayed, taken back by a source, or
+        # fragments with their datagram; status()["fragments"] has those discarded unseen)
+        later = mig["replayed"] + rec["replayed"] + mig["taken_back"] + frag["processed"]
+        failed = mig["replay_tx_fail"] + rec["replay_tx_fail"] + frag["tx_failed"]
         return {"frames": xs["rx_packets"], "forwarded": xs["tx_packets"] - xs["frames_injected"],
                 "sent_later": xs["frames_injected"], "held": held, "markers": mig["markers_consumed"],
                 "dropped": dropped, "dropped_by_chain": dropped["chain"],
@@ -400,10 +437,11 @@ class Runtime:
 
     def limits(self) -> dict:
         """Every bound on what the runtime holds, with what it cost when hit."""
-        from .migration import MAX_BUFFER
+        from .arrivals import MAX_BUFFER
         from .replication import MAX_PENDING, MAX_RECOVERY_BUFFER, MAX_STORE
         mig, rep = self.migrator.stats, self.replicator
         return {
+            "flows": self.lifetime.limit(),
             "migration_buffer": {"limit": MAX_BUFFER, "unit": "frames per arriving flow",
                                  "dropped": mig["buffer_overflow"]},
             "recovery_hold": {"limit": MAX_RECOVERY_BUFFER, "unit": "frames held while recovering",
@@ -414,6 +452,7 @@ class Runtime:
                                "refused": rep.stats["store_refused"]},
             "migrations_at_once": {"limit": self.cfg.max_migrations, "unit": "outgoing migrations",
                                    "queued": sum(len(b.waiting) for b in self.migrator.batches.values())},
+            **self.fragments.limits(),
         }
 
     def status(self) -> dict:
@@ -427,8 +466,10 @@ class Runtime:
             "registered": self.registered, "view_version": self.view.version,
             "migration": self.migrator.status(), "last_migration_error": self.migrator.last_error,
             "replication": self.replicator.status(), "limits": self.limits(),
-            "faults_fired": self.hooks.fired,
+            "faults_fired": self.hooks.fired, "faults_armed": dict(self.hooks.armed),
+            "fragments": self.fragments.status(),
             "control_rejected": dict(self.ep.rejected) if self.ep else {},
+            "callback_errors": self.ep.counters["callback_errors"] if self.ep else 0,
             "nf_errors": sum(a.nf_errors for a in self.flows.values()),
         }
 
@@ -436,21 +477,19 @@ class Runtime:
 def main(argv: list[str] | None = None) -> int:
     cfg, args = process_args("nfactor-runtime", __doc__, argv, runtime=True)
     logs.setup(f"rt{args.id}")
-    policy = None
-    path = nodeconf.policy_path(cfg.name)
-    if os.path.exists(path):
-        try:
-            policy = load_policy(path)
-        except RuleError as e:
-            log.error("bad policy, starting with none: %s", e)
-    rt = Runtime(cfg, args.id, policy)
+    # No policy file read here: the controller's policy comes with the reply to
+    # REGISTER, and every frame is held until then (never processed without it).
+    rt = Runtime(cfg, args.id, controlled=True)
     stop_on_signals(lambda: setattr(rt, "stopping", True))
     try:
         rt.start()
         log.info("running on %s, core %d", rt.ifname, rt.core)
         rt.run()
+        if rt.refused:
+            raise RuleError(rt.refused)
     except Exception as e:
         log.exception("stopped by %s: %s", type(e).__name__, e)
+        nodeconf.write_exit_reason(cfg.name, f"rt{args.id}", f"{type(e).__name__}: {e}")
         return 1
     finally:
         rt.stop()

@@ -11,6 +11,7 @@ class View:
         self.me = me
         self.version: int | None = None
         self.entries: dict[int, dict] = {}
+        self.listeners: list = []  # called after each update (replication follows its peers)
 
     def update(self, body: dict | None) -> None:
         """A VIEW message's body (or the view in the reply to REGISTER)."""
@@ -21,6 +22,8 @@ class View:
                 entries[e["id"]] = e
         self.entries = entries
         self.version = body.get("version")
+        for listener in self.listeners:
+            listener()
 
     def state(self, rt_id: int) -> str | None:
         e = self.entries.get(rt_id)
@@ -36,12 +39,13 @@ class View:
         return [e for i, e in sorted(self.entries.items())
                 if i != self.me and e.get("state") in states and e.get("addr") and i not in exclude]
 
-    def addr(self, rt_id: int, states=(RUNNING,)) -> tuple | None:
-        """The control address of runtime rt_id if it is in one of `states`."""
+    def addr(self, rt_id: int, states=(RUNNING,)) -> str | tuple | None:
+        """The control address of runtime rt_id if it is in one of `states`:
+        what Endpoint.send takes (a socket path; [host, port] becomes a tuple)."""
         e = self.entries.get(rt_id)
         if e is None or rt_id == self.me or e.get("state") not in states or not e.get("addr"):
             return None
-        return tuple(e["addr"])
+        return e["addr"] if isinstance(e["addr"], str) else tuple(e["addr"])
 
     @staticmethod
     def cpu(entry: dict, default: float) -> float:

@@ -1,7 +1,8 @@
 """A node's configuration and where its files live.
 
   /sys/fs/bpf/nfactor/<name>/   pinned maps (kept across agent restarts)
-  /run/nfactor/<name>/          node.json (state), runtime sockets
+  /run/nfactor/<name>/          node.json (state), runtime query sockets (0700)
+  /run/nfactor/<name>/ctl/      control sockets, one per process (0700)
   /var/log/nfactor/<name>/      agent and runtime logs (kept after down)
   /var/lib/nfactor/<name>/      policy.json: service chain rules, NF config (kept)
 """
@@ -12,6 +13,7 @@ import json
 import os
 import re
 import signal
+import stat
 from dataclasses import asdict, dataclass, field
 
 from ..kern import layouts as L
@@ -62,6 +64,55 @@ def runtime_socket(name: str, rt_id: int) -> str:
     return os.path.join(run_dir(name), f"rt{rt_id}.sock")
 
 
+def control_dir(name: str) -> str:
+    """Where the node's processes bind their control sockets: made 0700 here
+    (with the run directory) and refused if another user owns it, so only
+    root can send them a message or take a name."""
+    path = os.path.join(run_dir(name), "ctl")
+    for d in (run_dir(name), path):
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            pass
+        except FileNotFoundError:
+            os.makedirs(d, mode=0o700, exist_ok=True)
+        st = os.lstat(d)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+            raise ConfigError(f"{d} is not a directory of uid {os.geteuid()}; remove it")
+        if stat.S_IMODE(st.st_mode) != 0o700:
+            os.chmod(d, 0o700)
+    return path
+
+
+def control_socket(name: str, role: str) -> str:
+    """The control socket of `role`: controller, heartbeat (the controller's
+    socket for heartbeats alone), supervisor, switch, rtN, or a client's."""
+    return os.path.join(control_dir(name), f"{role}.sock")
+
+
+def exit_reason_path(name: str, role: str) -> str:
+    return os.path.join(run_dir(name), f"{role}.exit")
+
+
+def write_exit_reason(name: str, role: str, why: str) -> None:
+    """A process that gives up says why, for the supervisor's status."""
+    try:
+        with open(exit_reason_path(name, role), "w") as f:
+            f.write(why[:2000])
+    except OSError:
+        pass
+
+
+def take_exit_reason(name: str, role: str) -> str | None:
+    try:
+        with open(exit_reason_path(name, role)) as f:
+            why = f.read()
+        os.unlink(exit_reason_path(name, role))
+        return why
+    except OSError:
+        return None
+
+
 def runtime_ports(rt_id: int) -> tuple[str, str]:
     """(switch-side, runtime-side) interface names of runtime rt_id's veth."""
     return f"sw-rt{rt_id}", f"rt{rt_id}"
@@ -90,13 +141,16 @@ class NodeConfig:
     runtimes: int = setting(2, "Number of runtime processes.", short="-r")
     cores: list[int] = setting(None, "CPUs for the runtimes, in turn (default: all CPUs in turn), e.g. 0,1.",
                                factory=list)
-    other_action: str = setting("forward", "What the switch does with non-TCP/UDP traffic (ARP, ICMP, non-IP, "
-                                "VLAN).", option="--other",
+    other_action: str = setting("forward", "What the switch does with traffic that is not a flow (ARP, ICMP, "
+                                "non-IP).", option="--other",
                                 choices=tuple(sorted(L.OTHER_ACTIONS)))
     flow_table_size: int = setting(262144, "Entries in the switch's LRU flow table.")
     xdp_mode: str = setting("native", "XDP attach mode; auto falls back to generic where native is unsupported.",
                             choices=("native", "generic", "auto"))
     idle_timeout: float = setting(30.0, "Seconds before an idle flow's actor is released.")
+    max_flows: int = setting(100_000, "Flows (actors) a runtime holds at most; a new flow beyond gives up a flow "
+                             "seen only once, else the idlest (counted: evicted).  Keep runtimes x max_flows "
+                             "under --flow-table-size: the switch then never evicts a live flow's entry.")
     batch: int = setting(64, "Frames a runtime takes from its socket per loop iteration.")
     policy: str | None = setting(None, "Policy file (service chain rules, NF config) to install; default: the "
                                  "node's saved one.")
@@ -115,11 +169,13 @@ class NodeConfig:
     min_runtimes: int = setting(1, "Scale-in never goes below this.")
     snapshot_every: int = setting(10, "K: a flow's NF state is replicated to a peer every K packets "
                                   "(0: no replication).")
-    # Chosen by the supervisor when it starts (free UDP ports on the node's
-    # loopback), so that every process it starts knows where the others are.
-    control_port: int = setting(0, "The controller's UDP port.", cli=False)
-    supervisor_port: int = setting(0, "The supervisor's UDP port.", cli=False)
-    switch_agent_port: int = setting(0, "The switch agent's UDP port.", cli=False)
+    frag_timeout: float = setting(5.0, "Seconds a runtime holds an IP datagram's fragments for it to "
+                                  "complete (the kernel: 30).")
+    frag_max_datagrams: int = setting(1024, "IP datagrams a runtime reassembles at once; more fragments are "
+                                      "dropped and counted.")
+    frag_max_bytes: int = setting(4 << 20, "Bytes of IP fragments a runtime holds at once (the kernel's "
+                                  "ipfrag_high_thresh: 4 MB).")
+    # The processes find each other's control sockets by the node's name (control_socket).
 
     def validate(self) -> "NodeConfig":
         if not _NAME_RE.match(self.name):
@@ -139,6 +195,8 @@ class NodeConfig:
             raise ConfigError("flow_table_size must be 1024..16777216")
         if self.idle_timeout <= 0:
             raise ConfigError("idle_timeout must be positive")
+        if not 16 <= self.max_flows <= 1 << 24:
+            raise ConfigError("max_flows must be 16..16777216")
         if not 1 <= self.batch <= 1024:
             raise ConfigError("batch must be 1..1024")
         if not 0.01 <= self.heartbeat <= 10:
@@ -153,6 +211,11 @@ class NodeConfig:
             raise ConfigError("migrate_threshold and scale_in_threshold must be in [0, 1]")
         if not 0 <= self.snapshot_every <= 1_000_000:
             raise ConfigError("snapshot_every must be 0 (no replication) or a packet count")
+        if not 0 < self.frag_timeout <= 120:
+            raise ConfigError("frag_timeout must be in (0, 120] seconds")
+        if not 1 <= self.frag_max_datagrams <= 1 << 20 or not 1 << 17 <= self.frag_max_bytes <= 1 << 32:
+            raise ConfigError("frag_max_datagrams must be 1..1048576, frag_max_bytes 131072 (a whole 64 KB "
+                              "datagram)..4294967296")
         if not 1 <= self.min_runtimes <= L.C["NFX_MAX_RUNTIMES"]:
             raise ConfigError("min_runtimes must be at least 1")
         if not 0 <= self.max_runtimes <= L.C["NFX_MAX_RUNTIMES"]:

@@ -1,6 +1,7 @@
 """Control messages between the node's processes (controller, runtimes,
-supervisor, CLI), one per UDP datagram on the control network (loopback for
-a single node).
+supervisor, CLI), one per datagram: on UNIX datagram sockets in the node's
+run directory (root only) between the processes of one node, on UDP between
+hosts.
 
 A frame is:
 
@@ -10,8 +11,9 @@ A frame is:
 
 Every process of the cluster shares the key (`ClusterKey`).  The MAC is
 checked before the body is unpacked, so unauthenticated bytes never reach
-msgpack.  The timestamp limits (does not prevent) replay of captured frames
-to a window of MAX_SKEW_MS.
+msgpack.  The timestamp limits replay of captured frames to a window of
+MAX_SKEW_MS, and within it the receiving `Endpoint` acts once on a request
+(sender, request id): a retry or replay gets the first reply again.
 
 `Endpoint` is a non-blocking socket for event loops: `send`, `receive`
 (drains, never raises, counts rejected frames by reason), `request` + `tick`
@@ -27,15 +29,18 @@ import hmac
 import os
 import random
 import select
-import socket
-import stat
 import struct
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import msgpack
+from .. import logs
 from ..errors import NFactorError
+# the key lives in cluster_key.py; importers of ClusterKey from here keep working
+from .cluster_key import KEY_SIZE, ClusterKey, ClusterKeyError  # noqa: F401
+from . import dgram
+from .request_cache import IN_PROGRESS, RequestCache
 
 MAGIC = b"NX"
 VERSION = 1
@@ -44,9 +49,8 @@ MAC_SIZE = 32
 MIN_FRAME = HEADER.size + MAC_SIZE
 MAX_FRAME = 60_000        # whole frame; stays under the UDP datagram limit
 MAX_SKEW_MS = 30_000
-KEY_SIZE = 32
-DEFAULT_KEY_PATH = "/var/lib/nfactor/cluster.key"
 _U64 = 1 << 64
+log = logs.get("messages")
 
 REASONS = ("truncated", "bad_magic", "bad_version", "bad_mac", "stale",
            "oversized", "bad_body", "unknown_type")
@@ -87,10 +91,6 @@ class MessageTimeout(NFactorError, TimeoutError):
     pass
 
 
-class ClusterKeyError(NFactorError):
-    pass
-
-
 @dataclass
 class Message:
     type: MsgType
@@ -98,67 +98,6 @@ class Message:
     sender: str
     body: dict
     ts: int  # sender's wall clock, ms
-
-
-# --- cluster key ---------------------------------------------------------------
-
-class ClusterKey:
-    @staticmethod
-    def load(path: str = DEFAULT_KEY_PATH) -> bytes:
-        """Read an existing key, refusing one others can read or of the wrong size."""
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise ClusterKeyError(f"cluster key {path} is not a regular file")
-            if st.st_mode & 0o077:
-                raise ClusterKeyError(
-                    f"cluster key {path} is readable or writable by group/others "
-                    f"(mode {stat.S_IMODE(st.st_mode):04o}); fix: chmod 600 {path}")
-            data = os.read(fd, KEY_SIZE + 1)
-        finally:
-            os.close(fd)
-        if len(data) != KEY_SIZE:
-            raise ClusterKeyError(
-                f"cluster key {path} has {st.st_size} bytes, "
-                f"expected {KEY_SIZE}; restore the cluster's key file there (or remove it to "
-                f"generate a new one, which every process of the cluster must then share)")
-        return data
-
-    @staticmethod
-    def load_or_create(path: str = DEFAULT_KEY_PATH) -> bytes:
-        """The key at `path`, created (32 random bytes, mode 0600) if absent.
-
-        The new key is written to a private temporary file (O_EXCL) and then
-        hard-linked to `path`: link() fails if the name exists, so when two
-        processes race exactly one wins, and the loser (and any reader) only
-        ever sees a complete key file, never a half-written one.
-        """
-        parent = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(parent):
-            os.makedirs(parent, mode=0o700, exist_ok=True)
-            os.chmod(parent, 0o700)  # makedirs' mode is filtered by the umask
-        try:
-            return ClusterKey.load(path)
-        except FileNotFoundError:
-            pass
-        tmp = f"{path}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            os.fchmod(fd, 0o600)  # whatever the umask
-            os.write(fd, os.urandom(KEY_SIZE))
-            os.fsync(fd)
-            os.close(fd)
-            fd = -1
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                pass  # another process won the race: use its key
-        finally:
-            if fd >= 0:
-                os.close(fd)
-            os.unlink(tmp)
-        return ClusterKey.load(path)
 
 
 # --- frames --------------------------------------------------------------------
@@ -253,55 +192,52 @@ def _errname(e: OSError) -> str:
     return errno.errorcode.get(e.errno, type(e).__name__) if e.errno else type(e).__name__
 
 
-SO_RCVBUFFORCE = 33  # Linux; Python's socket module does not name it
-
-
 class Endpoint:
-    """A non-blocking UDP socket speaking this protocol.
+    """A non-blocking datagram socket speaking this protocol: UNIX (bound to
+    a path; only who may enter its directory can send to it) or UDP.
 
     Counters: `rejected` (frames dropped by decode reason, plus
     "unexpected_reply"), `counters` (sent, received, send/recv errors by
-    errno name, duplicate replies, request timeouts...).
+    errno name, duplicate replies and requests, request timeouts...).
     """
 
-    RCVBUF = 8 << 20   # room for bursts (thousands of migrations at once); root may exceed rmem_max
+    BUFFER = 8 << 20   # room for bursts (thousands of migrations at once); root may exceed the sysctl limits
     DONE_MEMORY = 1024  # completed rids remembered to tell duplicate replies from unexpected ones
 
-    def __init__(self, bind: tuple[str, int], key: bytes, sender: str):
-        """`bind`: (host, port) to listen on; port 0 picks a free one (see `address`)."""
-        host, port = bind
+    def __init__(self, bind: str | tuple[str, int], key: bytes, sender: str):
+        """`bind`: a path (UNIX; a dead process's socket file there is
+        replaced), or (host, port) (UDP; port 0 picks a free one, see `address`)."""
         if not isinstance(key, bytes) or len(key) != KEY_SIZE:
             raise ValueError(f"cluster key must be {KEY_SIZE} bytes")
         self.key = key
         self.sender = sender
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_DGRAM)
-        try:
-            try:
-                self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, self.RCVBUF)
-            except PermissionError:
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.RCVBUF)
-            self.sock.bind((host, port))
-            self.sock.setblocking(False)
-        except BaseException:
-            self.sock.close()
-            raise
+        self.path = bind if isinstance(bind, str) else None
+        self.sock = dgram.open_socket(bind, self.BUFFER)
+        self._inode = os.stat(self.path).st_ino if self.path is not None else None
+        self.requests = RequestCache(MAX_SKEW_MS)
         self.rejected: collections.Counter = collections.Counter()
         self.counters: collections.Counter = collections.Counter()
-        # random start: a restarted process on the same port won't match replies meant for its predecessor
-        self._next_rid = random.randrange(1, 1 << 31)
+        # random start: a restarted process won't match replies meant for its predecessor,
+        # and its requests are not taken for its predecessor's by the receivers' request caches
+        self._next_rid = random.randrange(1, 1 << 62)
         self._pending: dict[int, _Pending] = {}
         self._done: collections.OrderedDict[int, None] = collections.OrderedDict()
 
     @property
-    def address(self) -> tuple[str, int]:
-        return self.sock.getsockname()[:2]
+    def address(self) -> str | tuple[str, int]:
+        return self.path if self.path is not None else self.sock.getsockname()[:2]
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
     def close(self) -> None:
         self.sock.close()
+        if self.path is not None:
+            try:
+                if os.stat(self.path).st_ino == self._inode:  # still ours, not a successor's
+                    os.unlink(self.path)
+            except FileNotFoundError:
+                pass
 
     def __enter__(self):
         return self
@@ -320,6 +256,9 @@ class Endpoint:
         if rid is None:
             rid = self._new_rid()
         frame = encode(msg_type, rid, self.sender, body, self.key)
+        if addr is None:  # from an unbound UNIX socket: nowhere to answer
+            self.counters["send_no_address"] += 1
+            return rid
         try:
             self.sock.sendto(frame, addr)
             self.counters["sent"] += 1
@@ -328,13 +267,17 @@ class Endpoint:
         return rid
 
     def reply(self, msg: Message, addr, body: dict) -> int:
-        """Answer `msg` (received from `addr`) with `body`, under its rid."""
+        """Answer `msg` (received from `addr`) with `body`, under its rid;
+        a retry or replay of `msg` gets this reply again."""
+        self.requests.answered(msg.sender, msg.rid, body)
         return self.send(addr, MsgType.REPLY, body, rid=msg.rid)
 
     def receive(self, max_n: int = 64) -> list[tuple[Message, Any]]:
         """Read up to `max_n` datagrams that are waiting; return the valid
         messages with their source address.  Replies to our requests go to
-        their callbacks instead.  Never raises (callbacks' own errors excepted)."""
+        their callbacks instead; a request seen before is not returned again
+        (its reply, if any, is re-sent).  Never raises, nor do the callbacks
+        it runs (their errors are counted)."""
         out = []
         for _ in range(max_n):
             try:
@@ -347,16 +290,24 @@ class Endpoint:
                 if isinstance(e, ConnectionError):
                     continue
                 break
+            now_ms = _now_ms()
             try:
-                msg = decode(data, self.key)
+                msg = decode(data, self.key, now_ms)
             except MessageError as e:
                 self.rejected[e.reason] += 1
                 continue
             self.counters["received"] += 1
             if msg.type == MsgType.REPLY:
                 self._route_reply(msg)
-            else:
+                continue
+            earlier = self.requests.seen(msg.sender, msg.rid, msg.ts, now_ms)
+            if earlier is None:
                 out.append((msg, addr))
+            elif earlier is IN_PROGRESS:
+                self.counters["duplicate_request"] += 1
+            else:
+                self.counters["duplicate_request_answered"] += 1
+                self.send(addr, MsgType.REPLY, earlier, rid=msg.rid)
         return out
 
     def _route_reply(self, msg: Message) -> None:
@@ -368,7 +319,17 @@ class Endpoint:
                 self.rejected["unexpected_reply"] += 1
             return
         self._mark_done(msg.rid)
-        p.on_reply(msg)
+        self._callback(p.on_reply, msg, p.msg_type)
+
+    def _callback(self, fn, arg, msg_type: MsgType) -> None:
+        """A request's callback.  Its errors are counted (callback_errors) and
+        logged, never raised: a bug in one must not stop the event loop
+        reading this socket, nor lose the other messages of its read."""
+        try:
+            fn(arg)
+        except Exception as e:
+            self.counters["callback_errors"] += 1
+            log.error("callback of a %s request failed: %s: %s", msg_type.name, type(e).__name__, e)
 
     def _mark_done(self, rid: int) -> None:
         self._done[rid] = None
@@ -402,7 +363,7 @@ class Endpoint:
                 self._mark_done(rid)  # a reply arriving later is late, not unexpected
                 self.counters["request_timeout"] += 1
                 if p.on_timeout is not None:
-                    p.on_timeout(rid)
+                    self._callback(p.on_timeout, rid, p.msg_type)
 
     def next_timeout(self, now: float | None = None) -> float | None:
         """Seconds until `tick()` has something to do (None: no request pending), for poll()."""

@@ -67,10 +67,12 @@ class Server:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def serve_pending(self) -> int:
-        """Answer every connection waiting to be accepted; never raises."""
+    def serve_pending(self, max_n: int | None = None) -> int:
+        """Answer the connections waiting to be accepted (at most `max_n`:
+        the rest wait for the next call, so a client asking page after page
+        gets one per call); never raises."""
         served = 0
-        while True:
+        while max_n is None or served < max_n:
             try:
                 conn, _ = self.sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -93,6 +95,7 @@ class Server:
                     _send(conn, reply)
                 except OSError:
                     self.errors += 1
+        return served
 
     def close(self) -> None:
         self.sock.close()

@@ -102,6 +102,19 @@ class NodeMaps:
         t = self["rr_table"].get(0)
         return [t.ids[i] for i in range(min(t.count, L.C["NFX_MAX_RUNTIMES"]))] if t else []
 
+    def delete_flow(self, key: bytes, runtime: int) -> bool:
+        """Delete flow `key`'s switch entry if it still places the flow on
+        `runtime` (the flow ended there); True if deleted.  An entry placed
+        anew meanwhile, or moved by a migration, is left alone.  (Between
+        the read and the delete the entry could only change if the LRU
+        evicted it and a frame placed it again: microseconds.)"""
+        m = self["flows"]
+        k = L.FlowKeyStruct.from_buffer_copy(key)
+        cur = m.get(k)
+        if cur is None or cur.runtime != runtime:
+            return False
+        return m.delete(k)
+
     # --- reading ---------------------------------------------------------
     def counters(self) -> dict[str, int]:
         m = self["counters"]
@@ -129,7 +142,7 @@ class NodeMaps:
         out = []
         for k, v in self["flows"].items():
             out.append({"key": bytes(k).hex(), "runtime": v.runtime, "orig_dir": v.orig_dir,
-                        "in_port": v.in_port, "created_ns": v.created_ns})
+                        "created_ns": v.created_ns})
             if limit and len(out) >= limit:
                 break
         return out

@@ -16,6 +16,7 @@ import time
 from ..kern import netns
 from ..formats import config as nodeconf
 from ..control import node_client as nodectl
+from ..control.processes import ISOLATED_CWD, module_command
 from ..formats.config import NodeConfig
 from .testbed import Testbed, TestbedConfig
 
@@ -40,8 +41,8 @@ def demo_policy(blocked: int) -> dict:
 
 
 def _tool(ns: str, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "nfactor_xdp.tools.traffic", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(["ip", "netns", "exec", ns, *module_command("nfactor_xdp.tools.traffic", *args)],
+                            cwd=ISOLATED_CWD, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _result(p: subprocess.Popen, timeout: float) -> dict:

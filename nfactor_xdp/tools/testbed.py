@@ -48,8 +48,8 @@ from .testbed_plan import (HOSTS, IFNAMSIZ, MAX_NAME_LEN, PORTS, ROLES, TestbedC
                            TestbedError, TestbedExists, validate_ifname, validate_name)
 
 __all__ = ["HOSTS", "IFNAMSIZ", "MAX_NAME_LEN", "PORTS", "ROLES", "STATE_DIR", "Testbed", "TestbedConfig",
-           "TestbedConfigError", "TestbedError", "TestbedExists", "list_testbeds", "offloads", "state_path", "validate_ifname",
-           "validate_name"]
+           "TestbedConfigError", "TestbedError", "TestbedExists", "list_testbeds", "offloads", "state_path",
+           "validate_ifname", "validate_name"]
 
 STATE_DIR = "/run/nfactor"
 

@@ -7,6 +7,8 @@ prints one JSON object when done.
               and collect the echoes
   http-serve  a threaded HTTP server that serves N bytes of a seeded stream
   http-get    fetch URLs over many TCP connections, checking size and digest
+  frames-send     send raw Ethernet frames (hex, a JSON list on stdin)
+  frames-sniff    capture the frames an interface receives from one MAC
 
 Payload of a datagram: magic, flow id, sequence number, then padding.
 """
@@ -247,6 +249,50 @@ def tcp_hostile(a) -> dict:
     return {"sent": sent, "reply_bytes": len(reply), "status_line": reply.split(b"\r\n", 1)[0].decode(errors="replace")}
 
 
+def frames_send(a) -> dict:
+    frames = [bytes.fromhex(h) for h in json.load(sys.stdin)]
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
+        s.bind((a.ifname, 0))
+        for f in frames:
+            s.send(f)
+            time.sleep(a.gap)
+    return {"sent": len(frames)}
+
+
+_SOL_PACKET, _PACKET_AUXDATA = 263, 8
+_TP_STATUS_VLAN_VALID, _TP_STATUS_VLAN_TPID_VALID = 1 << 4, 1 << 6
+_AUXDATA = struct.Struct("=IIIHHHH")  # struct tpacket_auxdata (the part that matters)
+
+
+def frames_sniff(a) -> dict:
+    """Frames from --src-mac as they arrived, their outer VLAN tag put back
+    (the kernel takes it off before a packet socket sees the frame)."""
+    src = bytes.fromhex(a.src_mac.replace(":", ""))
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))  # ETH_P_ALL
+    s.setsockopt(_SOL_PACKET, _PACKET_AUXDATA, 1)
+    s.bind((a.ifname, 0))
+    s.settimeout(0.05)
+    frames = []
+    deadline = time.monotonic() + a.duration
+    print(json.dumps({"ready": True}), flush=True)
+    while time.monotonic() < deadline and len(frames) < a.max:
+        try:
+            data, anc, _, addr = s.recvmsg(65535, socket.CMSG_SPACE(_AUXDATA.size))
+        except socket.timeout:
+            continue
+        if data[6:12] != src or addr[2] == socket.PACKET_OUTGOING:
+            continue
+        for level, kind, raw in anc:
+            if level == _SOL_PACKET and kind == _PACKET_AUXDATA and len(raw) >= _AUXDATA.size:
+                status, _, _, _, _, tci, tpid = _AUXDATA.unpack_from(raw)
+                if status & _TP_STATUS_VLAN_VALID:
+                    tpid = tpid if status & _TP_STATUS_VLAN_TPID_VALID else 0x8100
+                    data = data[:12] + struct.pack("!HH", tpid, tci) + data[12:]
+        frames.append(data.hex())
+    s.close()
+    return {"frames": frames}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="nfactor-traffic", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -290,9 +336,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=100_000)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--timeout", type=float, default=10.0)
+    p = sub.add_parser("frames-send")
+    p.add_argument("--ifname", default="eth0")
+    p.add_argument("--gap", type=float, default=0.001, help="seconds between two frames")
+    p = sub.add_parser("frames-sniff")
+    p.add_argument("--ifname", default="eth0")
+    p.add_argument("--src-mac", required=True)
+    p.add_argument("--duration", type=float, default=3.0)
+    p.add_argument("--max", type=int, default=10_000)
     a = ap.parse_args(argv)
     fn = {"udp-sink": udp_sink, "udp-send": udp_send, "http-serve": http_serve, "http-get": http_get,
-          "tcp-hostile": tcp_hostile}[a.cmd]
+          "tcp-hostile": tcp_hostile, "frames-send": frames_send, "frames-sniff": frames_sniff}[a.cmd]
     print(json.dumps(fn(a)), flush=True)
     return 0
 

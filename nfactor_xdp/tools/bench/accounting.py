@@ -181,8 +181,7 @@ def account(snaps: list[dict], sent: int, failed: int) -> dict:
 def _flows_of(name: str, runtimes: int, keys: set[str], detail: bool) -> list[dict]:
     out = []
     for i in range(runtimes):
-        reply = nodectl.runtime_query(name, i, "flows", timeout=30.0, detail=detail) or {}
-        out += [a for a in reply.get("flows", []) if a["key"] in keys]
+        out += [a for a in nodectl.runtime_flows(name, i, detail=detail, timeout=30.0) or [] if a["key"] in keys]
     return out
 
 

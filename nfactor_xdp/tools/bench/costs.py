@@ -116,7 +116,8 @@ def nf_check(rt: Runtime, expected: int) -> list[str]:
         bad.append(f"actor saw {actor.packets}, dropped {actor.dropped}, nf_errors {actor.nf_errors}")
     for nf, state in zip(actor.nfs, actor.states):
         s = nf.summary(state)
-        if nf.name == "http_parser" and (s["n_requests"] != expected or s["n_errors"] or not all(s["in_sync"].values())):
+        if nf.name == "http_parser" and (s["n_requests"] != expected or s["n_errors"]
+                                         or not all(s["in_sync"].values())):
             bad.append(f"http_parser parsed {s['n_requests']} requests, {s['n_errors']} errors, in sync {s['in_sync']}")
         if nf.name == "flow_monitor" and sum(s["packets"].values()) != expected:
             bad.append(f"flow_monitor counted {s['packets']}")

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 
+from ...control.processes import ISOLATED_CWD, module_command
 from ...kern import netns
 from ...kern.bpfsys import BpfMap
 from ...kern.layouts import BPF_DIR
@@ -86,7 +87,7 @@ def generator_main(ns: str, ifname: str) -> None:
         cmd = json.loads(line)
         if cmd.get("cmd") != "run":
             break
-        frame = bytes.fromhex(cmd["frame"])
+        frame = bytes.fromhex(cmd["frame"]) + b"\0"  # a spare byte, cut by the program on every run (bench_gen.c)
         p = params[ctypes.c_int(0)]
         p.base, p.flows, p.tcp, p.step = cmd["base"], cmd["flows"], int(cmd["tcp"]), len(HTTP_REQUEST)
         p.gap_ns = int(1e9 / cmd["rate"]) if cmd["rate"] else 0
@@ -118,8 +119,9 @@ class Generator:
     """The generator process, driven from the benchmark."""
 
     def __init__(self, ns: str, ifname: str = "eth0"):
-        self.p = subprocess.Popen([sys.executable, "-m", "nfactor_xdp.tools.bench.load", "--gen", ns, ifname],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.p = subprocess.Popen(module_command("nfactor_xdp.tools.bench.load", "--gen", ns, ifname),
+                                  cwd=ISOLATED_CWD, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
         if not self.p.stdout.readline():
             raise RuntimeError(f"generator failed: {self.p.stderr.read()[-500:]}")
 

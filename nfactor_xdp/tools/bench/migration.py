@@ -49,7 +49,7 @@ def _placement(name: str) -> dict:
         placed = {f["key"]: f["runtime"] for f in maps.flows()}
     where: dict[str, list[int]] = {}
     for i in (0, 1):
-        for a in (nodectl.runtime_query(name, i, "flows", timeout=10.0, detail=False) or {}).get("flows", []):
+        for a in nodectl.runtime_flows(name, i, detail=False, timeout=10.0) or []:
             where.setdefault(a["key"], []).append(i)
     return {"switch_flows": len(placed),
             "switch_not_at_actor": sum(1 for k, rt in placed.items() if k in where and rt not in where[k]),
