@@ -55,8 +55,8 @@ int gen(struct xdp_md *ctx)
 	/* The template ends with a spare byte, cut on every run.  Live-frames
 	 * mode rebuilds a recycled frame from its context only if the program
 	 * changed the context, and the switch lengthens every frame it sends to
-	 * a runtime (the ingress trailer), in that same frame: without the cut
-	 * each frame would grow by a byte every time it is reused. */
+	 * a runtime (the ingress tag in front), in that same frame: without the
+	 * cut each frame would grow by a byte every time it is reused. */
 	if (bpf_xdp_adjust_tail(ctx, -1))
 		return XDP_ABORTED;
 	data = (void *)(long)ctx->data;

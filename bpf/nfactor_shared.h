@@ -24,14 +24,16 @@
 #define NFX_MAX_PORTS 256
 #define NFX_MAX_IPV6_EXT 6
 
-/* The ingress trailer: the switch appends one byte to every frame it sends to
- * a runtime, NFX_TRAILER_TAG | the external port (0/1) it came in on.  IP
- * lengths exclude it and runtimes cut it from what NFs see; a runtime sends
- * frames back with it, and the switch sends each out of the other external
- * port, trailer removed.  So a frame's egress depends on its own ingress only. */
-#define NFX_TRAILER_LEN 1
-#define NFX_TRAILER_TAG 0xA8
-#define NFX_TRAILER_PORT_MASK 1
+/* The ingress tag: the switch puts one byte in front of every frame it sends
+ * to a runtime, NFX_INGRESS_TAG | the external port (0/1) it came in on.
+ * Runtimes parse the frame behind it; a runtime sends frames back with it,
+ * and the switch sends each out of the other external port, tag removed.  So
+ * a frame's egress depends on its own ingress only.  In front, not behind:
+ * XDP guarantees headroom (XDP_PACKET_HEADROOM) but not tailroom, and on a
+ * veth some frames have none. */
+#define NFX_INGRESS_TAG_LEN 1
+#define NFX_INGRESS_TAG 0xA8
+#define NFX_INGRESS_PORT_MASK 1
 
 /* What a port of the node is (ports map: ifindex -> struct nfx_port). */
 enum nfx_port_role {
@@ -103,7 +105,7 @@ struct nfx_flow_key {
 };
 
 /* Where a flow is placed.  Nothing here decides where a frame leaves: each
- * frame carries its own ingress (the trailer). */
+ * frame carries its own ingress (the ingress tag). */
 struct nfx_flow {
 	__u32 runtime;
 	__u8 orig_dir;		/* 0: the placing frame went lo -> hi, 1: hi -> lo (shown only) */
@@ -159,8 +161,8 @@ enum nfx_counter {
 	NFX_CNT_DROP_VLAN_DEEP,		/* dropped: more than two VLAN tags, or 802.1ad inside a tag (hosts take VID-0 stacks as untagged) */
 	NFX_CNT_DROP_NO_RUNTIME,	/* dropped: new flow but no runtime is running */
 	NFX_CNT_DROP_MAP_FULL,		/* dropped: flow table insert failed */
-	NFX_CNT_DROP_NO_TAILROOM,	/* dropped: no room to append the ingress trailer to a frame for a runtime */
-	NFX_CNT_DROP_RT_NO_TRAILER,	/* dropped: frame from a runtime without a valid ingress trailer */
+	NFX_CNT_DROP_NO_HEADROOM,	/* dropped: no room to put the ingress tag in front of a frame for a runtime */
+	NFX_CNT_DROP_RT_NO_TAG,		/* dropped: frame from a runtime without a valid ingress tag */
 	NFX_CNT_DROP_UNKNOWN_PORT,	/* dropped: frame on a port with no role */
 	NFX_CNT_DROP_NO_PORT,		/* dropped: redirect target slot has no device */
 	NFX_CNT_REDIRECT_ERR,		/* switch redirects the kernel failed after the program returned (tracer) */

@@ -4,10 +4,10 @@
  * to the switch-side end of every runtime port.
  *
  *   external port:  parse -> flow table -> new flow? place it round-robin on
- *                   a running runtime -> append the ingress trailer (the port
- *                   the frame came in on) -> redirect to that runtime's port
+ *                   a running runtime -> put the ingress tag (the port the
+ *                   frame came in on) in front -> redirect to that runtime's port
  *   runtime port:   frames coming back from a runtime -> read and remove the
- *                   trailer -> redirect out of the other external port (bump
+ *                   tag -> redirect out of the other external port (bump
  *                   in the wire: ext0 <-> ext1).  No flow lookup: a frame's
  *                   egress depends on its own ingress only, so nothing sent
  *                   from one side can steer the other side's frames.
@@ -180,48 +180,39 @@ static __always_inline int place_flow(struct nfx_flow_key *key, __u8 dir, int re
 	return rt;
 }
 
-/* The offset of the frame's last NFX_TRAILER_LEN bytes, as a bounded scalar
- * the verifier accepts (the compiler must not fold it into pointer math). */
-static __always_inline __u32 trailer_offset(void *data, void *data_end)
-{
-	__u64 len = data_end - data;
-
-	asm volatile("" : "+r"(len));
-	return (len - NFX_TRAILER_LEN) & 0x3FFF;	/* XDP frames fit a page; the verifier wants < 64 KiB */
-}
-
-/* Append the trailer: NFX_TRAILER_TAG | the external port the frame came in on. */
-static __always_inline int add_trailer(struct xdp_md *ctx, __u32 in_port)
+/* Put the ingress tag in front: NFX_INGRESS_TAG | the external port the
+ * frame came in on. */
+static __always_inline int add_ingress_tag(struct xdp_md *ctx, __u32 in_port)
 {
 	void *data, *data_end;
 	__u8 *t;
 
-	if (bpf_xdp_adjust_tail(ctx, NFX_TRAILER_LEN))
+	if (bpf_xdp_adjust_head(ctx, -NFX_INGRESS_TAG_LEN))
 		return -1;
 	data = (void *)(long)ctx->data;
 	data_end = (void *)(long)ctx->data_end;
-	t = data + trailer_offset(data, data_end);
-	if ((void *)(t + NFX_TRAILER_LEN) > data_end)
+	t = data;
+	if ((void *)(t + NFX_INGRESS_TAG_LEN) > data_end)
 		return -1;
-	*t = NFX_TRAILER_TAG | in_port;
+	*t = NFX_INGRESS_TAG | in_port;
 	return 0;
 }
 
-/* Read and remove the trailer; returns the ingress port (0/1), or -1. */
-static __always_inline int take_trailer(struct xdp_md *ctx)
+/* Read and remove the ingress tag; returns the ingress port (0/1), or -1. */
+static __always_inline int take_ingress_tag(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
-	__u8 *t = data + trailer_offset(data, data_end), tag;
+	__u8 *t = data, tag;
 
-	if (data_end - data <= sizeof(struct ethhdr) || (void *)(t + NFX_TRAILER_LEN) > data_end)
+	if (data + NFX_INGRESS_TAG_LEN + sizeof(struct ethhdr) > data_end)
 		return -1;
 	tag = *t;
-	if ((tag & ~NFX_TRAILER_PORT_MASK) != NFX_TRAILER_TAG)
+	if ((tag & ~NFX_INGRESS_PORT_MASK) != NFX_INGRESS_TAG)
 		return -1;
-	if (bpf_xdp_adjust_tail(ctx, -NFX_TRAILER_LEN))
+	if (bpf_xdp_adjust_head(ctx, NFX_INGRESS_TAG_LEN))
 		return -1;
-	return tag & NFX_TRAILER_PORT_MASK;
+	return tag & NFX_INGRESS_PORT_MASK;
 }
 
 static __always_inline int from_external(struct xdp_md *ctx, struct nfx_config *cfg, __u32 in_port)
@@ -271,11 +262,11 @@ static __always_inline int from_external(struct xdp_md *ctx, struct nfx_config *
 		return redirect_slot(in_port ? NFX_SLOT_EXT0 : NFX_SLOT_EXT1);
 	}
 	len = data_end - data;
-	if (add_trailer(ctx, in_port)) {
+	if (add_ingress_tag(ctx, in_port)) {
 		/* Without it the frame could not find its way back: drop, counted.
-		 * Native veth frames have room (the driver copies frames with less
-		 * than XDP headroom into pages); see docs/architecture.md. */
-		nfx_count(NFX_CNT_DROP_NO_TAILROOM);
+		 * XDP frames have XDP_PACKET_HEADROOM in front, so this does not
+		 * happen on the drivers and veths this runs on. */
+		nfx_count(NFX_CNT_DROP_NO_HEADROOM);
 		return XDP_DROP;
 	}
 	st = rt_stats.lookup(&rt);
@@ -295,9 +286,9 @@ static __always_inline int from_runtime(struct xdp_md *ctx, __u32 runtime)
 	nfx_count(NFX_CNT_RX_RUNTIME);
 	/* Out of the port opposite to where this very frame came in: no flow
 	 * entry needed, so an evicted or re-placed entry cannot misroute it. */
-	in_port = take_trailer(ctx);
+	in_port = take_ingress_tag(ctx);
 	if (in_port < 0) {
-		nfx_count(NFX_CNT_DROP_RT_NO_TRAILER);
+		nfx_count(NFX_CNT_DROP_RT_NO_TAG);
 		return XDP_DROP;
 	}
 	if (runtime < NFX_MAX_RUNTIMES) {

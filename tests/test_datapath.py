@@ -131,8 +131,8 @@ def test_tcp_download_completes_with_valid_checksums(node):
     st = node.status()
     assert st["switch"]["redirect_err"] == 0
     assert st["switch"]["flow_new"] == 1
-    # every frame of the download (MTU-sized ones too) took the ingress trailer and came back with it
-    assert st["switch"]["drop_no_tailroom"] == st["switch"]["drop_rt_no_trailer"] == 0
+    # every frame of the download (MTU-sized ones too) took the ingress tag and came back with it
+    assert st["switch"]["drop_no_headroom"] == st["switch"]["drop_rt_no_tag"] == 0
 
 
 def test_status_and_flows_cli_json(node):
@@ -219,7 +219,7 @@ def test_spoofed_frames_from_one_side_never_steer_the_other_sides_frames(node):
     assert sent["echoes"] == {str(sport): list(range(packets))}
     sw = node.status()["switch"]
     assert sw["flow_new"] == 1  # the spoofed frames and the real ones: one flow, one runtime
-    assert sw["drop_no_tailroom"] == sw["drop_rt_no_trailer"] == 0
+    assert sw["drop_no_headroom"] == sw["drop_rt_no_tag"] == 0
 
 
 def test_bad_input_is_counted_and_good_traffic_keeps_flowing(node):
@@ -374,3 +374,53 @@ def test_probe_finds_everything_here():
     checks = json.loads(r.stdout)
     assert r.returncode == 0, [c for c in checks if not c["ok"]]
     assert all(c["ok"] for c in checks)
+
+
+_SEGMENT_SINK = r"""
+import json, socket, sys
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind((sys.argv[1], int(sys.argv[2]))); srv.listen(1)
+print(json.dumps({"ready": True}), flush=True)
+conn, _ = srv.accept(); got = 0
+while chunk := conn.recv(65536):
+    got += len(chunk)
+print(json.dumps({"received": got}), flush=True)
+"""
+
+_SEGMENT_SOURCE = r"""
+import json, socket, sys, time
+sizes = range(1, int(sys.argv[3]) + 1)
+def retrans():
+    rows = [l.split() for l in open("/proc/net/snmp") if l.startswith("Tcp:")]
+    return int(dict(zip(rows[0], rows[1]))["RetransSegs"])
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+before = retrans()
+for n in sizes:          # one segment of each size, each acked before the next goes
+    s.sendall(b"x" * n)
+    time.sleep(0.002)
+s.close()
+print(json.dumps({"sent": sum(sizes), "retransmitted": retrans() - before}), flush=True)
+"""
+
+
+def test_tcp_segments_of_every_size_cross_the_node_first_time(node):
+    """Every frame for a runtime gets the switch's ingress tag; a host stack's
+    skbs of some sizes have no tailroom, so a tag appended behind them was
+    refused and those segments never crossed (an HTTP request of 127 bytes,
+    each retransmission too).  Segments of every size from 1 to 1448 bytes
+    arrive, none retransmitted, none dropped by the switch."""
+    sink = subprocess.Popen(["ip", "netns", "exec", node.dst_ns, PY, "-c", _SEGMENT_SINK, node.dst_ip, "7070"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert json.loads(sink.stdout.readline())["ready"]
+        sent = json.loads(subprocess.run(["ip", "netns", "exec", node.src_ns, PY, "-c", _SEGMENT_SOURCE,
+                                          node.dst_ip, "7070", "1448"],
+                                         capture_output=True, text=True, timeout=120, check=True).stdout)
+        got = json.loads(sink.communicate(timeout=30)[0])
+    finally:
+        sink.kill()
+    sw = node.status()["switch"]
+    assert got["received"] == sent["sent"] == 1448 * 1449 // 2
+    assert sent["retransmitted"] == 0
+    assert sw["drop_no_headroom"] == sw["drop_rt_no_tag"] == 0

@@ -324,7 +324,7 @@ def test_http_parser_records_fields_by_their_encoded_size_and_its_worst_state_fi
     IPv6(src="fd00::1", dst="fd00::2") / TCP(sport=1, dport=2),
     IP(src="10.0.0.1", dst="10.0.0.2", proto=47) / (b"\0" * 8),  # a protocol without ports
 ], ids=["udp", "tcp", "udp6", "tcp6", "gre"])
-@pytest.mark.parametrize("after", [b"", b"\xa9"], ids=["bare", "trailer"])
+@pytest.mark.parametrize("after", [b"", b"\xa9"], ids=["bare", "padded"])
 def test_a_marker_is_known_by_its_form_for_every_kind_of_flow(pkt, after):
     key = classify(bytes(Ether() / pkt))[1]
     payload = marker.payload(marker.new_nonce())

@@ -24,7 +24,7 @@ from nfactor_xdp.kern.bpfsys import BPF_NOEXIST
 from nfactor_xdp.formats.messages import ClusterKey, Endpoint, MessageTimeout, MsgType
 from nfactor_xdp.dataplane.packet import FLOW, classify
 from nfactor_xdp.formats.flowkey import KEY_SIZE
-from nfactor_xdp.control.switch_agent import MarkerInjector, SwitchAgent
+from nfactor_xdp.control.switch_agent import MARKER_TAG, MarkerInjector, SwitchAgent
 from nfactor_xdp.formats import marker
 from nfactor_xdp.formats.config import NodeConfig
 from nfactor_xdp.formats.flowkey import HI_TO_LO, LO_TO_HI
@@ -188,8 +188,9 @@ class Capture:
         self.sock.setblocking(False)
 
     def expect(self, frames: list[bytes], timeout: float = 5.0) -> list[bytes]:
-        """Read until every frame of `frames` was seen (or the deadline); returns what was read."""
-        want = set(frames)
+        """Read until every frame of `frames` was seen (or the deadline); returns what was read.
+        Markers come with the agent's ingress tag in front, like every frame for a runtime."""
+        want = {MARKER_TAG + f for f in frames}
         seen: list[bytes] = []
         deadline = time.monotonic() + timeout
         while want - set(seen) and time.monotonic() < deadline:
@@ -266,7 +267,7 @@ def test_move_rewrites_the_entry_and_the_marker_arrives_through_the_ring(env):
         assert after.runtime == 3
         assert (after.orig_dir, after.created_ns) == (before.orig_dir, before.created_ns)
         seen = cap.expect([marker])
-        assert marker in seen
+        assert MARKER_TAG + marker in seen
         # it went through rt0's NAPI ring (the one redirected frames take), not the backlog
         assert env.xdp_packets() > napi
         # a repeat is idempotent and re-sends the marker
@@ -559,10 +560,11 @@ def test_no_frame_of_the_flow_reaches_the_old_runtime_after_its_marker(live_swit
         """Read what runtime 0's socket received, and replies."""
         descs = xsk.recv_batch(256)
         for a, ln in descs:
-            payload = bytes(xsk.frame(a, ln)[42:])
+            # every frame comes behind the switch's ingress tag (the marker too, from the agent)
+            payload = bytes(xsk.frame(a, ln)[L.C["NFX_INGRESS_TAG_LEN"] + 42:])
             if len(payload) == 16 and payload[:8] == marker.MAGIC.to_bytes(8, "big"):
                 seen.append(("marker", int.from_bytes(payload[8:], "big")))
-            elif len(payload) == 8 + L.C["NFX_TRAILER_LEN"]:  # the switch's ingress trailer follows
+            elif len(payload) == 8:
                 seen.append(("data", int.from_bytes(payload[:8], "big")))
             else:
                 seen.append(("other", len(payload)))

@@ -405,13 +405,13 @@ def test_other_traffic_policy(switch, action, verdict):
 
 
 def test_return_path_from_runtime(switch):
-    """A frame to a runtime gets one byte, the trailer naming its ingress port
-    (IP lengths do not count it); coming back it loses it and leaves by the
-    other port, with no flow entry needed."""
+    """A frame to a runtime gets one byte in front, the tag naming its ingress
+    port; coming back it loses it and leaves by the other port, with no flow
+    entry needed."""
     tcp = next(c for c in CASES if c.name == "tcp4")
     to_rt = switch.run_full(tcp.frame, "ext0")
-    assert to_rt["data"] == tcp.frame + bytes([L.C["NFX_TRAILER_TAG"]])
-    assert switch.run_full(tcp.reverse, "ext1")["data"] == tcp.reverse + bytes([L.C["NFX_TRAILER_TAG"] | 1])
+    assert to_rt["data"] == bytes([L.C["NFX_INGRESS_TAG"]]) + tcp.frame
+    assert switch.run_full(tcp.reverse, "ext1")["data"] == bytes([L.C["NFX_INGRESS_TAG"] | 1]) + tcp.reverse
     rt = next(iter(switch.placement().values()))["runtime"]
     switch.clear_flows()  # the way back does not look the flow up
     back = switch.run_full(to_rt["data"], f"sw-rt{rt}")
@@ -419,12 +419,12 @@ def test_return_path_from_runtime(switch):
     c = switch.counters()
     assert c["rx_runtime"] == 1 and c["to_ext"] == 1
     assert switch.maps.runtime_table()[rt]["switch"]["from_rt_packets"] == 1
-    # a frame without a valid trailer (never seen by the switch; a marker): dropped, counted
+    # a frame without a valid tag (never seen by the switch; a marker): dropped, counted
     udp = next(c for c in CASES if c.name == "udp4")
     arp = next(c for c in CASES if c.name == "arp")
-    for f in (udp.frame, arp.frame, udp.frame + b"\xa7", udp.frame + b"\xaa", tcp.frame[:14]):
+    for f in (udp.frame, arp.frame, b"\xa7" + udp.frame, b"\xaa" + udp.frame, b"\xa8" + tcp.frame[:13]):
         assert switch.run(f, "sw-rt0") == XDP_DROP
-    assert switch.counters()["drop_rt_no_trailer"] == 5
+    assert switch.counters()["drop_rt_no_tag"] == 5
 
 
 def test_a_frame_leaves_opposite_its_own_ingress_whatever_was_sent_first(switch):
@@ -441,10 +441,10 @@ def test_a_frame_leaves_opposite_its_own_ingress_whatever_was_sent_first(switch)
             assert switch.egress(frame, port) == ("ext1" if port == "ext0" else "ext0", frame), (frame, port)
     c = switch.counters()
     assert c["flow_new"] == 1 and c["to_runtime"] == 1 + 20 * 6
-    assert c["drop_rt_no_trailer"] == c["drop_no_tailroom"] == 0
+    assert c["drop_rt_no_tag"] == c["drop_no_headroom"] == 0
 
 
-def test_an_mtu_sized_frame_takes_the_trailer(switch):
+def test_an_mtu_sized_frame_takes_the_ingress_tag(switch):
     from scapy.layers.inet import IP, UDP
     from scapy.layers.l2 import Ether
     big = bytes(Ether() / IP(src="10.1.0.1", dst="10.1.0.2") / UDP(sport=7, dport=9) / (b"x" * 1472))

@@ -162,10 +162,10 @@ class Node:
             # could be processed on two CPUs at once, out of order).
             ipr.link("add", ifname=sw, kind="veth", num_tx_queues=1, num_rx_queues=1,
                      peer={"ifname": port, "num_tx_queues": 1, "num_rx_queues": 1})
-        # Frames to a runtime carry the switch's ingress trailer: one byte more
+        # Frames to a runtime carry the switch's ingress tag: one byte more
         # than the largest frame the external ports take (redirects check it).
         mtu = max(ipr.get_links(_ifindex(ipr, ext))[0].get_attr("IFLA_MTU")
-                  for ext in (self.cfg.ext0, self.cfg.ext1)) + L.C["NFX_TRAILER_LEN"]
+                  for ext in (self.cfg.ext0, self.cfg.ext1)) + L.C["NFX_INGRESS_TAG_LEN"]
         for name in (sw, port):
             # Nothing but the runtime's frames may cross this link.
             _set_sysctl(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "1")

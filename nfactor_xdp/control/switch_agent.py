@@ -57,6 +57,9 @@ from ..errors import NFactorError
 
 MAX_RUNTIMES = L.C["NFX_MAX_RUNTIMES"]
 MAX_BATCH = 1024                    # moves per grace period, bounds a reply's wait
+# Runtimes read every frame behind the switch's ingress tag (nfactor_shared.h);
+# a marker is consumed by the runtime, never sent on, so the port bit is moot.
+MARKER_TAG = bytes([L.C["NFX_INGRESS_TAG"]])
 
 log = logs.get("switch-agent")
 
@@ -228,7 +231,8 @@ class SwitchAgent:
             if mv.marker is not None:
                 ifname = nodeconf.runtime_ports(mv.src)[0]
                 try:
-                    self.injector.send(ifname, mv.marker)
+                    # in front, an ingress tag like every frame the switch sends a runtime
+                    self.injector.send(ifname, MARKER_TAG + mv.marker)
                     self.stats["markers_sent"] += 1
                 except OSError as e:
                     self.stats["marker_errors"] += 1

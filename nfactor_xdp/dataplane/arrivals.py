@@ -117,7 +117,7 @@ class Arrivals:
         # replay what arrived meanwhile, in order, then carry on as usual
         for data, direction, l4 in incoming.buffer:
             frame = bytearray(data)
-            if actor.on_packet(memoryview(frame)[:self.cut], direction, l4, now):
+            if actor.on_packet(memoryview(frame)[self.skip:], direction, l4, now):
                 if not self.transmit(frame):
                     self.stats["replay_tx_fail"] += 1
             self.stats["replayed"] += 1

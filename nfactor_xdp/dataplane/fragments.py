@@ -100,10 +100,12 @@ class Reassembler:
         self.frames_held = 0
         self.stats = dict.fromkeys(_COUNTERS, 0)
 
-    def add(self, frame, key: bytes, now: float):
-        """Hold one fragment (`key`: the switch's key for it).  Returns the
-        datagram's fragments and its reassembled frame when it is complete,
-        else None (held, or dropped and counted)."""
+    def add(self, frame, key: bytes, now: float, tag: bytes = b""):
+        """Hold one fragment (`key`: the switch's key for it; `tag`: the
+        switch's ingress tag that came in front of it, sent on with it).
+        Returns the datagram's fragments, as they are to be sent, and its
+        reassembled frame when it is complete, else None (held, or dropped
+        and counted)."""
         st = self.stats
         self.expire(now)
         info = _fragment(frame, key)
@@ -113,7 +115,7 @@ class Reassembler:
             return None
         ident, start, end, more, data_at, head, limit = info
         dg = self.pending.get(ident)
-        n = len(frame)
+        n = len(tag) + len(frame)
         full = ("full_datagrams" if dg is None and len(self.pending) >= self.max_datagrams else
                 "full_bytes" if self.bytes_held + n > self.max_bytes else None)
         if full:
@@ -131,7 +133,7 @@ class Reassembler:
         else:
             dg = self.pending[ident] = _Datagram(now + self.timeout)
         frame = bytes(frame)  # the UMEM frame is only ours during the handler
-        dg.frames.append(frame)
+        dg.frames.append(tag + frame)
         dg.size += n
         self.bytes_held += n
         self.frames_held += 1
@@ -213,16 +215,17 @@ class FragmentPath:
         self.replicator = replicator
         self.side: dict = {}  # key -> actor of a flow seen here only in fragments
 
-    def on_fragment(self, frame, key: bytes, now: float, mode: str = "reassemble") -> bool:
-        """One fragment; always False (held, or dropped): the fragments of a
-        datagram the chain allows are sent when the datagram is complete."""
+    def on_fragment(self, frame, key: bytes, now: float, mode: str = "reassemble", tag: bytes = b"") -> bool:
+        """One fragment (`tag`: what came in front of it, the switch's ingress
+        tag); always False (held, or dropped): the fragments of a datagram the
+        chain allows are sent, tags and all, when the datagram is complete."""
         st = self.stats
         st["fragments"] += 1
         if mode == "drop":
             st["policy_dropped"] += 1
             st["dropped"] += 1
             return False
-        done = self.r.add(frame, key, now)
+        done = self.r.add(frame, key, now, tag)
         if done is not None:
             self._datagram(*done, now)
         return False

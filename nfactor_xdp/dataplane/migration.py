@@ -75,7 +75,7 @@ class Migrator(Arrivals):
         self.left: dict[bytes, tuple[float, int]] = {}  # keys of flows that migrated away -> (expiry, target)
         self.returning: dict[bytes, tuple[list, float]] = {}  # aborted arrivals: key -> (frames, expiry)
         self.unmovable: set[bytes] = set()  # flows whose state was found too big to move
-        self.cut: int | None = None  # held frames keep the switch's trailer; actors see them without (runtime.cut)
+        self.skip = 0  # held frames keep the switch's ingress tag in front; actors see them without (runtime.skip)
         self.last_error = ""
         self.stats = {"late_markers": 0, "out_started": 0, "out_succeeded": 0, "out_failed": 0, "marker_resends": 0,
                       "in_created": 0, "in_completed": 0, "in_refused": 0, "in_aborted": 0, "replayed": 0,
@@ -354,7 +354,7 @@ class Migrator(Arrivals):
         for data, direction, l4 in msg.body.get("frames", []):
             frame = bytearray(data)
             self.stats["taken_back"] += 1
-            if actor is not None and actor.on_packet(memoryview(frame)[:self.cut], direction, l4, now) \
+            if actor is not None and actor.on_packet(memoryview(frame)[self.skip:], direction, l4, now) \
                     and not self.transmit(frame):
                 self.stats["replay_tx_fail"] += 1
         if isinstance(msg.body.get("next"), int):

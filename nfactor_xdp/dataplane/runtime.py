@@ -41,7 +41,7 @@ MIGRATE_WINDOW = 1.0  # seconds over the load threshold before a runtime sheds f
 IDLE_POLL_MS = 100
 SHED_SHARE = 5      # an overloaded runtime moves 1/SHED_SHARE of its flows
 FAST_PATH_BYTES = slice(V4_SRC, V4_L4 + 4)  # IPv4 addresses and ports: one direction of a flow
-MARKER_LENGTHS = frozenset(n + t for n in marker.V4_LENGTHS for t in (0, L.C["NFX_TRAILER_LEN"]))
+MARKER_LENGTHS = frozenset(marker.V4_LENGTHS)
 
 log = logs.get("runtime")
 
@@ -81,9 +81,9 @@ class Runtime:
                                      replay=self.handle_slow, transmit=self.transmit, on_recovered=self.register)
         self.lifetime = Lifetime(rt_id, self.flows, self.replicator, self.stats, max_flows=cfg.max_flows,
                                  idle_timeout=cfg.idle_timeout)
-        # On a node every frame ends with the switch's ingress trailer (nfactor_shared.h): kept
-        # for the way back (forwarded, copied, replayed), cut from what actors see.
-        self.cut: int | None = None
+        # On a node every frame begins with the switch's ingress tag (nfactor_shared.h): kept
+        # for the way back (forwarded, held, replayed), skipped by whatever parses the frame.
+        self.skip = 0
         self.fragments = FragmentPath(Reassembler(cfg.frag_max_datagrams, cfg.frag_max_bytes, cfg.frag_timeout),
                                       self.flows.get, self.new_actor, self.transmit, self.replicator)
         self.registered = False
@@ -95,7 +95,7 @@ class Runtime:
         os.sched_setaffinity(0, {self.core})
         self.xsk = XskSocket(socket.if_nametoindex(self.ifname), 0)
         self.maps = self.lifetime.maps = NodeMaps(self.cfg.name)
-        self.cut = self.migrator.cut = -L.C["NFX_TRAILER_LEN"]
+        self.skip = self.migrator.skip = L.C["NFX_INGRESS_TAG_LEN"]
         self.ctl = query.Server(nodeconf.runtime_socket(self.cfg.name, self.id), self.on_request)
         if self.controller:
             # hold frames until the flows' state is back from the peers (recovery)
@@ -239,29 +239,33 @@ class Runtime:
 
     # --- the per-packet path -------------------------------------------------
     def handle(self, frame) -> bool:
-        """One frame: find its flow's actor and let it decide (True: transmit)."""
+        """One frame (the switch's ingress tag, then the Ethernet frame): find
+        its flow's actor and let it decide (True: transmit it, tag and all)."""
+        f = frame[self.skip:]
         # Fast path: IPv4 without options or fragmentation, flow already seen
         # in this direction; the raw address/port bytes find the actor.  The
         # checks are literals on purpose (the hottest line): ethertype 0x0800,
         # version 4 with IHL 5, no MF flag or fragment offset, protocol byte;
         # a frame as long as a marker goes the slow way, which knows one.
-        if frame[12] == 8 and frame[13] == 0 and frame[14] == 0x45 and not (frame[20] & 0x3F or frame[21]):
-            hit = self.fast.get(frame[FAST_PATH_BYTES].tobytes())
-            if hit is not None and hit[0].proto == frame[23] and len(frame) not in MARKER_LENGTHS:
-                return hit[0].on_packet(frame[:self.cut], hit[1], V4_L4, self.now)
+        if f[12] == 8 and f[13] == 0 and f[14] == 0x45 and not (f[20] & 0x3F or f[21]):
+            hit = self.fast.get(f[FAST_PATH_BYTES].tobytes())
+            if hit is not None and hit[0].proto == f[23] and len(f) not in MARKER_LENGTHS:
+                return hit[0].on_packet(f, hit[1], V4_L4, self.now)
         return self.handle_slow(frame)
 
     def handle_slow(self, frame) -> bool:
+        """`frame` with its ingress tag: held frames keep it, parsers skip it."""
         if self.replicator.recovering:
             self.replicator.hold(frame)  # until the actors are back from the snapshots
             return False
+        tag, frame = frame[:self.skip], frame[self.skip:]
         kind, key, direction, l4 = classify(frame)
         if kind != FLOW:
             # The switch sends us flows only; anything else is counted and dropped.
             self.stats["dropped_not_flow"] += 1
             return False
         if l4 < 0:  # a fragment: the chain sees its datagram, whole, as its own flow
-            return self.fragments.on_fragment(frame, key, self.now, self.policy.fragments)
+            return self.fragments.on_fragment(frame, key, self.now, self.policy.fragments, bytes(tag))
         actor = self.flows.get(key)
         if self.migrator.late_marker(frame, l4, key[36], actor):
             return False  # a copy of an earlier migration's marker, whenever it comes: dropped, counted
@@ -275,14 +279,14 @@ class Runtime:
         migration = actor.migration
         if migration is not None:
             if isinstance(migration, Incoming):
-                self.migrator.buffer(actor, frame, direction, l4)  # until the state arrives
+                self.migrator.buffer(actor, bytes(tag) + frame, direction, l4)  # until the state arrives
                 return False
             if self.migrator.on_frame(actor, frame, l4):
                 return False  # the marker: consumed here (counted by the migrator)
-            return actor.on_packet(frame[:self.cut], direction, l4, self.now)
+            return actor.on_packet(frame, direction, l4, self.now)
         if l4 == V4_L4 and frame[14] == 0x45 and (actor.proto == TCP or actor.proto == UDP):  # the fast path's kind
             self.flows.learn_fast(frame[FAST_PATH_BYTES].tobytes(), actor, direction)
-        return actor.on_packet(frame[:self.cut], direction, l4, self.now)
+        return actor.on_packet(frame, direction, l4, self.now)
 
     def transmit(self, frame) -> bool:
         """Send a frame that is not in the UMEM (a replayed one)."""

@@ -21,8 +21,7 @@ MAX_FRAME = 1514            # an Ethernet frame without FCS
 _ETH = bytes.fromhex("020000000002" "020000000001")  # never seen by a host: the flow's own path only
 _MAGIC_BYTES = struct.pack("!Q", MAGIC)
 # Lengths of an untagged IPv4 marker (after a TCP header, or a UDP one or its
-# stand-in): the runtime's fast path leaves frames this long (or a trailer
-# longer) to the full parser.
+# stand-in): the runtime's fast path leaves frames this long to the full parser.
 V4_LENGTHS = frozenset(ETH_HLEN + IPV4_HLEN + h + PAYLOAD_SIZE for h in (TCP_HLEN, UDP_HLEN))
 
 
@@ -50,8 +49,8 @@ def carried(frame, l4: int, proto: int) -> bytes | None:
     8 bytes of a UDP header, which markers of other protocols carry too) is
     exactly PAYLOAD_SIZE bytes and starts with MAGIC; its end comes from the
     UDP length, or for TCP from the IP header as markers build it (IPv4
-    without options, IPv6 without extensions), so bytes after the packet (a
-    trailer, padding) do not matter.  Real traffic is never taken for a
+    without options, IPv6 without extensions), so bytes after the packet
+    (Ethernet padding) do not matter.  Real traffic is never taken for a
     marker by chance: that takes those 8 bytes in a payload of exactly 16."""
     if l4 < 0 or len(frame) < l4 + 8 + PAYLOAD_SIZE:
         return None
