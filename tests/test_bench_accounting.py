@@ -113,7 +113,7 @@ class _Search(Bench):
     def __init__(self, capacity: float, flaky: int = 0, disturbed: int = 0):
         self.capacity, self.flaky, self.disturbed, self.asked = capacity, flaky, disturbed, []
 
-    def trial(self, rate, seconds, tcp):
+    def trial(self, rate, seconds, tcp, role="trial"):
         self.asked.append(rate)
         offered = rate or 5 * self.capacity
         ok = offered <= self.capacity

@@ -18,7 +18,7 @@ from nfactor_xdp.control import node_client as nodectl
 from nfactor_xdp.dataplane.rules import Policy
 from nfactor_xdp.formats.config import NodeConfig
 
-UP_EXTRAS = {"--testbed", "--foreground", "--help"}  # up's options that are not NodeConfig fields
+UP_EXTRAS = {"--testbed", "--foreground", "--config", "--json", "--help"}  # up's options that are not NodeConfig fields
 
 
 def _up():
@@ -101,7 +101,8 @@ def _error_line(r, code=EXIT_ERROR):
 
 def test_nfactor_error_is_exit_1():
     assert _error_line(CliRunner().invoke(main, ["status", "--name", "doesnotexist"])) == \
-        "error: node 'doesnotexist' is not up (no /run/nfactor/doesnotexist/node.json)"
+        "error: node 'doesnotexist' is not up (no /run/nfactor/doesnotexist/node.json): start it with " \
+        "`nfactorctl up --name doesnotexist`"
 
 
 @pytest.mark.parametrize("args", [["status", "--bogus"], ["nosuchcommand"], ["runtime", "stop"],

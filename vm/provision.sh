@@ -15,7 +15,8 @@ log() { printf '[provision] %s\n' "$*"; }
 
 # 1. Debian packages.  python3-bpfcc is built for /usr/bin/python3 only.
 PKGS=(python3-bpfcc bpfcc-tools linux-headers-amd64 python3-venv python3-pip
-      iproute2 iputils-ping bpftool tcpdump ethtool procps curl git)
+      iproute2 iputils-ping bpftool tcpdump ethtool procps curl git
+      systemd util-linux)  # systemd-analyze (the unit's check), setpriv (its sandbox in the tests)
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -61,11 +62,11 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import bcc' 2>/dev/nu
     rm -rf "$VENV"
     /usr/bin/python3 -m venv --system-site-packages "$VENV"
 fi
-if ! "$VENV/bin/python" -c 'import nfactor_xdp, pytest, scapy, pyroute2, msgpack, click' 2>/dev/null \
+if ! "$VENV/bin/python" -c 'import nfactor_xdp, pytest, scapy, pyroute2, msgpack, click, prometheus_client, matplotlib' 2>/dev/null \
    || [ "$PROJECT_DIR/pyproject.toml" -nt "$VENV/.installed" ]; then
-    log "installing the project (editable, with test extras)"
+    log "installing the project (editable, with the test and plot extras)"
     "$VENV/bin/pip" install -q --upgrade pip
-    "$VENV/bin/pip" install -q -e "$PROJECT_DIR[test]"
+    "$VENV/bin/pip" install -q -e "$PROJECT_DIR[test,plot]"
     touch "$VENV/.installed"
 fi
 ln -sfn "$VENV/bin/nfactorctl" /usr/local/bin/nfactorctl 2>/dev/null || true

@@ -6,14 +6,15 @@ flow to one of N Python runtimes (one per core, AF_XDP sockets); processed
 frames leave by the opposite interface.
 
 Each command group is a module of this package (node, rules, migrate,
-runtime, testbed, bench, demo, probe, fuzz), imported only when that command runs
-or help lists it; the modules import the layers below (tools, control, ...)
+runtime, restart, testbed, bench, demo, probe, fuzz), imported only when that
+command runs or help lists it; the modules import the layers below (tools, control, ...)
 inside their commands.  Exit codes are decided here, in NodeCtl.invoke.
 """
 from __future__ import annotations
 
 import errno
 import importlib
+import importlib.metadata
 
 import click
 
@@ -27,7 +28,7 @@ EXIT_PARTIAL = 3  # the command did part of its work: some flows did not move, t
 # command name -> module of this package that defines it (as an attribute of that name)
 COMMANDS = {
     "up": "node", "down": "node", "status": "node", "flows": "node",
-    "rules": "rules", "migrate": "migrate", "runtime": "runtime",
+    "rules": "rules", "migrate": "migrate", "runtime": "runtime", "restart": "restart",
     "testbed": "testbed", "bench": "bench", "demo": "demo", "probe": "probe", "fuzz": "fuzz",
 }
 
@@ -74,8 +75,28 @@ Exit codes:
 """
 
 
+def package_version() -> str:
+    """The installed package's version; the source tree's when it is not installed."""
+    try:
+        return importlib.metadata.version("nfactor-xdp")
+    except importlib.metadata.PackageNotFoundError:
+        from .. import __version__
+        return __version__
+
+
+def _show_version(ctx: click.Context, param, value) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from ..kern.layouts import C  # read from the shared header only when asked: every command would pay
+    click.echo(f"nfactorctl {package_version()}, BPF ABI {C['NFX_ABI_VERSION']}")
+    ctx.exit()
+
+
 @click.group(cls=NodeCtl, epilog=EPILOG,
              context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_show_version,
+              help="Show the package's version and its BPF ABI version (a node refuses pinned maps of another "
+                   "ABI), and exit.")
 def main():
     """Run and inspect an NFActor-XDP node (XDP virtual switch + Python actor runtimes).
 

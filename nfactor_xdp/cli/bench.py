@@ -1,11 +1,16 @@
 """nfactorctl bench: the benchmarks, each writing its figures as JSON (every
 trial with its accounting, NF checks and CPU placement) and printing the
-headline figures, invalid trials flagged."""
+headline figures, invalid trials flagged; a line per trial while they run
+(on a terminal); the paper's figures drawn from the JSON (--plot, bench plot)."""
 from __future__ import annotations
+
+import collections
+import json
+import os
 
 import click
 
-from .common import IntList, write_result
+from .common import CliError, IntList, Progress, emit_json, json_option, write_result
 
 
 def runtimes_option(help: str = "Runtime counts to measure, comma-separated."):
@@ -14,7 +19,12 @@ def runtimes_option(help: str = "Runtime counts to measure, comma-separated."):
 
 def output_option(default: str):
     return click.option("--output", "-o", default=default, show_default=True,
-                        help="JSON output file ('-' for stdout).")
+                        help="JSON output file ('-': stdout, and no progress lines).")
+
+
+plot_option = click.option("--plot", "plot_dir", metavar="DIR", type=click.Path(file_okay=False),
+                           help="Also draw the paper's figure(s) as PNG files in DIR (needs matplotlib: the "
+                                "package's `plot` extra).")
 
 
 trials_option = click.option("--trials", "show_trials", is_flag=True,
@@ -97,12 +107,31 @@ def _ratio(m: dict) -> str:
     return f"{m['ratio_to_lookup_ceiling']:.1%} of lookup, {m['ratio_to_bypass_ceiling']:.1%} of bypass ceiling"
 
 
-def _run(entry: str, output: str, show_trials: bool = False, **kw) -> dict | None:
-    """Run the benchmark `entry` (tools.bench) and write its JSON; the result
-    if it went to a file (the table follows, starting with the ceilings)."""
+def _trial_line(show: Progress):
+    """The benchmark's progress callback: a line per trial on the terminal."""
+    def report(p: dict) -> None:
+        rate = f"{p['requested_pps'] / 1e6:.4f}" if p.get("requested_pps") else "max"
+        minutes, seconds = divmod(int(p["elapsed_s"]), 60)
+        show.line(f"[trial {p['trial']:>3}, {minutes:>3}:{seconds:02d}] {p['measuring']:<44} {p['role']:<18} "
+                  f"asked {rate:>6} Mpps, offered {p['offered_mpps']:.4f}: lost {p['lost']}"
+                  + ("" if p["valid"] else ", INVALID"))
+    return report
+
+
+def _run(entry: str, output: str, show_trials: bool = False, plot_dir: str | None = None, **kw) -> dict | None:
+    """Run the benchmark `entry` (tools.bench), write its JSON and draw its
+    figures (plot_dir); the result if it went to a file (the table follows,
+    starting with the ceilings)."""
     from ..tools import bench as benchmarks
-    result = getattr(benchmarks, entry)(**kw)
-    if not write_result(result, output):
+    if plot_dir:
+        from ..tools.bench import plots
+        plots.pyplot()  # missing matplotlib is said now, not after the run
+    show = Progress(enabled=output != "-")
+    result = getattr(benchmarks, entry)(progress=_trial_line(show) if show.on else None, **kw)
+    written = write_result(result, output)
+    if plot_dir:
+        click.echo(f"drew {', '.join(plots.plot(result, plot_dir))}", err=not written)
+    if not written:
         return None
     if "ceilings" in result:
         _ceilings(result["ceilings"], show_trials)
@@ -140,9 +169,10 @@ def bench_forward(counts, duration, nflows, size, batch, output):
 @click.option("--steps", default=7, show_default=True, help="Binary search steps per chain.")
 @trials_option
 @output_option("bench-chains.json")
-def bench_chains(counts, trial, steps, show_trials, output):
+@plot_option
+def bench_chains(counts, trial, steps, show_trials, output, plot_dir):
     """Zero-loss rate per service chain (each NF alone, all three) with 1 and 2 runtimes (paper Fig. 6a)."""
-    result = _run("run_chain_bench", output, show_trials, counts=counts, trial=trial, steps=steps)
+    result = _run("run_chain_bench", output, show_trials, plot_dir, counts=counts, trial=trial, steps=steps)
     if not result:
         return
     for m in result["measurements"]:
@@ -166,11 +196,12 @@ def bench_chains(counts, trial, steps, show_trials, output):
               help="Skip trials offering more frames/s than this (default: what 2 runtimes carry without loss, "
                    "measured, at most 150000).")
 @output_option("bench-migration.json")
-def bench_migration(flow_counts, rates, caps, cap_flows, max_offered, output):
+@plot_option
+def bench_migration(flow_counts, rates, caps, cap_flows, max_offered, output, plot_dir):
     """Migrate every flow of runtime 0 to runtime 1 under live traffic: batch time and per-flow
     latency by flow count and rate, and by concurrency cap (paper Fig. 7-8)."""
-    result = _run("run_migration_bench", output, flow_counts=flow_counts, rates=rates, caps=caps,
-                  cap_flows=cap_flows, max_offered_pps=max_offered)
+    result = _run("run_migration_bench", output, plot_dir=plot_dir, flow_counts=flow_counts, rates=rates,
+                  caps=caps, cap_flows=cap_flows, max_offered_pps=max_offered)
     if not result:
         return
     *ceilings, carry = result["context"]
@@ -214,10 +245,11 @@ def bench_migration(flow_counts, rates, caps, cap_flows, max_offered, output):
               help="Flow counts for the recovery time, comma-separated.")
 @trials_option
 @output_option("bench-replication.json")
-def bench_replication(counts, flow_counts, show_trials, output):
+@plot_option
+def bench_replication(counts, flow_counts, show_trials, output, plot_dir):
     """Throughput with and without state snapshots every 10 packets, and the recovery time
     of a runtime killed with -9, by flow count (paper Fig. 10)."""
-    result = _run("run_replication_bench", output, show_trials, counts=counts, flow_counts=flow_counts)
+    result = _run("run_replication_bench", output, show_trials, plot_dir, counts=counts, flow_counts=flow_counts)
     if not result:
         return
     for m in result["throughput"]:
@@ -285,3 +317,38 @@ def bench_costs(frames, rounds, output):
     click.echo(f"  {'->'.join(c['chain']):<30} {c['nfs_ns']:>8.0f} ns   ({c['total_ns']:.0f} ns with lookup)")
     if not result["valid"]:
         click.echo(f"  INVALID: {'; '.join(result['problems'])}")
+
+
+@bench.command("plot")
+@click.argument("results", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", "out_dir", default="figures", show_default=True, type=click.Path(file_okay=False),
+              help="Directory for the PNG files.")
+@json_option
+def bench_plot(results, out_dir, as_json):
+    """Draw the paper's figures as PNG from RESULTS, the JSON files of `bench chains` (Fig. 6a),
+    `bench migration` (Fig. 7, 8) and `bench replication` (Fig. 10).  Needs matplotlib."""
+    from ..tools.bench import plots
+    plots.pyplot()  # missing matplotlib: said once, plainly
+    loaded = []
+    for path in results:
+        try:
+            with open(path) as f:
+                loaded.append((path, json.load(f)))
+        except ValueError as e:
+            raise CliError(f"{path}: not JSON ({e})") from None
+    def kind(r):
+        return r.get("benchmark") if isinstance(r, dict) else None
+    kinds = collections.Counter(kind(r) for _, r in loaded)
+    drawn = {}
+    for path, r in loaded:
+        # two results of one benchmark: each file's figures named after it
+        prefix = os.path.splitext(os.path.basename(path))[0] + "-" if kinds[kind(r)] > 1 else ""
+        try:
+            drawn[path] = plots.plot(r, out_dir, prefix)
+        except plots.PlotError as e:
+            raise CliError(f"{path}: {e}") from None
+    if as_json:
+        emit_json(drawn)
+        return
+    for path, pngs in drawn.items():
+        click.echo(f"{path}: {', '.join(pngs)}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from contextlib import contextmanager
 
 import click
@@ -97,6 +98,36 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Machine-read
 
 def emit_json(obj) -> None:
     click.echo(json.dumps(obj, indent=2, default=str))
+
+
+def on_terminal() -> bool:
+    """Progress is for a person at a terminal: never into a pipe or a file."""
+    return sys.stderr.isatty()
+
+
+class Progress:
+    """Progress on standard error: a line rewritten in place (update) or one
+    line per step (line); nothing unless standard error is a terminal, and
+    nothing when `enabled` is False (--json)."""
+
+    def __init__(self, enabled: bool = True):
+        self.on = enabled and on_terminal()
+        self.width = 0
+
+    def update(self, text: str) -> None:
+        if self.on:
+            click.echo("\r" + text.ljust(self.width), err=True, nl=False)
+            self.width = len(text)
+
+    def line(self, text: str) -> None:
+        if self.on:
+            self.clear()
+            click.echo(text, err=True)
+
+    def clear(self) -> None:
+        if self.on and self.width:
+            click.echo("\r" + " " * self.width + "\r", err=True, nl=False)
+            self.width = 0
 
 
 def write_result(result: dict, output: str) -> bool:

@@ -6,7 +6,7 @@ import sys
 import click
 
 from . import EXIT_PARTIAL
-from .common import CliError, emit_json, json_option, name_option
+from .common import CliError, Progress, emit_json, json_option, name_option
 
 
 @click.command()
@@ -28,7 +28,15 @@ def migrate(name, src, dst, all_flows, count, flows_, as_json):
     if sum(bool(x) for x in (all_flows, count is not None, flows_)) != 1:
         raise CliError("say which flows: --all, --count N or --flow KEY")
     keys = [parse_flow(f).hex() for f in flows_] or None
-    report = nodectl.migrate(name, src, dst, count=count, keys=keys)
+    show = Progress(enabled=not as_json)
+
+    def progress(r: dict) -> None:
+        done = r.get("succeeded", 0) + r.get("failed", 0)
+        show.update(f"migrating: {done}/{r.get('total', 0)} flows done, {r.get('failed', 0)} failed")
+    try:
+        report = nodectl.migrate(name, src, dst, count=count, keys=keys, progress=progress if show.on else None)
+    finally:
+        show.clear()
     if as_json:
         emit_json(report)
     else:

@@ -14,12 +14,16 @@ testbed_option = click.option("--testbed", "testbed_name", metavar="NAME",
                               help="Run on testbed NAME's node namespace and ports (see `nfactorctl testbed`).")
 foreground_option = click.option("--foreground", is_flag=True,
                                  help="Run the supervisor in this process until Ctrl-C (systemd).")
+config_file_option = click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+                                  help="TOML file of settings, keyed by the settings' names (flow_table_size = "
+                                       "4096; vm/nfactor.toml.example lists them); options given here "
+                                       "override it.")
 
 
 def node_options(command):
-    """Decorate `up` with one option per NodeConfig field it offers (in the
-    fields' order, --testbed after --netns), then --foreground."""
-    decorators = []
+    """Decorate `up` with --config, one option per NodeConfig field it offers
+    (in the fields' order, --testbed after --netns), then --foreground."""
+    decorators = [config_file_option]
     for f in cli_fields():
         decorators.append(config_option(f))
         if f.name == "netns":
@@ -32,7 +36,8 @@ def node_options(command):
 
 @click.command()
 @node_options
-def up(testbed_name, foreground, **settings):
+@json_option
+def up(testbed_name, foreground, as_json, config_file, **settings):
     """Bring a node up on two interfaces.
 
     Loads the XDP switch (maps pinned, so a restarted node keeps its flows),
@@ -41,6 +46,8 @@ def up(testbed_name, foreground, **settings):
     --foreground.
     """
     from ..control import node_client as nodectl
+    if config_file:
+        settings = _with_file(settings, config_file)
     if testbed_name:
         from ..tools.testbed import Testbed
         with refusing(NFactorError, prefix=f"testbed {testbed_name!r}: "):
@@ -56,17 +63,36 @@ def up(testbed_name, foreground, **settings):
         from ..control.supervisor import run_foreground
         sys.exit(run_foreground(cfg))
     state = nodectl.start(cfg)
+    if as_json:
+        emit_json(state)
+        return
     rts = ", ".join(f"rt{r['id']} (core {r['core']}, pid {r['pid']})" for r in state["runtimes"])
     click.echo(f"node {cfg.name} up on {cfg.ext0}/{cfg.ext1}{' in ' + cfg.netns if cfg.netns else ''}: {rts}")
+
+
+def _with_file(settings: dict, path: str) -> dict:
+    """The file's settings under the options typed on the command line (by
+    parameter source: an option not typed keeps the file's value, one typed
+    wins even if it equals the default)."""
+    from click.core import ParameterSource
+
+    from ..formats import config_file
+    ctx = click.get_current_context()
+    given = {k for k in settings if ctx.get_parameter_source(k) not in (None, ParameterSource.DEFAULT)}
+    return {**settings, **{k: v for k, v in config_file.read(path).items() if k not in given}}
 
 
 @click.command()
 @name_option
 @click.option("--purge", is_flag=True, help="Also remove pins and state left by a crashed node.")
-def down(name, purge):
+@json_option
+def down(name, purge, as_json):
     """Stop a node and remove everything it made (programs, ports, pins, state)."""
     from ..control import node_client as nodectl
     removed = nodectl.stop(name, purge=purge)
+    if as_json:
+        emit_json({"node": name, "down": True, "cleaned_up_after_dead_supervisor": removed})
+        return
     click.echo(f"node {name} down" + (f" (cleaned up after a dead agent: {len(removed)} items)" if removed else ""))
 
 
@@ -74,9 +100,16 @@ def down(name, purge):
 @name_option
 @json_option
 @click.option("--all-counters", is_flag=True, help="Show counters that are zero too.")
-def status(name, as_json, all_counters):
+@click.option("--watch", is_flag=True, help="Refresh a live table (runtimes, flows, frames and their rates) until "
+                                            "Ctrl-C; with --json, one JSON line per refresh.")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True, metavar="S",
+              help="Seconds between two refreshes of --watch.")
+def status(name, as_json, all_counters, watch, interval):
     """Runtimes (state, pid, core, packets, flows) and switch counters."""
     from ..control import node_client as nodectl
+    if watch:
+        _watch(name, as_json, interval)
+        return
     st = nodectl.status(name)
     if as_json:
         emit_json(st)
@@ -92,6 +125,28 @@ def status(name, as_json, all_counters):
     for k, v in st["switch"].items():
         if v or all_counters:
             click.echo(f"  {k:<20} {v:>12}   {COUNTER_DOCS.get(k, '')}")
+
+
+def _watch(name: str, as_json: bool, interval: float) -> None:
+    """The node's live table (or a JSON line) every `interval` seconds, until Ctrl-C."""
+    import json
+    import time
+    from ..control import node_client as nodectl
+    from ..tools import live
+    screen, prev, last = live.Screen(click.echo), {}, None
+    try:
+        while True:
+            st = nodectl.status(name)
+            now = time.monotonic()
+            if as_json:
+                click.echo(json.dumps(st, default=str))
+            else:
+                screen.show(live.table(st, prev, 0.0 if last is None else now - last,
+                                       f"node {name}: {st['phase']}, {time.strftime('%H:%M:%S')}"))
+            last = now
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is how a watch ends: not an error
 
 
 def _show_controller(c: dict) -> None:

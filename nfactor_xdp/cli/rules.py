@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import click
 
+from ..formats.config import policy_path
 from .common import emit_json, json_option, name_option
 
 
@@ -19,17 +20,21 @@ def rules():
     """
 
 
-def _edit(name, change):
-    """Apply `change` (it returns what to say) to node `name`'s policy, then save it
-    and hand it to the node's controller if the node is up."""
+def _edit(name, as_json, change):
+    """Apply `change` to node `name`'s policy, then save it and hand it to the
+    node's controller if the node is up.  `change` returns what to say, and
+    for --json a dict of what it did."""
     from ..control import node_client as nodectl
     policy = nodectl.get_policy(name)
-    _install(name, policy, change(policy))
+    _install(name, policy, *change(policy), as_json)
 
 
-def _install(name, policy, what):
+def _install(name, policy, what, done, as_json):
     from ..control import node_client as nodectl
     took = nodectl.put_policy(name, policy)
+    if as_json:
+        emit_json({"node": name, **done, "saved": policy_path(name), "pushed_to": took})
+        return
     click.echo(f"{what}; {'pushed to runtimes ' + ', '.join(map(str, took)) if took else 'saved (node not running)'}")
 
 
@@ -63,56 +68,63 @@ def rules_list(name, as_json):
 @click.option("--sport", default="any", show_default=True, help="Source port or range (1000-2000).")
 @click.option("--dport", default="any", show_default=True, help="Destination port or range.")
 @click.option("--chain", required=True, help="NFs in order, comma-separated (see `rules list --json`).")
-def rules_add(name, src, dst, proto, sport, dport, chain):
+@json_option
+def rules_add(name, src, dst, proto, sport, dport, chain, as_json):
     """Add a rule."""
     def add(policy):
         rule = policy.add({"src": src, "dst": dst, "proto": proto, "sport": sport, "dport": dport,
                            "chain": chain})
-        return f"rule {rule.id} added"
-    _edit(name, add)
+        return f"rule {rule.id} added", {"added": rule.to_dict()}
+    _edit(name, as_json, add)
 
 
 @rules.command("del")
 @name_option
 @click.argument("rule_id", type=int)
-def rules_del(name, rule_id):
+@json_option
+def rules_del(name, rule_id, as_json):
     """Delete rule RULE_ID."""
     def delete(policy):
         policy.delete(rule_id)
-        return f"rule {rule_id} deleted"
-    _edit(name, delete)
+        return f"rule {rule_id} deleted", {"deleted": rule_id}
+    _edit(name, as_json, delete)
 
 
 @rules.command("default")
 @name_option
 @click.option("--chain", required=True, help="NFs for flows no rule matches ('' for none).")
-def rules_default(name, chain):
+@json_option
+def rules_default(name, chain, as_json):
     """Set the chain of flows that no rule matches."""
+    from ..dataplane import nf
     from ..dataplane.rules import parse_chain
 
     def set_default(policy):
         policy.default_chain = parse_chain(chain, "--chain")
-        return "default chain set"
-    _edit(name, set_default)
+        return "default chain set", {"default_chain": nf.chain_names(policy.default_chain)}
+    _edit(name, as_json, set_default)
 
 
 @rules.command("fragments")
 @name_option
 @click.argument("mode", type=click.Choice(["reassemble", "drop"]))
-def rules_fragments(name, mode):
+@json_option
+def rules_fragments(name, mode, as_json):
     """What runtimes do with IP fragments: reassemble them so the chain sees
     each datagram with its real ports (default), or drop them all."""
     def set_mode(policy):
         policy.fragments = mode
-        return f"IP fragments: {mode}"
-    _edit(name, set_mode)
+        return f"IP fragments: {mode}", {"fragments": mode}
+    _edit(name, as_json, set_mode)
 
 
 @rules.command("load")
 @name_option
 @click.argument("policy_file", type=click.Path(exists=True, dir_okay=False))
-def rules_load(name, policy_file):
+@json_option
+def rules_load(name, policy_file, as_json):
     """Replace the node's whole policy (rules, default chain, NF config) from a JSON file."""
     from ..dataplane.rules import load_policy
     policy = load_policy(policy_file)
-    _install(name, policy, f"policy loaded ({len(policy.rules)} rules)")
+    _install(name, policy, f"policy loaded ({len(policy.rules)} rules)",
+             {"loaded": policy_file, "rules": len(policy.rules)}, as_json)

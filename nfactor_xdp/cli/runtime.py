@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import name_option
+from .common import emit_json, json_option, name_option
 
 id_option = click.option("--id", "rt_id", type=int, required=True, help="Runtime id.")
 
@@ -20,41 +20,51 @@ def _call(name, to, msg, body) -> dict:
     return nodectl.control_call(name, to, getattr(MsgType, msg), body, timeout=2.0)
 
 
-def _supervise(name, msg, body, what):
+def _supervise(name, msg, body, what, as_json):
     reply = _call(name, "supervisor", msg, body)
-    click.echo(f"{what} runtime {reply.get('id')}")
+    if as_json:
+        emit_json({"node": name, "done": what, **reply})
+    else:
+        click.echo(f"{what} runtime {reply.get('id')}")
 
 
 @runtime.command("add")
 @name_option
-def runtime_add(name):
+@json_option
+def runtime_add(name, as_json):
     """Start one more runtime (new port, next core); new flows start going to it."""
-    _supervise(name, "RUNTIME_ADD", {}, "added")
+    _supervise(name, "RUNTIME_ADD", {}, "added", as_json)
 
 
 @runtime.command("stop")
 @name_option
 @id_option
-def runtime_stop(name, rt_id):
+@json_option
+def runtime_stop(name, rt_id, as_json):
     """Stop a runtime for good.  Its flows are placed anew (their NF state is lost
     until migration drains a runtime first)."""
-    _supervise(name, "RUNTIME_STOP", {"id": rt_id}, "stopped")
+    _supervise(name, "RUNTIME_STOP", {"id": rt_id}, "stopped", as_json)
 
 
 @runtime.command("drain")
 @name_option
 @id_option
-def runtime_drain(name, rt_id):
+@json_option
+def runtime_drain(name, rt_id, as_json):
     """Scale in: mark a runtime leaving (no new flows), migrate all its flows to
     the other runtimes, then stop and remove it."""
-    _call(name, "control", "RUNTIME_STOP", {"id": rt_id, "drain": True})
+    reply = _call(name, "control", "RUNTIME_STOP", {"id": rt_id, "drain": True})
+    if as_json:
+        emit_json({"node": name, "done": "draining", "id": rt_id, **reply})
+        return
     click.echo(f"runtime {rt_id} leaving: its flows are migrating away; it stops once empty")
 
 
 @runtime.command("kill")
 @name_option
 @id_option
-def runtime_kill(name, rt_id):
+@json_option
+def runtime_kill(name, rt_id, as_json):
     """kill -9 a runtime (failure injection): the controller marks it failed, the
     supervisor restarts it, it rejoins as running."""
-    _supervise(name, "RUNTIME_KILL", {"id": rt_id}, "killed")
+    _supervise(name, "RUNTIME_KILL", {"id": rt_id}, "killed", as_json)

@@ -104,9 +104,10 @@ class Controller:
         if ops or pending:
             self.log.compact(self.snapshot())  # what was replayed becomes the new snapshot
         now = time.monotonic()
-        for rt_id in self.view:
+        for rt_id, entry in self.view.items():
             # a grace period: runtimes kept running while we were away
             self.live[rt_id] = {"last": now, "load": {}}
+            entry.pop("stopping", None)  # the supervisor may never have heard: asked again when drained
         self._sync_switch()
         self.recovered = True
 
@@ -133,6 +134,9 @@ class Controller:
         if kind == "state":
             entry = self.view.setdefault(op["id"], {"id": op["id"]})
             entry.update({k: v for k, v in op.items() if k not in ("op",)})
+            if entry.get("state") != "leaving":  # a drain is over (a restarted runtime registers)
+                entry.pop("stopping", None)
+                entry.pop("restart", None)
             self.view_version += 1
         elif kind == "remove":
             self.view.pop(op["id"], None)
@@ -171,7 +175,7 @@ class Controller:
             rt = self._rt_id(b)
             if rt is not None and rt in self.view:
                 if b.get("drain"):
-                    self.drain(rt, msg, addr)
+                    self.drain(rt, msg, addr, restart=bool(b.get("restart")))
                 else:
                     self._change({"op": "remove", "id": rt})
                     self.push_view()
@@ -252,15 +256,17 @@ class Controller:
         return took
 
     # --- periodic work ---------------------------------------------------------------
-    def drain(self, rt: int, msg: Message | None = None, addr=None) -> None:
+    def drain(self, rt: int, msg: Message | None = None, addr=None, restart: bool = False) -> None:
         """Scale-in: mark leaving (no new flows); the runtime migrates its
-        flows away; stopped once its heartbeats say it is empty."""
+        flows away; stopped once its heartbeats say it is empty.  restart (a
+        rolling restart): then the supervisor starts a fresh process on the
+        same port instead of removing it."""
         running = [r for r, e in self.view.items() if e.get("state") == "running" and r != rt]
         if not running:
             if msg is not None:
                 self.ep.reply(msg, addr, {"ok": False, "error": "no other running runtime to take its flows"})
             return
-        self._change({"op": "state", "id": rt, "state": "leaving"})
+        self._change({"op": "state", "id": rt, "state": "leaving", "restart": restart})
         self.push_view()
         if msg is not None:
             self.ep.reply(msg, addr, {"ok": True, "id": rt})
@@ -277,7 +283,11 @@ class Controller:
                 if stuck:
                     log.warning("runtime %d drained but for %d flows whose state cannot move: released when it "
                                 "stops (the switch places them anew, with fresh NF state)", rt, stuck)
-                self.ep.send(self.supervisor, MsgType.RUNTIME_STOP, {"id": rt, "why": "drained", "released": stuck})
+                # pid: the process drained, so that a request sent again (after our restart) never
+                # makes the supervisor replace its successor
+                self.ep.send(self.supervisor, MsgType.RUNTIME_STOP, {"id": rt, "why": "drained", "released": stuck,
+                                                                     "restart": bool(e.get("restart")),
+                                                                     "pid": e.get("pid")})
 
     def consider_scale_in(self, now: float) -> None:
         if not self.scale_in_threshold:
@@ -301,8 +311,8 @@ class Controller:
         limit = self.heartbeat * self.miss_limit
         changed = False
         for rt, e in list(self.view.items()):
-            if e.get("state") not in ("running", "leaving"):
-                continue
+            if e.get("state") not in ("running", "leaving") or e.get("stopping"):
+                continue  # (stopping: asked to stop it, its silence is expected)
             last = self.live.get(rt, {}).get("last", 0.0)
             if now - last > limit:
                 self.stats["failures_detected"] += 1
@@ -388,7 +398,7 @@ def _peer_addr(addr):
 
 def main(argv: list[str] | None = None) -> int:
     cfg, _ = process_args("nfactor-controller", __doc__, argv)
-    logs.setup("controller")
+    logs.setup("controller", **cfg.log_options("controller"))
     try:
         ctl = Controller(cfg)
     except Exception as e:

@@ -2,20 +2,26 @@
 the demo, the benchmarks and the tests all go through here)."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 
+from .. import logs
 from ..dataplane.rules import Policy, load_policy, save_policy
 from ..errors import NFactorError
 from ..formats import config as nodeconf
 from ..formats import flowkey, query
 from ..formats.config import NodeConfig
 from ..formats.messages import ClusterKey, Endpoint, MessageTimeout, MsgType
+from ..kern import netns
+from ..kern.loader import check_features
 from ..kern.maps import NodeMaps
+from .coexist import owned_prog_ids, refuse_taken_ports
 from .processes import ISOLATED_CWD, is_same, module_command, signal_process
-from .supervisor import check_policy, force_down, stop_leftovers
+from .supervisor import check_policy, force_down
 
 START_TIMEOUT = 60.0
 _POLL = 0.05  # polling the supervisor's state file or exit, always with a deadline
@@ -27,13 +33,43 @@ class NodeCtlError(NFactorError):
     pass
 
 
-def _log_tail(name: str, path: str | None = None, lines: int = 15) -> str:
-    path = path or nodeconf.log_path(name)
-    try:
-        with open(path, errors="replace") as f:
-            return "".join(f.readlines()[-lines:])
-    except OSError:
-        return ""
+def not_up(name: str) -> NodeCtlError:
+    return NodeCtlError(f"node {name!r} is not up (no {nodeconf.state_path(name)}): start it with "
+                        f"`nfactorctl up --name {name}`")
+
+
+def _sizes(*paths: str) -> dict[str, int]:
+    return {p: os.path.getsize(p) if os.path.exists(p) else 0 for p in paths}
+
+
+def _last_error(since: dict[str, int]) -> str | None:
+    """The supervisor's last error line written since `since` (path -> size):
+    an ERROR or CRITICAL line of its log (text or JSON), else the last line
+    of its standard error (an uncaught exception's last line)."""
+    tail = None
+    for path, start in since.items():
+        try:
+            with open(path, errors="replace") as f:
+                f.seek(start if os.path.getsize(path) >= start else 0)  # smaller: rotated since
+                lines = [ln.strip() for ln in f if ln.strip()]
+        except OSError:
+            continue
+        found = None
+        for ln in lines:
+            if ln.startswith("{"):
+                try:
+                    entry = json.loads(ln)
+                except ValueError:
+                    entry = {}
+                if entry.get("level") in ("ERROR", "CRITICAL"):
+                    found = entry.get("msg")
+            elif " ERROR " in ln or " CRITICAL " in ln:
+                found = ln.split("]: ", 1)[-1]
+        if found:
+            return found
+        if lines and path.endswith(".stderr.log"):
+            tail = lines[-1]
+    return tail
 
 
 def supervisor_alive(name: str) -> bool:
@@ -47,32 +83,38 @@ def start(cfg: NodeConfig, timeout: float = START_TIMEOUT) -> dict:
     """Start the node's supervisor in the background and wait until the node runs."""
     cfg.validate()
     if os.geteuid() != 0:
-        raise NodeCtlError("the node needs root (XDP, bpffs, veths)")
+        raise NodeCtlError("the node needs root (XDP, bpffs, veths): run nfactorctl as root")
+    check_features()
     if supervisor_alive(cfg.name):
         raise NodeCtlError(f"node {cfg.name!r} is already up (nfactorctl down --name {cfg.name})")
     if cfg.policy:
         cfg.policy = os.path.abspath(cfg.policy)  # the supervisor starts in ISOLATED_CWD
     check_policy(cfg)  # here too, to say so before anything starts
-    state = nodeconf.read_state(cfg.name)
-    if state:
-        # A previous supervisor died: clear what it left running, keep the pins.
-        stop_leftovers(state)
+    if not cfg.netns or netns.exists(cfg.netns):  # a missing one: the supervisor says so
+        with netns.entered(cfg.netns):
+            refuse_taken_ports(cfg, owned_prog_ids(cfg.name))  # here too, before anything starts
+    # A previous supervisor died: the new one takes over the runtimes it left running
+    # and stops the rest (adoption.py); the pins stay.
     os.makedirs(cfg.run_dir, mode=0o700, exist_ok=True)
-    logpath = nodeconf.log_path(cfg.name, "supervisor")
-    with open(logpath, "ab") as log:
+    logpath, errpath = nodeconf.log_path(cfg.name, "supervisor"), nodeconf.stderr_log_path(cfg.name, "supervisor")
+    logs.rotate_if_over(errpath, cfg.log_max_bytes, 1)
+    since = _sizes(logpath, errpath)
+    with open(errpath, "ab") as log:
         proc = subprocess.Popen(
             module_command("nfactor_xdp.control.supervisor", "--config-json", cfg.to_json()), cwd=ISOLATED_CWD,
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise NodeCtlError(f"node {cfg.name!r} failed to start:\n{_log_tail(cfg.name, logpath)}")
+            raise NodeCtlError(f"node {cfg.name!r} failed to start: {_last_error(since) or 'no error logged'} "
+                               f"(more in {logpath})")
         state = nodeconf.read_state(cfg.name)
         if state and state.get("phase") == "running" and state.get("supervisor_pid") == proc.pid:
             return state
         time.sleep(_POLL)
     stop(cfg.name)
-    raise NodeCtlError(f"node {cfg.name!r} not running after {timeout}s:\n{_log_tail(cfg.name, logpath)}")
+    raise NodeCtlError(f"node {cfg.name!r} not running after {timeout}s, stopped again: "
+                       f"{_last_error(since) or 'no error logged'} (more in {logpath})")
 
 
 def stop(name: str, timeout: float = 30.0, purge: bool = False) -> list[str]:
@@ -103,12 +145,16 @@ def control_call(name: str, to: str, msg_type, body: dict, timeout: float = 1.0)
     'control', 'supervisor' or 'switch')."""
     state = nodeconf.read_state(name)
     if state is None:
-        raise NodeCtlError(f"node {name!r} is not up")
+        raise not_up(name)
+    if to == "supervisor" and not is_same(state.get("supervisor")):
+        raise NodeCtlError(f"node {name!r} is not running: its supervisor is gone (`nfactorctl down --name {name}` "
+                           f"cleans up what it left, then `nfactorctl up`)")
     ep = _endpoint(name)
     try:
         reply = ep.call(nodeconf.control_socket(name, ROLES[to]), msg_type, body, timeout=timeout, retries=3)
     except MessageTimeout as e:
-        raise NodeCtlError(str(e)) from None
+        raise NodeCtlError(f"node {name!r}: the {ROLES[to]} does not answer: {e}; `nfactorctl status --name {name}` "
+                           f"shows the node, {nodeconf.log_dir(name)}/ has its logs") from None
     finally:
         ep.close()
     if reply.body.get("ok") is False:
@@ -123,10 +169,21 @@ def runtime_query(name: str, rt_id: int, op: str, timeout: float = 0.5, **args) 
         return None
 
 
-def status(name: str) -> dict:
+def _controller_status(name: str) -> dict | None:
+    try:
+        return control_call(name, "control", MsgType.STATUS, {}, timeout=0.3)
+    except NodeCtlError:
+        return None
+
+
+def status(name: str, timeout: float = 0.5) -> dict:
+    """The node as `status --json` shows it (the metrics endpoint too).  The
+    controller and every runtime are asked at once: one that does not answer
+    (within `timeout`; the controller within its retries) is shown as not
+    live, and never holds up the others."""
     state = nodeconf.read_state(name)
     if state is None:
-        raise NodeCtlError(f"node {name!r} is not up (no {nodeconf.state_path(name)})")
+        raise not_up(name)
     out = {"node": name, "phase": state.get("phase"), "supervisor_pid": state.get("supervisor_pid"),
            "supervisor_alive": is_same(state.get("supervisor")),
            "config": state.get("config"), "xdp_modes": state.get("xdp_modes"),
@@ -137,25 +194,32 @@ def status(name: str) -> dict:
         out["switch_flows"] = sum(1 for _ in maps["flows"].keys()) if maps.exists() else 0
     # restarts, restarts in a row, the delay before the next, and why it last exited
     procs = {role: {k: (state.get(role) or {}).get(k) for k in ("restarts", "quick_exits", "restart_delay_s",
-                                                               "last_exit")} for role in ("controller", "switch_agent")}
+                                                               "last_exit")}
+             for role in ("controller", "switch_agent", "metrics")}
     out["switch_agent"] = procs["switch_agent"]
-    try:
-        ctl = control_call(name, "control", MsgType.STATUS, {}, timeout=0.3)
+    if state.get("metrics"):  # the metrics endpoint's process, when the node has one
+        out["metrics"] = procs["metrics"]
+    rts = state.get("runtimes", [])
+    with ThreadPoolExecutor(max_workers=1 + len(rts)) as pool:
+        asked = pool.submit(_controller_status, name)
+        lives = [pool.submit(runtime_query, name, rt["id"], "status", timeout) for rt in rts]
+    ctl = asked.result()
+    if ctl is not None:
         view = {e["id"]: e for e in ctl["view"]["runtimes"]}
         out["controller"] = {"pid": ctl.get("pid"), "alive": True, "view_version": ctl["view"]["version"],
                              "stats": ctl.get("stats"), "rejected": ctl.get("rejected"), "log": ctl.get("log"),
                              "rules": len(ctl.get("policy", {}).get("rules", [])), **procs["controller"]}
-    except NodeCtlError:
+    else:
         view = {}
         out["controller"] = {"alive": False, **procs["controller"]}
-    for rt in state.get("runtimes", []):
+    for rt, live in zip(rts, lives):
         entry = dict(rt)
         v = view.get(rt["id"], {})
         entry["state"] = v.get("state", "unknown")
         entry["load"] = v.get("load", {})
         entry["switch_state"] = table.get(rt["id"], {}).get("state", "none")
         entry["switch"] = table.get(rt["id"], {}).get("switch", {})
-        live = runtime_query(name, rt["id"], "status")
+        live = live.result()
         entry["live"] = live is not None
         if live:
             for k in ("pid", "recovering", "flows", "frames", "forwarded", "sent_later", "held", "markers",
@@ -190,7 +254,7 @@ def runtime_flows(name: str, rt_id: int, limit: int | None = None, detail: bool 
 def flows(name: str, limit: int | None = None) -> dict:
     state = nodeconf.read_state(name)
     if state is None:
-        raise NodeCtlError(f"node {name!r} is not up")
+        raise not_up(name)
     with NodeMaps(name) as maps:
         placed = {f["key"]: f for f in maps.flows()}
     actors = {}
@@ -218,28 +282,36 @@ def flows(name: str, limit: int | None = None) -> dict:
 
 
 def migrate(name: str, src: int, dst: int, *, count: int | None = None, keys: list[str] | None = None,
-            timeout: float = 120.0) -> dict:
+            timeout: float = 120.0, progress=None) -> dict:
     """Migrate flows of runtime `src` to `dst` (all, `count` of them, or the
-    given keys) and wait until every migration has finished."""
+    given keys) and wait until every migration has finished; `progress` is
+    called with the batch's report each time it is polled."""
+    if nodeconf.read_state(name) is None:
+        raise not_up(name)
     args = {"to": dst}
     if keys:
         args["keys"] = keys
     elif count is not None:
         args["count"] = count
-    try:
-        started = query.request(nodeconf.runtime_socket(name, src), "migrate", timeout=5.0, **args)
-    except query.QueryError as e:
-        raise NodeCtlError(f"runtime {src}: {e}") from None
+    def ask(op: str, **kw) -> dict:
+        try:
+            return query.request(nodeconf.runtime_socket(name, src), op, **kw)
+        except query.QueryError as e:
+            raise NodeCtlError(f"runtime {src}: {e} (`nfactorctl status --name {name}` shows whether it "
+                               f"runs)") from None
+
+    started = ask("migrate", timeout=5.0, **args)
     deadline = time.monotonic() + timeout
     report = started
     while not report.get("done"):
+        if progress:
+            progress(report)
         if time.monotonic() > deadline:
-            raise NodeCtlError(f"migrations not finished after {timeout}s: {report}")
+            raise NodeCtlError(f"migrations from runtime {src} not finished after {timeout}s: "
+                               f"{report.get('succeeded')} migrated, {report.get('failed')} failed, "
+                               f"{report.get('in_progress')} in progress of {report.get('total')} flows")
         time.sleep(0.01)  # polling the source runtime with a deadline
-        try:
-            report = query.request(nodeconf.runtime_socket(name, src), "migrate_status", batch=started["batch"])
-        except query.QueryError as e:
-            raise NodeCtlError(f"runtime {src}: {e}") from None
+        report = ask("migrate_status", batch=started["batch"])
     return report
 
 

@@ -6,17 +6,21 @@ start time) is the one recorded, never whoever has the pid now."""
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
 import time
 
+from .. import logs
 from ..formats import config as nodeconf
 from ..formats.config import NodeConfig
 
 STOP_TIMEOUT = 5.0
 _POLL = 0.02  # polling a process's exit, always with a deadline
 BACKOFF_MAX = 30.0  # seconds: the longest wait before restarting a child that keeps dying
+RESTART_BACKOFF = 0.1  # seconds before a dead runtime is started again (doubling while it keeps dying)
+RUNTIME_MODULE = "nfactor_xdp.dataplane.runtime"
 STABLE_AFTER = 10.0  # seconds: a child that ran this long before dying starts again at its base backoff
 ISOLATED_CWD = "/"   # children start here, away from whatever directory the caller stood in
 
@@ -126,9 +130,23 @@ def _reap(pid: int, flags: int) -> None:
         pass  # not our child, or reaped already
 
 
+def _reap_pidfd(fd: int) -> int | None:
+    """Reap the exited process behind `fd` if it is our child (adopted
+    across an exec) and return its code as Popen would; None if it is not."""
+    try:
+        res = os.waitid(os.P_PIDFD, fd, os.WEXITED | os.WNOHANG)
+    except ChildProcessError:
+        return None  # not our child: its new parent reaps it, and its code is not ours to know
+    if res is None:
+        return None
+    return res.si_status if res.si_code == os.CLD_EXITED else -res.si_status
+
+
 class Child:
-    """One process of the node: `python -m MODULE --config-json CONFIG ARGS`,
-    its standard output and error appended to its log file."""
+    """One process of the node: `python -m MODULE --config-json CONFIG ARGS`.
+    It writes its log file itself (logs.py); its standard output and error
+    go to ROLE.stderr.log, or to the journal when the supervisor's own
+    standard error is the journal (under systemd)."""
 
     def __init__(self, cfg: NodeConfig, role: str, module: str, *args: str, backoff: float = 0.1):
         """backoff: seconds before the first restart; doubled for each exit in a
@@ -143,12 +161,21 @@ class Child:
         self.delay = backoff      # before the next restart
         self.exited_at: float | None = None
         self.last_exit: dict | None = None
+        self.adopted = False      # started by a previous supervisor (adopt): watched through a pidfd
+        self.pidfd: int | None = None
+        self._gone, self._code = False, None  # an adopted process exited; its code, when it can be known
 
     def spawn(self) -> None:
-        with open(nodeconf.log_path(self.cfg.name, self.role), "ab") as log:
-            self.proc = subprocess.Popen(
-                module_command(self.module, "--config-json", self.cfg.to_json(), *self.args), cwd=ISOLATED_CWD,
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self._close_pidfd()
+        cmd = module_command(self.module, "--config-json", self.cfg.to_json(), *self.args)
+        if logs.on_journal():
+            self.proc = subprocess.Popen(cmd, cwd=ISOLATED_CWD, stdin=subprocess.DEVNULL)
+        else:
+            path = nodeconf.stderr_log_path(self.cfg.name, self.role)
+            logs.rotate_if_over(path, self.cfg.log_max_bytes, 1)  # its last writer is dead
+            with open(path, "ab") as out:
+                self.proc = subprocess.Popen(cmd, cwd=ISOLATED_CWD, stdout=out, stderr=subprocess.STDOUT,
+                                             stdin=subprocess.DEVNULL)
         self.identity = identity(self.proc.pid)
         self.started_at = time.monotonic()
         self.exited_at = None
@@ -164,24 +191,83 @@ class Child:
         self.quick_exits = self.quick_exits + 1 if ran < STABLE_AFTER else 1
         self.delay = min(BACKOFF_MAX, self.base_backoff * 2 ** (self.quick_exits - 1))
         self.exited_at = now
-        self.last_exit = {"code": self.proc.returncode, "ran_s": round(ran, 3),
+        self.last_exit = {"code": self.returncode, "ran_s": round(ran, 3),
                           "why": nodeconf.take_exit_reason(self.cfg.name, self.role), "at": time.time()}
 
     def restart_due(self, now: float) -> bool:
         return self.exited_at is not None and now - self.exited_at >= self.delay
 
+    def adopt(self, ident: dict | None) -> bool:
+        """Take over the live process `ident` names, which a previous
+        supervisor started.  It may not be our child (Popen.poll cannot see
+        it die): a pidfd can, and names that very process whatever happens to
+        its pid.  False if it is not that process any more."""
+        try:
+            fd = os.pidfd_open(ident["pid"])
+        except (OSError, KeyError, TypeError):
+            return False
+        if not is_same(ident):  # checked once the pidfd holds it: a reused pid is never adopted
+            os.close(fd)
+            return False
+        self._close_pidfd()
+        self.proc, self.pidfd, self.identity, self.adopted = None, fd, ident, True
+        self._gone, self._code = False, None
+        self.started_at, self.exited_at = time.monotonic(), None
+        return True
+
+    def _close_pidfd(self) -> None:
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+        self.pidfd, self.adopted = None, False
+
     @property
     def pid(self) -> int | None:
-        return self.proc.pid if self.proc else None
+        if self.proc:
+            return self.proc.pid
+        return self.identity["pid"] if self.identity else None
+
+    @property
+    def returncode(self) -> int | None:
+        """Its exit code (negative: the signal), None while it runs or when
+        it is unknown (an adopted process that is not our child)."""
+        return self.proc.returncode if self.proc else self._code
 
     def exited(self) -> bool:
-        return self.proc is not None and self.proc.poll() is not None
+        if self.pidfd is None:
+            return self.proc is not None and self.proc.poll() is not None
+        if not self._gone:
+            poller = select.poll()
+            poller.register(self.pidfd, select.POLLIN)  # readable once the process has exited
+            if not poller.poll(0):
+                return False
+            self._gone, self._code = True, _reap_pidfd(self.pidfd)
+        return True
 
     def stop(self) -> None:
-        if self.proc is not None:
+        if self.identity is not None:
             stop_processes([self.identity])
 
     def info(self) -> dict:
         return {"pid": self.pid, "identity": self.identity, "restarts": self.restarts,
                 "quick_exits": self.quick_exits, "restart_delay_s": self.delay if self.exited_at else 0.0,
-                "last_exit": self.last_exit}
+                "last_exit": self.last_exit, "adopted": self.adopted}
+
+
+class RuntimeProc(Child):
+    """The supervisor's record of a runtime process.  `process` is the
+    process's own life (started; ready: registered with the controller;
+    exited); the runtime's state in the node is the controller's view."""
+
+    def __init__(self, cfg: NodeConfig, rt_id: int):
+        super().__init__(cfg, f"rt{rt_id}", RUNTIME_MODULE, "--id", str(rt_id), backoff=RESTART_BACKOFF)
+        self.id, self.core = rt_id, cfg.core_of(rt_id)
+        self.sw, self.port = nodeconf.runtime_ports(rt_id)
+        self.process = "started"
+
+    def spawn(self) -> None:
+        super().spawn()
+        self.process = "started"
+
+    def info(self) -> dict:
+        return {"id": self.id, "core": self.core, "port": self.port, "switch_port": self.sw,
+                "process": self.process, **super().info()}

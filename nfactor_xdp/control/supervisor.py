@@ -8,12 +8,14 @@ ports, keeps its processes running, and takes everything down again.
     run:  restart whatever dies: a runtime (the controller marks it failed
           meanwhile: its flows stay placed on it), the controller, the switch
           agent; serve the operator's runtime add/stop/kill.
-    down: stop every process, detach every program, delete the runtime
-          ports, unpin the maps, remove the run directory.  Nothing is left.
+    down: stop every process, detach the node's programs (by id: another
+          tool's stay, coexist.py), delete the runtime ports, unpin the
+          maps, remove the run directory.  Nothing of the node is left.
 
 The supervisor holds no state the node needs to forward: if it is killed,
 the programs stay attached and the runtimes keep forwarding; `down` cleans up
-after it and `up` starts a new one on the same pins.
+after it and `up` starts a new one on the same pins, which takes the live
+runtimes over (adoption.py); SIGHUP makes it do so in this process.
 """
 from __future__ import annotations
 
@@ -36,13 +38,14 @@ from ..kern import layouts as L
 from ..kern import netns
 from ..kern.loader import Programs, detach, remove_pins
 from ..kern.maps import NodeMaps
-from .processes import Child, identity, stop_processes
+from .coexist import may_replace, owned_prog_ids, refuse_taken_ports, release
+from . import adoption
+from .processes import RESTART_BACKOFF, Child, RuntimeProc, identity, signal_process, stop_processes
+from .sd_notify import Notifier
 
 READY_TIMEOUT = 20.0
-RESTART_BACKOFF = 0.1  # seconds before a dead runtime is started again (doubling while it keeps dying)
 CONTROLLER_BACKOFF = RESTART_BACKOFF / 5
 _POLL = 0.05  # polling interval while waiting for runtimes, always with a deadline
-RUNTIME_MODULE = "nfactor_xdp.dataplane.runtime"
 
 log = logs.get("supervisor")
 
@@ -64,26 +67,6 @@ def _ifindex(ipr: IPRoute, name: str) -> int | None:
     return found[0] if found else None
 
 
-class RuntimeProc(Child):
-    """The supervisor's record of a runtime process.  `process` is the
-    process's own life (started; ready: registered with the controller;
-    exited); the runtime's state in the node is the controller's view."""
-
-    def __init__(self, cfg: NodeConfig, rt_id: int):
-        super().__init__(cfg, f"rt{rt_id}", RUNTIME_MODULE, "--id", str(rt_id), backoff=RESTART_BACKOFF)
-        self.id, self.core = rt_id, cfg.core_of(rt_id)
-        self.sw, self.port = nodeconf.runtime_ports(rt_id)
-        self.process = "started"
-
-    def spawn(self) -> None:
-        super().spawn()
-        self.process = "started"
-
-    def info(self) -> dict:
-        return {"id": self.id, "core": self.core, "port": self.port, "switch_port": self.sw,
-                "process": self.process, **super().info()}
-
-
 class Node:
     def __init__(self, cfg: NodeConfig):
         # every process finds the others' control sockets from the node's name
@@ -92,52 +75,73 @@ class Node:
         self.progs = Programs(cfg.name, flow_table_size=cfg.flow_table_size)
         self.maps = NodeMaps(cfg.name)
         self.runtimes: list[RuntimeProc] = []
-        self.stopping = False
+        self.stopping = self.reexec = False  # reexec: SIGHUP, become the installed code's supervisor
+        self.found, self.adoption = None, None  # runtimes a previous supervisor left (adoption.py); what was done
         self.attached: list[str] = []
+        # programs this node may replace or detach: a previous run's too (read before the state is rewritten)
+        self.ours = owned_prog_ids(cfg.name)
+        self.xdp_progs: dict[str, int] = {}
         self.xdp_modes: dict[str, str] = {}
         self.ep: Endpoint | None = None
         self.controller = Child(cfg, "controller", "nfactor_xdp.control.controller", backoff=CONTROLLER_BACKOFF)
         self.switch_agent = Child(cfg, "switch-agent", "nfactor_xdp.control.switch_agent", backoff=RESTART_BACKOFF)
+        # the Prometheus endpoint, its own process: a scrape's waits never delay this loop
+        self.metrics = Child(cfg, "metrics", "nfactor_xdp.control.metrics", backoff=RESTART_BACKOFF) \
+            if cfg.metrics_port else None
 
     # --- bring up ----------------------------------------------------------
     def up(self) -> None:
         os.makedirs(self.cfg.run_dir, mode=0o700, exist_ok=True)
-        self._write_state("starting")
+        self.found = adoption.leftovers(self.cfg)  # read before the state is rewritten
+        if not self.found:
+            self._write_state("starting")
         check_policy(self.cfg)
         if self.cfg.policy:
             save_policy(load_policy(self.cfg.policy), nodeconf.policy_path(self.cfg.name))
         self.setup_switch()
         self.ep = Endpoint(nodeconf.control_socket(self.cfg.name, "supervisor"),
                            ClusterKey.load_or_create(nodeconf.cluster_key_path()), "supervisor")
+        adoption.replace_children(self)
         self.controller.spawn()
         self.switch_agent.spawn()
+        if self.metrics:
+            self.metrics.spawn()
         for rt in self.runtimes:
-            rt.spawn()
+            if not rt.adopted:
+                rt.spawn()
+        self._write_state("adopting" if self.found else "starting")  # every process it runs, recorded
         self._wait_ready(self.runtimes)
         self._write_state("running")
 
     def setup_switch(self) -> None:
         """Programs loaded, ports made, maps filled, programs attached; no
-        runtime process yet (all runtimes are `starting`)."""
+        runtime process yet (all runtimes are `starting`).  When adopting,
+        the runtimes are the recorded ones, and the live ones keep their
+        ports and their state in the switch as they are."""
         cfg = self.cfg
         with IPRoute() as ipr:
             for port in (cfg.ext0, cfg.ext1):
                 if _ifindex(ipr, port) is None:
                     where = f"namespace {cfg.netns}" if cfg.netns else "this namespace"
                     raise NodeError(f"interface {port!r} not found in {where}")
+        refuse_taken_ports(cfg, self.ours)  # before anything changes
         self.progs.load()
         self.maps.write_config(other_action=cfg.other_action, mode=L.C["NFX_MODE_FLOWS"])
         # Pins may come from an earlier run: no runtime takes new flows until
         # it says it is ready, and slots beyond this run's runtimes are emptied
         # (their flows get placed anew).
-        self.maps.publish_rr([])
-        for rt_id in range(cfg.runtimes, L.C["NFX_MAX_RUNTIMES"]):
+        found = self.found.runtimes if self.found else None
+        ids = sorted(found) if found else list(range(cfg.runtimes))
+        if not found:
+            self.maps.publish_rr([])
+        for rt_id in set(range(L.C["NFX_MAX_RUNTIMES"])) - set(ids):
             self.maps.set_runtime(rt_id, L.C["NFX_RT_NONE"], 0)
         with IPRoute() as ipr:
-            for rt_id in range(cfg.runtimes):
+            for rt_id in ids:
                 rt = RuntimeProc(cfg, rt_id)
                 self.runtimes.append(rt)
-                self._make_runtime_port(ipr, rt_id, rt.sw, rt.port)
+                live = bool(found) and adoption.take_over(self, rt, found[rt_id], ipr)
+                self._make_runtime_port(ipr, rt_id, rt.sw, rt.port, keep_state=live)
             for slot, role, port in ((L.C["NFX_SLOT_EXT0"], L.C["NFX_PORT_EXT0"], cfg.ext0),
                                      (L.C["NFX_SLOT_EXT1"], L.C["NFX_PORT_EXT1"], cfg.ext1)):
                 idx = _ifindex(ipr, port)
@@ -152,7 +156,7 @@ class Node:
         for port in (self.cfg.ext0, self.cfg.ext1):
             self._attach(port, "vswitch")
 
-    def _make_runtime_port(self, ipr: IPRoute, rt_id: int, sw: str, port: str) -> None:
+    def _make_runtime_port(self, ipr: IPRoute, rt_id: int, sw: str, port: str, keep_state: bool = False) -> None:
         if _ifindex(ipr, sw) is None:
             if _ifindex(ipr, port) is not None:
                 ipr.link("del", index=_ifindex(ipr, port))
@@ -174,8 +178,9 @@ class Node:
         self.maps.set_slot(L.C["NFX_SLOT_RT_BASE"] + rt_id, sw_idx)
         self.maps.set_port(sw_idx, L.C["NFX_PORT_RUNTIME"], rt_id)
         self.maps.set_port(port_idx, L.C["NFX_PORT_STEER"], rt_id)
-        # Starting: keeps the flows it had (pinned table), takes no new ones.
-        self.maps.set_runtime(rt_id, L.C["NFX_RT_STARTING"], sw_idx)
+        if not keep_state:  # (an adopted runtime's state is the view's, as it was)
+            # Starting: keeps the flows it had (pinned table), takes no new ones.
+            self.maps.set_runtime(rt_id, L.C["NFX_RT_STARTING"], sw_idx)
 
     def add_runtime(self) -> RuntimeProc:
         """A new runtime at run time (scale-out or operator): port, programs, process."""
@@ -206,7 +211,10 @@ class Node:
         self.maps.set_runtime_state(rt.id, L.C["NFX_RT_NONE"])
 
     def _attach(self, ifname: str, which: str, mode: str | None = None) -> None:
-        self.xdp_modes[ifname] = self.progs.attach(ifname, which, mode or self.cfg.xdp_mode)
+        self.xdp_modes[ifname] = self.progs.attach(ifname, which, mode or self.cfg.xdp_mode,
+                                                   may_replace(self.cfg, self.ours))
+        self.xdp_progs[ifname] = self.progs.prog_id(which)
+        self.ours.add(self.xdp_progs[ifname])
         self.attached.append(ifname)
 
     def _notify_controller(self, msg_type, body: dict) -> None:
@@ -227,7 +235,7 @@ class Node:
         while waiting:
             for rt in list(waiting):
                 if rt.exited():
-                    raise NodeError(f"runtime {rt.id} exited with {rt.proc.returncode} while starting; "
+                    raise NodeError(f"runtime {rt.id} exited with {rt.returncode} while starting; "
                                     f"see {nodeconf.log_path(self.cfg.name, rt.role)}")
                 if self._ready(rt):
                     rt.process = "ready"
@@ -247,14 +255,14 @@ class Node:
                 changed |= self.on_request(msg, addr)
             if changed:
                 self._write_state("running")
-            sig = signal.sigtimedwait([signal.SIGTERM, signal.SIGINT, signal.SIGCHLD], 0.02)
-            if sig is not None and sig.si_signo in (signal.SIGTERM, signal.SIGINT):
-                self.stopping = True
+            sig = signal.sigtimedwait([signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP], 0.02)
+            if sig is not None and sig.si_signo in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                self.stopping, self.reexec = True, sig.si_signo == signal.SIGHUP
 
     def _reap(self) -> bool:
         changed = False
         now = time.monotonic()
-        for child in (self.controller, self.switch_agent):
+        for child in filter(None, (self.controller, self.switch_agent, self.metrics)):
             if child.exited():
                 if child.exited_at is None:
                     self._exited(child, now)
@@ -272,7 +280,7 @@ class Node:
                 # the controller marks it failed in the view and the switch at once
                 rt.process = "exited"
                 self._exited(rt, now)
-                self._notify_controller(MsgType.RUNTIME_EXITED, {"id": rt.id, "code": rt.proc.returncode})
+                self._notify_controller(MsgType.RUNTIME_EXITED, {"id": rt.id, "code": rt.returncode})
                 changed = True
             if rt.restart_due(now):
                 rt.respawn()
@@ -283,7 +291,7 @@ class Node:
         child.note_exit(now)
         why = child.last_exit["why"]
         log.warning("%s exited with %s%s; restarting it in %.2fs (exit %d in a row soon after its start)",
-                    child.role, child.proc.returncode, f": {why}" if why else "", child.delay, child.quick_exits)
+                    child.role, child.returncode, f": {why}" if why else "", child.delay, child.quick_exits)
 
     def on_request(self, msg: Message, addr) -> bool:
         """Operator and controller requests; bad ones get an error reply."""
@@ -300,7 +308,9 @@ class Node:
                 if rt is None:
                     raise NodeError(f"no runtime {body.get('id')!r}")
                 if msg.type == MsgType.RUNTIME_KILL:
-                    os.kill(rt.pid, signal.SIGKILL)  # failure injection: the guard restarts it
+                    signal_process(rt.identity, signal.SIGKILL)  # failure injection: the guard restarts it
+                elif body.get("restart"):  # drained for a rolling restart: a fresh process, same port
+                    adoption.replace(rt, body.get("pid"))
                 else:
                     self.remove_runtime(rt)
                 self.ep.reply(msg, addr, {"ok": True, "id": rt.id})
@@ -318,6 +328,8 @@ class Node:
         stop_processes([rt.identity for rt in self.runtimes])
         self.controller.stop()
         self.switch_agent.stop()
+        if self.metrics:
+            self.metrics.stop()
         for rt in self.runtimes:
             try:
                 self.maps.set_runtime_state(rt.id, L.C["NFX_RT_NONE"])
@@ -335,8 +347,10 @@ class Node:
             "config": self.cfg.to_dict(),
             "runtimes": [rt.info() for rt in self.runtimes],
             "xdp_modes": self.xdp_modes, "tracer": self.progs.tracing,
+            "xdp_progs": self.xdp_progs, "xdp_owned": sorted(self.ours),
             "controller": self.controller.info(), "switch_agent": self.switch_agent.info(),
-            "updated": time.time(),
+            "metrics": self.metrics.info() if self.metrics else None,
+            "adoption": self.adoption, "updated": time.time(),
         })
 
 
@@ -345,13 +359,11 @@ def teardown(cfg: NodeConfig) -> list[str]:
     after a crash.  Runs in the ports' namespace."""
     done = []
     with netns.entered(cfg.netns if cfg.netns and netns.exists(cfg.netns) else None):
+        names = [cfg.ext0, cfg.ext1]
+        for rt_id in range(L.C["NFX_MAX_RUNTIMES"]):
+            names += list(nodeconf.runtime_ports(rt_id))
+        release(names, owned_prog_ids(cfg.name))  # only ours: another tool's program stays
         with IPRoute() as ipr:
-            names = [cfg.ext0, cfg.ext1]
-            for rt_id in range(L.C["NFX_MAX_RUNTIMES"]):
-                names += list(nodeconf.runtime_ports(rt_id))
-            for name in names:
-                if _ifindex(ipr, name) is not None:
-                    detach(name)
             for rt_id in range(L.C["NFX_MAX_RUNTIMES"]):
                 sw, _ = nodeconf.runtime_ports(rt_id)
                 idx = _ifindex(ipr, sw)
@@ -387,7 +399,7 @@ def check_policy(cfg: NodeConfig) -> None:
 def stop_leftovers(state: dict) -> None:
     """Stop the processes a dead supervisor left, as recorded in its state:
     only those still the very processes recorded (pid and start time)."""
-    children = list(state.get("runtimes", [])) + [state.get(c) or {} for c in ("controller", "switch_agent")]
+    children = list(state.get("runtimes", [])) + [state.get(c) or {} for c in ("controller", "switch_agent", "metrics")]
     stop_processes([c.get("identity") for c in children])
 
 
@@ -402,21 +414,37 @@ def force_down(name: str) -> list[str]:
 def run_foreground(cfg: NodeConfig) -> int:
     """The supervisor's life: up, supervise until SIGTERM/SIGINT, down
     (in this process: `nfactorctl up --foreground` and systemd run it so)."""
-    logs.setup("supervisor")
     if os.geteuid() != 0:
         raise NodeError("the node needs root (XDP, bpffs, veths)")
+    logs.setup("supervisor", **cfg.log_options("supervisor"))
+    systemd = Notifier()  # before setns: an abstract NOTIFY_SOCKET is this namespace's
     if cfg.netns:
         netns.enter(cfg.netns)
-    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM, signal.SIGINT, signal.SIGCHLD])
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP])
     node = Node(cfg)
     try:
         node.up()
-        log.info("node %s running, %d runtimes", cfg.name, cfg.runtimes)
-        node.supervise()
-        return 0
-    finally:
+    except BaseException as e:
+        if node.found or isinstance(e, adoption.AdoptionError):
+            # an adoption that failed, or refused: the runtimes go on forwarding, nothing is torn down
+            adoption.let_go(node, stop_children=True)
+            raise
+        systemd.notify("STOPPING=1")
         node.down()
-        log.info("node %s down", cfg.name)
+        raise
+    try:
+        log.info("node %s running, %d runtimes", cfg.name, cfg.runtimes)
+        systemd.notify("READY=1", f"STATUS=node {cfg.name} running, {cfg.runtimes} runtimes")
+        node.supervise()
+    finally:
+        if not node.reexec:
+            systemd.notify("STOPPING=1")
+            node.down()
+            log.info("node %s down", cfg.name)
+    if node.reexec:  # SIGHUP: this pid runs the installed code, which takes the node over (adoption.py)
+        adoption.let_go(node, stop_children=False)
+        adoption.reexec(cfg)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

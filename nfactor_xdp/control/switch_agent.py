@@ -293,7 +293,7 @@ class SwitchAgent:
 
 def main(argv: list[str] | None = None) -> int:
     cfg, _ = process_args("nfactor-switch-agent", __doc__, argv)
-    logs.setup("switch-agent")
+    logs.setup("switch-agent", **cfg.log_options("switch-agent"))
     try:
         grace.check()
     except grace.GracePeriodError as e:

@@ -22,6 +22,7 @@ from ..formats import marker
 from ..formats.messages import MessageError, MsgType
 from .arrivals import Arrivals
 from .batches import Batch
+from .histogram import MIGRATION_MS, Histogram
 from .nf import MAX_STATE_BYTES
 
 MARKER_TIMEOUT = 0.3   # seconds to wait for the marker before asking for it again
@@ -81,6 +82,7 @@ class Migrator(Arrivals):
                       "in_created": 0, "in_completed": 0, "in_refused": 0, "in_aborted": 0, "replayed": 0,
                       "replay_tx_fail": 0, "buffered": 0, "buffer_overflow": 0, "markers_consumed": 0, "taken_back": 0,
                       "after_marker": 0, "after_marker_dropped": 0}
+        self.flow_ms = Histogram(MIGRATION_MS)  # each migrated flow's own migration, as in its batch's report
 
     def attach(self, ep, switch_agent: tuple | None) -> None:
         """The runtime's control endpoint and the switch agent's address."""
@@ -376,7 +378,8 @@ class Migrator(Arrivals):
             return
         if ok:
             b.succeeded += 1
-            b.durations.append(time.monotonic() - m.started)
+            b.durations.append(took := time.monotonic() - m.started)
+            self.flow_ms.observe(took * 1e3)
         else:
             b.failed += 1
         if m is not None and m.resends:
@@ -398,4 +401,5 @@ class Migrator(Arrivals):
                 self._move(m)
 
     def status(self) -> dict:
-        return {**self.stats, "in_progress": len(self.out), "not_migratable": self.not_migratable()}
+        return {**self.stats, "in_progress": len(self.out), "not_migratable": self.not_migratable(),
+                "flow_ms": self.flow_ms.to_dict()}

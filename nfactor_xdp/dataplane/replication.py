@@ -26,6 +26,7 @@ import time
 import msgpack
 
 from ..formats.messages import MessageError, MsgType
+from .histogram import RECOVERY_SECONDS, SNAPSHOT_BYTES, Histogram
 from .view import LEAVING, RUNNING
 
 MAX_PENDING = 50_000      # actors waiting to be snapshotted; beyond that, shed (counted)
@@ -68,6 +69,8 @@ class Replicator:
         self.buffer: list[bytes] = []
         self.stats = {"snapshots_sent": 0, "snapshot_messages": 0, "shed": 0, "refused": 0, "too_big": 0,
                       "stored": 0, "stale_ignored": 0, "dropped_on_end": 0, "store_refused": 0, "bad_state": 0}
+        self.snapshot_bytes = Histogram(SNAPSHOT_BYTES)      # each snapshot sent, encoded
+        self.recovery_seconds = Histogram(RECOVERY_SECONDS)  # one per start: every runtime recovers when it starts
 
     def attach(self, ep) -> None:
         self.ep = ep
@@ -162,6 +165,7 @@ class Replicator:
         chunk, size = [], 0
         for s in snaps:
             n = _encoded_size(s)  # one larger than the budget goes alone (nf.MAX_STATE_BYTES fits a message)
+            self.snapshot_bytes.observe(n)
             if chunk and size + n > MESSAGE_BUDGET:
                 self._send_chunk(replica, addr, chunk, [])
                 chunk, size = [], 0
@@ -314,10 +318,13 @@ class Replicator:
                 self.recovery["replay_tx_fail"] += 1
             self.recovery["replayed"] += 1
         self.recovery["phase"] = "done"
-        self.recovery["seconds"] = round(time.monotonic() - self.recovery.get("started", time.monotonic()), 4)
+        took = time.monotonic() - self.recovery.get("started", time.monotonic())
+        self.recovery["seconds"] = round(took, 4)
+        self.recovery_seconds.observe(took)
         self.on_recovered()
 
     def status(self) -> dict:
-        return {**self.stats, "pending": len(self.pending),
+        return {**self.stats, "pending": len(self.pending), "snapshot_bytes": self.snapshot_bytes.to_dict(),
+                "recovery_seconds": self.recovery_seconds.to_dict(),
                 "holding": {str(p): len(s) for p, s in self.stores.items()},
                 "recovery": {k: v for k, v in self.recovery.items() if k != "started"}}

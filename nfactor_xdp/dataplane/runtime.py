@@ -480,7 +480,7 @@ class Runtime:
 
 def main(argv: list[str] | None = None) -> int:
     cfg, args = process_args("nfactor-runtime", __doc__, argv, runtime=True)
-    logs.setup(f"rt{args.id}")
+    logs.setup(f"rt{args.id}", **cfg.log_options(f"rt{args.id}"))
     # No policy file read here: the controller's policy comes with the reply to
     # REGISTER, and every frame is held until then (never processed without it).
     rt = Runtime(cfg, args.id, controlled=True)

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import re
@@ -16,6 +17,7 @@ import signal
 import stat
 from dataclasses import asdict, dataclass, field
 
+from .. import logs
 from ..kern import layouts as L
 from ..kern.maps import pin_dir
 from ..errors import NFactorError
@@ -42,6 +44,12 @@ def log_dir(name: str) -> str:
 def log_path(name: str, what: str = "node") -> str:
     os.makedirs(log_dir(name), exist_ok=True)
     return os.path.join(log_dir(name), f"{what}.log")
+
+
+def stderr_log_path(name: str, role: str) -> str:
+    """Where process `role`'s standard error goes: what does not pass through
+    its logger (logs.py explains why a file of its own)."""
+    return log_path(name, f"{role}.stderr")
 
 
 def cluster_key_path() -> str:
@@ -147,6 +155,8 @@ class NodeConfig:
     flow_table_size: int = setting(262144, "Entries in the switch's LRU flow table.")
     xdp_mode: str = setting("native", "XDP attach mode; auto falls back to generic where native is unsupported.",
                             choices=("native", "generic", "auto"))
+    replace_xdp: bool = setting(False, "Take over ports that carry another tool's XDP program (default: refuse "
+                                "them).  down removes only the programs the node attached.")
     idle_timeout: float = setting(30.0, "Seconds before an idle flow's actor is released.")
     max_flows: int = setting(100_000, "Flows (actors) a runtime holds at most; a new flow beyond gives up a flow "
                              "seen only once, else the idlest (counted: evicted).  Keep runtimes x max_flows "
@@ -175,6 +185,15 @@ class NodeConfig:
                                       "dropped and counted.")
     frag_max_bytes: int = setting(4 << 20, "Bytes of IP fragments a runtime holds at once (the kernel's "
                                   "ipfrag_high_thresh: 4 MB).")
+    metrics_port: int = setting(0, "TCP port of the node's Prometheus endpoint (/metrics), in the node's network "
+                                "namespace (0: off).")
+    metrics_address: str = setting("127.0.0.1", "Address the metrics endpoint listens on (0.0.0.0 or :: for "
+                                   "every address: it has no authentication).")
+    log_format: str = setting("text", "Log lines as text (time, level, role[pid]: message) or as JSON lines (ts, "
+                              "level, role, pid, logger, msg).", choices=logs.FORMATS)
+    log_max_bytes: int = setting(10 << 20, "A process rotates its log file (ROLE.log) when it reaches this many "
+                                 "bytes.")
+    log_backups: int = setting(5, "Rotated log files kept per process (ROLE.log.1 .. ROLE.log.N).")
     # The processes find each other's control sockets by the node's name (control_socket).
 
     def validate(self) -> "NodeConfig":
@@ -216,6 +235,16 @@ class NodeConfig:
         if not 1 <= self.frag_max_datagrams <= 1 << 20 or not 1 << 17 <= self.frag_max_bytes <= 1 << 32:
             raise ConfigError("frag_max_datagrams must be 1..1048576, frag_max_bytes 131072 (a whole 64 KB "
                               "datagram)..4294967296")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError("metrics_port must be 0 (off) or a TCP port")
+        try:
+            ipaddress.ip_address(self.metrics_address)
+        except ValueError:
+            raise ConfigError(f"metrics_address must be an IP address, not {self.metrics_address!r}") from None
+        if self.log_format not in logs.FORMATS:
+            raise ConfigError(f"log_format must be one of {', '.join(logs.FORMATS)}")
+        if not 1 << 16 <= self.log_max_bytes <= 1 << 32 or not 1 <= self.log_backups <= 100:
+            raise ConfigError("log_max_bytes must be 65536..4294967296, log_backups 1..100")
         if not 1 <= self.min_runtimes <= L.C["NFX_MAX_RUNTIMES"]:
             raise ConfigError("min_runtimes must be at least 1")
         if not 0 <= self.max_runtimes <= L.C["NFX_MAX_RUNTIMES"]:
@@ -230,6 +259,11 @@ class NodeConfig:
         """Runtimes take the listed cores in turn; by default every CPU in turn."""
         cores = self.cores or list(range(os.cpu_count() or 1))
         return cores[rt_id % len(cores)]
+
+    def log_options(self, role: str) -> dict:
+        """How process `role` logs: logs.setup's keyword arguments (its own file, rotated)."""
+        return {"fmt": self.log_format, "file": log_path(self.name, role), "max_bytes": self.log_max_bytes,
+                "backups": self.log_backups}
 
     @property
     def pin_dir(self) -> str:

@@ -24,6 +24,7 @@ BPF_MAP_DELETE_ELEM = 3
 BPF_MAP_GET_NEXT_KEY = 4
 BPF_OBJ_GET = 7
 BPF_PROG_TEST_RUN = 10
+BPF_PROG_GET_FD_BY_ID = 13
 BPF_OBJ_GET_INFO_BY_FD = 15
 
 BPF_ANY, BPF_NOEXIST, BPF_EXIST = 0, 1, 2
@@ -85,7 +86,13 @@ def prog_info(fd: int) -> dict:
     attr = bytearray(struct.pack("IIQ", fd, len(info), ctypes.addressof(info)))
     bpf(BPF_OBJ_GET_INFO_BY_FD, attr)
     ptype, pid = struct.unpack_from("II", info.raw)
-    return {"type": ptype, "id": pid}
+    name = info.raw[64:80].split(b"\0", 1)[0].decode(errors="replace")  # struct bpf_prog_info's name
+    return {"type": ptype, "id": pid, "name": name}
+
+
+def prog_fd_by_id(prog_id: int) -> int:
+    """An fd of loaded program `prog_id` (CAP_SYS_ADMIN); the caller closes it."""
+    return bpf(BPF_PROG_GET_FD_BY_ID, bytearray(struct.pack("III", prog_id, 0, 0)))
 
 
 class BpfMap:

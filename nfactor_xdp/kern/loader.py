@@ -7,7 +7,10 @@ import os
 import shutil
 import warnings
 
+from pyroute2 import IPRoute
+
 from . import layouts as L
+from . import xdp
 from .bpfsys import prog_info
 from .maps import PIN_ROOT, NodeMaps, pin_dir
 from ..errors import NFactorError
@@ -16,7 +19,6 @@ from .libc import libc
 XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
 XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
-XDP_MODES = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}
 TRACEFS = "/sys/kernel/tracing"
 
 
@@ -40,6 +42,13 @@ def _bcc():
 def ensure_bpffs() -> None:
     if not os.path.ismount("/sys/fs/bpf"):
         raise LoaderError("bpffs is not mounted on /sys/fs/bpf: mount -t bpf bpf /sys/fs/bpf")
+
+
+def check_features() -> None:
+    """What a node needs of this machine and is quick to check, said before
+    anything starts, with what to do (`nfactorctl probe` checks everything)."""
+    ensure_bpffs()
+    _bcc()
 
 
 def ensure_tracefs() -> bool:
@@ -114,18 +123,15 @@ class Programs:
     def tracing(self) -> bool:
         return "tracer" in self.modules
 
-    def attach(self, ifname: str, which: str, mode: str = "native") -> str:
-        """Attach program `which` to `ifname`; returns the mode used."""
-        bcc = _bcc()
-        modes = ["native", "generic"] if mode == "auto" else [mode]
-        last = None
-        for m in modes:
-            try:
-                bcc.BPF.attach_xdp(ifname.encode(), self.fns[which], XDP_MODES[m])
-                return m
-            except Exception as e:
-                last = e
-        raise LoaderError(f"cannot attach XDP ({mode}) to {ifname}: {last}")
+    def attach(self, ifname: str, which: str, mode: str = "native", may_replace=None) -> str:
+        """Attach program `which` to `ifname`; returns the mode used.  A
+        program already there is replaced only if may_replace(port, id) says
+        so (xdp.attach: else PortTaken)."""
+        with IPRoute() as ipr:
+            return xdp.attach(ipr, ifname, self.fns[which].fd, mode, may_replace)
+
+    def prog_id(self, which: str) -> int:
+        return prog_info(self.fns[which].fd)["id"]
 
     def close(self) -> None:
         for mod in self.modules.values():

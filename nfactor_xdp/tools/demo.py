@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 
 from ..kern import netns
@@ -18,6 +17,7 @@ from ..formats import config as nodeconf
 from ..control import node_client as nodectl
 from ..control.processes import ISOLATED_CWD, module_command
 from ..formats.config import NodeConfig
+from . import live
 from .testbed import Testbed, TestbedConfig
 
 TCP_CLIENTS = 4
@@ -56,21 +56,6 @@ def _result(p: subprocess.Popen, timeout: float) -> dict:
         return json.loads(lines[-1])
     except (IndexError, ValueError):
         return {"error": err.strip()[-300:]}
-
-
-def _table(st: dict, prev: dict, dt: float, elapsed: float) -> str:
-    rows = [f"t={elapsed:5.1f}s  switch: {st['switch_flows']} flows, "
-            f"{st['switch'].get('to_runtime', 0)} frames to runtimes, "
-            f"{st['switch'].get('other_forward', 0)} other forwarded, "
-            f"{sum(v for k, v in st['switch'].items() if k.startswith('drop_'))} dropped",
-            f"  {'runtime':<8}{'core':>5}{'pid':>8}{'flows':>8}{'frames':>10}{'pps':>9}{'placed':>8}"]
-    for r in st["runtimes"]:
-        frames = r.get("frames") or 0
-        pps = (frames - prev.get(r["id"], 0)) / dt if dt else 0
-        prev[r["id"]] = frames
-        rows.append(f"  rt{r['id']:<6}{r['core']:>5}{r.get('pid') or '-':>8}{r.get('flows') or 0:>8}"
-                    f"{frames:>10}{pps:>9.0f}{r['switch'].get('flows_placed', 0):>8}")
-    return "\n".join(rows)
 
 
 def _leftovers(tb_name: str, node: str) -> list[str]:
@@ -135,8 +120,7 @@ def run_demo(name: str = "demo", runtimes: int = 2, duration: float = 10.0, udp_
 
         start = last = time.monotonic()
         prev: dict = {}
-        tty = sys.stdout.isatty()
-        height = 0
+        screen = live.Screen(out)
         seen_http: dict[str, dict] = {}  # TCP flows end and are released: keep what they parsed
 
         def note_http(flow_list):
@@ -148,12 +132,8 @@ def run_demo(name: str = "demo", runtimes: int = 2, duration: float = 10.0, udp_
             time.sleep(1.0)  # the refresh period of the live table
             note_http(nodectl.flows(name)["flows"])
             now = time.monotonic()
-            table = _table(nodectl.status(name), prev, now - last, now - start)
+            screen.show(live.table(nodectl.status(name), prev, now - last, f"t={now - start:5.1f}s"))
             last = now
-            if tty and height:
-                sys.stdout.write(f"\x1b[{height}F\x1b[J")
-            out(table)
-            height = table.count("\n") + 1
             if now - start > duration + 60:
                 out("traffic did not finish in time; stopping it")
                 break

@@ -101,6 +101,17 @@ def _bpf_xdp_features():
     return "hash/lru/percpu/devmap/xskmap maps, test run, native XDP on veth, AF_XDP copy mode"
 
 
+def _xdp_on_ports():
+    """XDP programs already attached here: `up` refuses such a port unless it
+    may replace the program (a finding to know, not a missing feature)."""
+    from ..control.coexist import OVERRIDE, attached_here, describe
+    found = attached_here()
+    if not found:
+        return "no port carries an XDP program in this namespace"
+    return (f"{'; '.join(describe(p) for p in found)}: `up` refuses a port carrying a program that is not its "
+            f"own unless {OVERRIDE}")
+
+
 def run_probe() -> list[dict]:
     kdir = f"/lib/modules/{platform.release()}"
     checks = [
@@ -115,6 +126,7 @@ def run_probe() -> list[dict]:
         _check("bcc", _bcc, "apt-get install python3-bpfcc; use a venv with --system-site-packages"),
         _check("ip (iproute2)", _tool("ip"), "apt-get install iproute2"),
         _check("ethtool", _tool("ethtool"), "apt-get install ethtool (the testbed sets offloads)"),
+        _check("xdp on ports", _xdp_on_ports, "netlink (pyroute2) did not answer"),
     ]
     if all(c["ok"] for c in checks if c["check"] in ("root", "bpffs", "bcc", "kernel headers for BCC")):
         checks.append(_check("bpf/xdp/af_xdp", _bpf_xdp_features,

@@ -118,8 +118,8 @@ def udp_send(a) -> dict:
                     drain(0.001)
             sent += 1
             if interval:
-                ahead = start + sent * interval - time.monotonic()
-                if ahead > 0:
+                # until this datagram's send time: an echo arriving ends drain() early
+                while (ahead := start + sent * interval - time.monotonic()) > 0:
                     drain(ahead)
         if a.echo and not interval:
             drain(0)

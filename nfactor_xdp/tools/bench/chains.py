@@ -12,8 +12,8 @@ CHAINS = [[], ["flow_monitor"], ["firewall"], ["http_parser"], ["flow_monitor", 
 
 
 def run_chain_bench(counts: list[int], trial: float = 1.0, steps: int = 7, flows: int = 64,
-                    name: str = "bench") -> dict:
-    with Bench(name, flows) as b:
+                    name: str = "bench", progress=None) -> dict:
+    with Bench(name, flows, progress=progress) as b:
         result = b.report("chains", {
             "flows": flows, "frame_bytes": len(b.frame(b.new_flows(1, True))),
             "mode": "TCP, every frame a full HTTP request with the flow's next sequence number, "
@@ -28,8 +28,9 @@ def run_chain_bench(counts: list[int], trial: float = 1.0, steps: int = 7, flows
             b.node_up(n)
             for chain in CHAINS:
                 b.set_chain(chain)
+                b.measuring(f"{runtimes_label(n)}: {'->'.join(chain) or 'no NF'}")
                 m = b.zero_loss(tcp=True, seconds=trial, steps=steps)
-                m.update(label=f"{runtimes_label(n)}: {'->'.join(chain) or 'no NF'}", runtimes=n, chain=chain,
+                m.update(label=b.measuring_now, runtimes=n, chain=chain,
                          placement=b.placement, **ratios(m["zero_loss_mpps"], ceilings, "zero_loss_mpps"))
                 result["measurements"].append(m)
         return result

@@ -11,7 +11,7 @@ import platform
 import socket
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from ...control import node_client as nodectl
 from ...dataplane.rules import Policy, parse_chain
@@ -106,10 +106,13 @@ class Bench:
     """A testbed, a generator, a sink, and a node restarted per configuration."""
 
     def __init__(self, name: str = "bench", flows: int = 64, size: int = 64, batch: int = 64,
-                 idle_timeout: float = IDLE_TIMEOUT):
+                 idle_timeout: float = IDLE_TIMEOUT, progress: Callable[[dict], None] | None = None):
+        """progress: called with a summary of every trial as it ends (the CLI
+        prints it on a terminal; this layer prints nothing)."""
         if os.geteuid() != 0:
             raise SystemExit("error: benchmarks need root")
         self.name, self.flows, self.size, self.batch, self.idle_timeout = name, flows, size, batch, idle_timeout
+        self.progress, self.measuring_now, self.trials_run, self.started = progress, "", 0, time.monotonic()
         self.tb = Testbed(TestbedConfig(name=name))
         if self.tb.is_up():
             nodectl.stop(name)
@@ -225,8 +228,12 @@ class Bench:
             last = now
             time.sleep(0.05)  # polling until the counts stop moving
 
+    def measuring(self, label: str) -> None:
+        """What the next trials measure (the progress reports name it)."""
+        self.measuring_now = label
+
     def end(self, snaps: list[dict], fl: Flows, g: dict | None, rate: float | None = None,
-            strict: bool = True) -> dict:
+            strict: bool = True, role: str = "trial") -> dict:
         """After the load: settle, the last snapshot, where every frame went,
         the NFs' checks, the CPU placement; valid or why not."""
         self.settle()
@@ -252,15 +259,20 @@ class Bench:
                                                              acc["runtimes"].items()})}
         out.update(valid=not problems, invalid_because=problems, zero_loss=not problems and acc["lost"] == 0,
                    disturbed=cpu.disturbance(usage, self.placement))
+        self.trials_run += 1
+        if self.progress:
+            self.progress({"trial": self.trials_run, "elapsed_s": time.monotonic() - self.started,
+                           "measuring": self.measuring_now, "role": role, "requested_pps": out["requested_pps"],
+                           "offered_mpps": out["offered_mpps"], "lost": out["lost"], "valid": out["valid"]})
         return out
 
-    def trial(self, rate: float, seconds: float, tcp: bool) -> dict:
+    def trial(self, rate: float, seconds: float, tcp: bool, role: str = "trial") -> dict:
         """`seconds` of traffic at `rate` frames/s (0: as fast as the generator
         goes) on flows of its own."""
         fl = self.new_flows(self.flows, tcp)
         snaps = self.begin(fl)
         g = self.gen.run(self.frame(fl), rate=rate, seconds=seconds, base=fl.base, flows=fl.count, tcp=tcp)
-        return self.end(snaps, fl, g, rate)
+        return self.end(snaps, fl, g, rate, role=role)
 
     def zero_loss(self, tcp: bool, seconds: float = 1.0, steps: int = 7, step_downs: int = 3,
                   reruns: int = 2) -> dict:
@@ -275,7 +287,7 @@ class Bench:
 
         def run(rate: float, role: str) -> dict:
             for attempt in range(reruns + 1):
-                t = dict(self.trial(rate, seconds, tcp), role=role, index=len(trials))
+                t = dict(self.trial(rate, seconds, tcp, role), role=role, index=len(trials))
                 trials.append(t)
                 if t["zero_loss"] or not t["disturbed"] or attempt == reruns or not rate:
                     return t
@@ -320,6 +332,7 @@ class Bench:
         out = {}
         for mode in ("bypass", "lookup"):
             self.node_up(1, mode=mode)
+            self.measuring(f"xdp-ceiling ({mode})")
             m = self.trial(0, seconds, tcp) if steps is None else self.zero_loss(tcp, seconds, steps)
             if steps is None:
                 m["generator_limited"] = m["valid"] and m["lost"] == 0

@@ -136,14 +136,14 @@ def _migration_trial(b: Bench, flows: int, rate: float, budget: float, cap: int,
 def run_migration_bench(flow_counts=(100, 1000, 10000), rates=(10, 50, 100), caps=(100, 500, 1000, 2000),
                         cap_flows: int = 2000, cap_rate: float = 10.0, max_offered_pps: float | None = None,
                         tail: float = 0.5, ceiling_seconds: float = 2.0, chain: list[str] | None = None,
-                        name: str = "bench") -> dict:
+                        name: str = "bench", progress=None) -> dict:
     """Flow migration under live traffic (paper Fig. 7-8): every flow of runtime 0
     migrated to runtime 1, (1) per flow count and per-flow rate, (2) per cap on
     concurrent migrations.  Each trial has a fresh node, so runtime 0 holds about
     half of that trial's flows and nothing else."""
     chain = list(PAPER_CHAIN if chain is None else chain)
     t_start = time.monotonic()
-    with Bench(name) as b:
+    with Bench(name, progress=progress) as b:
         result = b.report("migration", {
             "mode": "TCP, every frame a full HTTP request at the flow's next sequence number, paced, "
                     "source port rotating over the trial's own flows",
@@ -161,8 +161,9 @@ def run_migration_bench(flow_counts=(100, 1000, 10000), rates=(10, 50, 100), cap
         # rate forwarded at full speed would be that of a parser put out of sync by the losses)
         ctx = b.ceilings(ceiling_seconds, tcp=True)
         b.node_with_chain(2, chain)
+        b.measuring(f"2 runtimes: {'->'.join(chain) or 'no NF'}, zero-loss")
         carry = b.zero_loss(tcp=True, seconds=1.0, steps=6)
-        carry.update(label=f"2 runtimes: {'->'.join(chain) or 'no NF'}, zero-loss", runtimes=2,
+        carry.update(label=b.measuring_now, runtimes=2,
                      **ratios(carry["zero_loss_mpps"], ctx, "forwarded_mpps"))
         measured = carry["zero_loss_mpps"] * 1e6
         limit = max_offered_pps if max_offered_pps is not None else min(MIGRATION_MAX_OFFERED, measured)
@@ -182,6 +183,7 @@ def run_migration_bench(flow_counts=(100, 1000, 10000), rates=(10, 50, 100), cap
                                               f"here without loss ({limit:.0f}/s)")
                 return m
             try:
+                b.measuring(label)
                 b.node_with_chain(2, chain, max_migrations=cap, idle_timeout=NodeConfig.idle_timeout)
                 m.update(_migration_trial(b, n, rate, budget(n), cap, tail=tail), skipped=False)
                 # like the paper's figure: its chain, nothing queued behind the cap, not overloaded

@@ -179,6 +179,7 @@ def _throughput(b: Bench, n: int, k: int, trial: float, steps: int, ceilings: di
     m = {"label": f"{runtimes_label(n)}, K={k or 'off'}", "runtimes": n, "snapshot_every": k,
          "replica_peers": (n - 1) if k else 0}
     try:
+        b.measuring(m["label"])
         b.node_with_chain(n, ["flow_monitor"], snapshot_every=k)
         r0 = _replication_totals(b.name, n)
         m.update(b.zero_loss(tcp=False, seconds=trial, steps=steps))
@@ -194,14 +195,14 @@ def _throughput(b: Bench, n: int, k: int, trial: float, steps: int, ceilings: di
 
 def run_replication_bench(counts=(1, 2), flow_counts=(1000, 10000, 50000), trial: float = 1.0, steps: int = 6,
                           recovery_pps: float = 40_000, tail: float = 4.0, fill_timeout: float = 15.0,
-                          max_fill_seconds: float = 30.0, name: str = "bench") -> dict:
+                          max_fill_seconds: float = 30.0, name: str = "bench", progress=None) -> dict:
     """State replication (paper Fig. 10): (1) the zero-loss and maximal rate with
     flow_monitor, with and without snapshots every K=10 packets, per runtime
     count; (2) the recovery of a runtime killed with -9 while its flows' traffic
     goes on, per flow count, with the frames lost across the crash; the XDP-only
     ceilings from the same run."""
     t_start = time.monotonic()
-    with Bench(name) as b:
+    with Bench(name, progress=progress) as b:
         result = b.report("replication", {
             "mode": "UDP, XDP live frames, source port rotating over each trial's own flows",
             "frame_bytes": len(b.frame(b.new_flows(1, False))),
@@ -233,6 +234,7 @@ def run_replication_bench(counts=(1, 2), flow_counts=(1000, 10000, 50000), trial
             else:
                 try:
                     m["skipped"] = False
+                    b.measuring(f"recovery, {m['label']}")
                     _recovery_trial(b, n, recovery_pps, tail, fill_timeout, out=m)
                 except (nodectl.NodeCtlError, RuntimeError) as e:
                     m.update(error=str(e)[:300])
