@@ -20,6 +20,8 @@
 #endif
 
 #define NFX_PIN(name) NFX_PIN_DIR "/" name
+/* BPF_F_MMAPABLE (uapi bpf.h), spelled out: not every header set has it */
+#define NFX_F_MMAPABLE (1 << 10)
 
 /* ifindex -> role of that port */
 BPF_TABLE_PINNED("hash", __u32, struct nfx_port, ports, NFX_MAX_PORTS, NFX_PIN("ports"));
@@ -33,6 +35,9 @@ BPF_TABLE_PINNED("array", __u32, struct nfx_config, config, 1, NFX_PIN("config")
 BPF_TABLE_PINNED("lru_hash", struct nfx_flow_key, struct nfx_flow, flows, NFX_FLOW_TABLE_SIZE, NFX_PIN("flows"));
 /* verdict and drop-reason counters */
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, counters, NFX_CNT_MAX, NFX_PIN("counters"));
+/* offloaded flows' slots (struct nfx_offload), mmap-ed and written in place
+ * by their runtimes (nfactor_xdp/kern/offloads.py) */
+BPF_TABLE_PINNED("array", __u32, struct nfx_offload, offloads, NFX_MAX_OFFLOADS, NFX_PIN("offloads"), NFX_F_MMAPABLE);
 /* per-runtime traffic */
 BPF_TABLE_PINNED("percpu_array", __u32, struct nfx_rt_stats, rt_stats, NFX_MAX_RUNTIMES, NFX_PIN("rt_stats"));
 

@@ -13,7 +13,7 @@
 
 /* Bump when a pinned map's key or value changes: a node refuses to reuse
  * pinned maps written by another ABI. */
-#define NFX_ABI_VERSION 2
+#define NFX_ABI_VERSION 3
 
 #define NFX_MAX_RUNTIMES 64
 /* devmap slots: the two external ports, then one per runtime port */
@@ -23,6 +23,12 @@
 #define NFX_DEVMAP_SIZE (NFX_SLOT_RT_BASE + NFX_MAX_RUNTIMES)
 #define NFX_MAX_PORTS 256
 #define NFX_MAX_IPV6_EXT 6
+/* offloads array: each runtime owns an equal range of slots, runtime r the
+ * slots [r * NFX_OFFLOADS_PER_RUNTIME, (r + 1) * NFX_OFFLOADS_PER_RUNTIME) */
+#define NFX_MAX_OFFLOADS 65536
+#define NFX_OFFLOADS_PER_RUNTIME (NFX_MAX_OFFLOADS / NFX_MAX_RUNTIMES)
+/* bucket tokens are nanotokens: a rate in tokens per second refills that many per ns */
+#define NFX_NANOTOKENS 1000000000
 
 /* The ingress tag: the switch puts one byte in front of every frame it sends
  * to a runtime, NFX_INGRESS_TAG | the external port (0/1) it came in on.
@@ -111,6 +117,46 @@ struct nfx_flow {
 	__u8 orig_dir;		/* 0: the placing frame went lo -> hi, 1: hi -> lo (shown only) */
 	__u8 pad[3];
 	__u64 created_ns;	/* bpf_ktime_get_ns() at placement */
+	__u32 offload;		/* 0: none, else the offloads slot index + 1 (set by the runtime) */
+	__u32 pad2;
+};
+
+/* What the switch does with an offloaded flow's frames. */
+enum nfx_offload_action {
+	NFX_OFF_NONE = 0,	/* not offloaded (or revoked): frames go to the runtime */
+	NFX_OFF_FORWARD = 1,	/* out of the opposite external port, subject to the buckets */
+	NFX_OFF_DROP = 2,	/* dropped */
+};
+
+/*
+ * One slot of the offloads array (pinned, mmap-ed by the owning runtime,
+ * which writes the parameters first and the action last, and revokes by
+ * clearing the action in place).  Arrays of two are per canonical direction:
+ * [0] lo -> hi, [1] hi -> lo (the flow key's order, not the first frame's).
+ * packets and bytes count every frame the slot handled (forwarded, dropped by
+ * the action or by a bucket; punted frames are not counted: the runtime sees
+ * them); bytes are Ethernet frame lengths.  The buckets are off when their
+ * rate is 0; tokens are nanotokens (NFX_NANOTOKENS per token or byte), the
+ * rates whole tokens per second (32 bits), and stamp_ns (bpf_ktime_get_ns(),
+ * i.e. CLOCK_MONOTONIC) the last refill of both.  128 bytes: two cache lines.
+ */
+struct nfx_offload {
+	__u32 action;		/* enum nfx_offload_action; the owner writes it last */
+	__u32 runtime;		/* the owning runtime: a flow on another runtime ignores the slot */
+	__u8 punt_tcp_flags;	/* TCP frames with any of these flags go to the runtime (FIN 0x01, SYN 0x02, RST 0x04, PSH 0x08, ACK 0x10) */
+	__u8 pad[7];
+	__u64 packets[2];
+	__u64 bytes[2];
+	__u64 bucket_dropped[2];	/* FORWARD frames a bucket dropped (also in packets and bytes) */
+	__u64 bucket_dropped_bytes[2];	/* their bytes */
+	__u64 last_seen_ns;	/* bpf_ktime_get_ns() of the last frame handled */
+	__u32 pps;		/* packet bucket: packets per second, 0: no packet bucket */
+	__u32 burst;		/* its size in packets */
+	__u32 bps;		/* byte bucket: bytes per second, 0: no byte bucket */
+	__u32 byte_burst;	/* its size in bytes */
+	__u64 tokens;		/* packet bucket's nanotokens */
+	__u64 btokens;		/* byte bucket's nanotokens (nano-bytes) */
+	__u64 stamp_ns;		/* last refill of both buckets */
 };
 
 struct nfx_config {
@@ -168,6 +214,11 @@ enum nfx_counter {
 	NFX_CNT_REDIRECT_ERR,		/* switch redirects the kernel failed after the program returned (tracer) */
 	NFX_CNT_SOCKET_FULL,		/* frames a runtime's AF_XDP socket could not take: RX ring full (tracer) */
 	NFX_CNT_XMIT_DROP,		/* frames a target port dropped on redirected transmit (tracer) */
+	NFX_CNT_OFF_FORWARD,		/* offloaded flows' frames forwarded to the opposite external port */
+	NFX_CNT_OFF_DROP,		/* offloaded flows' frames dropped by a DROP offload */
+	NFX_CNT_OFF_BUCKET_DROP,	/* offloaded flows' frames dropped by the offload's token bucket */
+	NFX_CNT_OFF_PUNT,		/* offloaded flows' TCP frames sent to the runtime for a flag in the punt mask */
+	NFX_CNT_OFF_STALE,		/* frames whose flow names a slot that is revoked or another runtime's: to the runtime */
 	NFX_CNT_MAX,
 };
 

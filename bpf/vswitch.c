@@ -15,6 +15,11 @@
  * In lookup mode (config.mode) flows are parsed, looked up and placed as
  * usual, then sent straight out of the opposite external port.
  *
+ * Offloaded flows (docs/offload.md): a flow entry may name a slot of the
+ * offloads array that its runtime wrote; the switch then forwards (or drops)
+ * the flow's frames itself, counting them in the slot, and sends the runtime
+ * only TCP frames with a flag the runtime asked to see.
+ *
  * Traffic that is not a flow (nfactor_parse.h) gets config.other_action.  Every verdict
  * and every drop reason has a counter (enum nfx_counter).
  */
@@ -215,6 +220,94 @@ static __always_inline int take_ingress_tag(struct xdp_md *ctx)
 	return tag & NFX_INGRESS_PORT_MASK;
 }
 
+/* Refill a bucket of `size` tokens at `rate` per second for `elapsed` ns;
+ * in nanotokens.  Fills up rather than computing past the room left, so no
+ * product can overflow however long the flow was idle. */
+static __always_inline __u64 refill(__u64 tokens, __u64 rate, __u64 size, __u64 elapsed)
+{
+	__u64 cap = size * NFX_NANOTOKENS;
+
+	if (tokens >= cap || elapsed > (cap - tokens) / rate)
+		return cap;
+	return tokens + elapsed * rate;
+}
+
+/* A FORWARD slot's token buckets: 1 if the frame passes (its tokens taken),
+ * 0 if not (nothing taken).  Unlocked: CPUs handling one flow at the same
+ * time can take the same tokens, so a flow spread over several CPUs may pass
+ * a few frames more than its bucket holds.  Tolerated: a flow's frames
+ * mostly arrive on one queue, so one CPU. */
+static __always_inline int bucket_pass(struct nfx_offload *s, __u64 now, __u32 len)
+{
+	__u64 elapsed = now > s->stamp_ns ? now - s->stamp_ns : 0;
+	__u64 tokens = s->tokens, btokens = s->btokens;
+	__u64 need = (__u64)len * NFX_NANOTOKENS;
+	int pass = 1;
+
+	if (s->pps) {
+		tokens = refill(tokens, s->pps, s->burst, elapsed);
+		if (tokens < NFX_NANOTOKENS)
+			pass = 0;
+	}
+	if (s->bps) {
+		btokens = refill(btokens, s->bps, s->byte_burst, elapsed);
+		if (btokens < need)
+			pass = 0;
+	}
+	if (pass) {
+		if (s->pps)
+			tokens -= NFX_NANOTOKENS;
+		if (s->bps)
+			btokens -= need;
+	}
+	s->tokens = tokens;
+	s->btokens = btokens;
+	s->stamp_ns = now;
+	return pass;
+}
+
+/* A frame of an offloaded flow (slot index + 1 in `off`, placed on `rt`):
+ * its verdict, or -1 to send it to the runtime as usual. */
+static __always_inline int offload_verdict(__u32 off, __u32 rt, __u8 dir, __u32 flags, __u32 len,
+					   __u32 in_port)
+{
+	__u32 idx = off - 1, d = dir & 1, action;
+	struct nfx_offload *s = offloads.lookup(&idx);
+	__u64 now;
+
+	if (!s) {
+		nfx_count(NFX_CNT_OFF_STALE);
+		return -1;
+	}
+	/* read once: the owner clears it in place to revoke */
+	action = *(volatile __u32 *)&s->action;
+	if ((action != NFX_OFF_FORWARD && action != NFX_OFF_DROP) || s->runtime != rt) {
+		nfx_count(NFX_CNT_OFF_STALE);
+		return -1;
+	}
+	if (NFX_PF_TCP_FLAGS(flags) & s->punt_tcp_flags) {
+		nfx_count(NFX_CNT_OFF_PUNT);
+		return -1;
+	}
+	/* atomic: frames of one flow on several CPUs all count */
+	__sync_fetch_and_add(&s->packets[d], 1);
+	__sync_fetch_and_add(&s->bytes[d], len);
+	now = bpf_ktime_get_ns();
+	s->last_seen_ns = now;
+	if (action == NFX_OFF_DROP) {
+		nfx_count(NFX_CNT_OFF_DROP);
+		return XDP_DROP;
+	}
+	if ((s->pps || s->bps) && !bucket_pass(s, now, len)) {
+		__sync_fetch_and_add(&s->bucket_dropped[d], 1);
+		__sync_fetch_and_add(&s->bucket_dropped_bytes[d], len);
+		nfx_count(NFX_CNT_OFF_BUCKET_DROP);
+		return XDP_DROP;
+	}
+	nfx_count(NFX_CNT_OFF_FORWARD);
+	return redirect_slot(in_port ? NFX_SLOT_EXT0 : NFX_SLOT_EXT1);
+}
+
 static __always_inline int from_external(struct xdp_md *ctx, struct nfx_config *cfg, __u32 in_port)
 {
 	void *data = (void *)(long)ctx->data;
@@ -222,9 +315,9 @@ static __always_inline int from_external(struct xdp_md *ctx, struct nfx_config *
 	struct nfx_flow_key key = {};
 	struct nfx_flow *flow;
 	struct nfx_rt_stats *st;
-	__u32 why = 0, flags = 0, rt, len;
+	__u32 why = 0, flags = 0, rt, len, off = 0;
 	__u8 dir = 0;
-	int cls, placed;
+	int cls, placed, verdict;
 
 	nfx_count(NFX_CNT_RX_EXT);
 	if (cfg->mode == NFX_MODE_BYPASS) {
@@ -247,8 +340,10 @@ static __always_inline int from_external(struct xdp_md *ctx, struct nfx_config *
 		placed = place_flow(&key, dir, 0);
 	else if (runtime_gone(flow->runtime))
 		placed = place_flow(&key, dir, 1);
-	else
+	else {
 		placed = flow->runtime;
+		off = flow->offload;	/* a re-placed flow starts without one */
+	}
 	if (placed < 0)
 		return XDP_DROP;
 
@@ -262,6 +357,11 @@ static __always_inline int from_external(struct xdp_md *ctx, struct nfx_config *
 		return redirect_slot(in_port ? NFX_SLOT_EXT0 : NFX_SLOT_EXT1);
 	}
 	len = data_end - data;
+	if (off) {
+		verdict = offload_verdict(off, rt, dir, flags, len, in_port);
+		if (verdict >= 0)
+			return verdict;
+	}
 	if (add_ingress_tag(ctx, in_port)) {
 		/* Without it the frame could not find its way back: drop, counted.
 		 * XDP frames have XDP_PACKET_HEADROOM in front, so this does not

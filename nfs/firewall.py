@@ -55,6 +55,15 @@ strict_tcp (false by default)
     - once an RST was seen, every later packet of the flow is dropped and
       counted (not sticky in the verdict, but the flow is closed anyway).
 
+Offload (docs/offload.md)
+    A dropped flow is dropped by the switch (DROP), and so is a flow whose
+    later packets strict_tcp drops after an RST; the switch's drops are added
+    to "dropped".  An allowed flow is forwarded while its conntrack state
+    moves only on SYN, FIN or RST (established, syn_sent, fin_wait, closed,
+    untracked): those frames still come inline.  In syn_recv and closing
+    a bare ACK moves the state, so such a flow keeps every packet, as does a
+    flow not yet evaluated under the current config.
+
 Flow state (a plain dict, so the default msgpack serialize works):
     verdict  "pending" | "allow" | "drop"
     rule     index of the matching rule in config["rules"], -1 for none
@@ -69,6 +78,7 @@ from __future__ import annotations
 import ipaddress
 
 from nfactor_xdp.dataplane.nf import NetworkFunction, NFError, register
+from nfactor_xdp.dataplane.offload_spec import DROP as OFF_DROP, FORWARD, KernelCounts, Offload
 from nfactor_xdp.dataplane.packet import ORIG, REPLY, TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, UDP
 from nfactor_xdp.dataplane.rules import FlowMatch, RuleError
 
@@ -82,6 +92,14 @@ _FIN_BOTH = FIN_ORIG | FIN_REPLY
 _SYN_ACK_FIN_RST = TCP_SYN | TCP_ACK | TCP_FIN | TCP_RST
 _CHANGES_STATE = TCP_SYN | TCP_FIN | TCP_RST
 ESTABLISHED = "established"
+# conntrack states that only SYN, FIN or RST frames move (see _track)
+# Offloadable TCP states: those that only SYN/FIN/RST move (punted).  Not
+# syn_sent: the SYN+ACK would bring the flow back inline (syn_recv) at the
+# cost of a revocation; a connection is handed over once established.
+_MOVED_BY_FLAGS = frozenset({ESTABLISHED, "fin_wait", "closed", "untracked"})
+_OFFLOAD_DROP = Offload(OFF_DROP)
+_OFFLOAD_UDP = Offload(FORWARD)
+_OFFLOAD_TCP = Offload(FORWARD, punt_tcp_flags=_CHANGES_STATE)
 
 STATE_KEYS = ("verdict", "rule", "reason", "ct", "seen", "dropped", "cfg")
 
@@ -190,6 +208,25 @@ class Firewall(NetworkFunction):
                 "conntrack": state["ct"], "dropped": state["dropped"],
                 "midstream": bool(state["seen"] & SEEN_MIDSTREAM),
                 "reset": bool(state["seen"] & SEEN_RST)}
+
+    # --- offload ----------------------------------------------------------------
+    def _drops_all(self, state: dict) -> bool:
+        return state["verdict"] == DROP or bool(self.strict_tcp and state["seen"] & SEEN_RST)
+
+    def offload(self, state: dict) -> Offload | None:
+        if state["cfg"] != self.version:
+            return None
+        if self._drops_all(state):
+            return _OFFLOAD_DROP
+        if state["ct"] == "udp":
+            return _OFFLOAD_UDP
+        if state["ct"] in _MOVED_BY_FLAGS:
+            return _OFFLOAD_TCP
+        return None
+
+    def absorb(self, state: dict, counts: KernelCounts) -> None:
+        if self._drops_all(state):  # an allowed flow's state counts nothing
+            state["dropped"] += sum(counts.packets)
 
     # --- packets --------------------------------------------------------------
     def process_packet(self, pkt, state: dict) -> bool:

@@ -28,6 +28,8 @@ chunk_size / chunk_data / chunk_end / trailer (chunked body), close (a body
 delimited by the end of the connection: nothing more to parse), tunnel (after
 101 Switching Protocols, CONNECT or the HTTP/2 preface: not HTTP/1.x any more).
 
+Offload: never (offload() is None): it parses every packet's payload inline.
+
 Config: max_header_bytes (8192), max_records (32), max_errors (8),
 max_field_bytes (256).
 """
@@ -130,6 +132,9 @@ class HttpParser(NetworkFunction):
             "dirs": [{"seq": -1, "mode": HEADER, "buf": b"", "left": 0, "desync": False},
                      {"seq": -1, "mode": HEADER, "buf": b"", "left": 0, "desync": False}],
         }
+
+    def offload(self, state) -> None:
+        return None  # every packet's payload is parsed inline (an observe mode is future work)
 
     # --- per packet: the TCP stream ------------------------------------------
     def process_packet(self, pkt, state) -> bool:

@@ -23,6 +23,15 @@ refill: the first packet after a migration or a restore from a replica
 refills nothing (the elapsed time counts as zero) and restarts the clock.
 The tokens themselves are kept.  A clock going backwards refills nothing.
 
+Offload (docs/offload.md): the switch enforces the buckets itself, with its
+own buckets (they start full when the flow is handed over, whatever this
+flow's tokens were: at most one burst more than inline).  Its
+buckets take integer rates, so a flow is offloaded only when pps (and bps)
+are whole numbers (and fit 32 bits).  Absorbing the switch's counts adds its
+forwarded frames to "passed" and its bucket's drops to "dropped", and leaves
+the buckets empty as of the switch's last frame ("last"): the switch's bucket
+held at least that, so a flow taken back never gets more than the rate.
+
 Flow state (a plain dict, so msgpack serializes it as is):
     tokens   packet tokens (float)
     btokens  byte tokens (float; None until the flow's first packet under bps)
@@ -36,6 +45,7 @@ import math
 from numbers import Real
 
 from nfactor_xdp.dataplane.nf import NetworkFunction, NFError, register
+from nfactor_xdp.dataplane.offload_spec import FORWARD, MAX_RATE, KernelCounts, Offload
 
 CONFIG_KEYS = frozenset({"pps", "burst", "bps", "byte_burst"})
 DEFAULTS = {"pps": 1000, "burst": 100, "bps": None, "byte_burst": None}
@@ -122,6 +132,22 @@ class RateLimiter(NetworkFunction):
         state["btokens"] = btokens
         state["dropped"] += 1
         return False
+
+    def offload(self, state: dict) -> Offload | None:
+        rates = (self.pps, self.burst, self.bps or 0.0, self.byte_burst or 0.0)
+        if not all(r.is_integer() and r <= MAX_RATE for r in rates):
+            return None  # a fractional rate: the switch's buckets cannot keep it
+        pps, burst, bps, byte_burst = (int(r) for r in rates)
+        return Offload(FORWARD, pps=pps, burst=burst, bps=bps, byte_burst=byte_burst)
+
+    def absorb(self, state: dict, counts: KernelCounts) -> None:
+        state["passed"] += sum(counts.forwarded)
+        state["dropped"] += sum(counts.bucket_dropped)
+        if counts.last_seen is not None:
+            state["tokens"] = 0.0
+            if self.bps is not None:
+                state["btokens"] = 0.0
+            state["last"] = counts.last_seen / 1e9  # pkt.now's clock (monotonic), in seconds
 
     def deserialize(self, data: bytes) -> dict:
         plain = super().deserialize(data)

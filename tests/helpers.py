@@ -87,3 +87,49 @@ class RunningNode:
     def stop(self):
         from nfactor_xdp.control import node_client as nodectl
         nodectl.stop(self.name)
+
+
+class EchoTraffic:
+    """`flows` UDP flows of `packets` sequence-numbered datagrams each, echoed
+    back by the sink, running while the test restarts things."""
+
+    def __init__(self, n, flows: int, packets: int, pps: int, base: int):
+        self.n, self.flows, self.packets = n, flows, packets
+        self.sink = Proc(n.dst_ns, "udp-sink", "--echo", "--expect", str(flows * packets),
+                         "--timeout", "120").wait_ready()
+        self.sender = Proc(n.src_ns, "udp-send", "--dst", n.dst_ip, "--flows", str(flows), "--packets",
+                           str(packets), "--pps", str(pps), "--echo", "--echo-wait", "10", "--base-port", str(base))
+        wait_for(lambda: len(n.flows()["flows"]) == flows, timeout=10, what="every flow placed")
+
+    def running(self) -> bool:
+        return self.sender.p.poll() is None
+
+    def check(self) -> tuple[dict, dict]:
+        """Every datagram exactly once and in order, both ways; each flow's
+        flow_monitor counted every packet of it, once."""
+        sent, got = self.sender.result(timeout=180), self.sink.result(timeout=180)
+        total = self.flows * self.packets
+        assert sent["sent"] == total and got["received"] == total and got["bad"] == 0, (sent["sent"], got["received"])
+        assert len(got["flows"]) == self.flows and len(sent["echoes"]) == self.flows
+        for peer, seqs in got["flows"].items():
+            assert seqs == list(range(self.packets)), (peer, _disorder(seqs, self.packets))
+        for port, seqs in sent["echoes"].items():
+            assert seqs == list(range(self.packets)), (port, _disorder(seqs, self.packets))
+        fl = self.n.flows()["flows"]
+        assert len(fl) == self.flows
+        for f in fl:
+            assert f["runtime"] == f["switch_runtime"], f
+            assert f["nfs"]["flow_monitor"]["packets"] == {"orig": self.packets, "reply": self.packets}, f
+            assert f["packets"] == {"orig": self.packets, "reply": self.packets}, f
+        return sent, got
+
+    def kill(self):
+        self.sender.kill()
+        self.sink.kill()
+
+
+def _disorder(seqs: list[int], n: int) -> dict:
+    """What is wrong with a flow's sequence numbers: missing, repeated, out of order (first few)."""
+    seen = set(seqs)
+    return {"missing": [i for i in range(n) if i not in seen][:10], "repeated": len(seqs) - len(seen),
+            "out_of_order": [(i, a, b) for i, (a, b) in enumerate(zip(seqs, seqs[1:])) if b < a][:5]}

@@ -103,7 +103,17 @@ def test_a_parser_out_of_sync_makes_the_trial_invalid(monkeypatch):
     assert not out["ok"] and out["http_desync_flows"] == 1
     assert any("parsed 13 requests of 20" in p for p in out["problems"])
     out = accounting.nf_checks("n", 1, set(), ["flow_monitor"], dict(acc, to_actors=25))
-    assert out["problems"] == ["actors counted 20 frames, the runtimes' counters 25"]
+    assert out["problems"] == ["actors counted 20 frames, the runtimes' counters 25 and the switch 0"]
+
+
+def test_frames_the_switch_handled_for_offloaded_flows_count_for_their_actors(monkeypatch):
+    fm = {"packets": {"orig": 10, "reply": 0}}
+    actors = [_actor(10, flow_monitor=fm), _actor(10, flow_monitor=fm)]
+    monkeypatch.setattr(accounting, "_flows_of", lambda *a, **k: actors)
+    acc = {"to_actors": 4, "in_switch": 16, "drops": {}}
+    assert accounting.nf_checks("n", 1, set(), ["flow_monitor"], acc)["ok"]
+    out = accounting.nf_checks("n", 1, set(), ["flow_monitor"], dict(acc, in_switch=15))
+    assert out["problems"] == ["actors counted 20 frames, the runtimes' counters 4 and the switch 15"]
 
 
 class _Search(Bench):

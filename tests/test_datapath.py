@@ -55,7 +55,8 @@ def _placements(name: str) -> tuple[list[int], list[int], dict[int, list[int]]]:
     return order, new, placed
 
 
-def test_udp_flows_arrive_exactly_once_in_order_and_replies_return(node):
+def test_udp_flows_arrive_exactly_once_in_order_and_replies_return(node_factory):
+    node = node_factory(2, offload="off")  # every frame through the runtimes: their accounting is checked
     flows, packets = 40, 50
     sent, got = _udp_exchange(node, flows, packets)
     assert sent["sent"] == flows * packets
@@ -135,7 +136,8 @@ def test_tcp_download_completes_with_valid_checksums(node):
     assert st["switch"]["drop_no_headroom"] == st["switch"]["drop_rt_no_tag"] == 0
 
 
-def test_status_and_flows_cli_json(node):
+def test_status_and_flows_cli_json(node_factory):
+    node = node_factory(2, offload="off")  # every frame through the runtimes (counted below)
     _udp_exchange(node, flows=6, packets=10)
     r = node.cli("status", "--name", node.name, "--json")
     assert r.returncode == 0, r.stderr

@@ -11,9 +11,11 @@ from nfactor_xdp.kern.layouts import HeaderError, SharedHeader
 
 def test_struct_sizes():
     assert ctypes.sizeof(L.FlowKeyStruct) == 44  # 5-tuple, then the VLAN ids
-    assert ctypes.sizeof(L.Flow) == 16
+    assert ctypes.sizeof(L.Flow) == 24
     assert ctypes.sizeof(L.RRTable) == 8 + 4 * L.C["NFX_MAX_RUNTIMES"]
     assert ctypes.sizeof(L.RtStats) % 8 == 0
+    assert ctypes.sizeof(L.HEADER.structs["nfx_offload"]) == 128  # two cache lines, no slot shares one
+    assert L.C["NFX_OFFLOADS_PER_RUNTIME"] * L.C["NFX_MAX_RUNTIMES"] == L.C["NFX_MAX_OFFLOADS"]
 
 
 def test_counters_have_names_and_docs():
@@ -57,7 +59,8 @@ def test_layouts_match_what_bcc_compiled():
         progs.load()
         mod = progs.modules["vswitch"]
         expect = {"flows": (L.FlowKeyStruct, L.Flow), "ports": (None, L.Port), "runtimes": (None, L.Runtime),
-                  "rr_table": (None, L.RRTable), "config": (None, L.Config), "rt_stats": (None, L.RtStats)}
+                  "rr_table": (None, L.RRTable), "config": (None, L.Config), "rt_stats": (None, L.RtStats),
+                  "offloads": (None, L.HEADER.structs["nfx_offload"])}
         for name, (key, leaf) in expect.items():
             t = mod[name]
             if key is not None:

@@ -84,7 +84,7 @@ def metric_figures(m: dict, st: dict) -> dict:
 
 
 def test_counters_move_under_traffic_and_agree_with_status_json(node_factory):
-    n = node_factory(2, metrics_port=PORT)
+    n = node_factory(2, metrics_port=PORT, offload="off")  # every frame through the runtimes' counters
     assert n.status()["metrics"]["restarts"] == 0
     wait_for(lambda: _answers(n), timeout=15, what="the metrics endpoint")
     flows, packets = 8, 500

@@ -197,7 +197,7 @@ def test_killed_target_and_killed_switch_agent(node_factory):
     import signal
     from nfactor_xdp.formats import config as nodeconf
     from nfactor_xdp.kern.xsk import XskSocket
-    n = node_factory(2, POLICY)
+    n = node_factory(2, POLICY, offload="off")  # every frame through the runtimes: their counters account for it
     sink, sender, flows, packets = _stream(n, packets=1500, idle=2.0)
     ports_on_0 = {int(f["flow"].split()[1].rsplit(":", 1)[1]) for f in _flows_on(n, 0)}
     # the target dies: the switch agent refuses to move flows to a runtime that is not running
@@ -295,7 +295,9 @@ def test_overloaded_runtime_sheds_flows_to_an_idle_one(testbed):
     n = RunningNode.__new__(RunningNode)
     n.name, n.src_ns, n.dst_ns = name, show["hosts"]["src"]["netns"], show["hosts"]["dst"]["netns"]
     n.dst_ip = show["hosts"]["dst"]["ipv4"]
-    cfg = NodeConfig(name=name, netns=show["namespaces"]["node"], runtimes=1, migrate_threshold=0.02)
+    # offload off: the load to shed is the runtime's (offloaded flows would leave it idle)
+    cfg = NodeConfig(name=name, netns=show["namespaces"]["node"], runtimes=1, migrate_threshold=0.02,
+                     offload="off")
     nodectl.start(cfg)
     try:
         sink, sender, flows, packets = _stream(n, flows=20, packets=2500, pps=4000)

@@ -14,49 +14,12 @@ import pytest
 
 from nfactor_xdp.control import node_client as nodectl
 from nfactor_xdp.control.processes import pid_alive
-from tests.helpers import Proc, wait_for
+from tests.helpers import EchoTraffic as Traffic
+from tests.helpers import wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.netns]
 
 POLICY = {"rules": [{"proto": "udp", "chain": ["flow_monitor", "firewall"]}], "default_chain": []}
-
-
-class Traffic:
-    """`flows` UDP flows of `packets` sequence-numbered datagrams each, echoed
-    back by the sink, running while the test restarts things."""
-
-    def __init__(self, n, flows: int, packets: int, pps: int, base: int):
-        self.n, self.flows, self.packets = n, flows, packets
-        self.sink = Proc(n.dst_ns, "udp-sink", "--echo", "--expect", str(flows * packets),
-                         "--timeout", "120").wait_ready()
-        self.sender = Proc(n.src_ns, "udp-send", "--dst", n.dst_ip, "--flows", str(flows), "--packets",
-                           str(packets), "--pps", str(pps), "--echo", "--echo-wait", "10", "--base-port", str(base))
-        wait_for(lambda: len(n.flows()["flows"]) == flows, timeout=10, what="every flow placed")
-
-    def running(self) -> bool:
-        return self.sender.p.poll() is None
-
-    def check(self) -> tuple[dict, dict]:
-        """Every datagram exactly once and in order, both ways; each flow's
-        flow_monitor counted every packet of it, once."""
-        sent, got = self.sender.result(timeout=180), self.sink.result(timeout=180)
-        total = self.flows * self.packets
-        assert sent["sent"] == total and got["received"] == total and got["bad"] == 0, (sent["sent"], got["received"])
-        assert len(got["flows"]) == self.flows and len(sent["echoes"]) == self.flows
-        for peer, seqs in got["flows"].items():
-            assert seqs == list(range(self.packets)), peer
-        for port, seqs in sent["echoes"].items():
-            assert seqs == list(range(self.packets)), port
-        fl = self.n.flows()["flows"]
-        assert len(fl) == self.flows
-        for f in fl:
-            assert f["runtime"] == f["switch_runtime"], f
-            assert f["nfs"]["flow_monitor"]["packets"] == {"orig": self.packets, "reply": self.packets}, f["flow"]
-        return sent, got
-
-    def kill(self):
-        self.sender.kill()
-        self.sink.kill()
 
 
 def _pids(n) -> dict:

@@ -167,17 +167,24 @@ def bench_forward(counts, duration, nflows, size, batch, output):
 @runtimes_option()
 @click.option("--trial", default=1.0, show_default=True, help="Seconds per trial of the zero-loss search.")
 @click.option("--steps", default=7, show_default=True, help="Binary search steps per chain.")
+@click.option("--offload", "offload_modes", type=click.Choice(["off", "on", "both"]), default="both",
+              show_default=True, help="Measure with offload off (every frame through Python), on (decided "
+              "flows forwarded by the switch), or both.")
 @trials_option
 @output_option("bench-chains.json")
 @plot_option
-def bench_chains(counts, trial, steps, show_trials, output, plot_dir):
-    """Zero-loss rate per service chain (each NF alone, all three) with 1 and 2 runtimes (paper Fig. 6a)."""
-    result = _run("run_chain_bench", output, show_trials, plot_dir, counts=counts, trial=trial, steps=steps)
+def bench_chains(counts, trial, steps, offload_modes, show_trials, output, plot_dir):
+    """Zero-loss rate per service chain (each NF alone, all three) with 1 and 2 runtimes (paper Fig. 6a),
+    with offload off and on."""
+    modes = ("off", "on") if offload_modes == "both" else (offload_modes,)
+    result = _run("run_chain_bench", output, show_trials, plot_dir, counts=counts, trial=trial, steps=steps,
+                  offload=modes)
     if not result:
         return
     for m in result["measurements"]:
-        click.echo(f"  {m['label']:<52} zero-loss {m['zero_loss_mpps']:.4f} Mpps ({_ratio(m)}; max forwarded "
-                   f"{m['max_forwarded_mpps']:.4f}), {_search(m)}")
+        share = f"; {m['python_share']:.1%} of frames through Python" if "python_share" in m else ""
+        click.echo(f"  {m['label']:<64} zero-loss {m['zero_loss_mpps']:.4f} Mpps ({_ratio(m)}; max forwarded "
+                   f"{m['max_forwarded_mpps']:.4f}{share}), {_search(m)}")
         _details(m, show_trials)
     for n in sorted({m["runtimes"] for m in result["measurements"]}):
         first = next(m for m in result["measurements"] if m["runtimes"] == n)

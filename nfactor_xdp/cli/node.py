@@ -120,6 +120,7 @@ def status(name, as_json, all_counters, watch, interval):
                f"{' in ' + cfg['netns'] if cfg.get('netns') else ''}, {st['switch_flows']} flows in the switch")
     _show_controller(st.get("controller", {}))
     _show_runtimes(st["runtimes"])
+    _show_offload(st)
     click.echo("switch counters:")
     from ..kern.layouts import COUNTER_DOCS
     for k, v in st["switch"].items():
@@ -186,6 +187,17 @@ def _show_runtimes(runtimes: list[dict]) -> None:
         _show_frames(r)
 
 
+def _show_offload(st: dict) -> None:
+    runtimes, sw = st["runtimes"], st.get("switch") or {}
+    offloads = [r.get("offload") or {} for r in runtimes]
+    if not any(o.get("enabled") for o in offloads):
+        return
+    click.echo(f"offload: {sum(o.get('flows', 0) for o in offloads)} flows in the switch, which forwarded "
+               f"{sw.get('off_forward', 0)} frames and dropped {sw.get('off_drop', 0) + sw.get('off_bucket_drop', 0)} "
+               f"on its own and punted {sw.get('off_punt', 0)} to the runtimes; "
+               f"{sum(o.get('revoked', 0) for o in offloads)} flows taken back")
+
+
 def _show_frames(r: dict) -> None:
     """Where the runtime's frames went, and every limit that cost something."""
     if not r.get("live"):
@@ -213,13 +225,14 @@ def flows(name, as_json, limit):
     if as_json:
         emit_json(out)
         return
-    click.echo(f"{'runtime':>7} {'pkts orig':>10} {'pkts reply':>10} {'dropped':>8}  {'chain':<36} flow")
+    click.echo(f"{'runtime':>7} {'pkts orig':>10} {'pkts reply':>10} {'dropped':>8}  {'offload':<8} {'chain':<36} flow")
     for f in out["flows"]:
         p = f["packets"] or {}
         rt = f["runtime"] if f["runtime"] is not None else f"({f['switch_runtime']})"
         chain = "->".join(f.get("chain") or []) or "-"
+        off = (f.get("offload") or "-").split()[0]  # forward, drop (--json: punts, buckets, or why not)
         click.echo(f"{rt!s:>7} {p.get('orig', '-')!s:>10} {p.get('reply', '-')!s:>10} "
-                   f"{f.get('dropped', '-')!s:>8}  {chain:<36} {f['flow']}")
+                   f"{f.get('dropped', '-')!s:>8}  {off:<8} {chain:<36} {f['flow']}")
     click.echo(f"{len(out['flows'])} flows")
     stuck = sum(1 for f in out["flows"] if f.get("migratable") is False)
     if stuck:

@@ -200,6 +200,12 @@ def _runtime(f: Families, rt: dict) -> None:
                    "shed).", d, skip=("limit", "unit", "queued"), limit=limit, **r)
     _xsk(f, rt.get("xsk") or {}, r)
     _replication(f, rt.get("replication") or {}, rt.get("migration") or {}, r)
+    off = rt.get("offload") or {}
+    f.gauge("nfactor_runtime_offloaded_flows", "The runtime's flows the switch handles alone now (offload).",
+            off.get("flows"), **r)
+    f.counters("nfactor_runtime_offload_events_total", "Flows offloaded and revoked, frames punted and late, "
+               "slots short, grace periods, ... (docs/offload.md).", off, skip=("enabled", "flows", "free_slots"),
+               **r)
 
 
 def _xsk(f: Families, xs: dict, r: dict) -> None:

@@ -226,7 +226,7 @@ def status(name: str, timeout: float = 0.5) -> dict:
                       "dropped", "dropped_by_chain", "dropped_not_flow", "flows_created", "flows_expired",
                       "flows_evicted", "switch_entries_deleted",
                       "idle_waits", "xsk", "uptime", "replication", "migration", "limits", "control_errors",
-                      "fragments"):
+                      "fragments", "offload"):
                 entry[k] = live.get(k)
         out["runtimes"].append(entry)
     return out
@@ -267,12 +267,13 @@ def flows(name: str, limit: int | None = None) -> dict:
         entry = {
             "key": key, "flow": flowkey.describe(bytes.fromhex(key)),
             "switch_runtime": p["runtime"] if p else None,
+            "switch_offload": p.get("offload", 0) if p else 0,  # the switch entry's offloads slot + 1 (0: none)
             "runtime": a["runtime"] if a else None,
             "packets": a["packets"] if a else None, "bytes": a["bytes"] if a else None,
         }
         if a:
             for k in ("chain", "rule", "dropped", "closed", "nfs", "nf_errors", "errors", "replica",
-                      "snapshot_version", "migrating", "migratable", "state_bytes"):
+                      "snapshot_version", "migrating", "migratable", "state_bytes", "offload", "offload_reason"):
                 if k in a:
                     entry[k] = a[k]
         out.append(entry)

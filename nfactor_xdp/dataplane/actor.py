@@ -7,11 +7,18 @@ packet is dropped and counted).  Packets are handled inline by `on_packet` (a
 function call, as in the paper); migration and replication handle the actor
 from the same event loop, and move it between runtimes in one wire format
 (`to_wire` / `load_wire`).
+
+Offload (docs/offload.md): `offload_decision` asks the chain what it still
+needs; while the switch handles the flow by that decision (kept in
+`offload`), `absorb` folds the switch's counts into the actor and its NFs.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ..formats.flowkey import describe
 from .nf import MAX_STATE_BYTES, NetworkFunction
+from .offload_spec import DROP, ChainOffload, KernelCounts, combine
 from .packet import TCP, TCP_FIN, TCP_RST, Packet
 
 MAX_ERRORS_KEPT = 4
@@ -21,7 +28,7 @@ class Actor:
     __slots__ = ("key", "proto", "orig_dir", "chain", "rule_id", "nfs", "states", "packets", "bytes",
                  "dropped", "nf_errors", "errors", "first_seen", "last_seen", "fin", "closed_at",
                  "fast_keys", "migration", "replicator", "replica", "snap_count", "snap_version", "too_big",
-                 "clock")
+                 "clock", "offload", "offload_base", "offload_reason", "ask_at", "offload_saved")
 
     def __init__(self, key: bytes, orig_dir: int, now: float, chain: int = 0,
                  nfs: tuple[NetworkFunction, ...] | list = (), rule_id: int = 0, replicator=None):
@@ -49,6 +56,11 @@ class Actor:
         self.snap_version = 0
         self.too_big = 0                  # its state's encoded size if a migration found it too big (-1: unencodable)
         self.clock = now                  # last_seen when the flow table's clock hand last passed it
+        self.offload: ChainOffload | None = None  # the decision the switch applies now (None: inline)
+        self.offload_base = None          # the switch's counts folded in so far (offloader.py)
+        self.offload_reason: str | None = None  # why the chain last refused offload
+        self.ask_at = 0                   # ask the chain after this many packets (0: never; offloader.py)
+        self.offload_saved: ChainOffload | None = None  # the decision a snapshot was taken under (recovery)
 
     def on_packet(self, frame, direction: int, l4: int, now: float) -> bool:
         """Process one frame of the flow; True forwards it, False drops it."""
@@ -97,6 +109,55 @@ class Actor:
             except Exception:
                 pass
 
+    def offload_decision(self) -> ChainOffload:
+        """The chain's combined answer (offload_spec.combine) from each NF's
+        offload(state).  Asked after a packet went through the chain; changes
+        nothing.  An NF that raises counts as needing every packet.  Punt
+        flags are cleared for a flow that is not TCP (they mean nothing there)."""
+        answers, names = [], []
+        for nf, state in zip(self.nfs, self.states):
+            names.append(nf.name)
+            try:
+                answer = nf.offload(state)
+            except Exception as e:
+                return ChainOffload(None, f"{nf.name}.offload() raised {type(e).__name__}: {e}")
+            answers.append(answer)
+            if answer is not None and getattr(answer, "action", None) == DROP:
+                break  # the NFs after a drop never see the flow's frames
+        decision = combine(answers, names)
+        spec = decision.spec
+        if spec is not None and spec.punt_tcp_flags and self.proto != TCP:
+            decision = ChainOffload(replace(spec, punt_tcp_flags=0), owner=decision.owner)
+        return decision
+
+    def absorb(self, counts: KernelCounts) -> None:
+        """Fold counts the switch made under `self.offload` (set by the runtime
+        when it offloaded the flow), given only once each: the actor's own
+        counters take every frame the switch saw, and each NF absorbs the
+        frames as it would have seen them inline (ChainOffload.counts_for).
+        An NF that raises is counted as an NF error; the others still absorb."""
+        decision = self.offload
+        if decision is None or decision.spec is None:
+            raise ValueError("absorb: the flow is not offloaded")
+        if not counts:
+            return
+        for d in (0, 1):
+            self.packets[d] += counts.packets[d]
+            self.bytes[d] += counts.bytes[d]
+        self.dropped += sum(counts.packets if decision.spec.action == DROP else counts.bucket_dropped)
+        if counts.last_seen is not None:
+            self.last_seen = max(self.last_seen, counts.last_seen / 1e9)
+        for i, (nf, state) in enumerate(zip(self.nfs, self.states)):
+            mine = decision.counts_for(i, counts)
+            if not mine:
+                continue
+            try:
+                nf.absorb(state, mine)
+            except Exception as e:
+                self.nf_errors += 1
+                if len(self.errors) < MAX_ERRORS_KEPT:
+                    self.errors.append(f"{nf.name}.absorb: {type(e).__name__}: {e}")
+
     def state_bytes(self) -> int:
         """Encoded size of the flow's NF states (NF API), what a migration
         carries; over nf.MAX_STATE_BYTES the flow cannot move."""
@@ -109,7 +170,10 @@ class Actor:
         return {"chain": self.chain, "rule": self.rule_id, "orig_dir": self.orig_dir,
                 "packets": list(self.packets), "bytes": list(self.bytes), "dropped": self.dropped,
                 "age": now - self.first_seen,
-                "states": [nf.serialize(st) for nf, st in zip(self.nfs, self.states)]}
+                "states": [nf.serialize(st) for nf, st in zip(self.nfs, self.states)],
+                # offloaded: how, and the switch's counts already in the states (a recovering runtime
+                # takes the flow's slot back and folds the rest)
+                "offload": _offload_to_wire(self.offload, self.offload_base) if self.offload is not None else None}
 
     def load_wire(self, wire: dict, now: float) -> None:
         """Take the state of `wire` (from `to_wire` on another runtime); the
@@ -126,6 +190,7 @@ class Actor:
         self.states, self.packets, self.bytes = states, packets, nbytes
         self.dropped = int(wire.get("dropped", 0))
         self.first_seen = now - float(wire.get("age", 0.0))
+        self.offload_saved, self.offload_base = _offload_from_wire(wire.get("offload"))
 
     def summary(self, detail: bool = True) -> dict:
         out = {
@@ -143,6 +208,10 @@ class Actor:
         if self.replica is not None:
             out["replica"] = self.replica
             out["snapshot_version"] = self.snap_version
+        if self.offload is not None:
+            out["offload"] = self.offload.describe()
+        elif self.offload_reason:
+            out["offload_reason"] = self.offload_reason
         if self.migration is not None:
             out["migrating"] = self.migration.describe()
         if detail:
@@ -165,3 +234,33 @@ class Actor:
                     nfs[nf.name] = {"error": f"{type(e).__name__}: {e}"}
             out["nfs"] = nfs
         return out
+
+
+_BASE_PAIRS = ("packets", "bytes", "bucket_dropped", "bucket_dropped_bytes")
+
+
+_SPEC_FIELDS = ("action", "punt_tcp_flags", "pps", "burst", "bps", "byte_burst")
+
+
+def _offload_to_wire(decision: ChainOffload, base) -> dict:
+    spec = decision.spec
+    return {"spec": [int(getattr(spec, f)) for f in _SPEC_FIELDS], "owner": decision.owner,
+            "base": {**{n: list(getattr(base, n)) for n in _BASE_PAIRS}, "last_seen_ns": base.last_seen_ns}}
+
+
+def _offload_from_wire(wire) -> tuple:
+    """A snapshot's offload: (ChainOffload, kern/offloads.SlotCounts), or
+    (None, None); malformed: ValueError."""
+    if wire is None:
+        return None, None
+    from ..kern.offloads import SlotCounts  # only a recovering runtime on a node needs it
+    from .offload_spec import Action, Offload
+    try:
+        fields = dict(zip(_SPEC_FIELDS, (int(x) for x in wire["spec"])))
+        fields["action"] = Action(fields["action"])
+        decision = ChainOffload(Offload(**fields), owner=int(wire["owner"]))
+        base = wire["base"]
+        pairs = {n: (int(base[n][0]), int(base[n][1])) for n in _BASE_PAIRS}
+        return decision, SlotCounts(**pairs, last_seen_ns=int(base.get("last_seen_ns", 0)))
+    except (KeyError, IndexError, TypeError, AttributeError) as e:
+        raise ValueError(f"bad offload in the wire: {e}") from None

@@ -28,7 +28,9 @@ class Lifetime:
         self.rt_id, self.flows, self.replicator, self.stats = rt_id, flows, replicator, stats
         self.max_flows, self.idle_timeout = max_flows, idle_timeout
         self.maps = None
+        self.revoke = lambda actors: 0  # takes offloaded flows back from the switch first (offloader.py)
         self.ended: list[bytes] = []  # keys whose switch entry is still to delete
+        self.evicted_offloaded: list = []  # given up while the switch handled them: revoked in flush()
         for name in ("flows_expired", "flows_evicted", "dropped_flow_cap",
                      "switch_entries_deleted", "switch_entries_kept", "switch_delete_errors"):
             stats.setdefault(name, 0)
@@ -47,6 +49,8 @@ class Lifetime:
                 self.stats["dropped_flow_cap"] += 1
                 return False
             self.release(victim)
+            if victim.offload is not None:
+                self.evicted_offloaded.append(victim)  # taken back from the switch with the batch's others
             self.stats["flows_evicted"] += 1
         return True
 
@@ -55,6 +59,7 @@ class Lifetime:
         idle, closed = now - self.idle_timeout, now - CLOSE_LINGER
         gone = [a for a in self.flows.values()
                 if a.migration is None and (a.last_seen < idle or (a.closed_at and a.closed_at < closed))]
+        self.revoke(gone)  # (an offloaded flow's last_seen is the switch's, folded in before)
         for actor in gone:
             self.release(actor)
         self.stats["flows_expired"] += len(gone)
@@ -69,7 +74,11 @@ class Lifetime:
             self.ended.append(actor.key)
 
     def flush(self) -> None:
-        """Delete the switch entries of the flows that ended here."""
+        """Delete the switch entries of the flows that ended here (those the
+        switch handled alone taken back first, one grace period for all)."""
+        if self.evicted_offloaded:
+            evicted, self.evicted_offloaded = self.evicted_offloaded, []
+            self.revoke(evicted)
         ended, self.ended = self.ended, []
         st = self.stats
         for key in ended:

@@ -76,6 +76,8 @@ class Migrator(Arrivals):
         self.left: dict[bytes, tuple[float, int]] = {}  # keys of flows that migrated away -> (expiry, target)
         self.returning: dict[bytes, tuple[list, float]] = {}  # aborted arrivals: key -> (frames, expiry)
         self.unmovable: set[bytes] = set()  # flows whose state was found too big to move
+        self.queued: set[bytes] = set()     # keys waiting in a batch (never offloaded meanwhile)
+        self.revoke = lambda keys: 0        # takes offloaded flows back from the switch (offloader.py)
         self.skip = 0  # held frames keep the switch's ingress tag in front; actors see them without (runtime.skip)
         self.last_error = ""
         self.stats = {"late_markers": 0, "out_started": 0, "out_succeeded": 0, "out_failed": 0, "marker_resends": 0,
@@ -98,6 +100,8 @@ class Migrator(Arrivals):
             raise MigrationError("no switch agent configured")
         b = Batch(self.next_batch, target, [k for k in keys if k in self.flows])
         self.next_batch += 1
+        self.queued.update(b.waiting)
+        self.revoke(b.waiting)  # one grace period for the batch: its flows' frames come here again
         self._prune()
         self.batches[b.id] = b
         self.pump()
@@ -117,6 +121,7 @@ class Migrator(Arrivals):
         for b in list(self.batches.values()):
             while b.waiting and len(self.out) < self.max_concurrent:
                 key = b.waiting.pop(0)
+                self.queued.discard(key)
                 actor = self.flows.get(key)
                 if actor is None or actor.migration is not None:
                     self._finish(b, None, ok=False)

@@ -16,6 +16,12 @@ created, and process_packet(pkt, state) for each of the flow's packets.
 serialize()/deserialize() default to msgpack over the state's plain data (a
 dict, or an object's attributes), so an NF author usually writes neither.
 
+Offload (docs/offload.md): after an NF processed a packet, the runtime may
+ask offload(state) what the NF still needs of the flow (an offload_spec.Offload,
+or None: every packet, the default).  While the switch handles the flow, the
+NF's state is not touched by packets; absorb(state, counts) later folds what
+the switch did into it, so the state reads as if every packet had come inline.
+
 NFs are known by name and by a 4-bit type id (1..15): a service chain is a
 64-bit integer with one id per nibble, the first NF in the low nibble.
 """
@@ -27,6 +33,7 @@ from typing import Any
 import msgpack
 from ..errors import NFactorError
 from ..formats.messages import MAX_FRAME
+from .offload_spec import KernelCounts, Offload
 
 MAX_TYPE_ID = 15
 MAX_CHAIN = 16  # 64 bits / 4
@@ -100,6 +107,27 @@ class NetworkFunction:
 
     def flow_ended(self, state) -> None:
         """The flow's actor is being released (FIN/RST or idle)."""
+
+    def offload(self, state) -> Offload | None:
+        """What this NF still needs of the flow, asked after it processed a
+        packet of the flow (and after a policy change): an Offload, or None
+        (the default: every packet comes to Python, never offloaded).  A pure
+        function of the state and the config.  The answer holds until the
+        runtime asks again: after every packet that reaches the NF (punted
+        ones included) and after a policy change, which revokes the offload
+        before the new config applies."""
+        return None
+
+    def absorb(self, state, counts: KernelCounts) -> None:
+        """Fold what the switch did while the flow was offloaded into the
+        state, under the config the answer was given with.  `counts` (per
+        direction, index 0 orig) are the frames that would have reached this
+        NF inline (offload_spec.ChainOffload.counts_for): packets and bytes,
+        of which bucket_dropped its own bucket dropped; all of them dropped
+        when its own answer was DROP.  Each call brings only
+        counts not absorbed before, so adding them is exact; a call may come
+        while the flow stays offloaded (a query, a snapshot) and again at the
+        end.  Default: nothing (an NF whose state does not count packets)."""
 
 
 def _plain(state):

@@ -33,6 +33,9 @@ def flows(rt, req: dict) -> dict:
     except KeyError:
         return {"ok": False, "error": "no such cursor (expired?): list the flows again from the first page"}
     detail = bool(req.get("detail", True))
+    for a in actors:
+        if a.offload is not None:
+            rt.offloads.fold(a)  # exact counts, the switch's included
     return {"ok": True, "id": rt.id, "flows": [a.summary(detail=detail) for a in actors], "cursor": cursor,
             "total": total}
 

@@ -54,6 +54,7 @@ class Replicator:
     def __init__(self, flows, view, every: int, *, make_actor, replay, transmit, on_recovered):
         self.flows, self.view, self.every = flows, view, every
         self.make_actor, self.replay, self.transmit, self.on_recovered = make_actor, replay, transmit, on_recovered
+        self.before_replay = lambda: None
         self.ep = None
         self.pending: dict[bytes, object] = {}            # key -> actor due for a snapshot
         self.stores: dict[int, dict[str, dict]] = {}      # peer id -> key hex -> snapshot
@@ -311,6 +312,7 @@ class Replicator:
 
     def finish_recovery(self) -> None:
         self.recovering = False
+        self.before_replay()  # the actors are back: the runtime takes its offloaded flows back
         held, self.buffer = self.buffer, []
         for data in held:
             frame = bytearray(data)

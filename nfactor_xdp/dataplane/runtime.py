@@ -19,6 +19,7 @@ from ..formats import config as nodeconf
 from ..formats import marker, query
 from ..formats.config import NodeConfig, process_args, stop_on_signals
 from ..formats.messages import ClusterKey, Endpoint, Message, MsgType
+from ..kern import grace
 from ..kern import layouts as L
 from ..kern.maps import NodeMaps
 from ..kern.xsk import XskSocket
@@ -29,6 +30,7 @@ from .flowtable import FlowTable
 from .lifetime import Lifetime
 from .arrivals import Incoming
 from .migration import Migrator
+from .offloader import Offloads
 from .fragments import FragmentPath, Reassembler
 from .packet import FLOW, TCP, UDP, V4_L4, V4_SRC, Packet, classify
 from .queries import QUERIES
@@ -68,6 +70,7 @@ class Runtime:
         self.table = self.policy.table()
         self.nf_instances: dict[int, nf_api.NetworkFunction] = {}
         self.policy_version = 0
+        self.offloads = Offloads(rt_id, None, None, grace.wait, enabled=False)  # on a node: start()
         self.set_policy(policy or Policy())
         self.xsk: XskSocket | None = None
         self.maps: NodeMaps | None = None
@@ -95,6 +98,8 @@ class Runtime:
         os.sched_setaffinity(0, {self.core})
         self.xsk = XskSocket(socket.if_nametoindex(self.ifname), 0)
         self.maps = self.lifetime.maps = NodeMaps(self.cfg.name)
+        if self.cfg.offload == "on":
+            self._start_offload()
         self.skip = self.migrator.skip = L.C["NFX_INGRESS_TAG_LEN"]
         self.ctl = query.Server(nodeconf.runtime_socket(self.cfg.name, self.id), self.on_request)
         if self.controller:
@@ -108,6 +113,28 @@ class Runtime:
             self.migrator.attach(self.ep, nodeconf.control_socket(self.cfg.name, "switch"))
             self.replicator.attach(self.ep)
             self.register(recovering=True)
+
+    def _start_offload(self) -> None:
+        """Decided flows go to the switch (docs/offload.md); without the
+        offloads array (an older node's pins), every packet stays here."""
+        from ..kern.offloads import OffloadSlots
+        try:
+            slots = OffloadSlots(self.cfg.name)
+        except OSError as e:
+            log.warning("offload off: %s", e)
+            return
+        self.offloads = Offloads(self.id, slots, self.maps, grace.wait)
+        self.lifetime.revoke = self.offloads.revoke
+        self.migrator.revoke = self.offloads.revoke_keys
+        self.replicator.before_replay = self._adopt_offloads
+
+    def _adopt_offloads(self) -> None:
+        entries = ((bytes.fromhex(f["key"]), f["offload"]) for f in self.maps.flows() if f["runtime"] == self.id)
+        self.offloads.adopt(self.flows, entries)
+
+    def may_offload(self, actor) -> bool:
+        return (actor.migration is None and not actor.closed_at and not self.replicator.recovering
+                and actor.key not in self.migrator.queued and self.flows.get(actor.key) is actor)
 
     def stop(self) -> None:
         if self.maps is not None:
@@ -250,7 +277,11 @@ class Runtime:
         if f[12] == 8 and f[13] == 0 and f[14] == 0x45 and not (f[20] & 0x3F or f[21]):
             hit = self.fast.get(f[FAST_PATH_BYTES].tobytes())
             if hit is not None and hit[0].proto == f[23] and len(f) not in MARKER_LENGTHS:
-                return hit[0].on_packet(f, hit[1], V4_L4, self.now)
+                actor = hit[0]
+                verdict = actor.on_packet(f, hit[1], V4_L4, self.now)
+                if actor.ask_at:
+                    self.offloads.after_packet(actor, f, V4_L4)
+                return verdict
         return self.handle_slow(frame)
 
     def handle_slow(self, frame) -> bool:
@@ -286,7 +317,10 @@ class Runtime:
             return actor.on_packet(frame, direction, l4, self.now)
         if l4 == V4_L4 and frame[14] == 0x45 and (actor.proto == TCP or actor.proto == UDP):  # the fast path's kind
             self.flows.learn_fast(frame[FAST_PATH_BYTES].tobytes(), actor, direction)
-        return actor.on_packet(frame, direction, l4, self.now)
+        verdict = actor.on_packet(frame, direction, l4, self.now)
+        if actor.ask_at:
+            self.offloads.after_packet(actor, frame, l4)
+        return verdict
 
     def transmit(self, frame) -> bool:
         """Send a frame that is not in the UMEM (a replayed one)."""
@@ -312,8 +346,10 @@ class Runtime:
         """An actor with the runtime's NF instances for `chain` (raises NFError
         for a chain naming an unknown NF)."""
         nfs = [self.nf_instance(t) for t in nf_api.decode_chain(chain)]
-        return Actor(key, orig_dir, self.now, chain, nfs, rule_id,
-                     replicator=self.replicator if self.replicator.active else None)
+        actor = Actor(key, orig_dir, self.now, chain, nfs, rule_id,
+                      replicator=self.replicator if self.replicator.active else None)
+        self.offloads.watch(actor)
+        return actor
 
     def _flow_left(self, actor: Actor) -> None:
         self.replicator.flow_ended(actor)
@@ -328,7 +364,17 @@ class Runtime:
         return inst
 
     def set_policy(self, policy: Policy) -> None:
-        """New rules apply to new flows; NFs get their new config at once."""
+        """New rules apply to new flows; NFs get their new config at once, and
+        offloaded flows come back to be decided again under it."""
+        if policy.to_dict() == self.policy.to_dict():  # (registering again): nothing changes
+            self.policy_version += 1
+            return
+        offloads = getattr(self, "offloads", None)
+        if offloads is not None and offloads.enabled:
+            offloads.revoke_all()
+            for actor in self.flows.values():
+                if actor.ask_at:
+                    actor.ask_at = actor.packets[0] + actor.packets[1] + 1
         for inst in self.nf_instances.values():
             inst.init(policy.nf_config.get(inst.name, {}))
         self.policy = policy
@@ -348,9 +394,13 @@ class Runtime:
         batches = 0
         while not self.stopping:
             self.now = time.monotonic()
-            if xsk.forward_batch(handle, batch):
+            got = xsk.forward_batch(handle, batch)
+            if self.offloads.candidates or self.offloads.revoking:
+                # with the batch sent; hand-overs only once the ring is empty (offloader.py)
+                self.offloads.flush(self.may_offload, time.monotonic(), drained=got < batch)
+            if got:
                 batches += 1
-                if lifetime.ended:
+                if lifetime.ended or lifetime.evicted_offloaded:
                     lifetime.flush()  # switch entries of flows given up for new ones
                 if ep:
                     # peers' messages (migrations) every batch: a non-blocking recv is cheap
@@ -363,7 +413,8 @@ class Runtime:
                 ctl.serve_pending(1)
             else:
                 self.stats["idle_waits"] += 1
-                for fd, _ in poller.poll(idle_ms):
+                # (a flow waiting to be handed over at a quiet moment: look again soon)
+                for fd, _ in poller.poll(2 if self.offloads.candidates else idle_ms):
                     if fd == ctl.fileno():
                         ctl.serve_pending(1)
                 self.now = time.monotonic()
@@ -384,6 +435,7 @@ class Runtime:
                     self._guarded(self.send_heartbeat)
                     next_heartbeat = self.now + self.cfg.heartbeat
             if self.now >= next_housekeeping:
+                self._guarded(self.fold_offloaded)
                 self.expire_idle()
                 next_housekeeping = self.now + HOUSEKEEPING_INTERVAL
 
@@ -395,6 +447,14 @@ class Runtime:
         except Exception as e:
             self.stats["control_errors"] += 1
             log.error("%s: %s: %s", fn.__name__, type(e).__name__, e)
+
+    def fold_offloaded(self) -> None:
+        """The switch's counts into the offloaded flows' states (their last_seen
+        too, for expiry), and a snapshot of each that moved: their packets no
+        longer reach the every-K-packets trigger."""
+        for actor in self.offloads.fold_all():
+            if actor.replicator is not None:
+                actor.replicator.due(actor)
 
     def expire_idle(self) -> None:
         """Release actors idle for idle_timeout, or closed (FIN both ways, RST)
@@ -475,6 +535,7 @@ class Runtime:
             "control_rejected": dict(self.ep.rejected) if self.ep else {},
             "callback_errors": self.ep.counters["callback_errors"] if self.ep else 0,
             "nf_errors": sum(a.nf_errors for a in self.flows.values()),
+            "offload": self.offloads.status(),
         }
 
 

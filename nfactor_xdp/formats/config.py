@@ -157,6 +157,10 @@ class NodeConfig:
                             choices=("native", "generic", "auto"))
     replace_xdp: bool = setting(False, "Take over ports that carry another tool's XDP program (default: refuse "
                                 "them).  down removes only the programs the node attached.")
+    offload: str = setting("off", "Hand flows whose NFs have decided to the switch, which then forwards or drops "
+                           "their packets in XDP while the actor keeps their state (docs/offload.md; off by "
+                           "default: a hand-over may reorder a frame that was on its way to a stalled runtime).",
+                           choices=("on", "off"))
     idle_timeout: float = setting(30.0, "Seconds before an idle flow's actor is released.")
     max_flows: int = setting(100_000, "Flows (actors) a runtime holds at most; a new flow beyond gives up a flow "
                              "seen only once, else the idlest (counted: evicted).  Keep runtimes x max_flows "
@@ -210,6 +214,8 @@ class NodeConfig:
             raise ConfigError(f"other_action must be one of {sorted(L.OTHER_ACTIONS)}")
         if self.xdp_mode not in ("native", "generic", "auto"):
             raise ConfigError("xdp_mode must be native, generic or auto")
+        if self.offload not in ("on", "off"):
+            raise ConfigError("offload must be on or off")
         if not 1024 <= self.flow_table_size <= 1 << 24:
             raise ConfigError("flow_table_size must be 1024..16777216")
         if self.idle_timeout <= 0:

@@ -3,10 +3,11 @@ them from Python (agent, runtimes, CLI, tests)."""
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 
 from . import layouts as L
-from .bpfsys import BpfError, BpfMap
+from .bpfsys import BPF_EXIST, BpfError, BpfMap
 
 PIN_ROOT = "/sys/fs/bpf/nfactor"
 
@@ -115,6 +116,27 @@ class NodeMaps:
             return False
         return m.delete(k)
 
+    def set_offload(self, key: bytes, value: int, runtime: int | None = None) -> bool:
+        """Point flow `key`'s switch entry at offloads slot value - 1 (0:
+        none), keeping its other fields; False if the entry is gone (or, with
+        `runtime`, places the flow elsewhere).  Never re-creates an entry the
+        switch evicted meanwhile (BPF_EXIST).  A read-modify-write: it must
+        not run while the switch agent moves the same flow (it could undo
+        the move), which is why migration revokes a flow's offload first."""
+        m = self["flows"]
+        k = L.FlowKeyStruct.from_buffer_copy(key)
+        cur = m.get(k)
+        if cur is None or (runtime is not None and cur.runtime != runtime):
+            return False
+        cur.offload = value
+        try:
+            m.set(k, cur, BPF_EXIST)
+        except BpfError as e:
+            if e.errno == errno.ENOENT:
+                return False
+            raise
+        return True
+
     # --- reading ---------------------------------------------------------
     def counters(self) -> dict[str, int]:
         m = self["counters"]
@@ -142,7 +164,7 @@ class NodeMaps:
         out = []
         for k, v in self["flows"].items():
             out.append({"key": bytes(k).hex(), "runtime": v.runtime, "orig_dir": v.orig_dir,
-                        "created_ns": v.created_ns})
+                        "created_ns": v.created_ns, "offload": v.offload})
             if limit and len(out) >= limit:
                 break
         return out

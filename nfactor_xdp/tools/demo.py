@@ -162,8 +162,11 @@ def run_demo(name: str = "demo", runtimes: int = 2, duration: float = 10.0, udp_
         total = sum(h.get("requests", 0) for h in http)
         out(f"  TCP: {ok}/{total} HTTP downloads complete with the right SHA-256")
         for r in st["runtimes"]:
+            off = r.get("offload") or {}
             out(f"  rt{r['id']} (core {r['core']}): {r['switch'].get('flows_placed', 0)} flows placed, "
-                f"{r.get('frames', 0)} frames processed")
+                f"{r.get('frames', 0)} frames processed, {off.get('offloaded', 0)} flows handed to the switch")
+        out(f"  offload: the switch forwarded {st['switch'].get('off_forward', 0)} frames and dropped "
+            f"{st['switch'].get('off_drop', 0)} of offloaded flows on its own (their actors count them)")
         drops = {k: v for k, v in st["switch"].items() if k.startswith("drop_") and v}
         out(f"  switch: {st['switch'].get('flow_new', 0)} flows placed round-robin, "
             f"{st['switch'].get('other_forward', 0)} non-flow frames forwarded, drops: {drops or 'none'}, "

@@ -12,8 +12,9 @@ def table(st: dict, prev: dict, dt: float, title: str) -> str:
     from its second table on."""
     sw = st["switch"]
     rows = [f"{title}  switch: {st['switch_flows']} flows, {sw.get('to_runtime', 0)} frames to runtimes, "
-            f"{sw.get('other_forward', 0)} other forwarded, "
-            f"{sum(v for k, v in sw.items() if k.startswith('drop_'))} dropped",
+            f"{sw.get('off_forward', 0)} forwarded for offloaded flows, {sw.get('other_forward', 0)} other "
+            f"forwarded, {sum(v for k, v in sw.items() if k.startswith('drop_'))} dropped "
+            f"(+{sw.get('off_drop', 0) + sw.get('off_bucket_drop', 0)} by offloaded flows' NFs)",
             f"  {'runtime':<8}{'state':<10}{'core':>5}{'pid':>8}{'cpu':>6}{'flows':>8}{'frames':>11}{'frames/s':>10}"
             f"{'placed':>8}{'restarts':>9}"]
     for r in st["runtimes"]:

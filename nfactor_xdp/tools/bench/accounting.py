@@ -148,6 +148,8 @@ def account(snaps: list[dict], sent: int, failed: int) -> dict:
     offered = sent - failed
     forwarded = b["sink"] - a["sink"]
     drops = {f"switch_{k}": v for k, v in sw.items() if k.startswith("drop_") and v}
+    # offloaded flows: dropped by the switch for their actors (their NFs' verdicts and buckets)
+    drops["switch_offload_drop"] = sw.get("off_drop", 0) + sw.get("off_bucket_drop", 0)
     drops["switch_redirect_err"] = sw.get("redirect_err", 0)
     drops["runtime_port_full"] = _link_delta(a, b, rt_ports)
     drops["runtime_no_socket"] = sum(st.get("no_socket", 0) - a["rt_switch"].get(rt, {}).get("no_socket", 0)
@@ -171,8 +173,10 @@ def account(snaps: list[dict], sent: int, failed: int) -> dict:
         "cross_check": {"tracer_xmit_drop": sw.get("xmit_drop", 0),
                         "veth_xmit_dropped": _link_delta(a, b, rt_ports + ["ext0", "ext1"]),
                         "tracer_socket_full": sw.get("socket_full", 0)},
-        # what the runtimes' counters say reached the flows' actors
+        # what the runtimes' counters say reached the flows' actors, and what the switch handled
+        # for them alone (offloaded flows: forwarded or dropped in XDP, folded into the actors)
         "to_actors": total("frames") - total("markers") - non_chain - drops["runtime_held_not_sent"],
+        "in_switch": sw.get("off_forward", 0) + drops["switch_offload_drop"],
         "runtimes": {rt: {k: v for k, v in d.items() if v} for rt, d in rts.items()},
         "per_runtime": _per_runtime(a, b, rts, pending),
     }
@@ -193,15 +197,18 @@ def nf_checks(name: str, runtimes: int, keys: set[str], chain: list[str], acc: d
     actors = _flows_of(name, runtimes, keys, detail=bool(chain))
     packets = sum(a["packets"]["orig"] + a["packets"]["reply"] for a in actors)
     dropped = sum(a.get("dropped", 0) for a in actors)
+    in_switch = acc.get("in_switch", 0)
     out = {"flows": len(keys), "actors": len(actors), "frames_to_actors": packets,
-           "runtime_counters_say": acc["to_actors"], "dropped_by_actors": dropped,
+           "runtime_counters_say": acc["to_actors"], "switch_handled": in_switch, "dropped_by_actors": dropped,
+           "offloaded_flows": sum(1 for a in actors if a.get("offload")),
            "nf_errors": sum(a.get("nf_errors", 0) for a in actors)}
     problems = []
-    if packets != acc["to_actors"]:
-        problems.append(f"actors counted {packets} frames, the runtimes' counters {acc['to_actors']}")
-    if dropped != acc["drops"].get("runtime_dropped_chain", 0):
-        problems.append(f"actors dropped {dropped}, the runtimes counted "
-                        f"{acc['drops'].get('runtime_dropped_chain', 0)} chain drops")
+    if packets != acc["to_actors"] + in_switch:
+        problems.append(f"actors counted {packets} frames, the runtimes' counters {acc['to_actors']} "
+                        f"and the switch {in_switch}")
+    chain_drops = acc["drops"].get("runtime_dropped_chain", 0) + acc["drops"].get("switch_offload_drop", 0)
+    if dropped != chain_drops:
+        problems.append(f"actors dropped {dropped}, the runtimes and the switch counted {chain_drops} chain drops")
     if len(actors) > len({a['key'] for a in actors}):
         problems.append("a flow has an actor on two runtimes")
     if out["nf_errors"]:

@@ -28,6 +28,10 @@ POLL = 0.02  # polling interval while waiting for flows / policy (always with a 
 FIRST_PORT = 10000
 DPORT = {True: 80, False: 9}  # TCP (HTTP) and UDP (discard); +1 each time the source ports wrap
 IDLE_TIMEOUT = 3.0  # a trial's actors go soon after it: every trial has flows of its own
+# Offload trials: a few frames per flow first, until every flow is offloaded, then the load: the rate of
+# decided flows (the first frames of a flow at millions per second would all queue for Python first).
+WARMUP_FRAMES = 4
+WARMUP_PPS = 20_000
 MODES = {"flows": "NFX_MODE_FLOWS", "bypass": "NFX_MODE_BYPASS", "lookup": "NFX_MODE_LOOKUP"}
 CEILINGS = {
     "bypass": "the switch in bypass mode: ext0 -> ext1 in XDP, no parsing, no flow lookup, no runtime",
@@ -120,6 +124,7 @@ class Bench:
         self.gen = self.sink = None
         self.port, self.wraps = FIRST_PORT, 0
         self.runtimes, self.mode, self.chain, self.placement = 0, "flows", [], {}
+        self.offload = "off"
         self.tb.up()
         try:
             self.show = self.tb.show()
@@ -174,22 +179,23 @@ class Bench:
         possible, the switch in `mode`; `config`: NodeConfig fields."""
         nodectl.stop(self.name)
         cores, note = cpu.runtime_cores(runtimes, GEN_CPU)
-        config = {"batch": self.batch, "idle_timeout": self.idle_timeout,
+        config = {"batch": self.batch, "idle_timeout": self.idle_timeout, "offload": "off",
                   **{k: v for k, v in config.items() if v is not None}}
         cfg = NodeConfig(name=self.name, netns=self.namespaces["node"], runtimes=runtimes, cores=cores, **config)
         nodectl.put_policy(self.name, Policy())
         nodectl.start(cfg)
-        self.runtimes, self.mode, self.chain = runtimes, mode, []
+        self.runtimes, self.mode, self.chain, self.offload = runtimes, mode, [], config["offload"]
         self.placement = {"generator_cpu": GEN_CPU, "runtime_cpus": dict(enumerate(cores)), "note": note}
         with NodeMaps(self.name) as maps:
             maps.write_config(mode=L.C[MODES[mode]])
 
-    def set_chain(self, chain: list[str], timeout: float = 10.0) -> None:
-        """New flows get `chain`; returns once every runtime has it and is
-        registered in the controller's view (a migration target, a replica peer)."""
+    def set_chain(self, chain: list[str], timeout: float = 10.0, nf_config: dict | None = None) -> None:
+        """New flows get `chain` (NFs configured by `nf_config`); returns once
+        every runtime has it and is registered in the controller's view (a
+        migration target, a replica peer)."""
         ids = range(self.runtimes)
         before = [rt_status(self.name, i).get("policy_version") or 0 for i in ids]
-        nodectl.put_policy(self.name, Policy(default_chain=parse_chain(chain)))
+        nodectl.put_policy(self.name, Policy(default_chain=parse_chain(chain), nf_config=nf_config or {}))
         deadline = time.monotonic() + timeout
         while True:
             sts = [rt_status(self.name, i) for i in ids]
@@ -268,11 +274,31 @@ class Bench:
 
     def trial(self, rate: float, seconds: float, tcp: bool, role: str = "trial") -> dict:
         """`seconds` of traffic at `rate` frames/s (0: as fast as the generator
-        goes) on flows of its own."""
+        goes) on flows of its own; with offload on and a chain that can be
+        offloaded, a warm-up first (WARMUP_FRAMES per flow), counted in the trial."""
         fl = self.new_flows(self.flows, tcp)
         snaps = self.begin(fl)
+        warm = self.warm_up(fl) if self.offload == "on" and "http_parser" not in self.chain else None
         g = self.gen.run(self.frame(fl), rate=rate, seconds=seconds, base=fl.base, flows=fl.count, tcp=tcp)
+        if warm is not None:
+            g = dict(g, sent=g["sent"] + warm["sent"], failed=g.get("failed", 0) + warm.get("failed", 0),
+                     warmup_sent=warm["sent"])
         return self.end(snaps, fl, g, rate, role=role)
+
+    def warm_up(self, fl: Flows, timeout: float = 5.0) -> dict:
+        """A few frames per flow, then wait until each is offloaded."""
+        def offloaded() -> int:
+            return sum((rt_status(self.name, i).get("offload") or {}).get("offloaded", 0)
+                       for i in range(self.runtimes))
+        before = offloaded()
+        warm = self.gen.run(self.frame(fl), rate=WARMUP_PPS, seconds=WARMUP_FRAMES * fl.count / WARMUP_PPS,
+                            base=fl.base, flows=fl.count, tcp=fl.tcp)
+        deadline = time.monotonic() + timeout
+        while offloaded() - before < fl.count:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the trial's {fl.count} flows were not all offloaded within {timeout}s")
+            time.sleep(POLL)
+        return warm
 
     def zero_loss(self, tcp: bool, seconds: float = 1.0, steps: int = 7, step_downs: int = 3,
                   reruns: int = 2) -> dict:

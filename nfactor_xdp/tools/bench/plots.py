@@ -93,16 +93,20 @@ def _chain_name(chain: list[str]) -> str:
 def _fig6a(plt, r: dict):
     ms = [m for m in r.get("measurements", []) if "zero_loss_mpps" in m]
     chains = list(dict.fromkeys(_chain_name(m.get("chain") or []) for m in ms))
-    counts = sorted({m["runtimes"] for m in ms})
-    fig, ax = plt.subplots(figsize=(9, 5.2))
-    width = 0.8 / max(1, len(counts))
+    # one series per runtime count and offload setting (results from before offload have none: off)
+    series = sorted({(m["runtimes"], m.get("offload", "off")) for m in ms}, key=lambda s: (s[1], s[0]))
+    both = len({o for _, o in series}) > 1
+    fig, ax = plt.subplots(figsize=(11 if both else 9, 5.2))
+    width = 0.8 / max(1, len(series))
     floor = None
-    for i, n in enumerate(counts):
-        row = {_chain_name(m.get("chain") or []): m for m in ms if m["runtimes"] == n}
-        xs = [x + (i - (len(counts) - 1) / 2) * width for x in range(len(chains))]
+    for i, (n, offload) in enumerate(series):
+        row = {_chain_name(m.get("chain") or []): m for m in ms
+               if m["runtimes"] == n and m.get("offload", "off") == offload}
+        xs = [x + (i - (len(series) - 1) / 2) * width for x in range(len(chains))]
         vals = [row[c]["zero_loss_mpps"] if c in row else 0.0 for c in chains]
         bars = ax.bar(xs, [v if v > 0 else float("nan") for v in vals], width,
-                      label=f"{n} runtime{'s' if n > 1 else ''}: zero-loss")
+                      label=f"{n} runtime{'s' if n > 1 else ''}" + (f", offload {offload}" if both else "")
+                      + ": zero-loss")
         for bar, c in zip(bars, chains):
             if c in row and not row[c].get("confirmed"):
                 bar.set_hatch("//")  # the search's best, not confirmed by a second trial
