@@ -127,7 +127,10 @@ def _run(entry: str, output: str, show_trials: bool = False, plot_dir: str | Non
         from ..tools.bench import plots
         plots.pyplot()  # missing matplotlib is said now, not after the run
     show = Progress(enabled=output != "-")
-    result = getattr(benchmarks, entry)(progress=_trial_line(show) if show.on else None, **kw)
+    try:
+        result = getattr(benchmarks, entry)(progress=_trial_line(show) if show.on else None, **kw)
+    except RuntimeError as e:  # the harness could not go on (generator, node, policy): said in one line
+        raise CliError(f"benchmark stopped: {e}") from None
     written = write_result(result, output)
     if plot_dir:
         click.echo(f"drew {', '.join(plots.plot(result, plot_dir))}", err=not written)

@@ -30,8 +30,8 @@ DPORT = {True: 80, False: 9}  # TCP (HTTP) and UDP (discard); +1 each time the s
 IDLE_TIMEOUT = 3.0  # a trial's actors go soon after it: every trial has flows of its own
 # Offload trials: a few frames per flow first, until every flow is offloaded, then the load: the rate of
 # decided flows (the first frames of a flow at millions per second would all queue for Python first).
-WARMUP_FRAMES = 4
-WARMUP_PPS = 20_000
+WARMUP_SECONDS = 0.25  # at WARMUP_PPS: ~20 frames per flow (a generator call has ~20 ms of setup)
+WARMUP_PPS = 5_000
 MODES = {"flows": "NFX_MODE_FLOWS", "bypass": "NFX_MODE_BYPASS", "lookup": "NFX_MODE_LOOKUP"}
 CEILINGS = {
     "bypass": "the switch in bypass mode: ext0 -> ext1 in XDP, no parsing, no flow lookup, no runtime",
@@ -275,7 +275,7 @@ class Bench:
     def trial(self, rate: float, seconds: float, tcp: bool, role: str = "trial") -> dict:
         """`seconds` of traffic at `rate` frames/s (0: as fast as the generator
         goes) on flows of its own; with offload on and a chain that can be
-        offloaded, a warm-up first (WARMUP_FRAMES per flow), counted in the trial."""
+        offloaded, a warm-up first (WARMUP_SECONDS at WARMUP_PPS), counted in the trial."""
         fl = self.new_flows(self.flows, tcp)
         snaps = self.begin(fl)
         warm = self.warm_up(fl) if self.offload == "on" and "http_parser" not in self.chain else None
@@ -291,8 +291,8 @@ class Bench:
             return sum((rt_status(self.name, i).get("offload") or {}).get("offloaded", 0)
                        for i in range(self.runtimes))
         before = offloaded()
-        warm = self.gen.run(self.frame(fl), rate=WARMUP_PPS, seconds=WARMUP_FRAMES * fl.count / WARMUP_PPS,
-                            base=fl.base, flows=fl.count, tcp=fl.tcp)
+        warm = self.gen.run(self.frame(fl), rate=WARMUP_PPS, seconds=WARMUP_SECONDS, base=fl.base,
+                            flows=fl.count, tcp=fl.tcp)
         deadline = time.monotonic() + timeout
         while offloaded() - before < fl.count:
             if time.monotonic() > deadline:
