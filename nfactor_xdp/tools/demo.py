@@ -68,7 +68,7 @@ def _leftovers(tb_name: str, node: str) -> list[str]:
 
 
 def run_demo(name: str = "demo", runtimes: int = 2, duration: float = 10.0, udp_flows: int = 200,
-             tcp_flows: int = 100, out=print) -> int:
+             tcp_flows: int = 100, out=print, offload: str = "off") -> int:
     if os.geteuid() != 0:
         out("error: the demo needs root (namespaces, XDP)")
         return 1
@@ -92,7 +92,8 @@ def run_demo(name: str = "demo", runtimes: int = 2, duration: float = 10.0, udp_
             json.dump(demo_policy(blocked), f)
         out(f"[2/5] node {name}: XDP switch on ext0/ext1, {runtimes} runtimes; chains: TCP/8080 "
             f"flow_monitor->firewall->http_parser, UDP flow_monitor->firewall ({blocked} UDP flows blocked)")
-        cfg = NodeConfig(name=name, netns=show["namespaces"]["node"], runtimes=runtimes, policy=policy_file)
+        cfg = NodeConfig(name=name, netns=show["namespaces"]["node"], runtimes=runtimes, policy=policy_file,
+                         offload=offload)
         nodectl.start(cfg)
         os.unlink(policy_file)
 
@@ -163,10 +164,12 @@ def run_demo(name: str = "demo", runtimes: int = 2, duration: float = 10.0, udp_
         out(f"  TCP: {ok}/{total} HTTP downloads complete with the right SHA-256")
         for r in st["runtimes"]:
             off = r.get("offload") or {}
+            handed = f", {off.get('offloaded', 0)} flows handed to the switch" if offload == "on" else ""
             out(f"  rt{r['id']} (core {r['core']}): {r['switch'].get('flows_placed', 0)} flows placed, "
-                f"{r.get('frames', 0)} frames processed, {off.get('offloaded', 0)} flows handed to the switch")
-        out(f"  offload: the switch forwarded {st['switch'].get('off_forward', 0)} frames and dropped "
-            f"{st['switch'].get('off_drop', 0)} of offloaded flows on its own (their actors count them)")
+                f"{r.get('frames', 0)} frames processed{handed}")
+        if offload == "on":
+            out(f"  offload: the switch forwarded {st['switch'].get('off_forward', 0)} frames and dropped "
+                f"{st['switch'].get('off_drop', 0)} of offloaded flows on its own (their actors count them)")
         drops = {k: v for k, v in st["switch"].items() if k.startswith("drop_") and v}
         out(f"  switch: {st['switch'].get('flow_new', 0)} flows placed round-robin, "
             f"{st['switch'].get('other_forward', 0)} non-flow frames forwarded, drops: {drops or 'none'}, "
