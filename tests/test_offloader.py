@@ -234,10 +234,10 @@ def test_the_hand_over_waits_for_an_empty_ring_and_a_quiet_flow(kernel):
     for _ in range(2):
         a.on_packet(memoryview(bytearray(f)), a.orig_dir, l4, 1.0)
         offloads.after_packet(a, f, l4)
-    offloads.flush(lambda actor: True, 1.0005, drained=False)   # frames still in the ring
-    offloads.flush(lambda actor: True, 1.0005, drained=True)    # its last frame 0.5 ms ago
+    offloads.flush(lambda actor: True, 1.002, drained=False)    # quiet, but frames still in the ring
+    offloads.flush(lambda actor: True, 1.0005, drained=True)    # ring empty, its last frame 0.5 ms ago
     assert a.offload is None and a.key in offloads.candidates
-    offloads.flush(lambda actor: True, 1.002, drained=True)     # quiet
+    offloads.flush(lambda actor: True, 1.002, drained=True)     # both
     assert a.offload is not None and not offloads.candidates
 
 
