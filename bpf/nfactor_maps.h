@@ -38,6 +38,12 @@ BPF_TABLE_PINNED("percpu_array", __u32, __u64, counters, NFX_CNT_MAX, NFX_PIN("c
 /* offloaded flows' slots (struct nfx_offload), mmap-ed and written in place
  * by their runtimes (nfactor_xdp/kern/offloads.py) */
 BPF_TABLE_PINNED("array", __u32, struct nfx_offload, offloads, NFX_MAX_OFFLOADS, NFX_PIN("offloads"), NFX_F_MMAPABLE);
+/* runtime id -> its observe ring (a BPF ring buffer it creates and puts here;
+ * nfactor_xdp/kern/observe.py).  The template only gives the inner maps' type
+ * and size. */
+BPF_RINGBUF_OUTPUT(observe_ring_template, NFX_OBSERVE_RING_BYTES / 4096);
+BPF_TABLE_PINNED("array_of_maps$observe_ring_template", __u32, __u32, observers, NFX_MAX_RUNTIMES,
+		 NFX_PIN("observers"));
 /* per-runtime traffic */
 BPF_TABLE_PINNED("percpu_array", __u32, struct nfx_rt_stats, rt_stats, NFX_MAX_RUNTIMES, NFX_PIN("rt_stats"));
 

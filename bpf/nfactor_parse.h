@@ -19,6 +19,7 @@
 #define NFX_PF_IPV6_EXT 4
 #define NFX_PF_VLAN 8
 #define NFX_PF_OTHER_PROTO 16
+#define NFX_PF_PAYLOAD 32	/* a TCP or UDP frame with payload bytes (observe mode's filter) */
 /* A TCP frame's flags byte (FIN 0x01 ... CWR 0x80) is in *flags, shifted by
  * this much; 0 for frames whose TCP header is not parsed (fragments). */
 #define NFX_PF_TCP_FLAGS_SHIFT 8
@@ -76,10 +77,11 @@ static __always_inline void nfx_make_key(struct nfx_flow_key *key, __u8 *dir, __
 	key->proto = proto;
 }
 
-/* Reads the ports of a TCP/UDP header at l4 (and TCP's flags into *flags);
- * returns 0 or a drop counter. */
-static __always_inline __u32 nfx_l4_ports(void *l4, void *data_end, __u8 proto, __u16 *sport,
-					  __u16 *dport, __u32 *flags)
+/* Reads the ports of a TCP/UDP header at l4 (and TCP's flags into *flags,
+ * NFX_PF_PAYLOAD if the IP payload, which ends at ip_end, goes on past the
+ * L4 header); returns 0 or a drop counter. */
+static __always_inline __u32 nfx_l4_ports(void *l4, void *data_end, void *ip_end, __u8 proto,
+					  __u16 *sport, __u16 *dport, __u32 *flags)
 {
 	if (proto == IPPROTO_TCP) {
 		struct tcphdr *th = l4;
@@ -89,6 +91,8 @@ static __always_inline __u32 nfx_l4_ports(void *l4, void *data_end, __u8 proto, 
 		*sport = th->source;
 		*dport = th->dest;
 		*flags |= (__u32)((__u8 *)th)[13] << NFX_PF_TCP_FLAGS_SHIFT;
+		if (l4 + th->doff * 4 < ip_end)
+			*flags |= NFX_PF_PAYLOAD;
 	} else {
 		struct udphdr *uh = l4;
 
@@ -96,6 +100,8 @@ static __always_inline __u32 nfx_l4_ports(void *l4, void *data_end, __u8 proto, 
 			return NFX_CNT_DROP_BAD_L4;
 		*sport = uh->source;
 		*dport = uh->dest;
+		if ((void *)(uh + 1) < ip_end)
+			*flags |= NFX_PF_PAYLOAD;
 	}
 	return 0;
 }
@@ -137,7 +143,7 @@ static __always_inline int nfx_parse_ipv4(void *nh, void *data_end, struct nfx_f
 		*flags |= NFX_PF_FRAGMENT;
 	} else if (!(*flags & NFX_PF_OTHER_PROTO)) {
 		l4 = nh + hlen;
-		*why = nfx_l4_ports(l4, data_end, iph->protocol, &sport, &dport, flags);
+		*why = nfx_l4_ports(l4, data_end, nh + tot_len, iph->protocol, &sport, &dport, flags);
 		if (*why)
 			return NFX_PARSE_DROP;
 	}
@@ -211,7 +217,8 @@ static __always_inline int nfx_parse_ipv6(void *nh, void *data_end, struct nfx_f
 	if (fragment) {
 		*flags |= NFX_PF_FRAGMENT;
 	} else if (!(*flags & NFX_PF_OTHER_PROTO)) {
-		*why = nfx_l4_ports(p, data_end, next, &sport, &dport, flags);
+		*why = nfx_l4_ports(p, data_end, nh + sizeof(*ip6h) + bpf_ntohs(ip6h->payload_len), next,
+				    &sport, &dport, flags);
 		if (*why)
 			return NFX_PARSE_DROP;
 	}

@@ -13,7 +13,7 @@
 
 /* Bump when a pinned map's key or value changes: a node refuses to reuse
  * pinned maps written by another ABI. */
-#define NFX_ABI_VERSION 3
+#define NFX_ABI_VERSION 4
 
 #define NFX_MAX_RUNTIMES 64
 /* devmap slots: the two external ports, then one per runtime port */
@@ -128,6 +128,31 @@ enum nfx_offload_action {
 	NFX_OFF_DROP = 2,	/* dropped */
 };
 
+/* Observe mode: which forwarded frames of a FORWARD slot are also copied to
+ * the owning runtime's observe ring (its NFs that only observe see them). */
+enum nfx_observe {
+	NFX_OBSERVE_NONE = 0,
+	NFX_OBSERVE_ALL = 1,		/* every forwarded frame */
+	NFX_OBSERVE_PAYLOAD = 2,	/* only TCP/UDP frames with payload bytes */
+};
+
+/*
+ * A copy in a runtime's observe ring (a BPF ring buffer, one per runtime, in
+ * the observers map): this header, then the first `len` bytes of the frame
+ * (no ingress tag).  Frames longer than NFX_COPY_MAX are not copied (counted
+ * as observation losses).  Records of small frames reserve NFX_COPY_SMALL
+ * bytes, the others NFX_COPY_MAX: the ring's reservations take constant sizes.
+ */
+struct nfx_copy {
+	__u32 slot;		/* the offloads slot that made the copy */
+	__u16 len;		/* frame bytes that follow */
+	__u8 dir;		/* canonical direction: 0 lo -> hi, 1 hi -> lo */
+	__u8 pad;
+};
+#define NFX_COPY_SMALL 248
+#define NFX_COPY_MAX 1536
+#define NFX_OBSERVE_RING_BYTES (4 << 20)	/* per runtime; a power of 2 pages */
+
 /*
  * One slot of the offloads array (pinned, mmap-ed by the owning runtime,
  * which writes the parameters first and the action last, and revokes by
@@ -138,13 +163,14 @@ enum nfx_offload_action {
  * them); bytes are Ethernet frame lengths.  The buckets are off when their
  * rate is 0; tokens are nanotokens (NFX_NANOTOKENS per token or byte), the
  * rates whole tokens per second (32 bits), and stamp_ns (bpf_ktime_get_ns(),
- * i.e. CLOCK_MONOTONIC) the last refill of both.  128 bytes: two cache lines.
+ * i.e. CLOCK_MONOTONIC) the last refill of both.  160 bytes.
  */
 struct nfx_offload {
 	__u32 action;		/* enum nfx_offload_action; the owner writes it last */
 	__u32 runtime;		/* the owning runtime: a flow on another runtime ignores the slot */
 	__u8 punt_tcp_flags;	/* TCP frames with any of these flags go to the runtime (FIN 0x01, SYN 0x02, RST 0x04, PSH 0x08, ACK 0x10) */
-	__u8 pad[7];
+	__u8 observe;		/* enum nfx_observe (FORWARD only) */
+	__u8 pad[6];
 	__u64 packets[2];
 	__u64 bytes[2];
 	__u64 bucket_dropped[2];	/* FORWARD frames a bucket dropped (also in packets and bytes) */
@@ -157,6 +183,8 @@ struct nfx_offload {
 	__u64 tokens;		/* packet bucket's nanotokens */
 	__u64 btokens;		/* byte bucket's nanotokens (nano-bytes) */
 	__u64 stamp_ns;		/* last refill of both buckets */
+	__u64 observed[2];	/* forwarded frames copied to the observe ring */
+	__u64 observe_lost[2];	/* forwarded frames that should have been copied but the ring had no room (or no ring) */
 };
 
 struct nfx_config {
@@ -219,6 +247,8 @@ enum nfx_counter {
 	NFX_CNT_OFF_BUCKET_DROP,	/* offloaded flows' frames dropped by the offload's token bucket */
 	NFX_CNT_OFF_PUNT,		/* offloaded flows' TCP frames sent to the runtime for a flag in the punt mask */
 	NFX_CNT_OFF_STALE,		/* frames whose flow names a slot that is revoked or another runtime's: to the runtime */
+	NFX_CNT_OFF_OBSERVED,		/* offloaded flows' forwarded frames copied to their runtime's observe ring */
+	NFX_CNT_OFF_OBSERVE_LOST,	/* ... that could not be copied: the ring was full or missing (the frame was still forwarded) */
 	NFX_CNT_MAX,
 };
 

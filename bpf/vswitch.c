@@ -266,10 +266,63 @@ static __always_inline int bucket_pass(struct nfx_offload *s, __u64 now, __u32 l
 	return pass;
 }
 
+/* Copy the frame into ring `ring` with a header reserving `room` bytes for
+ * it (a constant, as the ring wants); 0 on success. */
+static __always_inline int copy_frame(struct xdp_md *ctx, void *ring, __u32 room, __u32 idx, __u32 d,
+				      __u64 len)
+{
+	struct nfx_copy *c;
+
+	if (len < sizeof(struct ethhdr) || len > room)
+		return -1;
+	c = bpf_ringbuf_reserve(ring, sizeof(*c) + room, 0);
+	if (!c)
+		return -1;
+	c->slot = idx;
+	c->len = len;
+	c->dir = d;
+	c->pad = 0;
+	if (bpf_xdp_load_bytes(ctx, 0, (void *)(c + 1), len) < 0) {
+		bpf_ringbuf_discard(c, BPF_RB_NO_WAKEUP);
+		return -1;
+	}
+	bpf_ringbuf_submit(c, 0);
+	return 0;
+}
+
+/* Observe mode: a copy of a forwarded frame for the runtime's NFs that only
+ * observe.  The frame is forwarded whatever happens here: a copy that finds
+ * no room is counted as lost, in the slot (the runtime marks the gap in the
+ * NFs' state) and in the switch's counters. */
+static __always_inline void observe(struct xdp_md *ctx, struct nfx_offload *s, __u32 idx, __u32 rt,
+				    __u32 d, __u32 flags, __u32 frame_len)
+{
+	__u64 len = frame_len & 0xffff;
+	void *ring;
+	int err = -1;
+
+	if (s->observe == NFX_OBSERVE_PAYLOAD && !(flags & NFX_PF_PAYLOAD))
+		return;
+	ring = observers.lookup(&rt);
+	if (ring) {
+		if (len <= NFX_COPY_SMALL)
+			err = copy_frame(ctx, ring, NFX_COPY_SMALL, idx, d, len);
+		else if (len <= NFX_COPY_MAX)
+			err = copy_frame(ctx, ring, NFX_COPY_MAX, idx, d, len);
+	}
+	if (err) {
+		__sync_fetch_and_add(&s->observe_lost[d], 1);
+		nfx_count(NFX_CNT_OFF_OBSERVE_LOST);
+	} else {
+		__sync_fetch_and_add(&s->observed[d], 1);
+		nfx_count(NFX_CNT_OFF_OBSERVED);
+	}
+}
+
 /* A frame of an offloaded flow (slot index + 1 in `off`, placed on `rt`):
  * its verdict, or -1 to send it to the runtime as usual. */
-static __always_inline int offload_verdict(__u32 off, __u32 rt, __u8 dir, __u32 flags, __u32 len,
-					   __u32 in_port)
+static __always_inline int offload_verdict(struct xdp_md *ctx, __u32 off, __u32 rt, __u8 dir, __u32 flags,
+					   __u32 len, __u32 in_port)
 {
 	__u32 idx = off - 1, d = dir & 1, action;
 	struct nfx_offload *s = offloads.lookup(&idx);
@@ -304,6 +357,8 @@ static __always_inline int offload_verdict(__u32 off, __u32 rt, __u8 dir, __u32 
 		nfx_count(NFX_CNT_OFF_BUCKET_DROP);
 		return XDP_DROP;
 	}
+	if (s->observe)
+		observe(ctx, s, idx, rt, d, flags, len);
 	nfx_count(NFX_CNT_OFF_FORWARD);
 	return redirect_slot(in_port ? NFX_SLOT_EXT0 : NFX_SLOT_EXT1);
 }
@@ -358,7 +413,7 @@ static __always_inline int from_external(struct xdp_md *ctx, struct nfx_config *
 	}
 	len = data_end - data;
 	if (off) {
-		verdict = offload_verdict(off, rt, dir, flags, len, in_port);
+		verdict = offload_verdict(ctx, off, rt, dir, flags, len, in_port);
 		if (verdict >= 0)
 			return verdict;
 	}

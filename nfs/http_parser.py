@@ -28,7 +28,13 @@ chunk_size / chunk_data / chunk_end / trailer (chunked body), close (a body
 delimited by the end of the connection: nothing more to parse), tunnel (after
 101 Switching Protocols, CONNECT or the HTTP/2 preface: not HTTP/1.x any more).
 
-Offload: never (offload() is None): it parses every packet's payload inline.
+Offload: observe mode only.  It never drops nor rewrites a packet, so it
+answers "forward, observe payload": where the flow's rule asks for observe
+mode (`rules add --observe`), the switch forwards the flow in XDP and feeds
+the parser copies of the frames with payload; elsewhere it needs every packet
+inline.  Copies the switch could not deliver (observe ring full) are counted
+in observe_gaps; the stream then shows a sequence gap and that direction
+stops being parsed (desync), as after a lost packet inline.
 
 Config: max_header_bytes (8192), max_records (32), max_errors (8),
 max_field_bytes (256).
@@ -36,6 +42,7 @@ max_field_bytes (256).
 from __future__ import annotations
 
 from nfactor_xdp.dataplane.nf import NetworkFunction, NFError, register
+from nfactor_xdp.dataplane.offload_spec import FORWARD, OBSERVE_PAYLOAD, Offload
 from nfactor_xdp.dataplane.packet import TCP, TCP_RST, TCP_SYN
 
 HEADER, BODY, CLOSE, TUNNEL = "header", "body", "close", "tunnel"
@@ -54,6 +61,7 @@ _DIGITS = b"0123456789"
 _MAX_METHOD = 24
 _SUMMARY_LAST = 5
 
+_OBSERVE = Offload(FORWARD, observe=OBSERVE_PAYLOAD)
 DEFAULTS = {"max_header_bytes": 8192, "max_records": 32, "max_errors": 8, "max_field_bytes": 256}
 
 
@@ -133,8 +141,13 @@ class HttpParser(NetworkFunction):
                      {"seq": -1, "mode": HEADER, "buf": b"", "left": 0, "desync": False}],
         }
 
-    def offload(self, state) -> None:
-        return None  # every packet's payload is parsed inline (an observe mode is future work)
+    def offload(self, state) -> Offload:
+        return _OBSERVE  # copies of the frames with payload suffice (SYNs come inline, before any offload)
+
+    def absorb(self, state, counts) -> None:
+        lost = sum(counts.observe_lost)
+        if lost:
+            state["observe_gaps"] = state.get("observe_gaps", 0) + lost
 
     # --- per packet: the TCP stream ------------------------------------------
     def process_packet(self, pkt, state) -> bool:
@@ -429,4 +442,5 @@ class HttpParser(NetworkFunction):
             "n_errors": state["n_errors"],
             "in_sync": {name: not d["desync"] for name, d in zip(_DIR_NAMES, dirs)},
             "mode": {name: d["mode"] for name, d in zip(_DIR_NAMES, dirs)},
+            "observe_gaps": state.get("observe_gaps", 0),
         }

@@ -177,3 +177,122 @@ def test_a_chain_with_the_http_parser_stays_inline(node_factory):
     assert "offload" not in f and f["nfs"]["http_parser"]["n_responses"] == 1
     assert "http_parser" in (f.get("offload_reason") or ""), f
     assert n.status()["switch"]["off_forward"] == 0
+
+
+# --- observe mode: http_parser fed copies while the switch forwards ------------------------------
+OBSERVED = {"rules": [{"proto": "tcp", "dport": "8082", "chain": ["flow_monitor", "firewall", "http_parser"],
+                       "observe": True}], "default_chain": []}
+
+
+def _observing(n) -> int:
+    return sum((r["offload"] or {}).get("observing", 0) for r in n.status()["runtimes"])
+
+
+def _load(n, **kw) -> tuple[Proc, Proc]:
+    server = Proc(n.dst_ns, "http-serve", "--bind", n.dst_ip, "--port", "8082", "--timeout", "90").wait_ready()
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in kw.items()]
+    load = Proc(n.src_ns, "http-load", "--host", n.dst_ip, "--port", "8082", *args).wait_ready()
+    return server, load
+
+
+def _done(load: Proc) -> dict:
+    import json
+    line = load.p.stdout.readline()
+    assert line, f"http-load died: {load.p.stderr.read()}"
+    return json.loads(line)
+
+
+def _copies_read(n) -> int:
+    return sum(f.get("observed_copies", 0) for f in n.flows()["flows"])
+
+
+def test_observe_mode_parses_every_request_while_the_switch_forwards(node_factory):
+    """A real keep-alive HTTP load through flow_monitor, firewall and an
+    observing http_parser: every request and response parsed, from copies,
+    while the switch forwards the traffic; each copy made was read."""
+    n = node_factory(1, OBSERVED, offload="on")
+    # 2,000 requests/s, 6,000 copies/s: well within what one runtime reads (the benchmark finds the most)
+    server, load = _load(n, connections=4, duration=3, size=100, rate=2000, hold=30)
+    try:
+        done = _done(load)
+        assert done["requests"] == done["ok"] > 2000 and not done["errors"], done
+        wait_for(lambda: _copies_read(n) == n.status()["switch"]["off_observed"], timeout=10,
+                 what="every copy read")
+        fl = n.flows()["flows"]
+        st = n.status()
+    finally:
+        load.kill()
+        server.kill()
+    assert len(fl) == 4 and all("observe payload" in f["offload"] for f in fl), fl
+    hp = [f["nfs"]["http_parser"] for f in fl]
+    assert sorted(h["n_requests"] for h in hp) == sorted(done["per_connection"]), (hp, done)
+    assert all(h["n_responses"] == h["n_requests"] and h["n_errors"] == 0 and all(h["in_sync"].values())
+               and h["observe_gaps"] == 0 for h in hp), hp
+    sw = st["switch"]
+    frames = sum(f["packets"]["orig"] + f["packets"]["reply"] for f in fl)
+    assert sw["off_observe_lost"] == 0 and sw["off_observed"] >= done["ok"]  # a request and a response each
+    assert _in_python(n) <= 0.2 * frames, (_in_python(n), frames)
+    assert sw["off_forward"] >= 0.8 * frames
+    print(f"\nMEASURED observe: {done['ok']} requests in {done['elapsed']} s, {frames} frames, "
+          f"{sw['off_forward']} forwarded by the switch, {sw['off_observed']} copies read, "
+          f"{_in_python(n)} frames through Python")
+
+
+def test_copies_a_stalled_runtime_cannot_take_are_counted_and_the_traffic_loses_nothing(node_factory):
+    """The runtime stopped (SIGSTOP) under an observed HTTP load until its
+    observe ring overflows: the copies past it are counted as lost (in the
+    switch and as gaps in the parser's state), and every request still gets
+    its whole response: observation loss, never traffic loss."""
+    n = node_factory(1, OBSERVED, offload="on", heartbeat=1.0, miss_limit=30)  # a stop is not a failure here
+    server, load = _load(n, connections=4, duration=6, size=4000, hold=30)
+    try:
+        wait_for(lambda: _observing(n) == 4, timeout=5, what="the 4 connections observed")
+        pid = n.status()["runtimes"][0]["pid"]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            wait_for(lambda: n.status()["switch"].get("off_observe_lost", 0) > 0, timeout=10,
+                     what="copies lost to the full ring")
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        done = _done(load)
+        assert done["requests"] == done["ok"] and not done["errors"], done
+        wait_for(lambda: _copies_read(n) == n.status()["switch"]["off_observed"], timeout=10,
+                 what="every copy in the ring read")
+        fl = n.flows()["flows"]
+        sw = n.status()["switch"]
+    finally:
+        load.kill()
+        server.kill()
+    gaps = sum(f["nfs"]["http_parser"]["observe_gaps"] for f in fl)
+    assert sw["off_observe_lost"] > 0 and gaps == sw["off_observe_lost"], (gaps, sw)
+    assert sum(f["observed_copies"] for f in fl) == sw["off_observed"]
+    print(f"\nMEASURED a stall under {done['ok']} requests: {sw['off_observed']} copies read, "
+          f"{sw['off_observe_lost']} lost (gaps in the parsers' states), no request failed")
+
+
+def test_observed_flows_migrate_with_every_copy_parsed(node_factory):
+    """Observed HTTP connections migrated back and forth under load: each
+    migration takes the flow back from the switch, its copies still in the
+    ring are parsed before its next frames inline, and the state moves with
+    them; the parsers end up with every request and response, in sync."""
+    n = node_factory(2, OBSERVED, offload="on")
+    server, load = _load(n, connections=6, duration=5, size=100, rate=1200, hold=30)
+    try:
+        wait_for(lambda: _observing(n) == 6, timeout=5, what="the connections observed")
+        for src, dst in ((0, 1), (1, 0), (0, 1)):
+            moved = nodectl.migrate(n.name, src, dst, timeout=30)
+            assert moved["failed"] == 0, moved
+        done = _done(load)
+        assert done["requests"] == done["ok"] and not done["errors"], done
+        fl = n.flows()["flows"]
+    finally:
+        load.kill()
+        server.kill()
+    hp = [f["nfs"]["http_parser"] for f in fl]
+    assert len(fl) == 6
+    assert sorted(h["n_requests"] for h in hp) == sorted(done["per_connection"]), (hp, done)
+    assert all(h["n_responses"] == h["n_requests"] and h["n_errors"] == 0 and h["observe_gaps"] == 0
+               for h in hp), hp
+    st = n.status()
+    assert all(r["migration"]["after_marker"] == 0 for r in st["runtimes"])
+    assert sum(r["offload"]["revoked"] for r in st["runtimes"]) >= 6

@@ -354,3 +354,81 @@ def test_the_revoke_protocol_gives_exact_final_counts(off):
     assert not off.slots.read(slot) and off.slots.read(slot).last_seen_ns == 0
     assert off.sw.run_full(tcp(), "ext0")["data"] == bytes([TAG]) + tcp()
     assert off.counters()["off_stale"] == 0  # an entry without a slot costs one branch, no lookup
+
+
+# --- observe mode: copies of forwarded frames in the runtime's observe ring ------------------
+def observe_spec(mode="all", **kw):
+    return SimpleNamespace(**vars(spec(**kw)), observe=mode)
+
+
+@contextlib.contextmanager
+def ring_of(off, rt: int, size: int | None = None):
+    from nfactor_xdp.kern.observe import ObserveRing
+    ring = ObserveRing(off.sw.node.cfg.name, rt, **({"size": size} if size else {}))
+    try:
+        yield ring
+    finally:
+        ring.close()
+
+
+def drained(ring) -> list:
+    got = []
+    ring.drain(lambda slot, d, frame: got.append((slot, d, bytes(frame))))
+    return got
+
+
+def test_observe_copies_each_forwarded_frame_in_order_and_still_forwards_it(off):
+    """Observe mode: the original leaves by the opposite port untouched; an
+    exact copy (no tag), with the slot and the canonical direction, lands in
+    the owning runtime's ring, in the order the frames came; small and full
+    sized frames alike."""
+    frames = [udp(payload=bytes([i]) * n) for i, n in enumerate((1, 200, 1400, 3))] + [udp(reply=True)]
+    key, rt, slot = off.offload(udp(), observe_spec("all"))
+    with ring_of(off, rt) as ring:
+        drained(ring)
+        for f in frames:
+            with off.only_port("ext0" if f is frames[-1] else "ext1"):
+                r = off.sw.run_full(f, "ext1" if f is frames[-1] else "ext0")
+            assert r["retval"] == XDP_REDIRECT and r["data"] == f
+        got = drained(ring)
+    assert [g[2] for g in got] == frames
+    assert {g[0] for g in got} == {slot} and [g[1] for g in got] == [0, 0, 0, 0, 1]
+    counts = off.slots.read(slot)
+    assert counts.observed == (4, 1) and counts.observe_lost == (0, 0) and counts.packets == (4, 1)
+    c = off.counters()
+    assert c["off_observed"] == 5 and c["off_observe_lost"] == 0 and c["off_forward"] == 5
+
+
+def test_observe_payload_copies_only_frames_with_payload(off):
+    key, rt, slot = off.offload(tcp("S"), observe_spec("payload"))
+    with ring_of(off, rt) as ring:
+        drained(ring)
+        for f in (tcp("A"), tcp("PA", payload=b"GET / HTTP/1.1\r\n\r\n"), tcp("A", reply=True),
+                  tcp("PA", reply=True, payload=b"HTTP/1.1 200 OK\r\n\r\n")):
+            assert off.sw.run(f, "ext1" if f[26:30] == bytes([10, 78, 0, 2]) else "ext0") == XDP_REDIRECT
+        got = drained(ring)
+    assert [g[2][-4:] for g in got] == [b"\r\n\r\n", b"\r\n\r\n"]
+    assert off.slots.read(slot).observed == (1, 1) and off.slots.read(slot).packets == (2, 2)
+
+
+def test_copies_a_ring_cannot_take_are_counted_lost_and_the_frames_still_forwarded(off):
+    """No ring (the runtime never made one, or is gone): every copy lost,
+    counted.  A full ring (a stalled runtime): the copies past its room lost,
+    counted; every frame forwarded all the same; the ring's copies are the
+    first ones, in order."""
+    key, rt, slot = off.offload(udp(), observe_spec("all"))
+    off.sw.maps["observers"].delete(rt)
+    assert off.sw.run(udp(), "ext0") == XDP_REDIRECT
+    assert off.slots.read(slot).observe_lost == (1, 0) and off.counters()["off_observe_lost"] == 1
+    from nfactor_xdp.kern.bpfsys import prog_test_run as run, xdp_md as md
+    with ring_of(off, rt, size=64 * 1024) as ring:
+        n = 1000  # 1000 copies of 256 + 16 bytes: 272,000 bytes into a 64 KiB ring
+        f = udp(payload=b"z" * 40)
+        r = run(off.sw.node.progs.fns["vswitch"].fd, f, ctx=md(len(f), off.sw.ifindex["ext0"]), repeat=n)
+        assert r["retval"] == XDP_REDIRECT
+        got = drained(ring)
+    counts = off.slots.read(slot)
+    assert counts.packets == (1 + n, 0)
+    assert counts.observed[0] == len(got) and 0 < len(got) < n
+    assert counts.observe_lost[0] == 1 + n - len(got)
+    assert off.counters()["off_forward"] == 1 + n

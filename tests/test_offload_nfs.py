@@ -10,7 +10,8 @@ from scapy.layers.l2 import Ether
 from nfactor_xdp.dataplane import nf
 from nfactor_xdp.dataplane.actor import Actor
 from nfactor_xdp.dataplane.nf import NetworkFunction, encode_chain
-from nfactor_xdp.dataplane.offload_spec import (DROP, FORWARD, TCP_FIN, TCP_RST, TCP_SYN, ChainOffload,
+from nfactor_xdp.dataplane.offload_spec import (DROP, FORWARD, OBSERVE_ALL, OBSERVE_PAYLOAD, TCP_FIN, TCP_RST,
+                                                TCP_SYN, ChainOffload, combine,
                                                 KernelCounts, Offload)
 from nfactor_xdp.dataplane.packet import Packet, classify
 
@@ -225,11 +226,13 @@ def test_rate_limiter_absorb_without_frames_keeps_its_buckets():
 
 
 # --- http_parser ------------------------------------------------------------------------------
-def test_http_parser_is_never_offloaded():
+def test_http_parser_only_observes_and_counts_the_copies_it_never_got():
     hp = make_nf("http_parser")
     st = hp.allocate_flow_state()
     hp.process_packet(packet(0, "S", payload=b""), st)
-    assert hp.offload(st) is None
+    assert hp.offload(st) == Offload(FORWARD, observe=OBSERVE_PAYLOAD)
+    hp.absorb(st, KernelCounts(observe_lost=(2, 1)))
+    assert hp.summary(st)["observe_gaps"] == 3
 
 
 # --- the actor ----------------------------------------------------------------------------------
@@ -253,10 +256,31 @@ def test_actor_clears_punts_of_a_flow_that_is_not_tcp():
     assert a.offload_decision().spec == Offload(FORWARD)
 
 
-def test_actor_with_http_parser_is_not_offloaded():
+def test_actor_with_http_parser_is_not_offloaded_unless_its_rule_asks_for_observe_mode():
     a = make_actor([make_nf("flow_monitor"), make_nf("http_parser")])
     feed(a, 0, "S", payload=b"")
-    assert a.offload_decision().describe() == "not offloaded: http_parser needs every packet"
+    assert a.offload_decision().describe() == \
+        "not offloaded: http_parser needs every packet (its rule does not ask for observe mode)"
+    observed = a.offload_decision(observe_ok=True)
+    assert observed == ChainOffload(Offload(FORWARD, TCP_FIN | TCP_RST, observe=OBSERVE_PAYLOAD), observers=(1,))
+    assert observed.describe() == "forward punt FIN|RST observe payload"
+
+
+def test_observers_get_only_their_lost_copies_and_the_others_no_observe_counts():
+    decision = ChainOffload(Offload(FORWARD, observe=OBSERVE_PAYLOAD), observers=(1,))
+    counts = KernelCounts(packets=(5, 3), bytes=(500, 300), observed=(4, 2), observe_lost=(1, 0))
+    assert decision.counts_for(1, counts) == KernelCounts(observe_lost=(1, 0))
+    assert decision.counts_for(0, counts) == KernelCounts(packets=(5, 3), bytes=(500, 300))
+    assert decision.counts_for(1, KernelCounts(packets=(1, 0), observed=(1, 0))) == KernelCounts()
+
+
+def test_an_observer_before_a_bucket_is_not_offloaded_one_after_it_is():
+    rl = Offload(FORWARD, pps=10, burst=5)
+    obs = Offload(FORWARD, observe=OBSERVE_ALL)
+    assert "observes before" in combine([obs, rl], ["hp", "rl"], observe_ok=True).reason
+    both = combine([rl, obs], ["rl", "hp"], observe_ok=True)
+    assert both.spec == Offload(FORWARD, pps=10, burst=5, observe=OBSERVE_ALL) and both.owner == 0
+    assert both.observers == (1,)
 
 
 def test_actor_drop_does_not_ask_the_nfs_after_it():

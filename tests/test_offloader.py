@@ -13,6 +13,7 @@ from nfactor_xdp.dataplane.actor import Actor
 from nfactor_xdp.dataplane.nf import encode_chain
 from nfactor_xdp.dataplane.offloader import Offloads
 from nfactor_xdp.dataplane.packet import classify
+from nfactor_xdp.kern import grace
 from nfactor_xdp.kern.offloads import SlotCounts
 
 
@@ -45,10 +46,11 @@ class FakeSlots:
     def read(self, slot):
         return self.slots[slot]["counts"]
 
-    def count(self, slot, orig=0, reply=0, orig_dir=1, size=100, at=5_000_000_000):
-        """The switch handles frames of the slot's flow (if its action is set),
+    def count(self, slot, orig=0, reply=0, orig_dir=1, size=100, at=5_000_000_000, old_action=False):
+        """The switch handles frames of the slot's flow (if its action is set,
+        or a CPU still acts on the action it read before: old_action),
         counting them per canonical direction (the flows here go hi -> lo first)."""
-        if not self.slots[slot]["action"]:
+        if not self.slots[slot]["action"] and not old_action:
             return
         lo_hi, hi_lo = (orig, reply) if orig_dir == 0 else (reply, orig)
         c = self.slots[slot]["counts"]
@@ -97,7 +99,7 @@ def run(offloads, a, f, l4, n=2, at=1.0):
 def kernel():
     graces = []
     slots, entries = FakeSlots(), FakeEntries()
-    return slots, entries, graces, Offloads(1, slots, entries, lambda: graces.append(1) or 0.0)
+    return slots, entries, graces, Offloads(1, slots, entries, grace.Inline(lambda: graces.append(1) or 0.0))
 
 
 def test_a_decided_flow_is_offloaded_after_its_second_packet(kernel):
@@ -141,9 +143,91 @@ def test_revoking_a_batch_waits_one_grace_period_and_frees_the_slots(kernel):
     assert all(a.offload is None and a.packets[0] == 7 for a in actors)
     assert all(entries.offload[a.key] == 0 for a in actors) and len(offloads) == 0
     assert sorted(offloads.free) == [4, 5, 6, 7]
-    assert actors[0].ask_at == 8  # decided again on its next packet
+    assert actors[0].ask_at <= actors[0].packets[0] + 1  # decided again on its next packet
     slots.count(4, orig=100)  # revoked: the switch no longer counts
     assert actors[0].packets[0] == 7
+
+
+class HeldGrace(grace.Inline):
+    """A grace period that passes only when the test says so."""
+
+    def request(self):
+        self.requested += 1
+        return self.requested
+
+    def wait_for(self, ticket):
+        self.completed = max(self.completed, ticket)
+
+
+def test_a_revoked_flow_is_inline_at_once_and_its_last_counts_come_after_the_grace_period():
+    slots, entries, held = FakeSlots(), FakeEntries(), HeldGrace()
+    offloads = Offloads(1, slots, entries, held)
+    a, f, l4 = actor()
+    offloads.watch(a)
+    run(offloads, a, f, l4)
+    slots.count(4, orig=5)
+    ended = []
+    assert offloads.revoke([a], then=ended.extend) == 1
+    assert a.offload is None and entries.offload[a.key] == 0 and slots.action(4) == 0
+    slots.count(4, orig=1, old_action=True)  # a frame that read the old action on another CPU: still counts
+    run(offloads, a, f, l4, n=1)  # a frame handled here meanwhile; asked again, but its slot is not free
+    assert a.offload is None and a.key in offloads.candidates and 4 not in offloads.free and not ended
+    offloads.poll()
+    assert not ended  # the grace period has not passed
+    held.completed = held.requested
+    offloads.poll()
+    assert ended == [a] and 4 in offloads.free and not offloads.returning
+    assert a.packets[0] == 2 + 6 + 1 and offloads.stats["revoked"] == 1  # every frame counted once
+    offloads.flush(lambda actor: True, a.last_seen + 0.01, drained=True)
+    assert a.offload is not None  # offloaded again once its last slot was free
+
+
+def test_settle_makes_a_taken_back_flows_counts_final_before_its_state_leaves():
+    slots, entries, held = FakeSlots(), FakeEntries(), HeldGrace()
+    offloads = Offloads(1, slots, entries, held)
+    a, f, l4 = actor()
+    offloads.watch(a)
+    run(offloads, a, f, l4)
+    offloads.revoke_keys([a.key])
+    slots.count(4, orig=3, old_action=True)
+    offloads.settle([a.key])
+    assert a.packets[0] == 2 + 3 and offloads.stats["settled_early"] == 1 and not offloads.pending
+
+
+def test_background_grace_periods_are_shared_and_signalled():
+    import select
+    import threading
+    gate = threading.Event()
+    calls = []
+
+    def slow_wait():
+        calls.append(1)
+        gate.wait(5)
+        return 0.0
+    bg = grace.Background(slow_wait)
+    try:
+        first = bg.request()
+        second = bg.request()  # made while the first may be waiting: shares the next one at most
+        assert not bg.done(first)
+        gate.set()
+        bg.wait_for(second)
+        assert bg.done(first) and bg.done(second) and len(calls) <= 2
+        assert select.select([bg.fileno()], [], [], 5)[0], "the eventfd did not say a grace period passed"
+        bg.drain_event()
+        assert not select.select([bg.fileno()], [], [], 0)[0]
+    finally:
+        bg.close()
+
+
+def test_background_grace_reports_a_failed_wait():
+    def broken():
+        raise grace.GracePeriodError("no membarrier")
+    bg = grace.Background(broken)
+    try:
+        with pytest.raises(grace.GracePeriodError):
+            bg.wait_for(bg.request())
+    finally:
+        bg.close()
 
 
 def test_a_chain_that_needs_every_packet_stays_inline_and_is_asked_less_and_less(kernel):
@@ -199,7 +283,7 @@ def test_a_recovering_runtime_takes_back_the_slots_of_flows_snapshotted_offloade
     wire_b = dict(b.to_wire(2.0), offload=None)  # b's last snapshot is from before its offload
     slots.count(4, orig=5)    # then the runtime dies; the switch goes on
     # a new process of runtime 1 recovers both from their snapshots
-    fresh = Offloads(1, slots, entries, lambda: graces.append(1) or 0.0)
+    fresh = Offloads(1, slots, entries, grace.Inline(lambda: graces.append(1) or 0.0))
     ra, rb = actor(i=1)[0], actor(i=2)[0]
     ra.load_wire(wire_a, 3.0)
     rb.load_wire(wire_b, 3.0)
@@ -252,3 +336,66 @@ def test_a_flow_that_is_never_quiet_is_handed_over_after_a_while(kernel):
         offloads.flush(lambda actor: True, t + 0.0001, drained=True)
         t += 0.0002
     assert a.offload is not None and 0.09 < t - 1.0 < 0.12 and offloads.stats["busy"] == 1
+
+
+class FakeRing:
+    """The observe ring: copies (slot, direction, frame) the switch made, read in order."""
+
+    def __init__(self):
+        self.copies = []
+
+    def drain(self, handle, limit=1 << 30):
+        n = 0
+        while self.copies and n < limit:
+            handle(*self.copies.pop(0))
+            n += 1
+        return n
+
+
+def observed_actor(i=0):
+    a, f, l4 = actor(chain=("flow_monitor", "http_parser"), i=i)
+    a.rule_id = 7
+    return a, f, l4
+
+
+def test_an_observed_flow_gets_its_copies_and_they_are_all_read_before_its_slot_is_freed():
+    slots, entries, held = FakeSlots(), FakeEntries(), HeldGrace()
+    offloads = Offloads(1, slots, entries, held)
+    offloads.ring = ring = FakeRing()
+    a, f, l4 = observed_actor()
+    offloads.watch(a)
+    run(offloads, a, f, l4)
+    assert a.offload is None and "observe mode" in a.offload_reason  # rule 7 does not ask for it
+    offloads.observe_rules = frozenset({7})
+    run(offloads, a, f, l4, n=2)
+    assert a.offload is not None and a.observing == (1,) and offloads.watching == {4: a}
+    seen = []
+    a.nfs[1].process_packet = lambda pkt, state: seen.append(pkt.direction) or True
+    ring.copies += [(4, a.orig_dir, f)] * 3
+    offloads.drain(2.0)
+    assert seen == [0, 0, 0] and a.copies == 3 and a.packets[0] == 4  # copies are not counted twice
+    ring.copies += [(4, a.orig_dir, f)] * 2  # made before the revocation, not read yet
+    offloads.revoke([a])
+    held.completed = held.requested
+    offloads.poll()
+    assert len(seen) == 5 and a.observing is None and not offloads.watching and 4 in offloads.free
+
+
+def test_a_recovering_runtime_counts_the_copies_its_dead_process_never_read_as_gaps():
+    slots, entries = FakeSlots(), FakeEntries()
+    offloads = Offloads(1, slots, entries, grace.Inline(lambda: 0.0))
+    offloads.ring, offloads.observe_rules = FakeRing(), frozenset({7})
+    a, f, l4 = observed_actor()
+    offloads.watch(a)
+    run(offloads, a, f, l4)
+    wire = a.to_wire(2.0)
+    c = slots.slots[4]["counts"]
+    slots.slots[4]["counts"] = SlotCounts(packets=(0, 6), bytes=(0, 600), observed=(0, 4), observe_lost=(0, 2),
+                                          last_seen_ns=c.last_seen_ns)
+    fresh = Offloads(1, slots, entries, grace.Inline(lambda: 0.0))
+    fresh.ring = FakeRing()
+    ra = observed_actor()[0]
+    ra.load_wire(wire, 3.0)
+    fresh.adopt({ra.key: ra}, [(ra.key, 5)])
+    assert ra.observing == (1,) and fresh.watching == {4: ra}
+    assert ra.states[1]["observe_gaps"] == 6 and ra.packets[0] == 2 + 6

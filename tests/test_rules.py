@@ -155,3 +155,18 @@ def test_the_fragments_option_round_trips_and_is_checked():
     assert Policy.from_dict({}).fragments == "reassemble"
     with pytest.raises(RuleError, match="policy.fragments: 'keep' is not reassemble or drop"):
         Policy.from_dict({"fragments": "keep"})
+
+
+def test_observe_mode_is_asked_per_rule_and_for_the_default_chain():
+    p = Policy.from_dict({"rules": [{"proto": "tcp", "dport": "80", "chain": ["http_parser"], "observe": True},
+                                    {"proto": "tcp", "dport": "81", "chain": ["http_parser"]}],
+                          "default_chain": ["http_parser"], "default_observe": True})
+    assert p.observe_rules() == frozenset({1, 0})
+    again = Policy.from_dict(json.loads(json.dumps(p.to_dict())))
+    assert again.to_dict() == p.to_dict() and again.observe_rules() == p.observe_rules()
+    assert "observe" not in p.to_dict()["rules"][1]  # inline: the default, left out
+    assert Policy.from_dict({"rules": []}).observe_rules() == frozenset()
+    with pytest.raises(RuleError, match="observe"):
+        Policy.from_dict({"rules": [{"chain": ["http_parser"], "observe": "yes"}]})
+    with pytest.raises(RuleError, match="default_observe"):
+        Policy.from_dict({"default_observe": 1})

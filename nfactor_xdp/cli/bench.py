@@ -173,19 +173,28 @@ def bench_forward(counts, duration, nflows, size, batch, output):
 @click.option("--offload", "offload_modes", type=click.Choice(["off", "on", "both"]), default="both",
               show_default=True, help="Measure with offload off (every frame through Python), on (decided "
               "flows forwarded by the switch), or both.")
+@click.option("--chain", "only", multiple=True, metavar="CHAIN",
+              help="Measure only this chain (repeatable): NFs comma-separated as in the output "
+                   "(flow_monitor,firewall), 'none' for no NF, 'observe' for the full chain in observe mode "
+                   "(offload on).  Default: every chain.")
 @trials_option
 @output_option("bench-chains.json")
 @plot_option
-def bench_chains(counts, trial, steps, offload_modes, show_trials, output, plot_dir):
+def bench_chains(counts, trial, steps, offload_modes, only, show_trials, output, plot_dir):
     """Zero-loss rate per service chain (each NF alone, all three) with 1 and 2 runtimes (paper Fig. 6a),
-    with offload off and on."""
+    with offload off and on; with offload on, the full chain in observe mode too (http_parser fed copies
+    while the switch forwards): its zero-loss rate, and the highest rate at which every copy is parsed."""
     modes = ("off", "on") if offload_modes == "both" else (offload_modes,)
     result = _run("run_chain_bench", output, show_trials, plot_dir, counts=counts, trial=trial, steps=steps,
-                  offload=modes)
+                  offload=modes, only=list(only) or None)
     if not result:
         return
     for m in result["measurements"]:
         share = f"; {m['python_share']:.1%} of frames through Python" if "python_share" in m else ""
+        if "observe_copies" in m:
+            share += f"; {m['observe_copies']} copies, {m['observe_lost']} lost"
+        if m.get("not_offloaded_because") and m.get("offload") == "on":
+            share += f"; not offloaded: {'; '.join(m['not_offloaded_because'])}"
         click.echo(f"  {m['label']:<64} zero-loss {m['zero_loss_mpps']:.4f} Mpps ({_ratio(m)}; max forwarded "
                    f"{m['max_forwarded_mpps']:.4f}{share}), {_search(m)}")
         _details(m, show_trials)

@@ -17,7 +17,7 @@ _DEMO_EXIT = {2: EXIT_PARTIAL}
 @click.option("--udp-flows", default=200, show_default=True, help="UDP flows to send.")
 @click.option("--tcp-flows", default=100, show_default=True, help="TCP connections to make.")
 @click.option("--name", "-n", default="demo", show_default=True, help="Name for the demo's testbed and node.")
-@click.option("--offload", type=click.Choice(["on", "off"]), default="off", show_default=True,
+@click.option("--offload", type=click.Choice(["on", "off"]), default="on", show_default=True,
               help="Let the actors hand decided flows to the switch (docs/offload.md).")
 def demo(runtimes, duration, udp_flows, tcp_flows, name, offload):
     """Testbed up, node up, TCP and UDP flows with a live table, summary, all down."""

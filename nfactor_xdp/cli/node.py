@@ -196,6 +196,10 @@ def _show_offload(st: dict) -> None:
                f"{sw.get('off_forward', 0)} frames and dropped {sw.get('off_drop', 0) + sw.get('off_bucket_drop', 0)} "
                f"on its own and punted {sw.get('off_punt', 0)} to the runtimes; "
                f"{sum(o.get('revoked', 0) for o in offloads)} flows taken back")
+    observing = sum(o.get("observing", 0) for o in offloads)
+    if observing or sw.get("off_observed") or sw.get("off_observe_lost"):
+        click.echo(f"observe mode: {observing} flows observed, {sw.get('off_observed', 0)} copies to the "
+                   f"runtimes, {sw.get('off_observe_lost', 0)} lost (a full observe ring; the frames were forwarded)")
 
 
 def _show_frames(r: dict) -> None:
@@ -231,6 +235,8 @@ def flows(name, as_json, limit):
         rt = f["runtime"] if f["runtime"] is not None else f"({f['switch_runtime']})"
         chain = "->".join(f.get("chain") or []) or "-"
         off = (f.get("offload") or "-").split()[0]  # forward, drop (--json: punts, buckets, or why not)
+        if "observe" in (f.get("offload") or ""):
+            off = "observe"
         click.echo(f"{rt!s:>7} {p.get('orig', '-')!s:>10} {p.get('reply', '-')!s:>10} "
                    f"{f.get('dropped', '-')!s:>8}  {off:<8} {chain:<36} {f['flow']}")
     click.echo(f"{len(out['flows'])} flows")

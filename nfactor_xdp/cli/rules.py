@@ -49,13 +49,14 @@ def rules_list(name, as_json):
     rows = [r.to_dict() for r in policy.table().rules]
     if as_json:
         emit_json({"rules": rows, "default_chain": nf.chain_names(policy.default_chain),
-                   "fragments": policy.fragments, "nfs": nf.known()})
+                   "default_observe": policy.default_observe, "fragments": policy.fragments, "nfs": nf.known()})
         return
     click.echo(f"{'id':>3} {'src':<18} {'dst':<18} {'proto':<5} {'sport':<11} {'dport':<11} chain")
     for r in rows:
         click.echo(f"{r['id']:>3} {r['src']:<18} {r['dst']:<18} {r['proto']:<5} {r['sport']:<11} "
-                   f"{r['dport']:<11} {'->'.join(r['chain']) or '(none)'}")
-    click.echo(f"default chain: {'->'.join(nf.chain_names(policy.default_chain)) or '(none: pass through)'}")
+                   f"{r['dport']:<11} {'->'.join(r['chain']) or '(none)'}{' (observe)' if r['observe'] else ''}")
+    click.echo(f"default chain: {'->'.join(nf.chain_names(policy.default_chain)) or '(none: pass through)'}"
+               f"{' (observe)' if policy.default_observe else ''}")
     click.echo(f"IP fragments: {policy.fragments}")
 
 
@@ -68,12 +69,16 @@ def rules_list(name, as_json):
 @click.option("--sport", default="any", show_default=True, help="Source port or range (1000-2000).")
 @click.option("--dport", default="any", show_default=True, help="Destination port or range.")
 @click.option("--chain", required=True, help="NFs in order, comma-separated (see `rules list --json`).")
+@click.option("--observe/--inline", default=False, show_default=True,
+              help="Observe mode: NFs of the chain that only observe (http_parser) are fed copies of the "
+                   "flow's frames while the switch forwards them in XDP (docs/offload.md); inline: they see "
+                   "every frame in Python.  Needs offload on.")
 @json_option
-def rules_add(name, src, dst, proto, sport, dport, chain, as_json):
+def rules_add(name, src, dst, proto, sport, dport, chain, observe, as_json):
     """Add a rule."""
     def add(policy):
         rule = policy.add({"src": src, "dst": dst, "proto": proto, "sport": sport, "dport": dport,
-                           "chain": chain})
+                           "chain": chain, "observe": observe})
         return f"rule {rule.id} added", {"added": rule.to_dict()}
     _edit(name, as_json, add)
 
@@ -93,15 +98,21 @@ def rules_del(name, rule_id, as_json):
 @rules.command("default")
 @name_option
 @click.option("--chain", required=True, help="NFs for flows no rule matches ('' for none).")
+@click.option("--observe/--inline", default=False, show_default=True,
+              help="Observe mode: NFs of the chain that only observe (http_parser) are fed copies of the "
+                   "flow's frames while the switch forwards them in XDP (docs/offload.md); inline: they see "
+                   "every frame in Python.  Needs offload on.")
 @json_option
-def rules_default(name, chain, as_json):
+def rules_default(name, chain, observe, as_json):
     """Set the chain of flows that no rule matches."""
     from ..dataplane import nf
     from ..dataplane.rules import parse_chain
 
     def set_default(policy):
         policy.default_chain = parse_chain(chain, "--chain")
-        return "default chain set", {"default_chain": nf.chain_names(policy.default_chain)}
+        policy.default_observe = observe
+        return "default chain set", {"default_chain": nf.chain_names(policy.default_chain),
+                                     "default_observe": observe}
     _edit(name, as_json, set_default)
 
 

@@ -204,8 +204,14 @@ def _runtime(f: Families, rt: dict) -> None:
     f.gauge("nfactor_runtime_offloaded_flows", "The runtime's flows the switch handles alone now (offload).",
             off.get("flows"), **r)
     f.counters("nfactor_runtime_offload_events_total", "Flows offloaded and revoked, frames punted and late, "
-               "slots short, grace periods, ... (docs/offload.md).", off, skip=("enabled", "flows", "free_slots"),
+               "slots short, grace periods, ... (docs/offload.md).", off,
+               skip=("enabled", "flows", "free_slots", "returning", "observing", "ring_most_behind"),
                **r)
+    f.gauge("nfactor_runtime_observed_flows", "The runtime's flows in observe mode (their NFs read copies).",
+            off.get("observing"), **r)
+    f.gauge("nfactor_runtime_observe_ring_most_behind_bytes", "The most the runtime's observe ring reader has "
+            "been behind the switch, in bytes (the ring holds 4 MiB; beyond, copies are lost).",
+            off.get("ring_most_behind"), **r)
 
 
 def _xsk(f: Families, xs: dict, r: dict) -> None:

@@ -273,7 +273,8 @@ def flows(name: str, limit: int | None = None) -> dict:
         }
         if a:
             for k in ("chain", "rule", "dropped", "closed", "nfs", "nf_errors", "errors", "replica",
-                      "snapshot_version", "migrating", "migratable", "state_bytes", "offload", "offload_reason"):
+                      "snapshot_version", "migrating", "migratable", "state_bytes", "offload", "offload_reason",
+                      "observed_copies"):
                 if k in a:
                     entry[k] = a[k]
         out.append(entry)

@@ -28,7 +28,8 @@ class Actor:
     __slots__ = ("key", "proto", "orig_dir", "chain", "rule_id", "nfs", "states", "packets", "bytes",
                  "dropped", "nf_errors", "errors", "first_seen", "last_seen", "fin", "closed_at",
                  "fast_keys", "migration", "replicator", "replica", "snap_count", "snap_version", "too_big",
-                 "clock", "offload", "offload_base", "offload_reason", "ask_at", "offload_saved")
+                 "clock", "offload", "offload_base", "offload_reason", "ask_at", "offload_saved", "observing",
+                 "copies")
 
     def __init__(self, key: bytes, orig_dir: int, now: float, chain: int = 0,
                  nfs: tuple[NetworkFunction, ...] | list = (), rule_id: int = 0, replicator=None):
@@ -61,6 +62,8 @@ class Actor:
         self.offload_reason: str | None = None  # why the chain last refused offload
         self.ask_at = 0                   # ask the chain after this many packets (0: never; offloader.py)
         self.offload_saved: ChainOffload | None = None  # the decision a snapshot was taken under (recovery)
+        self.observing: tuple | None = None  # observe mode: the NFs fed copies, while copies may still come
+        self.copies = 0                   # copies those NFs saw (observe mode)
 
     def on_packet(self, frame, direction: int, l4: int, now: float) -> bool:
         """Process one frame of the flow; True forwards it, False drops it."""
@@ -109,11 +112,35 @@ class Actor:
             except Exception:
                 pass
 
-    def offload_decision(self) -> ChainOffload:
+    def observe(self, frame, direction: int, l4: int, now: float) -> None:
+        """A copy of a frame the switch forwarded (observe mode): only the NFs
+        that observe see it, and their verdicts do not count (the frame has
+        left).  The flow's counters come from the switch's counts (absorb)."""
+        observers = self.observing
+        if observers is None:
+            return
+        self.copies += 1
+        if self.replicator is not None:
+            self.snap_count += 1
+            if self.snap_count >= self.replicator.every:
+                self.snap_count = 0
+                self.replicator.due(self)
+        pkt = Packet(frame, 0 if direction == self.orig_dir else 1, l4, self.proto, now)
+        nfs, states = self.nfs, self.states
+        for i in observers:
+            try:
+                nfs[i].process_packet(pkt, states[i])
+            except Exception as e:
+                self.nf_errors += 1
+                if len(self.errors) < MAX_ERRORS_KEPT:
+                    self.errors.append(f"{nfs[i].name} (observing): {type(e).__name__}: {e}")
+
+    def offload_decision(self, observe_ok: bool = False) -> ChainOffload:
         """The chain's combined answer (offload_spec.combine) from each NF's
         offload(state).  Asked after a packet went through the chain; changes
         nothing.  An NF that raises counts as needing every packet.  Punt
-        flags are cleared for a flow that is not TCP (they mean nothing there)."""
+        flags are cleared for a flow that is not TCP (they mean nothing there).
+        observe_ok: the flow's rule asks for observe mode."""
         answers, names = [], []
         for nf, state in zip(self.nfs, self.states):
             names.append(nf.name)
@@ -124,19 +151,21 @@ class Actor:
             answers.append(answer)
             if answer is not None and getattr(answer, "action", None) == DROP:
                 break  # the NFs after a drop never see the flow's frames
-        decision = combine(answers, names)
+        decision = combine(answers, names, observe_ok)
         spec = decision.spec
         if spec is not None and spec.punt_tcp_flags and self.proto != TCP:
-            decision = ChainOffload(replace(spec, punt_tcp_flags=0), owner=decision.owner)
+            decision = replace(decision, spec=replace(spec, punt_tcp_flags=0))
         return decision
 
-    def absorb(self, counts: KernelCounts) -> None:
-        """Fold counts the switch made under `self.offload` (set by the runtime
-        when it offloaded the flow), given only once each: the actor's own
+    def absorb(self, counts: KernelCounts, decision: ChainOffload | None = None) -> None:
+        """Fold counts the switch made under `decision` (by default
+        `self.offload`, set by the runtime when it offloaded the flow; a flow
+        being taken back is inline again when its last counts come), given
+        only once each: the actor's own
         counters take every frame the switch saw, and each NF absorbs the
         frames as it would have seen them inline (ChainOffload.counts_for).
         An NF that raises is counted as an NF error; the others still absorb."""
-        decision = self.offload
+        decision = decision or self.offload
         if decision is None or decision.spec is None:
             raise ValueError("absorb: the flow is not offloaded")
         if not counts:
@@ -210,6 +239,8 @@ class Actor:
             out["snapshot_version"] = self.snap_version
         if self.offload is not None:
             out["offload"] = self.offload.describe()
+            if self.offload.observers:
+                out["observed_copies"] = self.copies
         elif self.offload_reason:
             out["offload_reason"] = self.offload_reason
         if self.migration is not None:
@@ -236,15 +267,16 @@ class Actor:
         return out
 
 
-_BASE_PAIRS = ("packets", "bytes", "bucket_dropped", "bucket_dropped_bytes")
+_BASE_PAIRS = ("packets", "bytes", "bucket_dropped", "bucket_dropped_bytes", "observed", "observe_lost")
 
 
-_SPEC_FIELDS = ("action", "punt_tcp_flags", "pps", "burst", "bps", "byte_burst")
+_SPEC_FIELDS = ("action", "punt_tcp_flags", "pps", "burst", "bps", "byte_burst", "observe")
 
 
 def _offload_to_wire(decision: ChainOffload, base) -> dict:
     spec = decision.spec
     return {"spec": [int(getattr(spec, f)) for f in _SPEC_FIELDS], "owner": decision.owner,
+            "observers": list(decision.observers),
             "base": {**{n: list(getattr(base, n)) for n in _BASE_PAIRS}, "last_seen_ns": base.last_seen_ns}}
 
 
@@ -258,9 +290,10 @@ def _offload_from_wire(wire) -> tuple:
     try:
         fields = dict(zip(_SPEC_FIELDS, (int(x) for x in wire["spec"])))
         fields["action"] = Action(fields["action"])
-        decision = ChainOffload(Offload(**fields), owner=int(wire["owner"]))
+        decision = ChainOffload(Offload(**fields), owner=int(wire["owner"]),
+                                observers=tuple(int(i) for i in wire.get("observers", ())))
         base = wire["base"]
-        pairs = {n: (int(base[n][0]), int(base[n][1])) for n in _BASE_PAIRS}
+        pairs = {n: (int(base[n][0]), int(base[n][1])) for n in _BASE_PAIRS if n in base}
         return decision, SlotCounts(**pairs, last_seen_ns=int(base.get("last_seen_ns", 0)))
     except (KeyError, IndexError, TypeError, AttributeError) as e:
         raise ValueError(f"bad offload in the wire: {e}") from None

@@ -28,7 +28,7 @@ class Lifetime:
         self.rt_id, self.flows, self.replicator, self.stats = rt_id, flows, replicator, stats
         self.max_flows, self.idle_timeout = max_flows, idle_timeout
         self.maps = None
-        self.revoke = lambda actors: 0  # takes offloaded flows back from the switch first (offloader.py)
+        self.revoke = lambda actors, then=None: 0  # takes offloaded flows back from the switch first (offloader.py)
         self.ended: list[bytes] = []  # keys whose switch entry is still to delete
         self.evicted_offloaded: list = []  # given up while the switch handled them: revoked in flush()
         for name in ("flows_expired", "flows_evicted", "dropped_flow_cap",
@@ -48,9 +48,9 @@ class Lifetime:
             if victim is None:
                 self.stats["dropped_flow_cap"] += 1
                 return False
-            self.release(victim)
             if victim.offload is not None:
                 self.evicted_offloaded.append(victim)  # taken back from the switch with the batch's others
+            self.release(victim, end=victim.offload is None)
             self.stats["flows_evicted"] += 1
         return True
 
@@ -59,16 +59,21 @@ class Lifetime:
         idle, closed = now - self.idle_timeout, now - CLOSE_LINGER
         gone = [a for a in self.flows.values()
                 if a.migration is None and (a.last_seen < idle or (a.closed_at and a.closed_at < closed))]
-        self.revoke(gone)  # (an offloaded flow's last_seen is the switch's, folded in before)
+        # (an offloaded flow's last_seen is the switch's, folded in before); its NFs see
+        # their state for the last time once the switch's last counts are in
+        offloaded = [a for a in gone if a.offload is not None]
         for actor in gone:
-            self.release(actor)
+            self.release(actor, end=actor.offload is None)
+        self.revoke(offloaded, then=_end_all)
         self.stats["flows_expired"] += len(gone)
         self.flows.compact()
         self.flush()
 
-    def release(self, actor) -> None:
+    def release(self, actor, end: bool = True) -> None:
+        """end=False: the caller ends the actor later (after its last counts)."""
         self.flows.remove(actor.key)
-        actor.end()
+        if end:
+            actor.end()
         self.replicator.flow_ended(actor)
         if self.maps is not None:
             self.ended.append(actor.key)
@@ -78,7 +83,7 @@ class Lifetime:
         switch handled alone taken back first, one grace period for all)."""
         if self.evicted_offloaded:
             evicted, self.evicted_offloaded = self.evicted_offloaded, []
-            self.revoke(evicted)
+            self.revoke(evicted, then=_end_all)
         ended, self.ended = self.ended, []
         st = self.stats
         for key in ended:
@@ -95,3 +100,8 @@ class Lifetime:
     def limit(self) -> dict:
         return {"limit": self.max_flows, "unit": "flows (actors) in this runtime",
                 "evicted": self.stats["flows_evicted"], "refused": self.stats["dropped_flow_cap"]}
+
+
+def _end_all(actors) -> None:
+    for actor in actors:
+        actor.end()

@@ -78,6 +78,7 @@ class Migrator(Arrivals):
         self.unmovable: set[bytes] = set()  # flows whose state was found too big to move
         self.queued: set[bytes] = set()     # keys waiting in a batch (never offloaded meanwhile)
         self.revoke = lambda keys: 0        # takes offloaded flows back from the switch (offloader.py)
+        self.settle = lambda keys: None     # ... and makes their counts final before their state leaves
         self.skip = 0  # held frames keep the switch's ingress tag in front; actors see them without (runtime.skip)
         self.last_error = ""
         self.stats = {"late_markers": 0, "out_started": 0, "out_succeeded": 0, "out_failed": 0, "marker_resends": 0,
@@ -245,6 +246,7 @@ class Migrator(Arrivals):
             return
         m.step = "state"
         try:
+            self.settle((m.key,))
             body = {"key": m.key.hex(), "actor": actor.to_wire(time.monotonic())}
             self.ep.request(target, MsgType.MIGRATE_STATE, body,
                             lambda msg, m=m: self._done(m, msg), timeout=0.2, retries=5,

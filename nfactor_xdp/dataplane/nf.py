@@ -115,7 +115,14 @@ class NetworkFunction:
         function of the state and the config.  The answer holds until the
         runtime asks again: after every packet that reaches the NF (punted
         ones included) and after a policy change, which revokes the offload
-        before the new config applies."""
+        before the new config applies.
+
+        Observe mode: an NF that never drops nor rewrites the flow's packets
+        and only needs to see them may answer Offload(FORWARD,
+        observe=OBSERVE_PAYLOAD or OBSERVE_ALL).  Where the flow's rule asks
+        for observe mode, the switch then forwards the flow and the NF's
+        process_packet is fed copies (its return value ignored); elsewhere
+        such an answer counts as needing every packet (docs/offload.md)."""
         return None
 
     def absorb(self, state, counts: KernelCounts) -> None:
@@ -127,7 +134,9 @@ class NetworkFunction:
         when its own answer was DROP.  Each call brings only
         counts not absorbed before, so adding them is exact; a call may come
         while the flow stays offloaded (a query, a snapshot) and again at the
-        end.  Default: nothing (an NF whose state does not count packets)."""
+        end.  An NF in observe mode gets only observe_lost: the copies it
+        never saw (a gap in its view of the flow).  Default: nothing (an NF
+        whose state does not count packets)."""
 
 
 def _plain(state):

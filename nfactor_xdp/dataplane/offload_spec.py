@@ -2,7 +2,8 @@
 
 `Offload` is one NF's answer (or the chain's combined one): the action the
 switch applies to the flow's frames, the TCP flags whose frames must still
-reach Python, and at most one token bucket.  `KernelCounts` is what the
+reach Python, at most one token bucket, and whether the NF only observes
+(it is fed copies of the forwarded frames: observe mode).  `KernelCounts` is what the
 switch did with the flow's frames meanwhile.  `combine` turns a chain's
 answers into one `ChainOffload`: a spec, or the reason there is none.
 """
@@ -14,7 +15,7 @@ from enum import IntEnum
 
 from ..formats.headers import TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN
 
-__all__ = ["Action", "FORWARD", "DROP", "TCP_FIN", "TCP_SYN", "TCP_RST", "TCP_PSH", "TCP_ACK",
+__all__ = ["Action", "FORWARD", "DROP", "OBSERVE_ALL", "OBSERVE_PAYLOAD", "TCP_FIN", "TCP_SYN", "TCP_RST", "TCP_PSH", "TCP_ACK",
            "Offload", "KernelCounts", "ChainOffload", "combine", "flag_names", "OffloadError"]
 
 MAX_TCP_FLAGS = 0xFF        # the flags byte of the TCP header
@@ -34,6 +35,10 @@ class Action(IntEnum):
 
 
 FORWARD, DROP = Action.FORWARD, Action.DROP
+# observe modes (the kernel's enum nfx_observe): copies of every forwarded frame, or only of those
+# with TCP/UDP payload bytes
+OBSERVE_NONE, OBSERVE_ALL, OBSERVE_PAYLOAD = 0, 1, 2
+_OBSERVE_NAMES = {OBSERVE_ALL: "observe", OBSERVE_PAYLOAD: "observe payload"}
 
 
 def _count(label: str, value, limit: int) -> int:
@@ -56,13 +61,19 @@ class Offload:
     these flags still goes to Python (ignored for other protocols).  pps/burst:
     a packet bucket, bps/byte_burst: a byte bucket (bytes per second, bucket
     size in bytes); 0/0 is none, and a bucket's rate and size are both set.
-    A DROP has neither punts nor buckets.  Raises OffloadError when invalid."""
+    A DROP has neither punts nor buckets.  observe (FORWARD only): the NF
+    never drops nor rewrites the flow's frames and only needs to see them:
+    the switch forwards them and feeds the NF copies (OBSERVE_ALL, or
+    OBSERVE_PAYLOAD: only frames with payload bytes), if the flow's rule asks
+    for observe mode; its verdicts on copies do not count.  Raises
+    OffloadError when invalid."""
     action: Action = FORWARD
     punt_tcp_flags: int = 0
     pps: int = 0
     burst: int = 0
     bps: int = 0
     byte_burst: int = 0
+    observe: int = OBSERVE_NONE
 
     def __post_init__(self) -> None:
         if self.action not in (FORWARD, DROP):
@@ -74,8 +85,11 @@ class Offload:
             s = _count(f"offload.{size}", getattr(self, size), MAX_RATE)
             if bool(r) != bool(s):
                 raise OffloadError(f"offload.{rate}/{size}: a bucket needs both (or neither), got {r}/{s}")
-        if self.action == DROP and (self.punt_tcp_flags or self.has_bucket):
-            raise OffloadError("offload: a DROP takes no punt flags and no bucket")
+        if self.observe not in (OBSERVE_NONE, OBSERVE_ALL, OBSERVE_PAYLOAD):
+            raise OffloadError(f"offload.observe: {self.observe!r} is not OBSERVE_NONE, OBSERVE_ALL or "
+                               f"OBSERVE_PAYLOAD")
+        if self.action == DROP and (self.punt_tcp_flags or self.has_bucket or self.observe):
+            raise OffloadError("offload: a DROP takes no punt flags, no bucket and no observe")
 
     @property
     def has_bucket(self) -> bool:
@@ -90,6 +104,8 @@ class Offload:
             parts.append(f"{self.pps}pps/{self.burst}")
         if self.bps:
             parts.append(f"{self.bps}B/s/{self.byte_burst}B")
+        if self.observe:
+            parts.append(_OBSERVE_NAMES[self.observe])
         return " ".join(parts)
 
 
@@ -104,7 +120,7 @@ def _pair(name: str, value) -> tuple[int, int]:
     return orig, reply
 
 
-_PAIRS = ("packets", "bytes", "bucket_dropped", "bucket_dropped_bytes")
+_PAIRS = ("packets", "bytes", "bucket_dropped", "bucket_dropped_bytes", "observed", "observe_lost")
 
 
 @dataclass(frozen=True)
@@ -117,6 +133,10 @@ class KernelCounts:
                           dropped by the action or a bucket), Ethernet lengths
     bucket_dropped        those of them a bucket dropped
     bucket_dropped_bytes  their bytes
+    observed              (observe mode) forwarded frames copied for the NFs that observe
+    observe_lost          forwarded frames those NFs should have seen but never will (the
+                          copy found no room, or the runtime that was to read it died):
+                          a gap in what they observed
     last_seen             the last frame's bpf_ktime_get_ns() (the clock of
                           time.monotonic_ns()); None: no frame
 
@@ -128,6 +148,8 @@ class KernelCounts:
     bytes: tuple[int, int] = (0, 0)
     bucket_dropped: tuple[int, int] = (0, 0)
     bucket_dropped_bytes: tuple[int, int] = (0, 0)
+    observed: tuple[int, int] = (0, 0)
+    observe_lost: tuple[int, int] = (0, 0)
     last_seen: int | None = None
 
     def __post_init__(self) -> None:
@@ -143,7 +165,15 @@ class KernelCounts:
         def ours(pair):
             return tuple(pair) if orig_dir == 0 else (pair[1], pair[0])
         return cls(ours(slot.packets), ours(slot.bytes), ours(slot.bucket_dropped),
-                   ours(getattr(slot, "bucket_dropped_bytes", (0, 0))), last_seen=slot.last_seen_ns or None)
+                   ours(getattr(slot, "bucket_dropped_bytes", (0, 0))), ours(getattr(slot, "observed", (0, 0))),
+                   ours(getattr(slot, "observe_lost", (0, 0))), last_seen=slot.last_seen_ns or None)
+
+    def unseen(self) -> KernelCounts:
+        """The same counts with every copy made counted as lost too (copies in
+        the ring of a runtime that died were never read)."""
+        lost = tuple(a + b for a, b in zip(self.observe_lost, self.observed))
+        return KernelCounts(self.packets, self.bytes, self.bucket_dropped, self.bucket_dropped_bytes,
+                            (0, 0), lost, last_seen=self.last_seen)
 
     def __bool__(self) -> bool:
         return any(any(getattr(self, name)) for name in _PAIRS)
@@ -197,6 +227,7 @@ class ChainOffload:
     spec: Offload | None
     reason: str = ""
     owner: int = -1
+    observers: tuple = ()   # the NFs (indices) fed copies in observe mode
 
     def describe(self) -> str:
         return self.spec.describe() if self.spec is not None else f"not offloaded: {self.reason}"
@@ -206,7 +237,12 @@ class ChainOffload:
         inline: up to the owner, every frame reached it (only the owner's own
         bucket drops are its concern); after the owner, only the frames the
         owner passed (none after a DROP)."""
+        if index in self.observers:  # it saw the frames as copies: only the ones it missed
+            return KernelCounts(observe_lost=counts.observe_lost) if any(counts.observe_lost) else NO_COUNTS
         owner = self.owner
+        if self.observers:
+            counts = KernelCounts(counts.packets, counts.bytes, counts.bucket_dropped, counts.bucket_dropped_bytes,
+                                  last_seen=counts.last_seen)
         if owner < 0 or index == owner:
             return counts
         if index < owner:
@@ -216,19 +252,22 @@ class ChainOffload:
         return KernelCounts(counts.forwarded, counts.forwarded_bytes, last_seen=counts.last_seen)
 
 
-def combine(answers: list, names: list[str] | None = None) -> ChainOffload:
+def combine(answers: list, names: list[str] | None = None, observe_ok: bool = False) -> ChainOffload:
     """One chain's answers, in chain order, combined:
 
     - an empty chain forwards everything (FORWARD, no punts);
     - a None (or anything not an Offload) before the first DROP: not
       offloaded, that NF needs every packet;
+    - an answer that observes: that NF is fed copies if observe_ok (the
+      flow's rule asks for observe mode), else it needs every packet; an
+      observer before a bucket: not offloaded (it would miss the drops);
     - the first DROP decides: DROP (no punts, no bucket); the answers after
       it do not count, as those NFs never see a dropped frame inline.  A
       bucket before it: not offloaded (its drops would not be exact);
     - otherwise FORWARD, the punt masks OR-ed, and the bucket of the one NF
       that asks for one; two NFs with buckets: not offloaded."""
     names = list(names) if names is not None else [f"nf#{i}" for i in range(len(answers))]
-    punts, bucket = 0, -1
+    punts, bucket, observers, observe = 0, -1, [], OBSERVE_NONE
     for i, answer in enumerate(answers):
         name = names[i]
         if answer is None:
@@ -239,12 +278,21 @@ def combine(answers: list, names: list[str] | None = None) -> ChainOffload:
             if bucket >= 0:
                 return ChainOffload(None, f"{names[bucket]}'s bucket comes before {name}'s drop")
             return ChainOffload(Offload(DROP), owner=i)
+        if answer.observe:
+            if not observe_ok:
+                return ChainOffload(None, f"{name} needs every packet (its rule does not ask for observe mode)")
+            observers.append(i)
+            # copies of every frame if any observer wants them all
+            observe = OBSERVE_ALL if OBSERVE_ALL in (observe, answer.observe) else OBSERVE_PAYLOAD
         if answer.has_bucket:
             if bucket >= 0:
                 return ChainOffload(None, f"two buckets ({names[bucket]}, {name})")
+            if observers and observers[0] < i:
+                return ChainOffload(None, f"{names[observers[0]]} observes before {name}'s bucket")
             bucket = i
         punts |= answer.punt_tcp_flags
     if bucket < 0:
-        return ChainOffload(Offload(FORWARD, punts))
+        return ChainOffload(Offload(FORWARD, punts, observe=observe), observers=tuple(observers))
     b = answers[bucket]
-    return ChainOffload(Offload(FORWARD, punts, b.pps, b.burst, b.bps, b.byte_burst), owner=bucket)
+    return ChainOffload(Offload(FORWARD, punts, b.pps, b.burst, b.bps, b.byte_burst, observe), owner=bucket,
+                        observers=tuple(observers))

@@ -4,11 +4,17 @@ flow to the switch, and taking it back with exact counts.
 
 The runtime owns a fixed range of slots.  Offloading writes the slot (its
 parameters, then its action) and then names it in the flow's switch entry.
-Revoking unnames the slot in the flow's entry, clears its action in place,
-waits one grace period (after it, no XDP program that read the old entry or
-the old action is still running: nothing more is counted, and the slot may
-serve another flow), then folds the slot's last counts into the actor and
-frees the slot.  Revocations are batched: one grace period for many flows.
+Revoking unnames the slot in the flow's entry and clears its action in place:
+from then on the flow's frames come here again and its actor handles them
+inline.  The slot's last counts are final only after a grace period (after
+it, no XDP program that read the old entry or the old action is still
+running); the grace period is waited by a thread of its own (kern/grace.py
+Background), so the packet loop never stalls on one.  When it has passed,
+poll() folds the slot's last counts into the actor, frees the slot, and calls
+the revocation's `then` (an expiry ends its actors only then, so their NFs
+see their final counts).  Revocations are batched: one grace period for many
+flows.  A flow taken back is not offloaded again before its slot is free;
+a migration takes its state only after its counts are final (settle).
 
 The actor's NF states and `actor.offload_base` (the slot's counts folded so
 far) always change together, so a snapshot or a migration taken at any time
@@ -23,14 +29,19 @@ that emptied the receive ring (everything received was sent), once the flow
 has been quiet for QUIET seconds (no frame of it still on its way).  A flow
 that is never quiet (a steady fast one) is handed over after PATIENCE
 seconds anyway; a frame of it that was on its way is still processed and
-sent, after the switch's own (counted: `late`).
+sent (counted: `late`), and counted again (`late_behind`) if by then the
+switch had already handled a frame of the flow, which may have overtaken it.
+Because grace periods never block the loop, such a frame is sent within
+microseconds of its arrival.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
 from .offload_spec import KernelCounts
-from .packet import TCP
+from .packet import TCP, classify
+
+OBSERVE_BATCH = 512  # copies read from the observe ring per loop turn (then a packet batch)
 
 NEVER = 0
 FIRST_ASK = 2
@@ -41,9 +52,9 @@ PATIENCE = 0.1    # seconds a flow waits for a quiet moment before it is handed 
 class Offloads:
     """slots: kern/offloads.OffloadSlots (or a stand-in); entries: an object
     with set_offload(key, value, runtime) -> bool (kern/maps.NodeMaps);
-    grace: waits one grace period (kern/grace.wait)."""
+    grace: kern/grace.Background (or Inline)."""
 
-    def __init__(self, rt_id: int, slots, entries, grace: Callable[[], float], enabled: bool = True):
+    def __init__(self, rt_id: int, slots, entries, grace, enabled: bool = True):
         self.rt_id, self.slots, self.entries, self.grace = rt_id, slots, entries, grace
         self.enabled = enabled and slots is not None
         self.free = list(reversed(slots.range(rt_id))) if slots is not None else []
@@ -51,8 +62,16 @@ class Offloads:
         self.actors: dict[bytes, object] = {}  # flow key -> actor, while offloaded
         self.candidates: dict = {}             # key -> (actor, since): to ask at a quiet moment
         self.revoking: list = []               # taken back after this packet batch
+        self.returning: dict[bytes, object] = {}  # key -> actor: taken back, its counts final after the grace period
+        self.pending: list = []                # (ticket, [(actor or None, slot, decision)], then), oldest first
+        self.observe_rules = frozenset()       # rule ids whose flows may be observed (rules.Policy.observe_rules)
+        self.ring = None                       # the runtime's observe ring (kern/observe.ObserveRing), if any
+        self.watching: dict[int, object] = {}  # slot -> actor, while copies of its flow may come
+        self.now = 0.0                         # the runtime's clock, for the copies
         self.stats = {"offloaded": 0, "revoked": 0, "no_slot": 0, "entry_gone": 0, "grace_periods": 0,
-                      "punted": 0, "late": 0, "busy": 0, "not_offloadable": 0, "adopted": 0, "dropped_slots": 0}
+                      "punted": 0, "late": 0, "late_behind": 0, "busy": 0, "not_offloadable": 0, "adopted": 0,
+                      "dropped_slots": 0, "settled_early": 0, "copies": 0, "copies_stale": 0,
+                      "no_ring": 0}
 
     def __len__(self) -> int:
         return len(self.slot_of)
@@ -69,16 +88,18 @@ class Offloads:
             if actor.proto == TCP and l4 >= 0 and frame[l4 + 13] & actor.offload.spec.punt_tcp_flags:
                 self.stats["punted"] += 1
                 # a punted frame may change what the chain needs (a closing flow is released soon anyway)
-                if not actor.closed_at and actor.offload_decision().spec != actor.offload.spec:
+                if not actor.closed_at and self._decision(actor).spec != actor.offload.spec:
                     self.revoking.append(actor)
             else:
                 self.stats["late"] += 1  # it left the switch before the flow was offloaded
+                if self.slots.read(self.slot_of[actor.key]):
+                    self.stats["late_behind"] += 1  # the switch has handled a frame of the flow since
             return
         if actor.packets[0] + actor.packets[1] >= actor.ask_at:
             actor.ask_at *= 2
             if actor.key in self.candidates:
                 return
-            decision = actor.offload_decision()
+            decision = self._decision(actor)
             if decision.spec is None:
                 self.stats["not_offloadable"] += 1
                 actor.offload_reason = decision.reason
@@ -96,6 +117,8 @@ class Offloads:
         if not drained:
             return
         for key, (actor, since) in list(self.candidates.items()):
+            if key in self.returning:
+                continue  # its last slot is not free yet: offloaded again once it is
             if now - actor.last_seen < QUIET:
                 if now - since < PATIENCE:
                     continue  # a frame of it may still be on its way: at the next quiet moment
@@ -103,15 +126,22 @@ class Offloads:
             del self.candidates[key]
             if actor.offload is not None or actor.ask_at == NEVER or not eligible(actor):
                 continue
-            decision = actor.offload_decision()
+            decision = self._decision(actor)
             if decision.spec is None:
                 self.stats["not_offloadable"] += 1
                 actor.offload_reason = decision.reason
                 continue
             self.offload(actor, decision)
 
+    def _decision(self, actor):
+        return actor.offload_decision(actor.rule_id in self.observe_rules)
+
     def offload(self, actor, decision) -> bool:
-        if actor.key in self.slot_of:  # an earlier actor of the flow's, released, is still being revoked
+        if actor.key in self.slot_of or actor.key in self.returning:  # (an earlier actor of the flow's)
+            return False
+        if decision.observers and self.ring is None:
+            self.stats["no_ring"] += 1
+            actor.offload_reason = "observe mode without an observe ring (an older node?)"
             return False
         if not self.free:
             self.stats["no_slot"] += 1
@@ -122,17 +152,43 @@ class Offloads:
         base = self.slots.read(slot)  # zero: nothing reaches the slot before the entry names it
         if not self.entries.set_offload(actor.key, slot + 1, self.rt_id):  # gone, or placed elsewhere now
             self.slots.clear_action(slot)
-            self.grace()  # the slot may be written again at once: nothing may still count into it
-            self.free.append(slot)
+            self._after_grace([(None, slot, None)], None)  # nothing may still count into it when reused
             self.stats["entry_gone"] += 1
             return False
         actor.offload, actor.offload_reason, actor.offload_base = decision, None, base
+        if decision.observers:
+            actor.observing = decision.observers
+            self.watching[slot] = actor
         self.slot_of[actor.key] = slot
         self.actors[actor.key] = actor
         self.stats["offloaded"] += 1
         if actor.replicator is not None:
             actor.replicator.due(actor)  # its replica learns it is offloaded (the base) now
         return True
+
+    # --- observe mode: the copies --------------------------------------------------
+    def on_copy(self, slot: int, direction: int, frame) -> None:
+        actor = self.watching.get(slot)
+        if actor is None:  # (cannot happen: a slot is watched until its copies are read)
+            self.stats["copies_stale"] += 1
+            return
+        self.stats["copies"] += 1
+        if frame[12] == 8 and frame[13] == 0 and frame[14] == 0x45:  # IPv4 without options
+            l4 = 34
+        else:
+            l4 = classify(frame)[3]
+        actor.observe(frame, direction, l4, self.now)
+
+    def drain(self, now: float, limit: int = OBSERVE_BATCH) -> int:
+        """Copies from the observe ring to their actors (up to `limit`)."""
+        self.now = now
+        return self.ring.drain(self.on_copy, limit)
+
+    def drain_all(self) -> None:
+        """Every copy in the ring, before a frame of an observed flow is
+        handled inline (a punted FIN after its data) or a slot is freed."""
+        if self.ring is not None:
+            self.ring.drain(self.on_copy)
 
     # --- counting ------------------------------------------------------------
     def fold(self, actor) -> bool:
@@ -153,30 +209,79 @@ class Offloads:
         return [a for a in list(self.actors.values()) if self.fold(a)]
 
     # --- taking flows back ------------------------------------------------------
-    def revoke(self, actors: Iterable) -> int:
-        """Take these actors' flows back from the switch (those offloaded),
-        with one grace period; returns how many were."""
+    def revoke(self, actors: Iterable, then: Callable | None = None) -> int:
+        """Take these actors' flows back from the switch (those offloaded):
+        inline at once, their last counts folded after one grace period for
+        all, when `then(actors)` is called (at once if none was offloaded).
+        Returns how many were offloaded."""
         batch = [a for a in actors if a.key in self.slot_of]
         if not batch:
+            if then is not None:
+                then([])
             return 0
+        items = []
         for actor in batch:
+            slot = self.slot_of.pop(actor.key)
+            del self.actors[actor.key]
             # the entry first: once the grace period is over, no frame can reach the slot through
             # it, so the slot may serve another flow at once
             self.entries.set_offload(actor.key, 0, self.rt_id)  # (gone with the flow is fine)
-            self.slots.clear_action(self.slot_of[actor.key])
-        self.grace()
-        self.stats["grace_periods"] += 1
-        for actor in batch:
-            self.fold(actor)
-            slot = self.slot_of.pop(actor.key)
-            del self.actors[actor.key]
-            self.slots.zero(slot)
-            self.free.append(slot)
-            actor.offload = actor.offload_base = None
+            self.slots.clear_action(slot)
+            items.append((actor, slot, actor.offload))
+            self.returning[actor.key] = actor
+            actor.offload = None  # its next frames are handled here
             if actor.ask_at != NEVER:
                 actor.ask_at = actor.packets[0] + actor.packets[1] + 1  # decided again on its next packet
-        self.stats["revoked"] += len(batch)
+        self._after_grace(items, then)
         return len(batch)
+
+    def _after_grace(self, items: list, then) -> None:
+        self.pending.append((self.grace.request(), items, then))
+        self.stats["grace_periods"] += 1
+        self.poll()
+
+    def poll(self) -> None:
+        """Finish the revocations whose grace period has passed (cheap: call
+        it every loop turn while `pending`)."""
+        while self.pending and self.grace.done(self.pending[0][0]):
+            _, items, then = self.pending.pop(0)
+            self._finish(items, then)
+
+    def _finish(self, items: list, then) -> None:
+        if any(slot in self.watching for _, slot, _ in items):
+            self.drain_all()  # every copy the slots made is in the ring now: to their actors first
+        actors = []
+        for actor, slot, decision in items:
+            if actor is not None and self.watching.get(slot) is actor:
+                del self.watching[slot]
+                actor.observing = None
+            if actor is not None:
+                final = self.slots.read(slot) - actor.offload_base
+                if final:
+                    actor.absorb(KernelCounts.from_slot(final, actor.orig_dir), decision)
+                actor.offload_base = None
+                if self.returning.get(actor.key) is actor:
+                    del self.returning[actor.key]
+                actors.append(actor)
+            self.slots.zero(slot)
+            self.free.append(slot)
+        self.stats["revoked"] += len(actors)
+        if then is not None:
+            then(actors)
+
+    def settle(self, keys: Iterable[bytes]) -> None:
+        """Make the counts of these flows, if being taken back, final now (a
+        migration's state must carry them).  Normally their grace period is
+        long over: a migration sends the state after the switch agent's own
+        grace period, which began after the revocation."""
+        want = [k for k in keys if k in self.returning]
+        if not want:
+            return
+        tickets = [t for t, items, _ in self.pending if any(a is not None and a.key in want for a, _, _ in items)]
+        if tickets and not self.grace.done(max(tickets)):
+            self.stats["settled_early"] += 1
+            self.grace.wait_for(max(tickets))
+        self.poll()
 
     def revoke_keys(self, keys: Iterable[bytes]) -> int:
         return self.revoke([self.actors[k] for k in keys if k in self.actors])
@@ -208,17 +313,29 @@ class Offloads:
             if decision is None or self.slots.owner(slot) != self.rt_id:
                 stale.append((slot, key))
                 continue
+            if decision.observers and self.ring is None:
+                stale.append((slot, key))
+                continue
             actor.offload, actor.offload_saved = decision, None
             self.slot_of[key], self.actors[key] = slot, actor
             self.free.remove(slot)
-            self.fold(actor)
+            if decision.observers:
+                # the copies made since the snapshot went to the dead process's ring: a gap
+                actor.observing = decision.observers
+                self.watching[slot] = actor
+                now = self.slots.read(slot)
+                delta, actor.offload_base = now - actor.offload_base, now
+                if delta:
+                    actor.absorb(KernelCounts.from_slot(delta, actor.orig_dir).unseen())
+            else:
+                self.fold(actor)
             self.stats["adopted"] += 1
         for slot, key in stale:
             if key is not None:
                 self.entries.set_offload(key, 0, self.rt_id)
             self.slots.clear_action(slot)
         if stale:
-            self.grace()
+            self.grace.wait_for(self.grace.request())  # (recovering: nothing is forwarded yet)
             for slot, key in stale:
                 actor = flows.get(key) if key is not None else None
                 if actor is not None:
@@ -227,4 +344,6 @@ class Offloads:
             self.stats["dropped_slots"] += len(stale)
 
     def status(self) -> dict:
-        return {"enabled": self.enabled, "flows": len(self.slot_of), "free_slots": len(self.free), **self.stats}
+        return {"enabled": self.enabled, "flows": len(self.slot_of), "free_slots": len(self.free),
+                "returning": len(self.returning), "observing": len(self.watching), **self.stats,
+                **({"ring_most_behind": self.ring.stats["most_behind"]} if self.ring is not None else {})}

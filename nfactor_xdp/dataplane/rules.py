@@ -16,6 +16,11 @@ Policy file (JSON), also what `nfactorctl rules` edits:
      "nf_modules": ["my_package.my_nf"],
      "fragments": "reassemble"}
 
+A rule (or "default_observe" for the default chain) with "observe": true
+lets the NFs of its chain that only observe (http_parser) be fed copies of
+the flow's frames while the switch forwards them (offload's observe mode,
+docs/offload.md); without it such an NF needs every packet inline.
+
 "fragments": what a runtime does with IP fragments.  "reassemble" (default):
 hold them until their datagram is whole, run the chain of the datagram's own
 flow (its real ports) on it, and send the fragments on if it allows it.
@@ -135,10 +140,17 @@ class ServiceRule:
     match: FlowMatch
     chain: int
     id: int = 0
+    observe: bool = False   # its NFs that only observe may be fed copies (offload's observe mode)
 
     def to_dict(self) -> dict:
         return {"id": self.id, **self.match.to_dict(), "chain": nf.chain_names(self.chain),
-                "chain_int": self.chain}
+                "chain_int": self.chain, "observe": self.observe}
+
+
+def _flag(value, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise RuleError(f"{where}: {value!r} is not true or false")
+    return value
 
 
 def parse_chain(value, where: str = "chain") -> int:
@@ -164,12 +176,13 @@ class Policy:
     nf_config: dict = field(default_factory=dict)
     nf_modules: list[str] = field(default_factory=list)
     fragments: str = "reassemble"   # FRAGMENT_MODES
+    default_observe: bool = False   # the default chain's observe mode (as a rule's "observe")
 
     @classmethod
     def from_dict(cls, d: dict) -> "Policy":
         if not isinstance(d, dict):
             raise RuleError("policy: must be a JSON object")
-        unknown = set(d) - {"rules", "default_chain", "nf_config", "nf_modules", "fragments"}
+        unknown = set(d) - {"rules", "default_chain", "nf_config", "nf_modules", "fragments", "default_observe"}
         if unknown:
             raise RuleError(f"policy: unknown keys {sorted(unknown)}")
         mods = d.get("nf_modules", [])
@@ -183,7 +196,8 @@ class Policy:
         if fragments not in FRAGMENT_MODES:
             raise RuleError(f"policy.fragments: {fragments!r} is not {' or '.join(FRAGMENT_MODES)}")
         p = cls(default_chain=parse_chain(d.get("default_chain", []), "policy.default_chain"),
-                nf_modules=mods, fragments=fragments)
+                nf_modules=mods, fragments=fragments,
+                default_observe=_flag(d.get("default_observe", False), "policy.default_observe"))
         cfg = d.get("nf_config", {})
         if not isinstance(cfg, dict):
             raise RuleError("policy.nf_config: an object of NF name -> config")
@@ -209,7 +223,7 @@ class Policy:
     def add(self, r: dict, where: str = "rule") -> ServiceRule:
         if not isinstance(r, dict):
             raise RuleError(f"{where}: must be an object")
-        unknown = set(r) - {"id", "src", "dst", "proto", "sport", "dport", "chain", "chain_int"}
+        unknown = set(r) - {"id", "src", "dst", "proto", "sport", "dport", "chain", "chain_int", "observe"}
         if unknown:
             raise RuleError(f"{where}: unknown fields {sorted(unknown)}")
         if "chain" not in r:
@@ -219,7 +233,8 @@ class Policy:
             rule_id = max((x.id for x in self.rules), default=0) + 1
         elif not isinstance(rule_id, int) or rule_id < 1 or any(x.id == rule_id for x in self.rules):
             raise RuleError(f"{where}.id: {rule_id!r} is not a positive integer unused by another rule")
-        rule = ServiceRule(FlowMatch.parse(r, where), parse_chain(r["chain"], f"{where}.chain"), rule_id)
+        rule = ServiceRule(FlowMatch.parse(r, where), parse_chain(r["chain"], f"{where}.chain"), rule_id,
+                           _flag(r.get("observe", False), f"{where}.observe"))
         self.rules.append(rule)
         return rule
 
@@ -230,9 +245,17 @@ class Policy:
             raise RuleError(f"no rule with id {rule_id}")
 
     def to_dict(self) -> dict:
-        return {"default_chain": nf.chain_names(self.default_chain),
-                "rules": [{k: v for k, v in r.to_dict().items() if k != "chain_int"} for r in self.rules],
-                "nf_config": self.nf_config, "nf_modules": self.nf_modules, "fragments": self.fragments}
+        out = {"default_chain": nf.chain_names(self.default_chain),
+               "rules": [{k: v for k, v in r.to_dict().items() if k != "chain_int" and (k != "observe" or v)}
+                         for r in self.rules],
+               "nf_config": self.nf_config, "nf_modules": self.nf_modules, "fragments": self.fragments}
+        if self.default_observe:
+            out["default_observe"] = True
+        return out
+
+    def observe_rules(self) -> frozenset:
+        """The ids of the rules asking for observe mode (0: the default chain)."""
+        return frozenset([r.id for r in self.rules if r.observe] + ([0] if self.default_observe else []))
 
     def table(self) -> "RuleTable":
         return RuleTable(self.rules, self.default_chain)

@@ -70,7 +70,7 @@ class Runtime:
         self.table = self.policy.table()
         self.nf_instances: dict[int, nf_api.NetworkFunction] = {}
         self.policy_version = 0
-        self.offloads = Offloads(rt_id, None, None, grace.wait, enabled=False)  # on a node: start()
+        self.offloads = Offloads(rt_id, None, None, grace.Inline(), enabled=False)  # on a node: start()
         self.set_policy(policy or Policy())
         self.xsk: XskSocket | None = None
         self.maps: NodeMaps | None = None
@@ -123,9 +123,16 @@ class Runtime:
         except OSError as e:
             log.warning("offload off: %s", e)
             return
-        self.offloads = Offloads(self.id, slots, self.maps, grace.wait)
+        self.offloads = Offloads(self.id, slots, self.maps, grace.Background())
+        self.offloads.observe_rules = self.policy.observe_rules()
+        from ..kern.observe import ObserveRing
+        try:
+            self.offloads.ring = ObserveRing(self.cfg.name, self.id)
+        except OSError as e:
+            log.warning("observe mode off: %s", e)
         self.lifetime.revoke = self.offloads.revoke
         self.migrator.revoke = self.offloads.revoke_keys
+        self.migrator.settle = self.offloads.settle
         self.replicator.before_replay = self._adopt_offloads
 
     def _adopt_offloads(self) -> None:
@@ -149,6 +156,9 @@ class Runtime:
             self.ep.close()
         if self.xsk is not None:
             self.xsk.close()
+        self.offloads.grace.close()
+        if self.offloads.ring is not None:
+            self.offloads.ring.close()
 
     @property
     def state(self) -> str:
@@ -278,6 +288,8 @@ class Runtime:
             hit = self.fast.get(f[FAST_PATH_BYTES].tobytes())
             if hit is not None and hit[0].proto == f[23] and len(f) not in MARKER_LENGTHS:
                 actor = hit[0]
+                if actor.observing is not None:
+                    self.offloads.drain_all()  # its copies before it (a punted FIN after the data)
                 verdict = actor.on_packet(f, hit[1], V4_L4, self.now)
                 if actor.ask_at:
                     self.offloads.after_packet(actor, f, V4_L4)
@@ -307,6 +319,8 @@ class Runtime:
                 return False  # full of flows that cannot be given up now: refused, counted
             actor = self.fragments.adopt(key) or self.new_actor(frame, key, direction, l4)
             self.flows.add(actor)
+        elif actor.observing is not None:
+            self.offloads.drain_all()  # its copies before it (a punted FIN after the data)
         migration = actor.migration
         if migration is not None:
             if isinstance(migration, Incoming):
@@ -377,6 +391,8 @@ class Runtime:
                     actor.ask_at = actor.packets[0] + actor.packets[1] + 1
         for inst in self.nf_instances.values():
             inst.init(policy.nf_config.get(inst.name, {}))
+        if offloads is not None:
+            offloads.observe_rules = policy.observe_rules()
         self.policy = policy
         self.table = policy.table()
         self.policy_version += 1
@@ -388,16 +404,26 @@ class Runtime:
         poller.register(ctl.fileno(), select.POLLIN)
         if ep:
             poller.register(ep.fileno(), select.POLLIN)
+        offloads = self.offloads
+        if offloads.grace.fileno() is not None:  # a revocation's grace period has passed
+            poller.register(offloads.grace.fileno(), select.POLLIN)
+        ring = offloads.ring
+        if ring is not None:  # copies for observing NFs (observe mode)
+            poller.register(ring.fileno(), select.POLLIN)
         next_housekeeping = time.monotonic() + HOUSEKEEPING_INTERVAL
         next_heartbeat = time.monotonic()
         idle_ms = min(IDLE_POLL_MS, int(self.cfg.heartbeat * 500) or 1)
         batches = 0
         while not self.stopping:
             self.now = time.monotonic()
+            if offloads.watching:
+                offloads.drain(self.now)  # copies first: they are older than what the ring holds now
             got = xsk.forward_batch(handle, batch)
-            if self.offloads.candidates or self.offloads.revoking:
+            if offloads.candidates or offloads.revoking:
                 # with the batch sent; hand-overs only once the ring is empty (offloader.py)
-                self.offloads.flush(self.may_offload, time.monotonic(), drained=got < batch)
+                offloads.flush(self.may_offload, time.monotonic(), drained=got < batch)
+            if offloads.pending:
+                offloads.poll()
             if got:
                 batches += 1
                 if lifetime.ended or lifetime.evicted_offloaded:
@@ -414,9 +440,11 @@ class Runtime:
             else:
                 self.stats["idle_waits"] += 1
                 # (a flow waiting to be handed over at a quiet moment: look again soon)
-                for fd, _ in poller.poll(2 if self.offloads.candidates else idle_ms):
+                for fd, _ in poller.poll(2 if offloads.candidates else idle_ms):
                     if fd == ctl.fileno():
                         ctl.serve_pending(1)
+                    elif fd == offloads.grace.fileno():
+                        offloads.grace.drain_event()
                 self.now = time.monotonic()
             if ep:
                 for msg, addr in ep.receive(256):

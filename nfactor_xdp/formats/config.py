@@ -157,9 +157,9 @@ class NodeConfig:
                             choices=("native", "generic", "auto"))
     replace_xdp: bool = setting(False, "Take over ports that carry another tool's XDP program (default: refuse "
                                 "them).  down removes only the programs the node attached.")
-    offload: str = setting("off", "Hand flows whose NFs have decided to the switch, which then forwards or drops "
-                           "their packets in XDP while the actor keeps their state (docs/offload.md; off by "
-                           "default: a hand-over may reorder a frame that was on its way to a stalled runtime).",
+    offload: str = setting("on", "Hand flows whose NFs have decided to the switch, which then forwards or drops "
+                           "their packets in XDP while the actor keeps their state (docs/offload.md); off: every "
+                           "packet goes through Python.",
                            choices=("on", "off"))
     idle_timeout: float = setting(30.0, "Seconds before an idle flow's actor is released.")
     max_flows: int = setting(100_000, "Flows (actors) a runtime holds at most; a new flow beyond gives up a flow "

@@ -14,7 +14,8 @@ PIN_ROOT = "/sys/fs/bpf/nfactor"
 # name -> (key type, value type): the node's own maps as bpf/nfactor_maps.h
 # declares them, plus the two whose values the kernel defines (a devmap holds
 # ifindexes, an xskmap AF_XDP socket fds), declared in vswitch.c and steer.c.
-MAP_TYPES = {**L.MAP_TYPES, "tx_ports": (ctypes.c_uint32, ctypes.c_int32), "xsks": (ctypes.c_uint32, ctypes.c_int32)}
+MAP_TYPES = {**L.MAP_TYPES, "tx_ports": (ctypes.c_uint32, ctypes.c_int32), "xsks": (ctypes.c_uint32, ctypes.c_int32),
+             "observers": (ctypes.c_uint32, ctypes.c_uint32)}  # runtime id -> its observe ring (an fd in, an id out)
 
 
 def pin_dir(node: str) -> str:

@@ -35,19 +35,23 @@ BPF_MAP_TYPE_ARRAY = 2
 BPF_F_MMAPABLE = 1 << 10
 U64_MAX = (1 << 64) - 1
 U32_MAX = (1 << 32) - 1
-_COUNTS = ("packets", "bytes", "bucket_dropped", "bucket_dropped_bytes")
+_COUNTS = ("packets", "bytes", "bucket_dropped", "bucket_dropped_bytes", "observed", "observe_lost")
+OBSERVE = {k[len("NFX_OBSERVE_"):].lower(): v for k, v in L.HEADER.enums["nfx_observe"].items()}
 
 
 @dataclass(frozen=True)
 class SlotCounts:
     """What the switch counted in a slot: per canonical direction ([0] lo ->
     hi, [1] hi -> lo) the frames it handled and their bytes (forwarded or
-    dropped, by the action or a bucket) and the frames a bucket dropped and
-    their bytes."""
+    dropped, by the action or a bucket), the frames a bucket dropped and
+    their bytes, and (observe mode) the forwarded frames copied to the
+    runtime's observe ring and those the ring had no room for."""
     packets: tuple[int, int] = (0, 0)
     bytes: tuple[int, int] = (0, 0)
     bucket_dropped: tuple[int, int] = (0, 0)
     bucket_dropped_bytes: tuple[int, int] = (0, 0)
+    observed: tuple[int, int] = (0, 0)
+    observe_lost: tuple[int, int] = (0, 0)
     last_seen_ns: int = 0
 
     def __sub__(self, other: "SlotCounts") -> "SlotCounts":
@@ -69,6 +73,20 @@ def action_value(action) -> int:
     value = int(action)
     if value not in ACTIONS.values():
         raise ValueError(f"unknown offload action {action!r}")
+    return value
+
+
+def observe_value(observe) -> int:
+    """Observe mode as the kernel takes it: 0/None/"none", "all", "payload" or the number."""
+    if not observe:
+        return 0
+    if isinstance(observe, str):
+        if observe.lower() not in OBSERVE:
+            raise ValueError(f"unknown observe mode {observe!r} (one of {', '.join(OBSERVE)})")
+        return OBSERVE[observe.lower()]
+    value = int(observe)
+    if value not in OBSERVE.values():
+        raise ValueError(f"unknown observe mode {observe!r}")
     return value
 
 
@@ -144,7 +162,7 @@ class OffloadSlots:
 
     def write(self, slot: int, spec, runtime: int) -> None:
         """Hand slot `slot` to the switch for `runtime`: spec's action,
-        punt_tcp_flags, pps, burst, bps and byte_burst (missing: 0; rates
+        punt_tcp_flags, observe, pps, burst, bps and byte_burst (missing: 0; rates
         and sizes whole numbers), the buckets full or holding spec's tokens
         and btokens (in tokens and bytes) if it has them; the action last.
         The slot must be free (action NONE, and a grace period passed since
@@ -157,6 +175,7 @@ class OffloadSlots:
         bps, byte_burst = _bucket(getattr(spec, "bps", 0), getattr(spec, "byte_burst", 0), "byte")
         s.runtime = runtime
         s.punt_tcp_flags = int(getattr(spec, "punt_tcp_flags", 0) or 0) & 0xFF
+        s.observe = observe_value(getattr(spec, "observe", 0))
         s.pps, s.burst, s.tokens = pps, burst, _start(getattr(spec, "tokens", None), burst)
         s.bps, s.byte_burst, s.btokens = bps, byte_burst, _start(getattr(spec, "btokens", None), byte_burst)
         s.stamp_ns = time.monotonic_ns()
@@ -195,4 +214,4 @@ class OffloadSlots:
         return [i for i in self.range(rt_id) if self.slots[i].action != NONE and self.slots[i].runtime == rt_id]
 
 
-__all__ = ["OffloadSlots", "SlotCounts", "Slot", "ACTIONS", "NONE", "FORWARD", "DROP", "PER_RUNTIME", "NANOTOKENS"]
+__all__ = ["OffloadSlots", "SlotCounts", "Slot", "ACTIONS", "NONE", "FORWARD", "DROP", "PER_RUNTIME", "NANOTOKENS", "OBSERVE"]

@@ -68,7 +68,7 @@ def _leftovers(tb_name: str, node: str) -> list[str]:
 
 
 def run_demo(name: str = "demo", runtimes: int = 2, duration: float = 10.0, udp_flows: int = 200,
-             tcp_flows: int = 100, out=print, offload: str = "off") -> int:
+             tcp_flows: int = 100, out=print, offload: str = "on") -> int:
     if os.geteuid() != 0:
         out("error: the demo needs root (namespaces, XDP)")
         return 1

@@ -144,6 +144,7 @@ def _stream(seed: int, size: int):
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body are two writes: no delayed-ACK stall between them
 
     def do_GET(self):  # /<bytes>/<seed>
         try:
@@ -207,6 +208,76 @@ def http_get(a) -> dict:
         if deadline is not None and time.monotonic() >= deadline:
             break
     return {"requests": len(results), "ok": sum(r["ok"] for r in results), "results": results}
+
+
+def _keepalive_client(sock, host: str, size: int, until: float, count: int, rate: float, out: dict) -> None:
+    """Requests on one kept-alive connection until `until` or `count`, at
+    most `rate` per second (0: one after the other); each response checked
+    (status 200, Content-Length bytes of body)."""
+    req = f"GET /{size}/1 HTTP/1.1\r\nHost: {host}\r\nUser-Agent: nfactor-http-load\r\n\r\n".encode()
+    f = sock.makefile("rb")
+    next_at = time.monotonic()
+    while (not count or out["requests"] < count) and time.monotonic() < until:
+        if rate:
+            next_at += 1 / rate
+            wait = next_at - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+        out["requests"] += 1
+        try:
+            sock.sendall(req)
+            status = f.readline().split(b" ", 2)
+            length = None
+            while (line := f.readline()) not in (b"\r\n", b"\n", b""):
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            body = f.read(length or 0)
+        except OSError as e:
+            out["errors"].append(str(e))
+            return
+        if len(status) >= 2 and status[1] == b"200" and length == size and len(body) == size:
+            out["ok"] += 1
+        else:
+            out["errors"].append(f"bad response: {status!r}, {length} bytes announced, {len(body)} read")
+            return
+
+
+def http_load(a) -> dict:
+    """HTTP/1.1 keep-alive load: `connections` connections, each sending
+    requests one after the other for `duration` seconds (or `count` each).
+    Prints {"ready"} once connected, {"done", ...} with the counts when the
+    load ends, then holds the connections open for `hold` seconds (so their
+    flows can be looked at before they end) and returns the counts."""
+    import threading
+    fam = _family(a.host)
+    socks = []
+    for _ in range(a.connections):
+        s = socket.socket(fam, socket.SOCK_STREAM)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.settimeout(a.timeout)
+        s.connect((a.host, a.port))
+        socks.append(s)
+    print(json.dumps({"ready": True}), flush=True)
+    until = time.monotonic() + (a.duration or 1e9)
+    outs = [{"requests": 0, "ok": 0, "errors": []} for _ in socks]
+    threads = [threading.Thread(target=_keepalive_client,
+                                args=(s, a.host, a.size, until, a.count, a.rate / len(socks), o))
+               for s, o in zip(socks, outs)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - t0
+    result = {"requests": sum(o["requests"] for o in outs), "ok": sum(o["ok"] for o in outs),
+              "errors": [e for o in outs for e in o["errors"]][:10], "elapsed": round(elapsed, 3),
+              "per_connection": [o["ok"] for o in outs]}
+    print(json.dumps({"done": True, **result}), flush=True)
+    time.sleep(a.hold)
+    for s in socks:
+        s.close()
+    return result
 
 
 def tcp_hostile(a) -> dict:
@@ -329,6 +400,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=0.0, help="repeat requests for this long instead")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--timeout", type=float, default=20.0)
+    p = sub.add_parser("http-load")
+    p.add_argument("--host", required=True)
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--connections", type=int, default=4)
+    p.add_argument("--size", type=int, default=100, help="response body bytes")
+    p.add_argument("--duration", type=float, default=0.0, help="seconds of load (0: --count requests each)")
+    p.add_argument("--count", type=int, default=0, help="requests per connection (0: for --duration)")
+    p.add_argument("--rate", type=float, default=0.0, help="requests per second in all (0: as fast as they go)")
+    p.add_argument("--hold", type=float, default=0.0, help="seconds to keep the connections open after the load")
+    p.add_argument("--timeout", type=float, default=20.0)
     p = sub.add_parser("tcp-hostile")
     p.add_argument("--host", required=True)
     p.add_argument("--port", type=int, default=8080)
@@ -346,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max", type=int, default=10_000)
     a = ap.parse_args(argv)
     fn = {"udp-sink": udp_sink, "udp-send": udp_send, "http-serve": http_serve, "http-get": http_get,
-          "tcp-hostile": tcp_hostile, "frames-send": frames_send, "frames-sniff": frames_sniff}[a.cmd]
+          "http-load": http_load, "tcp-hostile": tcp_hostile, "frames-send": frames_send, "frames-sniff": frames_sniff}[a.cmd]
     print(json.dumps(fn(a)), flush=True)
     return 0
 

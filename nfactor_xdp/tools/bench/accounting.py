@@ -177,6 +177,8 @@ def account(snaps: list[dict], sent: int, failed: int) -> dict:
         # for them alone (offloaded flows: forwarded or dropped in XDP, folded into the actors)
         "to_actors": total("frames") - total("markers") - non_chain - drops["runtime_held_not_sent"],
         "in_switch": sw.get("off_forward", 0) + drops["switch_offload_drop"],
+        # observe mode: forwarded frames copied for the observing NFs, and the copies lost (a gap in what they saw)
+        "observe_copies": sw.get("off_observed", 0), "observe_lost": sw.get("off_observe_lost", 0),
         "runtimes": {rt: {k: v for k, v in d.items() if v} for rt, d in rts.items()},
         "per_runtime": _per_runtime(a, b, rts, pending),
     }
@@ -190,10 +192,11 @@ def _flows_of(name: str, runtimes: int, keys: set[str], detail: bool) -> list[di
 
 
 def nf_checks(name: str, runtimes: int, keys: set[str], chain: list[str], acc: dict,
-              strict: bool = True) -> dict:
+              strict: bool = True, observe: bool = False) -> dict:
     """The NFs' own counts for the trial's flows against the frames that
     reached them; `problems` lists what makes the trial invalid (nothing
-    when not strict: a crash loses state by design)."""
+    when not strict: a crash loses state by design).  observe: the chain's
+    rule asks for observe mode (http_parser fed copies)."""
     actors = _flows_of(name, runtimes, keys, detail=bool(chain))
     packets = sum(a["packets"]["orig"] + a["packets"]["reply"] for a in actors)
     dropped = sum(a.get("dropped", 0) for a in actors)
@@ -201,6 +204,8 @@ def nf_checks(name: str, runtimes: int, keys: set[str], chain: list[str], acc: d
     out = {"flows": len(keys), "actors": len(actors), "frames_to_actors": packets,
            "runtime_counters_say": acc["to_actors"], "switch_handled": in_switch, "dropped_by_actors": dropped,
            "offloaded_flows": sum(1 for a in actors if a.get("offload")),
+           "not_offloaded_because": sorted({a["offload_reason"] for a in actors
+                                            if not a.get("offload") and a.get("offload_reason")}),
            "nf_errors": sum(a.get("nf_errors", 0) for a in actors)}
     problems = []
     if packets != acc["to_actors"] + in_switch:
@@ -224,11 +229,27 @@ def nf_checks(name: str, runtimes: int, keys: set[str], chain: list[str], acc: d
         req = out["http_requests"] = sum(h["n_requests"] for h in hp)
         out["http_errors"] = sum(h["n_errors"] for h in hp)
         out["http_desync_flows"] = sum(1 for h in hp if not all(h["in_sync"].values()))
-        # every frame is one request; only NFs before the parser drop
-        if req != packets - dropped:
-            problems.append(f"http_parser parsed {req} requests of {packets - dropped} frames")
-        if out["http_errors"] or out["http_desync_flows"]:
-            problems.append(f"http_parser: {out['http_errors']} errors, {out['http_desync_flows']} flows out of sync")
+        gaps = out["http_observe_gaps"] = sum(h.get("observe_gaps", 0) for h in hp)
+        if observe:
+            # every frame the switch forwarded was copied and read, or counted lost: a gap in the
+            # parser's state (which then stops parsing that direction, as after a loss inline)
+            copies = out["observed_copies"] = sum(a.get("observed_copies", 0) for a in actors)
+            if copies + gaps != in_switch:
+                problems.append(f"{copies} copies read and {gaps} lost, of {in_switch} frames the switch forwarded")
+            if gaps != acc.get("observe_lost", 0):
+                problems.append(f"the parsers counted {gaps} lost copies, the switch {acc.get('observe_lost')}")
+            ok_flows = [h for h in hp if not h.get("observe_gaps")]
+            if len(ok_flows) == len(hp) and req != packets - dropped:
+                problems.append(f"http_parser parsed {req} requests of {packets - dropped} frames, none lost")
+            if any(h["n_errors"] for h in ok_flows):
+                problems.append("http_parser: errors in a flow that lost no copy")
+        else:
+            # every frame is one request; only NFs before the parser drop
+            if req != packets - dropped:
+                problems.append(f"http_parser parsed {req} requests of {packets - dropped} frames")
+            if out["http_errors"] or out["http_desync_flows"]:
+                problems.append(f"http_parser: {out['http_errors']} errors, {out['http_desync_flows']} flows "
+                                f"out of sync")
     out["ok"] = not problems
     if strict:
         out["problems"] = problems

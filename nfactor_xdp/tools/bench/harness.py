@@ -125,6 +125,8 @@ class Bench:
         self.port, self.wraps = FIRST_PORT, 0
         self.runtimes, self.mode, self.chain, self.placement = 0, "flows", [], {}
         self.offload = "off"
+        self.observe = False          # the chain's rule asks for observe mode
+        self.full_observation = False  # a trial is lossless only if no copy was lost either
         self.tb.up()
         try:
             self.show = self.tb.show()
@@ -185,22 +187,25 @@ class Bench:
         nodectl.put_policy(self.name, Policy())
         nodectl.start(cfg)
         self.runtimes, self.mode, self.chain, self.offload = runtimes, mode, [], config["offload"]
+        self.observe = False
         self.placement = {"generator_cpu": GEN_CPU, "runtime_cpus": dict(enumerate(cores)), "note": note}
         with NodeMaps(self.name) as maps:
             maps.write_config(mode=L.C[MODES[mode]])
 
-    def set_chain(self, chain: list[str], timeout: float = 10.0, nf_config: dict | None = None) -> None:
-        """New flows get `chain` (NFs configured by `nf_config`); returns once
-        every runtime has it and is registered in the controller's view (a
-        migration target, a replica peer)."""
+    def set_chain(self, chain: list[str], timeout: float = 10.0, nf_config: dict | None = None,
+                  observe: bool = False) -> None:
+        """New flows get `chain` (NFs configured by `nf_config`, in observe
+        mode if `observe`); returns once every runtime has it and is
+        registered in the controller's view (a migration target, a replica peer)."""
         ids = range(self.runtimes)
         before = [rt_status(self.name, i).get("policy_version") or 0 for i in ids]
-        nodectl.put_policy(self.name, Policy(default_chain=parse_chain(chain), nf_config=nf_config or {}))
+        nodectl.put_policy(self.name, Policy(default_chain=parse_chain(chain), nf_config=nf_config or {},
+                                             default_observe=observe))
         deadline = time.monotonic() + timeout
         while True:
             sts = [rt_status(self.name, i) for i in ids]
             if all((st.get("policy_version") or 0) > v and st.get("registered") for st, v in zip(sts, before)):
-                self.chain = list(chain)
+                self.chain, self.observe = list(chain), observe
                 return
             if time.monotonic() > deadline:
                 raise RuntimeError(f"runtimes did not take the policy within {timeout}s: {sts}")
@@ -228,7 +233,8 @@ class Bench:
         last, deadline = None, time.monotonic() + timeout
         while time.monotonic() < deadline:
             sts = [rt_status(self.name, i) for i in range(self.runtimes)]
-            now = (self.sink.counts(), [(st.get("frames"), st.get("sent_later")) for st in sts])
+            now = (self.sink.counts(), [(st.get("frames"), st.get("sent_later"), (st.get("offload") or {}).get("copies"))
+                                        for st in sts])
             if now == last and not any((st.get("xsk") or {}).get("rx_pending") for st in sts):
                 return
             last = now
@@ -255,7 +261,8 @@ class Bench:
         if acc["unaccounted"]:
             problems.append(f"{acc['unaccounted']} frames unaccounted for")
         if self.mode == "flows":
-            out["nf_checks"] = nf_checks(self.name, self.runtimes, self.keys(fl), self.chain, acc, strict=strict)
+            out["nf_checks"] = nf_checks(self.name, self.runtimes, self.keys(fl), self.chain, acc, strict=strict,
+                                         observe=self.observe)
             problems += out["nf_checks"].get("problems", [])
         usage = cpu.report(snaps[0]["cpu"], snaps[-1]["cpu"])
         usage["per_process_s"]["generator"].update(self_reported_user_s=g.get("cpu_user_s"),
@@ -263,7 +270,8 @@ class Bench:
         out["cpu"] = {"placement": self.placement, **usage,
                       "runtime_cpu": cpu.runtime_cpu(usage, {rt: d.get("frames", 0) for rt, d in
                                                              acc["runtimes"].items()})}
-        out.update(valid=not problems, invalid_because=problems, zero_loss=not problems and acc["lost"] == 0,
+        lossless = acc["lost"] == 0 and not (self.full_observation and acc.get("observe_lost"))
+        out.update(valid=not problems, invalid_because=problems, zero_loss=not problems and lossless,
                    disturbed=cpu.disturbance(usage, self.placement))
         self.trials_run += 1
         if self.progress:
@@ -278,8 +286,10 @@ class Bench:
         offloaded, a warm-up first (WARMUP_SECONDS at WARMUP_PPS), counted in the trial."""
         fl = self.new_flows(self.flows, tcp)
         snaps = self.begin(fl)
-        warm = self.warm_up(fl) if self.offload == "on" and "http_parser" not in self.chain else None
-        g = self.gen.run(self.frame(fl), rate=rate, seconds=seconds, base=fl.base, flows=fl.count, tcp=tcp)
+        offloadable = "http_parser" not in self.chain or self.observe
+        warm = self.warm_up(fl) if self.offload == "on" and offloadable else None
+        g = self.gen.run(self.frame(fl), rate=rate, seconds=seconds, base=fl.base, flows=fl.count, tcp=tcp,
+                         first=warm["sent"] if warm is not None else 0)
         if warm is not None:
             g = dict(g, sent=g["sent"] + warm["sent"], failed=g.get("failed", 0) + warm.get("failed", 0),
                      warmup_sent=warm["sent"])
@@ -301,14 +311,15 @@ class Bench:
         return warm
 
     def zero_loss(self, tcp: bool, seconds: float = 1.0, steps: int = 7, step_downs: int = 3,
-                  reruns: int = 2) -> dict:
+                  reruns: int = 2, max_pps: float | None = None) -> dict:
         """The highest offered rate with no loss: a binary search over the
         requested rate, then a second trial at the best rate to confirm it
         (10% lower each time it does not, at most `step_downs` times).  A
         trial counts as lossless only if it is valid and offered something;
         rates are the measured offered rates.  A trial that lost frames while
         other load took a CPU is run again (at most `reruns` times): what it
-        measured was that load.  Every trial run is in `trials`."""
+        measured was that load.  Every trial run is in `trials`.  max_pps:
+        the search's upper bound, if lower than the full-speed trial's."""
         trials = []
 
         def run(rate: float, role: str) -> dict:
@@ -322,6 +333,8 @@ class Bench:
 
         top = run(0, "full speed")
         lo, hi = 0.0, max(top["forwarded"], top["offered"] * 0.01) / (top["seconds"] or 1) * 1.3
+        if max_pps:  # the caller knows the answer lies far below what the node forwards
+            hi = min(hi, max_pps)
         best = None
         for _ in range(steps):
             mid = (lo + hi) / 2

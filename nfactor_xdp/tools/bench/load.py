@@ -93,8 +93,12 @@ def generator_main(ns: str, ifname: str) -> None:
         p.gap_ns = int(1e9 / cmd["rate"]) if cmd["rate"] else 0
         p.prog_id, p.ifindex, p.tgid = prog_id, ifindex, os.getpid()
         params[ctypes.c_int(0)] = p
-        # each run from a clean state: flow 0, sequence number 1, pacing from now
-        pace_map.set(0, (pace_type * bpfsys.possible_cpus())())
+        # each run from a clean state, pacing from now: flow 0, sequence number 1, or (first) where a run
+        # of the same flows left off (a warm-up's flows go on with the next request, not a retransmission)
+        fresh = (pace_type * bpfsys.possible_cpus())()
+        for v in fresh:
+            v.seq = cmd.get("first", 0)
+        pace_map.set(0, fresh)
         ctx = bpfsys.xdp_md(len(frame), ifindex)
         cpu0, start = os.times(), time.monotonic()
         repeat = 100_000
@@ -125,9 +129,11 @@ class Generator:
         if not self.p.stdout.readline():
             raise RuntimeError(f"generator failed: {self.p.stderr.read()[-500:]}")
 
-    def run(self, frame: bytes, *, rate: float, seconds: float, base: int, flows: int, tcp: bool) -> dict:
+    def run(self, frame: bytes, *, rate: float, seconds: float, base: int, flows: int, tcp: bool,
+            first: int = 0) -> dict:
+        """first: frames of these flows sent by an earlier run (their streams go on)."""
         self.p.stdin.write(json.dumps({"cmd": "run", "frame": frame.hex(), "rate": rate, "seconds": seconds,
-                                       "base": base, "flows": flows, "tcp": tcp}) + "\n")
+                                       "base": base, "flows": flows, "tcp": tcp, "first": first}) + "\n")
         self.p.stdin.flush()
         line = self.p.stdout.readline()
         if not line:
