@@ -18,7 +18,9 @@
  * Offloaded flows (docs/offload.md): a flow entry may name a slot of the
  * offloads array that its runtime wrote; the switch then forwards (or drops)
  * the flow's frames itself, counting them in the slot, and sends the runtime
- * only TCP frames with a flag the runtime asked to see.
+ * only TCP frames with a flag the runtime asked to see.  In observe mode it
+ * also copies each forwarded frame into the runtime's observe ring, where
+ * the NFs that only observe read it; a copy without room is counted lost.
  *
  * Traffic that is not a flow (nfactor_parse.h) gets config.other_action.  Every verdict
  * and every drop reason has a counter (enum nfx_counter).

@@ -344,6 +344,13 @@ class FakeRing:
     def __init__(self):
         self.copies = []
 
+    def producer(self):
+        return len(self.copies)
+
+    def skip_to(self, mark):
+        del self.copies[:mark]
+        return mark
+
     def drain(self, handle, limit=1 << 30):
         n = 0
         while self.copies and n < limit:
@@ -394,8 +401,10 @@ def test_a_recovering_runtime_counts_the_copies_its_dead_process_never_read_as_g
                                           last_seen_ns=c.last_seen_ns)
     fresh = Offloads(1, slots, entries, grace.Inline(lambda: 0.0))
     fresh.ring = FakeRing()
+    fresh.ring.copies = [(4, a.orig_dir, f)]  # in the new process's ring already: counted in observed (4)
     ra = observed_actor()[0]
     ra.load_wire(wire, 3.0)
     fresh.adopt({ra.key: ra}, [(ra.key, 5)])
     assert ra.observing == (1,) and fresh.watching == {4: ra}
     assert ra.states[1]["observe_gaps"] == 6 and ra.packets[0] == 2 + 6
+    assert not fresh.ring.copies and fresh.stats["copies_before_recovery"] == 1  # never read as well

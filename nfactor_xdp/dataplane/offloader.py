@@ -71,7 +71,7 @@ class Offloads:
         self.stats = {"offloaded": 0, "revoked": 0, "no_slot": 0, "entry_gone": 0, "grace_periods": 0,
                       "punted": 0, "late": 0, "late_behind": 0, "busy": 0, "not_offloadable": 0, "adopted": 0,
                       "dropped_slots": 0, "settled_early": 0, "copies": 0, "copies_stale": 0,
-                      "no_ring": 0}
+                      "no_ring": 0, "copies_before_recovery": 0}
 
     def __len__(self) -> int:
         return len(self.slot_of)
@@ -295,7 +295,11 @@ class Offloads:
         of the switch entries placing flows here.  A slot whose flow came back
         from a snapshot taken while it was offloaded keeps going: the counts
         since that snapshot are folded in.  Any other slot of ours is cleared
-        (its flow comes back inline, from its snapshot or anew)."""
+        (its flow comes back inline, from its snapshot or anew).  An observed
+        flow's copies since its snapshot count as lost (the dead process never
+        read them), those already in this process's ring too: the ring is
+        read from the moment the slots' counts were taken on."""
+        mark = self.ring.producer() if self.ring is not None else None
         mine = self.slots.range(self.rt_id)
         named = {}
         for key, value in entries:
@@ -342,6 +346,8 @@ class Offloads:
                     actor.offload_base = actor.offload_saved = None
                 self.slots.zero(slot)
             self.stats["dropped_slots"] += len(stale)
+        if mark is not None:
+            self.stats["copies_before_recovery"] = self.ring.skip_to(mark)
 
     def status(self) -> dict:
         return {"enabled": self.enabled, "flows": len(self.slot_of), "free_slots": len(self.free),

@@ -78,14 +78,26 @@ class ObserveRing:
         """Readable when copies wait (the kernel wakes a reader that has caught up)."""
         return self.fd
 
+    def producer(self) -> int:
+        """The ring's producer position now (a mark for skip_to)."""
+        return self._prod_pos[0]
+
+    def skip_to(self, mark: int) -> int:
+        """Drop the records before `mark` unread; how many there were."""
+        n = 0
+        if mark > self.pos:
+            n = self.drain(lambda *copy: None, stop=mark)
+            self.stats["copies"] -= n
+        return n
+
     def pending(self) -> bool:
         return self._prod_pos[0] != self.pos
 
-    def drain(self, handle, limit: int = 1 << 30) -> int:
+    def drain(self, handle, limit: int = 1 << 30, stop: int | None = None) -> int:
         """handle(slot, direction, frame) for each copy, oldest first, up to
-        `limit`; frame is a memoryview into the ring, valid only during the
-        call.  Returns how many were handled."""
-        prod = self._prod_pos[0]
+        `limit` (and up to position `stop`); frame is a memoryview into the
+        ring, valid only during the call.  Returns how many were handled."""
+        prod = self._prod_pos[0] if stop is None else min(stop, self._prod_pos[0])
         pos, data, words, mask, n = self.pos, self._data, self._words, self.mask, 0
         if prod - pos > self.stats["most_behind"]:
             self.stats["most_behind"] = prod - pos
