@@ -296,3 +296,36 @@ def test_observed_flows_migrate_with_every_copy_parsed(node_factory):
     st = n.status()
     assert all(r["migration"]["after_marker"] == 0 for r in st["runtimes"])
     assert sum(r["offload"]["revoked"] for r in st["runtimes"]) >= 6
+
+
+def test_observed_flows_keep_flowing_while_their_runtime_is_killed(node_factory):
+    """kill -9 of the runtime that observes 4 HTTP connections under load:
+    the switch forwards them all along (no request fails), the new process
+    adopts the observed slots, and the copies its predecessor never read are
+    gaps in the parsers' states, never a wrong count."""
+    n = node_factory(2, OBSERVED, offload="on")
+    server, load = _load(n, connections=4, duration=4, size=100, rate=800, hold=30)
+    try:
+        wait_for(lambda: _observing(n) == 4, timeout=5, what="the connections observed")
+        # snapshots go every K (10) copies: several since each flow was handed over
+        wait_for(lambda: all(f.get("observed_copies", 0) >= 30 for f in n.flows()["flows"]), timeout=5,
+                 what="snapshots of the observed flows")
+        rts = n.status()["runtimes"]
+        victim = max(rts, key=lambda r: (r["offload"] or {}).get("observing", 0))
+        os.kill(victim["pid"], signal.SIGKILL)
+        wait_for(lambda: (r := n.status()["runtimes"][victim["id"]]).get("pid") not in (None, victim["pid"])
+                 and r["state"] == "running", timeout=30, what="the runtime back")
+        assert load.p.poll() is None, "the load ended before the runtime was back: the test proves nothing"
+        done = _done(load)
+        assert done["requests"] == done["ok"] and not done["errors"], done
+        fl = n.flows()["flows"]
+        back = n.status()["runtimes"][victim["id"]]["offload"]
+    finally:
+        load.kill()
+        server.kill()
+    assert len(fl) == 4 and all("observe" in f["offload"] for f in fl), fl
+    assert back["adopted"] == victim["offload"]["observing"] and back["observing"] == back["adopted"]
+    hp = {f["key"]: f["nfs"]["http_parser"] for f in fl}
+    recovered = [f for f in fl if f["runtime"] == victim["id"]]
+    assert all(hp[f["key"]]["observe_gaps"] > 0 for f in recovered), hp  # copies nobody read
+    assert all(h["n_requests"] <= done["requests"] for h in hp.values())

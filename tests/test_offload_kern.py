@@ -432,3 +432,19 @@ def test_copies_a_ring_cannot_take_are_counted_lost_and_the_frames_still_forward
     assert counts.observed[0] == len(got) and 0 < len(got) < n
     assert counts.observe_lost[0] == 1 + n - len(got)
     assert off.counters()["off_forward"] == 1 + n
+
+
+def test_observe_payload_filter_on_ipv6(off):
+    from scapy.layers.inet6 import IPv6
+
+    def tcp6(flags, payload=b""):
+        return bytes(Ether(src="02:78:00:00:00:01", dst="02:78:00:00:00:02") / IPv6(src="fd78::1", dst="fd78::2")
+                     / TCP(sport=41000, dport=80, flags=flags) / payload)
+    key, rt, slot = off.offload(tcp6("S"), observe_spec("payload"))
+    with ring_of(off, rt) as ring:
+        drained(ring)
+        for f in (tcp6("A"), tcp6("PA", b"GET / HTTP/1.1\r\n\r\n"), tcp6("A")):
+            assert off.sw.run(f, "ext0") == XDP_REDIRECT
+        got = drained(ring)
+    assert [g[2] for g in got] == [tcp6("PA", b"GET / HTTP/1.1\r\n\r\n")]
+    assert off.slots.read(slot).observed == (1, 0) and off.slots.read(slot).packets == (3, 0)
