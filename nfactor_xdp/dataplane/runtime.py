@@ -25,6 +25,7 @@ from ..kern.maps import NodeMaps
 from ..kern.xsk import XskSocket
 from . import nf as nf_api
 from .actor import Actor
+from .collector import Collector
 from .faults import FaultHooks
 from .flowtable import FlowTable
 from .lifetime import Lifetime
@@ -65,6 +66,8 @@ class Runtime:
         self.now = time.monotonic()
         self.stats = {"dropped_not_flow": 0, "flows_created": 0, "flows_expired": 0, "idle_waits": 0,
                       "load_migrations": 0, "control_errors": 0}
+        # the longest frames left in the ring after a batch waited for the next one, and what ran meanwhile
+        self.stall = {"max_ms": 0.0, "after": ""}
         self._overloaded = 0
         self.policy = Policy()
         self.table = self.policy.table()
@@ -80,8 +83,9 @@ class Runtime:
         self.heartbeats = nodeconf.control_socket(cfg.name, "heartbeat") if controlled else None
         self.migrator = Migrator(self.flows, self.view, make_actor=self.make_actor, transmit=self.transmit,
                                  on_left=self._flow_left, hooks=self.hooks, max_concurrent=cfg.max_migrations)
+        self.collector = Collector()
         self.replicator = Replicator(self.flows, self.view, cfg.snapshot_every, make_actor=self.make_actor,
-                                     replay=self.handle_slow, transmit=self.transmit, on_recovered=self.register)
+                                     replay=self.handle_slow, transmit=self.transmit, on_recovered=self._recovered)
         self.lifetime = Lifetime(rt_id, self.flows, self.replicator, self.stats, max_flows=cfg.max_flows,
                                  idle_timeout=cfg.idle_timeout)
         # On a node every frame begins with the switch's ingress tag (nfactor_shared.h): kept
@@ -170,6 +174,10 @@ class Runtime:
         return self.view.state(self.id) or STARTING
 
     # --- the controller --------------------------------------------------------
+    def _recovered(self) -> None:
+        self.collector.freeze()  # the recovered actors live on: the collector need not walk them again
+        self.register()
+
     def register(self, recovering: bool = False) -> None:
         """Tell the controller we are up; it marks us running in the switch
         (or starting, while we recover our flows' state) and answers with the
@@ -411,6 +419,9 @@ class Runtime:
         if ring is not None:  # copies for observing NFs (observe mode)
             poller.register(ring.fileno(), select.POLLIN)
         next_housekeeping = time.monotonic() + HOUSEKEEPING_INTERVAL
+        self.collector.start()
+        rx_mark = xsk.rx_packets
+        full_at, stall_after = 0.0, ""  # the ring still held frames after a batch: since when, and after what
         next_heartbeat = time.monotonic()
         idle_ms = min(IDLE_POLL_MS, int(self.cfg.heartbeat * 500) or 1)
         batches = 0
@@ -418,7 +429,12 @@ class Runtime:
             self.now = time.monotonic()
             if offloads.watching:
                 offloads.drain(self.now)  # copies first: they are older than what the ring holds now
+            if full_at:
+                stall = (self.now - full_at) * 1e3
+                if stall > self.stall["max_ms"]:
+                    self.stall["max_ms"], self.stall["after"] = round(stall, 3), stall_after
             got = xsk.forward_batch(handle, batch)
+            full_at, stall_after = (time.monotonic() if got == batch else 0.0), "batch"
             if offloads.candidates or offloads.revoking:
                 # with the batch sent; hand-overs only once the ring is empty (offloader.py)
                 offloads.flush(self.may_offload, time.monotonic(), drained=got < batch)
@@ -432,6 +448,7 @@ class Runtime:
                     # peers' messages (migrations) every batch: a non-blocking recv is cheap
                     for msg, addr in ep.receive(256):
                         self.on_control(msg, addr)
+                        stall_after = msg.type.name
                 if batches & 15:
                     continue
                 # Under load, still answer queries (one per turn: a listing's pages
@@ -453,6 +470,7 @@ class Runtime:
                 if self.migrator.out:
                     self._guarded(self.migrator.tick, self.now)
                 if self.replicator.pending:
+                    stall_after = "replication"
                     try:
                         self.replicator.flush()
                     except Exception as e:  # never let replication stop forwarding
@@ -463,8 +481,12 @@ class Runtime:
                     self._guarded(self.send_heartbeat)
                     next_heartbeat = self.now + self.cfg.heartbeat
             if self.now >= next_housekeeping:
+                stall_after = "housekeeping"
                 self._guarded(self.fold_offloaded)
                 self.expire_idle()
+                if xsk.rx_packets == rx_mark:
+                    self.collector.quiet(self.now)  # a full collection costs nothing while no frame comes
+                rx_mark = xsk.rx_packets
                 next_housekeeping = self.now + HOUSEKEEPING_INTERVAL
 
     def _guarded(self, fn, *args) -> None:
@@ -564,6 +586,7 @@ class Runtime:
             "callback_errors": self.ep.counters["callback_errors"] if self.ep else 0,
             "nf_errors": sum(a.nf_errors for a in self.flows.values()),
             "offload": self.offloads.status(),
+            "gc": self.collector.status(), "stall": dict(self.stall),
         }
 
 
