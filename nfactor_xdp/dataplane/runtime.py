@@ -420,7 +420,7 @@ class Runtime:
             poller.register(ring.fileno(), select.POLLIN)
         next_housekeeping = time.monotonic() + HOUSEKEEPING_INTERVAL
         self.collector.start()
-        rx_mark = xsk.rx_packets
+        since_housekeeping = 0  # frames
         full_at, stall_after = 0.0, ""  # the ring still held frames after a batch: since when, and after what
         next_heartbeat = time.monotonic()
         idle_ms = min(IDLE_POLL_MS, int(self.cfg.heartbeat * 500) or 1)
@@ -434,6 +434,7 @@ class Runtime:
                 if stall > self.stall["max_ms"]:
                     self.stall["max_ms"], self.stall["after"] = round(stall, 3), stall_after
             got = xsk.forward_batch(handle, batch)
+            since_housekeeping += got
             full_at, stall_after = (time.monotonic() if got == batch else 0.0), "batch"
             if offloads.candidates or offloads.revoking:
                 # with the batch sent; hand-overs only once the ring is empty (offloader.py)
@@ -484,9 +485,9 @@ class Runtime:
                 stall_after = "housekeeping"
                 self._guarded(self.fold_offloaded)
                 self.expire_idle()
-                if xsk.rx_packets == rx_mark:
+                if not since_housekeeping:
                     self.collector.quiet(self.now)  # a full collection costs nothing while no frame comes
-                rx_mark = xsk.rx_packets
+                since_housekeeping = 0
                 next_housekeeping = self.now + HOUSEKEEPING_INTERVAL
 
     def _guarded(self, fn, *args) -> None:
