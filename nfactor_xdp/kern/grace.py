@@ -70,8 +70,6 @@ class Background:
         self._wait = wait_fn
         self._cond = threading.Condition()
         self.requested = self.completed = 0
-        self.periods = 0
-        self.waited = 0.0     # seconds the thread spent in grace periods
         self.error: Exception | None = None
         self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._stop = False
@@ -113,7 +111,7 @@ class Background:
                     return
                 target = self.requested  # every request up to here was made before the wait begins
             try:
-                self.waited += self._wait()
+                self._wait()
             except Exception as e:  # no membarrier: reported by whoever waits next
                 with self._cond:
                     self.error = e
@@ -121,7 +119,6 @@ class Background:
                 return
             with self._cond:
                 self.completed = target
-                self.periods += 1
                 self._cond.notify_all()
             os.eventfd_write(self._efd, 1)
 
@@ -139,15 +136,13 @@ class Inline:
 
     def __init__(self, wait_fn=wait):
         self._wait = wait_fn
-        self.requested = self.completed = self.periods = 0
-        self.waited = 0.0
+        self.requested = self.completed = 0
         self.error = None
 
     def request(self) -> int:
         self.requested += 1
-        self.waited += self._wait() or 0.0
+        self._wait()
         self.completed = self.requested
-        self.periods += 1
         return self.requested
 
     def done(self, ticket: int) -> bool:

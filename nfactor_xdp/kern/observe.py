@@ -36,8 +36,10 @@ BPF_MAP_CREATE = 0
 BPF_MAP_TYPE_RINGBUF = 27
 BUSY, DISCARD = 1 << 31, 1 << 30
 RING_BYTES = L.C["NFX_OBSERVE_RING_BYTES"]
-COPY = struct.Struct("=IHBx")   # struct nfx_copy
-assert COPY.size == 8
+COPY = struct.Struct("=IHBx")   # struct nfx_copy's slot, len, dir (pad): read by struct, faster than ctypes
+_C = L.HEADER.structs["nfx_copy"]
+assert (COPY.size, _C.slot.offset, _C.len.offset, _C.dir.offset) == (ctypes.sizeof(_C), 0, 4, 6), \
+    "struct nfx_copy changed in nfactor_shared.h: update COPY"
 
 
 def _create_ring(size: int) -> int:
@@ -72,7 +74,7 @@ class ObserveRing:
             self._outer.close()
             raise
         self.pos = self._cons_pos[0]
-        self.stats = {"copies": 0, "discarded": 0, "most_behind": 0}
+        self.stats = {"discarded": 0, "most_behind": 0}
 
     def fileno(self) -> int:
         """Readable when copies wait (the kernel wakes a reader that has caught up)."""
@@ -84,11 +86,7 @@ class ObserveRing:
 
     def skip_to(self, mark: int) -> int:
         """Drop the records before `mark` unread; how many there were."""
-        n = 0
-        if mark > self.pos:
-            n = self.drain(lambda *copy: None, stop=mark)
-            self.stats["copies"] -= n
-        return n
+        return self.drain(lambda *copy: None, stop=mark) if mark > self.pos else 0
 
     def pending(self) -> bool:
         return self._prod_pos[0] != self.pos
@@ -117,7 +115,6 @@ class ObserveRing:
         if pos != self.pos:
             self.pos = pos
             self._cons_pos[0] = pos  # the kernel may reuse the space from here
-        self.stats["copies"] += n
         return n
 
     def _close_fds(self) -> None:
