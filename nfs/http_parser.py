@@ -59,22 +59,21 @@ _TCHAR = (b"!#$%&'*+-.^_`|~0123456789"
 _HEX = b"0123456789abcdefABCDEF"
 _DIGITS = b"0123456789"
 _MAX_METHOD = 24
+_VERSIONS = frozenset(b"HTTP/%d.%d" % (a, b) for a in range(10) for b in range(10))
+_METHODS = frozenset((b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CONNECT", b"OPTIONS", b"TRACE", b"PATCH"))
 _SUMMARY_LAST = 5
 
 _OBSERVE = Offload(FORWARD, observe=OBSERVE_PAYLOAD)
 DEFAULTS = {"max_header_bytes": 8192, "max_records": 32, "max_errors": 8, "max_field_bytes": 256}
 
 
-def _is_version(v: bytes) -> bool:
-    return (len(v) == 8 and v[:5] == b"HTTP/" and 48 <= v[5] <= 57 and v[6] == 46
-            and 48 <= v[7] <= 57)
-
-
 def _request_line(line: bytes):
     """(method, target, version) of a request line, or None if it is not one."""
     parts = line.split()
-    if (len(parts) != 3 or len(parts[0]) > _MAX_METHOD or parts[0].translate(None, _TCHAR)
-            or not _is_version(parts[2])):
+    if len(parts) != 3 or parts[2] not in _VERSIONS:
+        return None
+    method = parts[0]
+    if method not in _METHODS and (len(method) > _MAX_METHOD or method.translate(None, _TCHAR)):
         return None
     return parts
 
@@ -82,7 +81,7 @@ def _request_line(line: bytes):
 def _status_line(line: bytes):
     """(version, status, reason) of a status line, or None if it is not one."""
     parts = line.split(b" ", 2)
-    if len(parts) < 2 or not _is_version(parts[0]) or len(parts[1]) != 3 or parts[1].translate(None, _DIGITS):
+    if len(parts) < 2 or parts[0] not in _VERSIONS or len(parts[1]) != 3 or parts[1].translate(None, _DIGITS):
         return None
     return parts[0], int(parts[1]), parts[2].strip() if len(parts) == 3 else b""
 
@@ -96,12 +95,23 @@ def _looks_like_start(blob: bytes, start: int, end: int, is_request: bool) -> bo
     if not is_request:
         head = blob[start:min(end, start + 5)]
         return head == b"HTTP/"[:len(head)]
-    head = blob[start:min(end, start + _MAX_METHOD + 1)]
-    sp = head.find(b" ")
-    method = head if sp < 0 else head[:sp]
-    if sp == 0 or len(method) > _MAX_METHOD:
-        return False
-    return not method.translate(None, _TCHAR)
+    # the method so far, split as the whole line will be (on any whitespace)
+    tokens = blob[start:min(end, start + _MAX_METHOD + 1)].split(None, 1)
+    if not tokens:
+        return True
+    return len(tokens[0]) <= _MAX_METHOD and not tokens[0].translate(None, _TCHAR)
+
+
+def _values(block: bytes, low: bytes, name: bytes) -> list:
+    """Every value of the field `name` ("\\nname:", lowercase) in a header block."""
+    values = []
+    i = low.find(name)
+    while i >= 0:
+        i += len(name)
+        e = low.find(b"\n", i)  # always found: a block ends with an empty line
+        values.append(block[i:e].strip())
+        i = low.find(name, e)
+    return values
 
 
 def _push(lst: list, item, cap: int) -> None:
@@ -153,8 +163,8 @@ class HttpParser(NetworkFunction):
     def process_packet(self, pkt, state) -> bool:
         if pkt.proto != TCP:
             return True
-        payload = pkt.payload
-        n = len(payload)
+        start, end = pkt.bounds()
+        n = end - start
         if not n:  # pure ACK (or FIN/RST): only a SYN tells us anything
             d = state["dirs"][pkt.direction]
             if d["seq"] < 0 and pkt.tcp_flags & TCP_SYN:
@@ -162,12 +172,14 @@ class HttpParser(NetworkFunction):
             return True
         direction = pkt.direction
         d = state["dirs"][direction]
-        if d["desync"] or d["mode"] in _STOPPED:
+        mode = d["mode"]
+        if d["desync"] or mode in _STOPPED:
             return True
-        flags = pkt.tcp_flags
+        f, l4 = pkt.frame, pkt.l4  # a segment with payload has its TCP header (l4 >= 0)
+        flags = f[l4 + 13]
         if flags & TCP_RST:  # data on a RST is a diagnostic, not stream content
             return True
-        seq = pkt.seq
+        seq = (f[l4 + 4] << 24) | (f[l4 + 5] << 16) | (f[l4 + 6] << 8) | f[l4 + 7]
         if flags & TCP_SYN:  # data on a SYN (TCP Fast Open) starts after the SYN
             seq = (seq + 1) & _MASK
             if d["seq"] < 0:
@@ -182,16 +194,22 @@ class HttpParser(NetworkFunction):
                 return True
             if old >= n:      # a pure retransmission
                 return True
-            payload = payload[old:]  # overlap: keep the new bytes only
+            start += old  # overlap: keep the new bytes only
             n -= old
         d["seq"] = (expected + n) & _MASK
-        mode = d["mode"]
         if (mode == BODY or mode == CHUNK_DATA) and d["left"] >= n:  # all body: no copy
             d["left"] -= n
             if not d["left"]:
                 d["mode"] = HEADER if mode == BODY else CHUNK_END
             return True
-        self._feed(state, d, direction, bytes(payload))
+        data = bytes(f[start:start + n])
+        if (mode == HEADER and not d["buf"] and n <= self.max_header_bytes and data[-4:] == b"\r\n\r\n"
+                and data.find(b"\n\r\n") == n - 3 and data.find(b"\n\n") < 0 and data[0] != 13 and data[0] != 10):
+            # The common case: the segment is one whole header block (what _header
+            # would find, without its search for where the block ends)
+            self._message(state, d, direction, data)
+        else:
+            self._feed(state, d, direction, data)
         return True
 
     # --- the HTTP/1.x byte stream ------------------------------------------------
@@ -293,12 +311,16 @@ class HttpParser(NetworkFunction):
             self._fail(state, d, direction,
                        "header too large" if _looks_like_start(block, 0, len(block), is_request) else "not http")
             return new_pos
+        self._message(state, d, direction, block)
+        return new_pos
+
+    def _message(self, state, d, direction: int, block: bytes) -> None:
+        """A complete header block (start line to empty line, within the limit)."""
         line = block[:block.find(b"\n")].rstrip(b"\r")
-        if is_request:
+        if direction == 0:
             self._request(state, d, line, block)
         else:
             self._response(state, d, line, block)
-        return new_pos
 
     @staticmethod
     def _fields(block: bytes) -> tuple:
@@ -306,20 +328,14 @@ class HttpParser(NetworkFunction):
         (None when absent).  Field names are matched at line starts of the
         lowercased block: faster than splitting it into lines."""
         low = block.lower()
-        found = []
-        for name in (b"\nhost:", b"\ncontent-length:", b"\ntransfer-encoding:"):
-            values = []
-            i = low.find(name)
-            while i >= 0:
-                i += len(name)
-                e = low.find(b"\n", i)  # always found: a block ends with an empty line
-                values.append(block[i:e].strip())
-                i = low.find(name, e)
-            found.append(values)
-        hosts, lengths, codings = found
-        lengths = [v.strip() for value in lengths for v in value.split(b",")] if lengths else None
-        return (hosts[0] if hosts else None, lengths,
-                b",".join(codings).lower() if codings else None)
+        i = low.find(b"\nhost:")
+        host = block[i + 6:low.find(b"\n", i + 6)].strip() if i >= 0 else None  # the first Host
+        lengths = codings = None
+        if low.find(b"\ncontent-length:") >= 0:
+            lengths = [v.strip() for value in _values(block, low, b"\ncontent-length:") for v in value.split(b",")]
+        if low.find(b"\ntransfer-encoding:") >= 0:
+            codings = b",".join(_values(block, low, b"\ntransfer-encoding:")).lower()
+        return host, lengths, codings
 
     def _text(self, b: bytes) -> str:
         """A recorded field: at most max_field_bytes once encoded, which is
@@ -373,9 +389,13 @@ class HttpParser(NetworkFunction):
         method, target, version = parts
         host, lengths, te = self._fields(block)
         text = method.decode("ascii")
-        _push(state["requests"], {"method": text, "path": self._text(target),
-                                  "host": self._text(host) if host else "",
-                                  "version": version.decode("ascii")}, self.max_records)
+        limit = self.max_field_bytes
+        requests = state["requests"]
+        requests.append({"method": text,
+                         "path": target.decode() if len(target) <= limit and target.isascii() else self._text(target),
+                         "host": self._text(host) if host else "", "version": version.decode("ascii")})
+        if len(requests) > self.max_records:
+            del requests[:len(requests) - self.max_records]
         ordinal = state["n_requests"]
         state["n_requests"] = ordinal + 1
         if method == b"PRI" and version == b"HTTP/2.0":  # HTTP/2 with prior knowledge

@@ -74,6 +74,23 @@ def test_every_frame_of_a_trial_is_accounted_for():
     assert line.endswith("+ unaccounted 0")
 
 
+def test_migration_markers_dropped_with_the_frames_are_not_the_generators():
+    """The switch agent's markers reach a runtime's socket with the offered
+    frames; those lost to a full ring are among its drops (and sent again),
+    so they are taken out before anything is called unaccounted."""
+    a = {**_snap(), "markers_sent": 100}
+    b = {**_snap(sink=900, rt_switch={0: {"to_socket": 1030, "no_socket": 0, "from_rt_packets": 900}},
+                 runtimes={0: {"pid": 10, "frames": 950, "forwarded": 900, "markers": 50, "socket_full": 130,
+                               "rx_pending": 0}}), "markers_sent": 180}
+    acc = accounting.account([a, b], 1000, 0)
+    assert acc["markers"] == {"injected": 80, "consumed": 50, "among_drops": 30}
+    assert acc["lost"] == 100 and acc["counted_drops"] == 130 and acc["unaccounted"] == 0
+    assert "of which 30 migration markers" in accounting_line({**acc, "valid": True, "invalid_because": []})
+    # without the switch agent's count, nothing is assumed
+    acc = accounting.account([{**a, "markers_sent": None}, b], 1000, 0)
+    assert acc["unaccounted"] == -30
+
+
 def test_what_a_killed_runtime_took_with_it_is_unaccounted_and_located():
     a = _snap()
     # 100 frames wait in the runtime's ring when it is killed; 100 more find no socket while it is down

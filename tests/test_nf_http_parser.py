@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+import struct
 
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
@@ -631,3 +632,67 @@ def test_fuzz_http_like_streams_byte_by_byte():
         c.send(rnd.randint(0, 1), GET + stream, size=rnd.randint(1, 5),
                check=lambda s: all(len(x["buf"]) <= 256 for x in s["dirs"]))
         json.dumps(p.summary(c.state))
+
+
+def _odd_message(rnd: random.Random, direction: int) -> bytes:
+    """One header block (and body) of the kinds a parser gets wrong: odd start
+    lines, LF-only endings, repeated or oddly cased fields, long or non-ASCII
+    fields, a block right at the size limit."""
+    eol = rnd.choice([b"\r\n", b"\r\n", b"\n"])
+    if direction == 0:
+        method = rnd.choice([b"GET", b"POST", b"HEAD", b"M-SEARCH", b"get", b"G\x01T", b"PRI", b"A" * 25])
+        target = rnd.choice([b"/", b"/a b", b"/\xc3\xa9t\xc3\xa9", b"/" + b"p" * 300, b"/x\ty", b"*"])
+        version = rnd.choice([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"HTTP/11", b"http/1.1", b"HTTP/1.1 "])
+        line = method + rnd.choice([b" ", b"  ", b"\t"]) + target + b" " + version
+    else:
+        line = rnd.choice([b"HTTP/1.1 200 OK", b"HTTP/1.0 204 No Content", b"HTTP/1.1 20x Bad",
+                           b"HTTP/1.1 404", b"HTTP/1.1 200 \xff\xfe", b"HTTP/1.1 100 Continue"])
+    fields = []
+    for _ in range(rnd.randint(0, 4)):
+        fields.append(rnd.choice([b"Host: a.example", b"HOST:b.example", b"host:  c.example  ",
+                                  b"Content-Length: 3", b"content-length: 3, 3", b"Content-Length: 3",
+                                  b"Content-Length: x", b"Transfer-Encoding: chunked", b"X-A: " + b"v" * 100]))
+    body = b""
+    if any(f.lower().startswith(b"content-length: 3") for f in fields):
+        body = b"abc"
+    elif any(f.lower().startswith(b"transfer-encoding") for f in fields):
+        body = b"3\r\nabc\r\n0\r\n\r\n"
+    lead = rnd.choice([b"", b"", b"", b"\r\n"])
+    return lead + eol.join([line] + fields) + eol + eol + body
+
+
+def _segment(direction: int, seq: int, data: bytes) -> Packet:
+    """A TCP segment as the runtime hands it over, built without scapy (this
+    test sends thousands of them)."""
+    ports = (CPORT, SPORT) if direction == 0 else (SPORT, CPORT)
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40 + len(data), 0, 0x4000, 64, 6, 0, bytes(4), bytes(4))
+    tcp = struct.pack("!HHIIBBHHH", *ports, seq & 0xFFFFFFFF, 0, 5 << 4, 0x18, 65535, 0, 0)
+    return Packet(memoryview(bytearray(bytes(12) + b"\x08\x00" + ip + tcp + data)), direction, 34, 6)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_one_message_per_segment_parses_as_byte_by_byte(seed):
+    """A segment holding exactly one header block takes the parser's shortcut;
+    the same bytes one at a time never do.  Both must end in the same state."""
+    rnd = random.Random(seed)
+    for _ in range(40):
+        config = {"max_header_bytes": rnd.choice([64, 200, 8192]), "max_field_bytes": rnd.choice([8, 256])}
+        messages = [(d, _odd_message(rnd, d)) for d in (rnd.randint(0, 1) for _ in range(rnd.randint(1, 8)))]
+        states = []
+        for size in (None, 1):
+            p = make_nf(**config)
+            state, seq = p.allocate_flow_state(), list(ISN)
+            for d, m in messages:
+                for i in range(0, len(m), size or len(m)):
+                    chunk = m[i:i + (size or len(m))]
+                    assert p.process_packet(_segment(d, seq[d], chunk), state) is True
+                    seq[d] += len(chunk)
+            states.append(_comparable(state))
+        assert states[0] == states[1], messages
+
+
+def _comparable(state: dict) -> dict:
+    """A state without the sequence number of a direction no longer parsed
+    (it stops at the byte that stopped parsing, which segmenting moves)."""
+    dirs = [{**d, "seq": None} if d["desync"] or d["mode"] in ("close", "tunnel") else d for d in state["dirs"]]
+    return {**state, "dirs": dirs}

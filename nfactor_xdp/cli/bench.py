@@ -7,6 +7,8 @@ from __future__ import annotations
 import collections
 import json
 import os
+import signal
+import sys
 
 import click
 
@@ -34,6 +36,9 @@ trials_option = click.option("--trials", "show_trials", is_flag=True,
 def accounting_line(t: dict) -> str:
     """offered = forwarded + each counted drop + unaccounted, for one trial."""
     terms = " + ".join(f"{k} {v}" for k, v in t["drops"].items())
+    markers = (t.get("markers") or {}).get("among_drops")
+    if markers:
+        terms += f" (of which {markers} migration markers, not offered)"
     flag = "" if t["valid"] else f"  INVALID: {'; '.join(t['invalid_because'])[:160]}"
     gen = f" (sent {t['sent']}, {t['generator_veth_dropped']} not taken by its veth)" \
         if t["generator_veth_dropped"] else ""
@@ -127,6 +132,8 @@ def _run(entry: str, output: str, show_trials: bool = False, plot_dir: str | Non
         from ..tools.bench import plots
         plots.pyplot()  # missing matplotlib is said now, not after the run
     show = Progress(enabled=output != "-")
+    # killed (SIGTERM) as when interrupted: the testbed and node are taken down on the way out
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     try:
         result = getattr(benchmarks, entry)(progress=_trial_line(show) if show.on else None, **kw)
     except RuntimeError as e:  # the harness could not go on (generator, node, policy): said in one line

@@ -201,35 +201,55 @@ class Packet:
 
     @property
     def tcp_flags(self) -> int:
-        return self.frame[self.l4 + 13] if self.l4 >= 0 and self.is_tcp else 0
+        l4 = self.l4
+        return self.frame[l4 + 13] if l4 >= 0 and self.proto == TCP else 0
 
     @property
     def seq(self) -> int:
-        return int.from_bytes(self.frame[self.l4 + 4:self.l4 + 8], "big") if self.l4 >= 0 and self.is_tcp else 0
+        l4 = self.l4
+        if l4 < 0 or self.proto != TCP:
+            return 0
+        f = self.frame
+        return (f[l4 + 4] << 24) | (f[l4 + 5] << 16) | (f[l4 + 6] << 8) | f[l4 + 7]
 
     @property
     def ack(self) -> int:
-        return int.from_bytes(self.frame[self.l4 + 8:self.l4 + 12], "big") if self.l4 >= 0 and self.is_tcp else 0
+        l4 = self.l4
+        if l4 < 0 or self.proto != TCP:
+            return 0
+        f = self.frame
+        return (f[l4 + 8] << 24) | (f[l4 + 9] << 16) | (f[l4 + 10] << 8) | f[l4 + 11]
 
     @property
     def ip_end(self) -> int:
         """End of the IP packet inside the frame (Ethernet padding excluded)."""
-        f, l3 = self.frame, self.l3
-        if f[l3] >> 4 == 4:
-            return min(len(f), l3 + ((f[l3 + 2] << 8) | f[l3 + 3]))
-        return min(len(f), l3 + IPV6_HLEN + ((f[l3 + 4] << 8) | f[l3 + 5]))
+        return self.bounds()[1]
 
     @property
     def payload_offset(self) -> int:
         """Where the payload starts: past the TCP/UDP header; for another
         protocol, its header is payload."""
-        if self.l4 < 0:
-            return self.ip_end
-        if self.is_tcp:
-            return min(self.ip_end, self.l4 + (self.frame[self.l4 + 12] >> 4) * 4)
-        return min(self.ip_end, self.l4 + (8 if self.proto == UDP else 0))
+        return self.bounds()[0]
+
+    def bounds(self) -> tuple[int, int]:
+        """(payload offset, end of the IP packet): one call for both, which
+        payload is read from in every TCP parser's per-packet path."""
+        f, l4 = self.frame, self.l4
+        l3 = ETH_HLEN if ((f[12] << 8) | f[13]) not in _TAGS else l3_offset(f)
+        if f[l3] >> 4 == 4:
+            end = l3 + ((f[l3 + 2] << 8) | f[l3 + 3])
+        else:
+            end = l3 + IPV6_HLEN + ((f[l3 + 4] << 8) | f[l3 + 5])
+        n = len(f)
+        if end > n:
+            end = n
+        if l4 < 0:
+            return end, end
+        proto = self.proto
+        start = l4 + (f[l4 + 12] >> 4) * 4 if proto == TCP else l4 + 8 if proto == UDP else l4
+        return (start if start < end else end), end
 
     @property
     def payload(self):
-        return self.frame[self.payload_offset:self.ip_end]
-
+        start, end = self.bounds()
+        return self.frame[start:end]

@@ -14,7 +14,9 @@ The path of a generator frame and where each loss is counted:
     sink       counts the trial's flows
 
 offered = sent - generator's veth drops = forwarded + every counted drop +
-unaccounted; a trial whose unaccounted is not 0 is flagged.  Each loss has
+unaccounted; a trial whose unaccounted is not 0 is flagged.  Migration
+markers, which the switch agent puts into a runtime's port, share its ring
+with the offered frames: those dropped are taken out of the counted drops.  Each loss has
 one counter here.  The tracer's xmit_drop sees the same events as the veth
 counters (and cannot tell namespaces apart), and its socket_full the same as
 the sockets' own statistics, which are exact; the tracer was seen to miss a
@@ -69,7 +71,29 @@ def snapshot(name: str, runtimes: int, sink, node_ns: str, pids: dict[str, int])
     rts = {i: runtime_counts(nodectl.runtime_query(name, i, "status", timeout=2.0) or {}) for i in range(runtimes)}
     trial, other = sink.counts()
     return {"sink": trial, "sink_other": other, "switch": switch, "rt_switch": rt_switch, "runtimes": rts,
-            "links": link_stats(node_ns), "cpu": cpu.sample({**pids, **cpu.node_pids(name)})}
+            "links": link_stats(node_ns), "cpu": cpu.sample({**pids, **cpu.node_pids(name)}),
+            "markers_sent": _markers_sent(name)}
+
+
+def _markers_sent(name: str) -> int | None:
+    """Migration markers the switch agent has put into runtimes' ports (None: it did not say)."""
+    from ...formats.messages import MsgType
+    try:
+        stats = nodectl.control_call(name, "switch", MsgType.STATUS, {}, timeout=0.5).get("stats") or {}
+    except nodectl.NodeCtlError:
+        return None
+    return stats.get("markers_sent")
+
+
+def _markers(a: dict, b: dict, consumed: int) -> dict:
+    """Marker frames in a trial: they reach the runtimes' sockets with the
+    generator's frames and can be dropped with them (a full ring), so the
+    drops counted include those not consumed (the switch agent sends a lost
+    one again)."""
+    if a.get("markers_sent") is None or b.get("markers_sent") is None:
+        return {"injected": None, "consumed": consumed, "among_drops": 0}
+    injected = b["markers_sent"] - a["markers_sent"]
+    return {"injected": injected, "consumed": consumed, "among_drops": max(0, injected - consumed)}
 
 
 def _delta(a: dict, b: dict) -> dict:
@@ -163,11 +187,13 @@ def account(snaps: list[dict], sent: int, failed: int) -> dict:
     drops["runtime_tx_veth_dropped"] = _link_delta(a, b, rt_ends)
     drops["sink_port_full"] = _link_delta(a, b, ["ext1"])
     counted = sum(drops.values())
+    markers = _markers(a, b, total("markers"))
     non_chain = sum(total(k) for k in reasons if k != "dropped_chain")
     return {
         "sent": sent, "generator_veth_dropped": failed, "offered": offered, "forwarded": forwarded,
         "lost": offered - forwarded, "drops": {k: v for k, v in drops.items() if v},
-        "counted_drops": counted, "unaccounted": offered - forwarded - counted,
+        "counted_drops": counted, "unaccounted": offered - forwarded - (counted - markers["among_drops"]),
+        "markers": markers,
         "other_frames": {"sink": b["sink_other"] - a["sink_other"],
                          **{k: v for k, v in sw.items() if k.startswith("other_") and v}},
         "cross_check": {"tracer_xmit_drop": sw.get("xmit_drop", 0),
