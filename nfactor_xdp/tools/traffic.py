@@ -35,7 +35,8 @@ def _socket(family: int, bind: tuple, rcvbuf: int = 8 << 20) -> socket.socket:
     s = socket.socket(family, socket.SOCK_DGRAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, rcvbuf)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if bind[1]:  # a port of our choosing; never for an ephemeral one, which two sockets could then share
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind(bind)
     return s
 
