@@ -593,3 +593,32 @@ def test_fuzz_messages_command_reports_json():
     assert r.exit_code == 0, r.output
     report = json.loads(r.output)
     assert report["count"] == 500 and report["ok"] and report["findings"] == {}
+
+
+def test_each_request_is_retried_at_its_own_deadline_whatever_else_is_pending(pair):
+    """tick() scans only once the earliest deadline has come: a short request
+    made after a long one, or in a timeout callback, is still retried on time."""
+    a, b = pair
+    t0 = time.monotonic()
+    slow = a.request(b.address, MsgType.STATUS, {}, on_reply=lambda m: None, timeout=50, retries=1)
+    a.tick(now=t0 + 1)
+    assert a.counters["resent"] == 0
+    later = []
+
+    def again(rid):  # a new request from a timeout callback
+        later.append(a.request(b.address, MsgType.STATUS, {}, on_reply=lambda m: None, timeout=0.5, retries=1))
+    fast = a.request(b.address, MsgType.STATUS, {}, on_reply=lambda m: None, timeout=0.2, retries=0,
+                     on_timeout=again)
+    a.tick(now=t0 + 0.1)
+    assert a.counters["resent"] == 0
+    a.tick(now=t0 + 2)  # the fast one times out; its callback asks again (due 0.5 s after it ran)
+    assert a.counters["request_timeout"] == 1 and len(later) == 1 and a.counters["resent"] == 0
+    a.tick(now=t0 + 2.2)  # the new one's deadline has passed: resent, due again at t0 + 2.7
+    assert a.counters["resent"] == 1
+    a.tick(now=t0 + 2.5)
+    assert a.counters["resent"] == 1 and a.pending == 2
+    a.tick(now=t0 + 3)  # its last attempt timed out
+    assert a.counters["request_timeout"] == 2 and a.pending == 1
+    a.tick(now=t0 + 60)  # the slow one's deadline
+    assert a.counters["resent"] == 2 and a.pending == 1
+    assert fast != slow

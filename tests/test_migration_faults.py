@@ -333,3 +333,42 @@ def test_a_marker_is_known_by_its_form_for_every_kind_of_flow(pkt, after):
     assert same == key and marker.carried(memoryview(frame), l4, key[36]) == payload
     longer = marker.frame(key, 0, payload + b"!") + after  # one more byte: real traffic
     assert marker.carried(longer, classify(longer)[3], key[36]) is None
+
+
+def test_a_late_marker_is_asked_for_again_on_time_and_only_then():
+    """The marker timer looks at the outgoing flows only once one may be late;
+    each late marker is asked for again (a MOVE), the others are left alone."""
+    rt, ep = runtime()
+    a, b = flow(rt, 5000), flow(rt, 5001)
+    waiting_for_marker(rt, ep, a)
+    t_a = rt.migrator.out[a.key].deadline
+    moves = len(ep.to(MsgType.MIGRATE_MOVE))
+    rt.migrator.tick(t_a - 0.01)
+    assert len(ep.to(MsgType.MIGRATE_MOVE)) == moves
+    time.sleep(0.002)  # b's marker is due a little later than a's
+    waiting_for_marker(rt, ep, b)
+    t_b = rt.migrator.out[b.key].deadline
+    assert t_b > t_a
+    time.sleep(0.005)  # (a's marker, asked for again now, is due well after b's)
+    rt.migrator.tick(t_a + 0.001)  # a's only
+    assert [body["key"] for _, body in ep.to(MsgType.MIGRATE_MOVE)[moves + 1:]] == [a.key.hex()]
+    ep.answer()  # a waits for its marker again, due MARKER_TIMEOUT from now
+    rt.migrator.tick(t_b + 0.001)  # b's turn, though a's new deadline is later than b's
+    assert [body["key"] for _, body in ep.to(MsgType.MIGRATE_MOVE)[moves + 1:]] == [a.key.hex(), b.key.hex()]
+    assert rt.migrator.stats["marker_resends"] == 2
+
+
+def test_a_batch_of_thousands_whose_target_leaves_ends_without_overflowing_the_stack():
+    """Every waiting flow fails at once when the target leaves the view; each
+    end used to start the next flow from inside the last one's, a call deeper
+    per flow: a runtime migrating 5,000 flows died of a RecursionError."""
+    import sys
+    rt, ep = runtime(max_migrations=1)
+    flows = [flow(rt, 5000 + i) for i in range(sys.getrecursionlimit() + 200)]
+    batch = rt.migrator.start_batch(1, [a.key for a in flows])
+    ep.answer()  # the first: create, then move
+    set_view(rt, view(peer_state="failed"))  # the target leaves the view ...
+    assert not rt.handle(the_marker(flows[0]))  # ... before the first flow's state: rolled back, all the rest fail
+    report = batch.report()
+    assert report["done"] and report["failed"] == len(flows) and report["succeeded"] == 0, report
+    assert all(a.migration is None for a in flows) and rt.handle(udp(5001))

@@ -2,6 +2,7 @@
 drain, or the load balancer) asked to move, and how each fared."""
 from __future__ import annotations
 
+import collections
 import time
 
 NOT_MIGRATABLE_LISTED = 100  # keys of flows too big to move named in a batch's report
@@ -13,7 +14,7 @@ class Batch:
     def __init__(self, bid: int, target: int, keys: list[bytes]):
         self.id, self.target = bid, target
         self.total = len(keys)
-        self.waiting = list(keys)       # not started yet (concurrency cap)
+        self.waiting = collections.deque(keys)  # not started yet (concurrency cap), in order
         self.succeeded = self.failed = self.retried = 0
         self.not_migratable: list[bytes] = []  # failed: their state cannot fit a control message
         self.durations: list[float] = []

@@ -71,6 +71,8 @@ class Migrator(Arrivals):
         self.ep = None
         self.switch_agent: tuple | None = None
         self.out: dict[bytes, Outgoing] = {}
+        self.next_deadline = float("inf")  # no marker is due before (tick() runs every turn of the loop)
+        self._pumping = False
         self.batches: dict[int, Batch] = {}
         self.next_batch = 1
         self.left: dict[bytes, tuple[float, int]] = {}  # keys of flows that migrated away -> (expiry, target)
@@ -118,22 +120,39 @@ class Migrator(Arrivals):
             del self.batches[bid]
 
     def pump(self) -> None:
-        """Start waiting migrations while under the concurrency cap."""
-        for b in list(self.batches.values()):
-            while b.waiting and len(self.out) < self.max_concurrent:
-                key = b.waiting.pop(0)
-                self.queued.discard(key)
-                actor = self.flows.get(key)
-                if actor is None or actor.migration is not None:
-                    self._finish(b, None, ok=False)
-                elif self.view.addr(b.target) is None:  # the target left the view: nothing is sent to it
-                    self.last_error = f"runtime {b.target} left the view"
-                    self._finish(b, None, ok=False)
-                elif not self._fits(actor):
-                    b.not_migratable.append(key)
-                    self._finish(b, None, ok=False)
-                else:
-                    self._begin(b, key, actor)
+        """Start waiting migrations while under the concurrency cap.  Never
+        re-entered (a flow that ends calls it): the flows that end while it
+        starts others (every waiting flow, when the target has left the
+        view) free their slots for this same call, not for a call per flow
+        nested in it (a batch of thousands once overflowed the stack)."""
+        if self._pumping:
+            return
+        self._pumping = True
+        try:
+            progressed = True
+            while progressed:
+                progressed = False
+                for b in list(self.batches.values()):
+                    while b.waiting and len(self.out) < self.max_concurrent:
+                        progressed = True
+                        self._start_next(b)
+        finally:
+            self._pumping = False
+
+    def _start_next(self, b: Batch) -> None:
+        key = b.waiting.popleft()
+        self.queued.discard(key)
+        actor = self.flows.get(key)
+        if actor is None or actor.migration is not None:
+            self._finish(b, None, ok=False)
+        elif self.view.addr(b.target) is None:  # the target left the view: nothing is sent to it
+            self.last_error = f"runtime {b.target} left the view"
+            self._finish(b, None, ok=False)
+        elif not self._fits(actor):
+            b.not_migratable.append(key)
+            self._finish(b, None, ok=False)
+        else:
+            self._begin(b, key, actor)
 
     def _fits(self, actor) -> bool:
         """Can the flow's state travel in a control message?  Measured before
@@ -222,6 +241,7 @@ class Migrator(Arrivals):
             # moved; if the marker could not be sent, the marker timer asks again
             if m.step == "move":
                 m.step = "marker"
+                self.next_deadline = min(self.next_deadline, m.deadline)
         else:
             self._rollback(m, f"switch agent refused: {msg.body.get('error')}")
 
@@ -396,7 +416,12 @@ class Migrator(Arrivals):
         self.pump()
 
     def tick(self, now: float) -> None:
-        """Ask again for markers that are late (they travel the data plane and can be dropped)."""
+        """Ask again for markers that are late (they travel the data plane and
+        can be dropped).  Scans the outgoing flows only when one may be late:
+        with a thousand in flight, a scan every turn of the loop cost more
+        than the frames it handled."""
+        if now < self.next_deadline:
+            return
         for m in list(self.out.values()):
             if m.step == "marker" and now > m.deadline:
                 if m.resends >= MARKER_RESENDS:
@@ -406,6 +431,7 @@ class Migrator(Arrivals):
                 self.stats["marker_resends"] += 1
                 m.step = "move"
                 self._move(m)
+        self.next_deadline = min((m.deadline for m in self.out.values() if m.step == "marker"), default=float("inf"))
 
     def status(self) -> dict:
         return {**self.stats, "in_progress": len(self.out), "not_migratable": self.not_migratable(),

@@ -221,6 +221,9 @@ class Endpoint:
         # and its requests are not taken for its predecessor's by the receivers' request caches
         self._next_rid = random.randrange(1, 1 << 62)
         self._pending: dict[int, _Pending] = {}
+        # no pending request's deadline is earlier (it may be later: answered ones are not taken
+        # out): tick() is called every turn of an event loop, and scans only when one may be due
+        self._next_deadline = float("inf")
         self._done: collections.OrderedDict[int, None] = collections.OrderedDict()
 
     @property
@@ -343,13 +346,18 @@ class Endpoint:
         `on_reply(msg)`; `tick()` re-sends it (same rid) every `timeout`
         seconds up to `retries` times, then calls `on_timeout(rid)`."""
         rid = self.send(addr, msg_type, body)
+        deadline = time.monotonic() + timeout
         self._pending[rid] = _Pending(addr, MsgType(msg_type), body, on_reply, on_timeout,
-                                      timeout, retries, time.monotonic() + timeout)
+                                      timeout, retries, deadline)
+        if deadline < self._next_deadline:
+            self._next_deadline = deadline
         return rid
 
     def tick(self, now: float | None = None) -> None:
         """Re-send or expire requests whose timeout passed (`now`: time.monotonic())."""
         now = time.monotonic() if now is None else now
+        if now < self._next_deadline:
+            return
         for rid, p in list(self._pending.items()):
             if now < p.deadline:
                 continue
@@ -364,6 +372,7 @@ class Endpoint:
                 self.counters["request_timeout"] += 1
                 if p.on_timeout is not None:
                     self._callback(p.on_timeout, rid, p.msg_type)
+        self._next_deadline = min((p.deadline for p in self._pending.values()), default=float("inf"))
 
     def next_timeout(self, now: float | None = None) -> float | None:
         """Seconds until `tick()` has something to do (None: no request pending), for poll()."""
