@@ -11,7 +11,7 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
-from nfactor_xdp.dataplane import migration, nf
+from nfactor_xdp.dataplane import arrivals, migration, nf
 from nfactor_xdp.dataplane.packet import classify
 from nfactor_xdp.dataplane.runtime import Runtime
 from nfactor_xdp.formats import marker
@@ -82,7 +82,7 @@ def test_an_actor_mid_migration_is_not_expired_and_its_marker_never_reaches_the_
                                                                         "orig_dir": 0}, 0), ("127.0.0.1", 2))
         a = rt.flows.get(key)
         marker_frame = marker.frame(key, a.orig_dir, marker.payload(marker.new_nonce()))
-    rt.now += 3600
+    rt.now += arrivals.ARRIVAL_TIMEOUT - 1  # idle for far longer than idle_timeout
     rt.expire_idle()
     assert rt.flows.get(a.key) is a, "expired in mid-migration"
     assert not rt.handle(memoryview(bytearray(marker_frame)))
@@ -372,3 +372,43 @@ def test_a_batch_of_thousands_whose_target_leaves_ends_without_overflowing_the_s
     report = batch.report()
     assert report["done"] and report["failed"] == len(flows) and report["succeeded"] == 0, report
     assert all(a.migration is None for a in flows) and rt.handle(udp(5001))
+
+
+def _arriving(rt: Runtime, sport: int = 5000):
+    key = flow(rt, sport).key
+    rt.flows.remove(key)
+    rt.migrator.on_create(Message(MsgType.MIGRATE_CREATE, 1, "rt1", {"key": key.hex(), "chain": 1, "rule": 0,
+                                                                    "orig_dir": 0}, 0), ("127.0.0.1", 2))
+    return rt.flows.get(key)
+
+
+def test_an_arrival_whose_state_never_comes_is_let_go_and_its_frames_kept_for_the_source():
+    """The source rolled back and its abort was lost (or it died): the target
+    does not hold the flow, and buffer its frames, forever."""
+    rt, ep = runtime()
+    a, fresh = _arriving(rt, 5000), _arriving(rt, 5001)
+    assert not rt.handle(udp(5000))  # held for the state
+    a.migration.since -= arrivals.ARRIVAL_TIMEOUT + 1  # a's state is long overdue; the other's is not
+    rt.expire_idle()
+    assert rt.flows.get(a.key) is None and rt.flows.get(fresh.key) is fresh
+    assert rt.migrator.stats["in_abandoned"] == 1
+    assert rt.handle(udp(5000)) and rt.flows.get(a.key).migration is None  # the flow goes on, anew
+    # a source asking late still gets the frames held for it
+    rt.migrator.on_abort(Message(MsgType.MIGRATE_DONE, 2, "rt1", {"key": a.key.hex(), "abort": True}, 0),
+                         ("127.0.0.1", 2))
+    (_, reply), = ep.to(MsgType.REPLY)[-1:]
+    assert reply["ok"] and len(reply["frames"]) == 1
+
+
+def test_a_target_marked_failed_still_gets_the_abort_of_a_rolled_back_migration():
+    """Marked failed is not dead: a runtime starved of CPU for a few heartbeats
+    registers again with its actors, and must not keep an arrival forever
+    (a flow with an actor on two runtimes, seen in a benchmark)."""
+    rt, ep = runtime()
+    a = flow(rt)
+    waiting_for_marker(rt, ep, a)
+    set_view(rt, view(peer_state="failed"))
+    assert not rt.handle(the_marker(a))  # no state for a failed target: rolled back
+    ep.answer(only=MsgType.MIGRATE_MOVE)  # the switch points at the source again; then the target is told
+    assert [body["key"] for _, body in ep.to(MsgType.MIGRATE_DONE, addr=("127.0.0.1", 2))] == [a.key.hex()]
+    assert rt.flows.get(a.key).migration is None

@@ -316,6 +316,8 @@ class Controller:
             last = self.live.get(rt, {}).get("last", 0.0)
             if now - last > limit:
                 self.stats["failures_detected"] += 1
+                log.warning("runtime %d marked failed: no heartbeat for %.2f s (limit %.2f s); its peers stop "
+                            "sending it anything until it registers again", rt, now - last, limit)
                 self._change({"op": "state", "id": rt, "state": "failed",
                               "why": f"no heartbeat for {now - last:.2f}s", "silent_s": round(now - last, 4)})
                 changed = True

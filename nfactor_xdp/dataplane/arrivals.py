@@ -14,16 +14,20 @@ from ..formats.flowkey import KEY_SIZE
 MAX_BUFFER = 20000     # frames a target holds per arriving flow; beyond, dropped and counted (buffer_overflow)
 TAKE_BACK_BYTES = 40_000  # frames per message when a target hands its buffer back (control frames hold 60,000)
 TAKE_BACK_KEEP = 5.0   # seconds a target keeps an aborted flow's frames for the source to take back
+# seconds an arriving flow waits for its state: well over a source's whole retry budget (~6 s
+# from create to state), after which the source has rolled back or died and nobody will send it
+ARRIVAL_TIMEOUT = 15.0
 
 
 class Incoming:
     """The migration state of a flow arriving here (target side): its frames
     are held until the source's state comes."""
-    __slots__ = ("source", "buffer")
+    __slots__ = ("source", "buffer", "since")
 
     def __init__(self, source: str):
         self.source = source
         self.buffer: list[tuple[bytes, int, int]] = []
+        self.since = time.monotonic()
 
     def describe(self) -> str:
         return "in"
@@ -52,7 +56,7 @@ class Arrivals:
             self.stats["in_refused"] += 1
             self.ep.reply(msg, addr, {"ok": False, "error": str(e)})
             return
-        actor.migration = Incoming(msg.sender)
+        actor.migration = self.arriving[key] = Incoming(msg.sender)
         self.left.pop(key, None)  # the flow comes back: its frames are no longer late ones
         self.flows.add(actor)
         self.stats["in_created"] += 1
@@ -72,6 +76,7 @@ class Arrivals:
         actor = self.flows.get(key)
         if actor is not None and isinstance(actor.migration, Incoming):
             self.flows.remove(key)
+            self.arriving.pop(key, None)
             self.stats["in_aborted"] += 1
             self.returning[key] = (actor.migration.buffer, now + TAKE_BACK_KEEP)
         held = self.returning.get(key, ([], 0))[0]
@@ -85,6 +90,22 @@ class Arrivals:
         if not more:
             self.returning.pop(key, None)
         self.ep.reply(msg, addr, {"ok": True, "frames": page, "next": i if more else None})
+
+    def expire_arrivals(self, now: float) -> None:
+        """Arriving flows whose state never came (the source rolled back but
+        its abort was lost, or it died) are let go after ARRIVAL_TIMEOUT,
+        their held frames kept for a source that asks for them late; a frame
+        of the flow that comes later starts it anew.  Counted (in_abandoned)."""
+        while self.arriving:
+            key, incoming = next(iter(self.arriving.items()))
+            actor = self.flows.get(key)
+            if actor is not None and actor.migration is incoming:
+                if incoming.since + ARRIVAL_TIMEOUT > now:
+                    return  # oldest first: the rest are younger
+                self.flows.remove(key)
+                self.stats["in_abandoned"] += 1
+                self.returning[key] = (incoming.buffer, now + TAKE_BACK_KEEP)
+            del self.arriving[key]
 
     def buffer(self, actor, frame, direction: int, l4: int) -> None:
         held = actor.migration.buffer
@@ -114,6 +135,7 @@ class Arrivals:
             self.ep.reply(msg, addr, {"ok": False, "error": f"bad state: {e}"})
             return
         actor.migration = None
+        self.arriving.pop(key, None)
         # replay what arrived meanwhile, in order, then carry on as usual
         for data, direction, l4 in incoming.buffer:
             frame = bytearray(data)

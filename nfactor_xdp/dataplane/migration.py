@@ -24,6 +24,7 @@ from .arrivals import Arrivals
 from .batches import Batch
 from .histogram import MIGRATION_MS, Histogram
 from .nf import MAX_STATE_BYTES
+from .view import ANY_STATE
 
 MARKER_TIMEOUT = 0.3   # seconds to wait for the marker before asking for it again
 MARKER_RESENDS = 5
@@ -77,6 +78,7 @@ class Migrator(Arrivals):
         self.next_batch = 1
         self.left: dict[bytes, tuple[float, int]] = {}  # keys of flows that migrated away -> (expiry, target)
         self.returning: dict[bytes, tuple[list, float]] = {}  # aborted arrivals: key -> (frames, expiry)
+        self.arriving: dict[bytes, object] = {}  # key -> its Incoming, oldest first (abandoned ones expire)
         self.unmovable: set[bytes] = set()  # flows whose state was found too big to move
         self.queued: set[bytes] = set()     # keys waiting in a batch (never offloaded meanwhile)
         self.revoke = lambda keys: 0        # takes offloaded flows back from the switch (offloader.py)
@@ -84,7 +86,7 @@ class Migrator(Arrivals):
         self.skip = 0  # held frames keep the switch's ingress tag in front; actors see them without (runtime.skip)
         self.last_error = ""
         self.stats = {"late_markers": 0, "out_started": 0, "out_succeeded": 0, "out_failed": 0, "marker_resends": 0,
-                      "in_created": 0, "in_completed": 0, "in_refused": 0, "in_aborted": 0, "replayed": 0,
+                      "in_created": 0, "in_completed": 0, "in_refused": 0, "in_aborted": 0, "in_abandoned": 0, "replayed": 0,
                       "replay_tx_fail": 0, "buffered": 0, "buffer_overflow": 0, "markers_consumed": 0, "taken_back": 0,
                       "after_marker": 0, "after_marker_dropped": 0}
         self.flow_ms = Histogram(MIGRATION_MS)  # each migrated flow's own migration, as in its batch's report
@@ -352,7 +354,7 @@ class Migrator(Arrivals):
             return
         if step == "create":
             self._fail(m, why)
-            peer = self.view.addr(m.target)  # it may have created the actor: let it go
+            peer = self.view.addr(m.target, ANY_STATE)  # it may have created the actor: let it go
             if peer is not None:
                 self.ep.send(peer, MsgType.MIGRATE_DONE, {"key": m.key.hex(), "abort": True})
         else:
@@ -368,7 +370,9 @@ class Migrator(Arrivals):
         self._fail(m, why)
 
     def _abort_target(self, m: Outgoing, start: int = 0) -> None:
-        peer = self.view.addr(m.target)
+        # Whatever the view says: a runtime marked failed may only have been starved of CPU
+        # for a few heartbeats, and registers again with its actors (an abort to a dead one is lost)
+        peer = self.view.addr(m.target, ANY_STATE)
         if peer is not None:
             self.ep.request(peer, MsgType.MIGRATE_DONE, {"key": m.key.hex(), "abort": True, "from": start},
                             lambda msg, m=m: self._take_back(m, msg), timeout=0.2, retries=3)

@@ -511,6 +511,7 @@ class Runtime:
         """Release actors idle for idle_timeout, or closed (FIN both ways, RST)
         for CLOSE_LINGER; their switch entries go too (lifetime.py)."""
         self.lifetime.expire(self.now)
+        self.migrator.expire_arrivals(self.now)  # arrivals whose state will never come
         self.fragments.expire(self.now, self.now - self.cfg.idle_timeout)
 
     # --- queries -------------------------------------------------------------

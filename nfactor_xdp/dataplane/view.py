@@ -4,6 +4,7 @@ targets, replication its replicas and recovery its peers from it."""
 from __future__ import annotations
 
 RUNNING, LEAVING, STARTING, FAILED = "running", "leaving", "starting", "failed"
+ANY_STATE = (RUNNING, LEAVING, STARTING, FAILED)
 
 
 class View:
