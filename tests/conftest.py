@@ -27,15 +27,17 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session", autouse=True)
-def forget_test_nodes_config():
-    """Nodes keep their policy under /var/lib/nfactor/<node> (configuration, kept
-    after down); test nodes' go when the session ends."""
-    root = "/var/lib/nfactor"
-    before = set(os.listdir(root)) if os.path.isdir(root) else set()
+def forget_test_nodes_files(request):
+    """Nodes keep their policy under /var/lib/nfactor/<node> (configuration) and
+    their logs under /var/log/nfactor/<node>, after down; test nodes' go when
+    the session ends (their logs only if every test passed: they tell why not)."""
+    roots = {"/var/lib/nfactor": True, "/var/log/nfactor": False}  # root -> also after failures
+    before = {root: set(os.listdir(root)) if os.path.isdir(root) else set() for root in roots}
     yield
-    if os.path.isdir(root):
-        for name in set(os.listdir(root)) - before - {"cluster.key"}:
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    for root, always in roots.items():
+        if os.path.isdir(root) and (always or not request.session.testsfailed):
+            for name in set(os.listdir(root)) - before[root] - {"cluster.key"}:
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
 @pytest.fixture
