@@ -61,6 +61,7 @@ _DIGITS = b"0123456789"
 _MAX_METHOD = 24
 _VERSIONS = frozenset(b"HTTP/%d.%d" % (a, b) for a in range(10) for b in range(10))
 _METHODS = frozenset((b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CONNECT", b"OPTIONS", b"TRACE", b"PATCH"))
+_TEXT = {b: b.decode() for b in _METHODS | _VERSIONS}  # their str, without decoding each time
 _SUMMARY_LAST = 5
 
 _OBSERVE = Offload(FORWARD, observe=OBSERVE_PAYLOAD)
@@ -388,12 +389,13 @@ class HttpParser(NetworkFunction):
             return
         method, target, version = parts
         host, lengths, te = self._fields(block)
-        text = method.decode("ascii")
+        text = _TEXT.get(method) or method.decode("ascii")
         limit = self.max_field_bytes
         requests = state["requests"]
         requests.append({"method": text,
                          "path": target.decode() if len(target) <= limit and target.isascii() else self._text(target),
-                         "host": self._text(host) if host else "", "version": version.decode("ascii")})
+                         "host": (host.decode() if len(host) <= limit and host.isascii() else self._text(host))
+                         if host else "", "version": _TEXT[version]})
         if len(requests) > self.max_records:
             del requests[:len(requests) - self.max_records]
         ordinal = state["n_requests"]
