@@ -22,7 +22,7 @@ from ...kern.maps import NodeMaps
 from ..testbed import Testbed, TestbedConfig
 from . import cpu
 from .accounting import account, nf_checks, snapshot
-from .load import GEN_CPU, IPPROTO_TCP, IPPROTO_UDP, Generator, Sink, make_frame
+from .load import GEN_CPU, GEN_NICE, IPPROTO_TCP, IPPROTO_UDP, Generator, Sink, make_frame
 
 POLL = 0.02  # polling interval while waiting for flows / policy (always with a deadline)
 FIRST_PORT = 10000
@@ -38,7 +38,7 @@ CEILINGS = {
     "lookup": "the switch's flow path without a runtime: parse, flow lookup and placement, counters, "
               "then ext0 -> ext1 in XDP",
 }
-WHERE = (f"the generator runs on CPU {GEN_CPU}; a veth runs its peer's receive processing on the sending CPU, so "
+WHERE = (f"the generator runs on CPU {GEN_CPU} at nice {GEN_NICE} (a runtime sharing that CPU comes first); a veth runs its peer's receive processing on the sending CPU, so "
          f"the switch's ext0 path (and, in the ceilings, the sink) runs there too, in softirq; each runtime's "
          f"transmit path (sw-rtN, ext1, the sink) runs on that runtime's CPU")
 
