@@ -38,12 +38,15 @@ def test_migrate_all_flows_back_and_forth_under_traffic(node_factory):
     sent = sender.result()
     got = sink.result()
     assert sum(r["succeeded"] for r in reports) >= flows * 2
-    # every datagram exactly once and in order, both ways
-    assert got["received"] == flows * packets
+    # every datagram exactly once and in order, both ways; on failure, what the runtimes counted
+    # about hand-overs and migrations says where a frame was held (a reorder was seen once in CI)
+    counted = [{k: v for k, v in {**st["offload"], **st["migration"]}.items()
+                if isinstance(v, int) and v} for st in (nodectl.runtime_query(n.name, i, "status") for i in (0, 1))]
+    assert got["received"] == flows * packets, counted
     for peer, seqs in got["flows"].items():
-        assert seqs == list(range(packets)), peer
+        assert seqs == list(range(packets)), (peer, counted)
     for port, seqs in sent["echoes"].items():
-        assert seqs == list(range(packets)), port
+        assert seqs == list(range(packets)), (port, counted)
     # the NF state moved with the flows: counters as if they had never moved
     for f in n.flows()["flows"]:
         assert f["runtime"] == f["switch_runtime"] == 0
