@@ -86,9 +86,9 @@ class Migrator(Arrivals):
         self.skip = 0  # held frames keep the switch's ingress tag in front; actors see them without (runtime.skip)
         self.last_error = ""
         self.stats = {"late_markers": 0, "out_started": 0, "out_succeeded": 0, "out_failed": 0, "marker_resends": 0,
-                      "in_created": 0, "in_completed": 0, "in_refused": 0, "in_aborted": 0, "in_abandoned": 0, "replayed": 0,
-                      "replay_tx_fail": 0, "buffered": 0, "buffer_overflow": 0, "markers_consumed": 0, "taken_back": 0,
-                      "after_marker": 0, "after_marker_dropped": 0}
+                      "in_created": 0, "in_completed": 0, "in_refused": 0, "in_aborted": 0, "in_abandoned": 0,
+                      "replayed": 0, "replay_tx_fail": 0, "buffered": 0, "buffer_overflow": 0, "markers_consumed": 0,
+                      "taken_back": 0, "after_marker": 0, "after_marker_dropped": 0}
         self.flow_ms = Histogram(MIGRATION_MS)  # each migrated flow's own migration, as in its batch's report
 
     def attach(self, ep, switch_agent: tuple | None) -> None:

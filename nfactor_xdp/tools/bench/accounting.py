@@ -72,17 +72,17 @@ def snapshot(name: str, runtimes: int, sink, node_ns: str, pids: dict[str, int])
     trial, other = sink.counts()
     return {"sink": trial, "sink_other": other, "switch": switch, "rt_switch": rt_switch, "runtimes": rts,
             "links": link_stats(node_ns), "cpu": cpu.sample({**pids, **cpu.node_pids(name)}),
-            "markers_sent": _markers_sent(name)}
+            # migration markers the switch agent put into runtimes' ports (None: it did not say)
+            "markers_sent": switch_agent_stats(name).get("markers_sent")}
 
 
-def _markers_sent(name: str) -> int | None:
-    """Migration markers the switch agent has put into runtimes' ports (None: it did not say)."""
+def switch_agent_stats(name: str) -> dict:
+    """The switch agent's STATUS counters (moves, batches, markers_sent, membarrier_us_*)."""
     from ...formats.messages import MsgType
     try:
-        stats = nodectl.control_call(name, "switch", MsgType.STATUS, {}, timeout=0.5).get("stats") or {}
-    except nodectl.NodeCtlError:
-        return None
-    return stats.get("markers_sent")
+        return dict(nodectl.control_call(name, "switch", MsgType.STATUS, {}, timeout=0.5).get("stats") or {})
+    except nodectl.NodeCtlError as e:
+        return {"error": str(e)}
 
 
 def _markers(a: dict, b: dict, consumed: int) -> dict:

@@ -38,7 +38,8 @@ CEILINGS = {
     "lookup": "the switch's flow path without a runtime: parse, flow lookup and placement, counters, "
               "then ext0 -> ext1 in XDP",
 }
-WHERE = (f"the generator runs on CPU {GEN_CPU} at nice {GEN_NICE} (a runtime sharing that CPU comes first); a veth runs its peer's receive processing on the sending CPU, so "
+WHERE = (f"the generator runs on CPU {GEN_CPU} at nice {GEN_NICE} (a runtime sharing that CPU comes first); "
+         f"a veth runs its peer's receive processing on the sending CPU, so "
          f"the switch's ext0 path (and, in the ceilings, the sink) runs there too, in softirq; each runtime's "
          f"transmit path (sw-rtN, ext1, the sink) runs on that runtime's CPU")
 
@@ -190,7 +191,8 @@ class Bench:
         possible, the switch in `mode`; `config`: NodeConfig fields."""
         nodectl.stop(self.name)
         cores, note = cpu.runtime_cores(runtimes, GEN_CPU)
-        config = {"batch": self.batch, "idle_timeout": self.idle_timeout, "offload": "off", "miss_limit": MISS_LIMIT,
+        config = {"batch": self.batch, "idle_timeout": self.idle_timeout, "offload": "off",
+                  "miss_limit": MISS_LIMIT,
                   **{k: v for k, v in config.items() if v is not None}}
         cfg = NodeConfig(name=self.name, netns=self.namespaces["node"], runtimes=runtimes, cores=cores, **config)
         nodectl.put_policy(self.name, Policy())

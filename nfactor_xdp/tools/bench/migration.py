@@ -14,7 +14,7 @@ from ...control import node_client as nodectl
 from ...formats.config import NodeConfig
 from ...kern import netns
 from ...kern.maps import NodeMaps
-from .accounting import account
+from .accounting import account, switch_agent_stats
 from .harness import POLL, BackgroundLoad, Bench, ratios, rt_status
 
 PAPER_CHAIN = ["flow_monitor", "firewall", "http_parser"]
@@ -22,15 +22,6 @@ MIGRATION_PAPER = {"flow_latency_us": 636, "what": "the average flow migration c
                    "overloaded), 2 runtimes, every flow through flow_monitor -> firewall -> http_parser, "
                    "at most 1000 concurrent migrations"}
 MIGRATION_MAX_OFFERED = 150_000  # frames/s at most, whatever 2 runtimes carry without loss (measured in the run)
-
-
-def _switch_agent_stats(name: str) -> dict:
-    """The switch agent's STATUS counters (moves, batches, membarrier_us_*)."""
-    from ...formats.messages import MsgType
-    try:
-        return dict(nodectl.control_call(name, "switch", MsgType.STATUS, {}, timeout=0.5).get("stats") or {})
-    except nodectl.NodeCtlError as e:
-        return {"error": str(e)}
 
 
 def _udp_counters(ns: str) -> dict:
@@ -85,7 +76,7 @@ def _migration_trial(b: Bench, flows: int, rate: float, budget: float, cap: int,
         out.update(fill_seconds=round(t_ready - t0, 3), actors_before=actors, on_source=actors[0])
         if sum(actors) < flows:
             raise RuntimeError(f"only {sum(actors)} of {flows} flows reached the runtimes in {t_ready - t0:.1f}s")
-        sa0, udp0 = _switch_agent_stats(b.name), _udp_counters(b.namespaces["node"])
+        sa0, udp0 = switch_agent_stats(b.name), _udp_counters(b.namespaces["node"])
         snaps.append(b.snap())
         try:
             report = nodectl.migrate(b.name, 0, 1, timeout=10.0 + 2 * budget)
@@ -95,7 +86,7 @@ def _migration_trial(b: Bench, flows: int, rate: float, budget: float, cap: int,
             report = nodectl.runtime_query(b.name, 0, "migrate_status", batch=1) or {}
         t_done = time.monotonic()
         snaps.append(b.snap())
-        sa1, udp1 = _switch_agent_stats(b.name), _udp_counters(b.namespaces["node"])
+        sa1, udp1 = switch_agent_stats(b.name), _udp_counters(b.namespaces["node"])
     finally:
         load.join(seconds + 30)
     trial = b.end(snaps, fl, load.outcome(), flows * rate)
