@@ -52,6 +52,8 @@ def replication_result():
            **({"zero_loss_lost_ratio": 0.25} if k and n > 1 else {})} for n in (1, 2) for k in (0, 10)]
     rec = [{"label": f"{n} flows", "flows": n, "skipped": False, "detected_s": 0.02, "running_again_s": 0.2 + n / 1e5,
             "recovery_seconds": n / 1e5} for n in (1000, 10000)]
+    rec += [{"label": f"{n} flows, takeover on", "flows": n, "takeover": "on", "skipped": False, "detected_s": 0.02,
+             "taken_s": 0.03 + n / 1e6} for n in (1000, 10000)]
     rec.append({"label": "50000 flows", "flows": 50000, "skipped": True, "reason": "too long"})
     return {"benchmark": "replication", "machine": MACHINE, "paper_reference": {"recovery_total_s": 3.3},
             "throughput": tp, "recovery": rec}

@@ -113,7 +113,8 @@ def test_an_arriving_flow_holds_frames_up_to_its_limit_then_drops_and_counts(mon
     assert ep.replies[-1] == {"ok": True}
     assert [f[-1] for f in sock.sent] == list(range(10))
     assert rt.packet_counts()["sent_later"] == 10 and rt.flows.get(key).packets[0] == 10
-    assert rt.packet_counts()["later"] == {"processed": 10, "sent": 10, "tx_failed": 0, "dropped_by_chain": 0}
+    assert rt.packet_counts()["later"] == {"processed": 10, "sent": 10, "tx_failed": 0, "taken_over": 0,
+                                           "dropped_by_chain": 0}
 
 
 def test_an_aborted_arrival_hands_every_held_frame_back_in_pages():

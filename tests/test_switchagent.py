@@ -626,3 +626,60 @@ def test_no_frame_of_the_flow_reaches_the_old_runtime_after_its_marker(live_swit
           f"ring full {stats['rx_ring_full']}")
     assert late == 0
     assert stats["rx_dropped"] == stats["rx_ring_full"] == 0
+
+
+@netns_test
+def test_take_moves_a_dead_runtimes_flows_to_the_taker_and_nothing_else(env):
+    """FLOW_TAKE (a crashed runtime's flows, taken over by a peer): only
+    entries still naming the dead runtime move, an offloaded one stays (the
+    switch forwards it without a runtime), a repeat is idempotent, and
+    nothing moves while the dead one runs again or to a taker not running."""
+    from types import SimpleNamespace
+
+    from nfactor_xdp.kern.offloads import OffloadSlots
+    dead, taker = 6, 7
+    env.maps.set_runtime(dead, L.C["NFX_RT_FAILED"], 0)
+    slots = OffloadSlots(env.node)
+    slot = slots.range(dead)[0]
+    try:
+        mine = [env.add_flow(runtime=dead)[0] for _ in range(3)]
+        elsewhere = env.add_flow(runtime=2)[0]
+        offloaded = env.add_flow(runtime=dead)[0]
+        slots.write(slot, SimpleNamespace(action="forward"), dead)
+        cur = env.entry(offloaded)
+        cur.offload = slot + 1
+        env.maps["flows"].set(L.FlowKeyStruct.from_buffer_copy(offloaded), cur)
+        revoked = env.add_flow(runtime=dead)[0]  # names a slot whose action was cleared: taken, offload unnamed
+        cur = env.entry(revoked)
+        cur.offload = slot + 2
+        env.maps["flows"].set(L.FlowKeyStruct.from_buffer_copy(revoked), cur)
+        gone = classify(_frame(next(_sports), b"x"))[1]
+        keys = mine + [elsewhere, offloaded, revoked, gone]
+        st0 = env.status()["stats"]["taken"]
+        r = env.call(MsgType.FLOW_TAKE, {"from": dead, "to": taker, "keys": [k.hex() for k in keys]})
+        assert r["ok"] and r["moved"] == [0, 1, 2, 5], r
+        assert r["kept"] == {"elsewhere": [3], "offloaded": [4], "gone": [6]}, r
+        for k in mine + [revoked]:
+            assert env.entry(k).runtime == taker and env.entry(k).offload == 0
+        assert env.entry(elsewhere).runtime == 2
+        assert env.entry(offloaded).runtime == dead and env.entry(offloaded).offload == slot + 1
+        assert env.status()["stats"]["taken"] - st0 == 4
+        again = env.call(MsgType.FLOW_TAKE, {"from": dead, "to": taker, "keys": [k.hex() for k in mine]})
+        assert again["ok"] and again["moved"] == [0, 1, 2], again  # a re-sent request: the same answer
+        # never from a runtime that runs (its flows are its own), never to one that does not
+        live = env.add_flow(runtime=1)[0]
+        r = env.call(MsgType.FLOW_TAKE, {"from": 1, "to": taker, "keys": [live.hex()]})
+        assert not r["ok"] and "is running" in r["error"] and env.entry(live).runtime == 1
+        env.maps.set_runtime(taker, L.C["NFX_RT_STARTING"], 0)
+        r = env.call(MsgType.FLOW_TAKE, {"from": dead, "to": taker, "keys": [offloaded.hex()]})
+        assert not r["ok"] and "not running" in r["error"]
+        for body in ({"from": dead, "to": dead, "keys": []}, {"from": dead, "to": taker, "keys": ["zz"]},
+                     {"from": dead, "to": taker, "keys": "ab"}, {"from": dead, "to": taker, "keys": ["ab"] * 513},
+                     {"from": dead, "to": taker, "keys": ["abcd"]}):
+            r = env.call(MsgType.FLOW_TAKE, body)
+            assert not r["ok"] and r["error"], body
+    finally:
+        slots.clear_action(slot)
+        slots.close()
+        env.maps.set_runtime(dead, L.C["NFX_RT_RUNNING"], 0)
+        env.maps.set_runtime(taker, L.C["NFX_RT_RUNNING"], 0)

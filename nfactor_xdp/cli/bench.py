@@ -268,14 +268,20 @@ def bench_migration(flow_counts, rates, caps, cap_flows, max_offered, output, pl
 @bench.command("replication")
 @runtimes_option("Runtime counts for the throughput, comma-separated.")
 @click.option("--flows", "flow_counts", type=IntList(), default="1000,10000,50000", show_default=True,
-              help="Flow counts for the recovery time, comma-separated.")
+              help="Flow counts for the crash trials, comma-separated.")
+@click.option("--takeover", "takeovers", type=click.Choice(["on", "off", "both"]), default="both", show_default=True,
+              help="Crash trials with the peer taking the killed runtime's flows at once (on), with them waiting "
+                   "for its restart and recovery (off), or each.")
 @trials_option
 @output_option("bench-replication.json")
 @plot_option
-def bench_replication(counts, flow_counts, show_trials, output, plot_dir):
-    """Throughput with and without state snapshots every 10 packets, and the recovery time
-    of a runtime killed with -9, by flow count (paper Fig. 10)."""
-    result = _run("run_replication_bench", output, show_trials, plot_dir, counts=counts, flow_counts=flow_counts)
+def bench_replication(counts, flow_counts, takeovers, show_trials, output, plot_dir):
+    """Throughput with and without state snapshots every 10 packets, and a runtime killed
+    with -9 under its flows' traffic, by flow count (paper Fig. 10): when its peer has taken
+    its flows (takeover on) or it is running again with them recovered (off), and the frames
+    lost across the crash."""
+    result = _run("run_replication_bench", output, show_trials, plot_dir, counts=counts, flow_counts=flow_counts,
+                  takeovers=("on", "off") if takeovers == "both" else (takeovers,))
     if not result:
         return
     for m in result["throughput"]:
@@ -291,8 +297,10 @@ def bench_replication(counts, flow_counts, show_trials, output, plot_dir):
                    f"snapshots {m['replication']['snapshots_sent']}{lost}")
         click.echo(f"  {'':<26} {_search(m)}" + (f"; {m['note']}" if m.get("note") else ""))
         _details(m, show_trials)
-    click.echo(f"  {'recovery':<26} {'actors':>7} {'recovered':>9} {'detect s':>8} {'running s':>9} {'own s':>7}  "
+    click.echo(f"  {'kill -9 of runtime 0':<26} {'actors':>7} {'back':>9} {'detect s':>8} {'back s':>9} {'own s':>7}  "
                f"{'lost across the crash':>22}  stable")
+    click.echo(f"  {'':<26} back: flows taken by runtime 1 (takeover on) or recovered by the restarted runtime 0; "
+               f"back s: kill to that, own s: the taker's or recovery's own time")
     for m in result["recovery"]:
         _show_recovery(m)
     p = result["paper_reference"]
@@ -309,9 +317,13 @@ def _show_recovery(m: dict) -> None:
         def f(v, fmt):
             return format(v, fmt) if v is not None else "-"
         t = m["trial"]
-        click.echo(f"  {m['label']:<26} {m['actors_before'][0]:>7} {f(m['actors_recovered'], '>9')} "
-                   f"{f(m['detected_s'], '>8.3f')} {f(m['running_again_s'], '>9.3f')} "
-                   f"{f(m['recovery_seconds'], '>7.3f')}  {m['lost_across_crash']:>9} of {t['offered']:<9}  "
+        on = m.get("takeover") == "on"
+        back = m.get("actors_taken") if on else m.get("actors_recovered")
+        back_s = m.get("taken_s") if on else m.get("running_again_s")
+        own = (m.get("takeover_stats") or {}).get("seconds") if on else m.get("recovery_seconds")
+        click.echo(f"  {m['label']:<26} {m['actors_before'][0]:>7} {f(back, '>9')} "
+                   f"{f(m['detected_s'], '>8.3f')} {f(back_s, '>9.3f')} "
+                   f"{f(own, '>7.3f')}  {m['lost_across_crash']:>9} of {t['offered']:<9}  "
                    f"{'no: a runtime crashed again' if m.get('crashed_again') else 'yes'}")
         click.echo(f"  {'':<26} {accounting_line(t)}; of the unaccounted, {m['lost_with_killed_runtime']} "
                    f"died with the killed runtime (into its socket, never counted or sent back)")

@@ -8,7 +8,8 @@ scale-out, with every change logged before it is applied.
 - Runtimes REGISTER when they start and HEARTBEAT their load; the controller
   keeps the cluster view (id, control address, port, state, load).
 - A runtime that misses `miss_limit` heartbeats is marked failed; the
-  supervisor also reports a runtime whose process exited.  Every state change
+  supervisor also reports a runtime whose process exited (marked `exited`
+  in the view: its peers then take its flows over, dataplane/takeover.py).  Every state change
   goes to the switch's runtime table at once (a failed or leaving runtime
   gets no new flows) and the new view is pushed to every runtime.
 - Rules (the node's policy) live here and are pushed to every runtime that
@@ -133,6 +134,8 @@ class Controller:
         kind = op["op"]
         if kind == "state":
             entry = self.view.setdefault(op["id"], {"id": op["id"]})
+            if "exited" not in op:  # set only while the process that failed is known dead
+                entry.pop("exited", None)
             entry.update({k: v for k, v in op.items() if k not in ("op",)})
             if entry.get("state") != "leaving":  # a drain is over (a restarted runtime registers)
                 entry.pop("stopping", None)
@@ -222,8 +225,12 @@ class Controller:
         if rt is None or rt not in self.view:
             return
         self.stats["exits_reported"] += 1
-        if self.view[rt]["state"] != "failed":
-            self._change({"op": "state", "id": rt, "state": "failed", "why": "process exited"})
+        entry = self.view[rt]
+        if entry["state"] != "failed" or not entry.get("exited"):
+            # `exited`: the supervisor saw the process die, so it cannot be forwarding any more
+            # (a missed heartbeat proves nothing of the kind): its peers may take its flows over
+            log.warning("runtime %d marked failed: its process (pid %s) exited", rt, entry.get("pid"))
+            self._change({"op": "state", "id": rt, "state": "failed", "why": "process exited", "exited": True})
             self.push_view()
 
     def on_rules(self, msg: Message, addr) -> None:

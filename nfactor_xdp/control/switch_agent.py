@@ -1,5 +1,6 @@
 """The switch agent: moves a flow from one runtime to another for flow
-migration (paper section 5) and injects the migration marker.
+migration (paper section 5) and injects the migration marker; it also points
+a crashed runtime's flows at the peers that took them over (FLOW_TAKE).
 
     python -m nfactor_xdp.control.switch_agent --config-json CONFIG
 
@@ -162,6 +163,36 @@ def parse_move(body: dict) -> Move:
     return Move(key, to, src, marker)
 
 
+@dataclass
+class Take:
+    keys: list[bytes]
+    src: int
+    to: int
+
+
+MAX_TAKE_KEYS = 512  # keys per FLOW_TAKE: a request stays well inside a control message
+
+
+def parse_take(body: dict) -> Take:
+    """Validate a FLOW_TAKE body; raises MoveError."""
+    src, to = _runtime_id(body, "from"), _runtime_id(body, "to")
+    if src == to:
+        raise MoveError("bad_request", "'from' and 'to' are the same runtime")
+    hexes = body.get("keys")
+    if not isinstance(hexes, list) or len(hexes) > MAX_TAKE_KEYS:
+        raise MoveError("bad_request", f"'keys' must be a list of at most {MAX_TAKE_KEYS} flow keys")
+    keys = []
+    for h in hexes:
+        try:
+            k = bytes.fromhex(h)
+        except (TypeError, ValueError):
+            raise MoveError("bad_request", "'keys' must hold hex canonical flow keys") from None
+        if len(k) != flowkey.KEY_SIZE:
+            raise MoveError("bad_request", f"a key has {len(k)} bytes, expected {flowkey.KEY_SIZE}")
+        keys.append(k)
+    return Take(keys, src, to)
+
+
 # --- the agent ----------------------------------------------------------------------
 
 class SwitchAgent:
@@ -173,11 +204,21 @@ class SwitchAgent:
             key = ClusterKey.load_or_create(nodeconf.cluster_key_path())
         self.ep = Endpoint(path or nodeconf.control_socket(node, "switch"), key, "switch")
         self.injector = MarkerInjector()
+        self.slots = self._open_slots(node)
         self.stats = collections.Counter({n: 0 for n in (
-            "moves", "batches", "markers_sent", "marker_errors", "membarriers",
+            "moves", "taken", "batches", "markers_sent", "marker_errors", "membarriers",
             "membarrier_us_total", "membarrier_us_max", "grace_errors", "internal_errors")})
         self.rejected: collections.Counter = collections.Counter()
         self.stopping = False
+
+    @staticmethod
+    def _open_slots(node: str):
+        """The offloads array, to tell an offloaded flow (None on pins without one)."""
+        from ..kern.offloads import OffloadSlots
+        try:
+            return OffloadSlots(node)
+        except OSError:
+            return None
 
     def apply(self, mv: Move) -> None:
         """Point the flow's entry at mv.to, keeping its other fields."""
@@ -197,6 +238,62 @@ class SwitchAgent:
             if e.errno == errno.ENOENT:
                 raise MoveError("no_such_flow", "no such flow") from None
             raise MoveError("map_error", f"flow table update failed: {e}") from None
+
+    def take(self, tk: Take) -> tuple[list[int], dict[str, list[int]]]:
+        """Point the entries of a dead runtime's flows at the runtime that
+        took them over (dataplane/takeover.py).  No grace period and no
+        marker: the old owner is a dead process, nothing of it can still be
+        forwarding.  A flow is moved only if its entry still names the dead
+        runtime (or already names the taker: a repeated request), and not
+        while the switch forwards it from an active offload slot (it keeps
+        flowing in XDP; the restarted runtime recovers it).  Returns the
+        indices moved, and the others by reason."""
+        running = L.C["NFX_RT_RUNNING"]
+        src, to = self.maps["runtimes"].get(tk.src), self.maps["runtimes"].get(tk.to)
+        if src is not None and src.state == running:
+            raise MoveError("source_running", f"runtime {tk.src} is running: its flows are its own")
+        if to is None or to.state != running:
+            raise MoveError("target_not_running", f"runtime {tk.to} is not running")
+        moved, kept = [], {"gone": [], "elsewhere": [], "offloaded": []}
+        for i, key in enumerate(tk.keys):
+            k = L.FlowKeyStruct.from_buffer_copy(key)
+            cur = self.flows.get(k)
+            if cur is None:
+                kept["gone"].append(i)
+            elif cur.runtime == tk.to:
+                moved.append(i)
+            elif cur.runtime != tk.src:
+                kept["elsewhere"].append(i)
+            elif cur.offload and self._offload_active(cur.offload - 1, tk.src):
+                kept["offloaded"].append(i)
+            else:
+                cur.runtime, cur.offload = tk.to, 0
+                try:
+                    self.flows.set(k, cur, BPF_EXIST)
+                    moved.append(i)
+                except BpfError as e:
+                    if e.errno != errno.ENOENT:
+                        raise MoveError("map_error", f"flow table update failed: {e}") from None
+                    kept["gone"].append(i)
+        self.stats["taken"] += len(moved)
+        return moved, {why: ids for why, ids in kept.items() if ids}
+
+    def _offload_active(self, slot: int, owner: int) -> bool:
+        if self.slots is None:
+            return False
+        try:
+            return self.slots.action(slot) != 0 and self.slots.owner(slot) == owner
+        except IndexError:
+            return False
+
+    def on_take(self, msg: Message, addr) -> None:
+        try:
+            moved, kept = self.take(parse_take(msg.body))
+        except MoveError as e:
+            self.rejected[e.reason] += 1
+            self.ep.reply(msg, addr, {"ok": False, "error": str(e)})
+            return
+        self.ep.reply(msg, addr, {"ok": True, "moved": moved, "kept": kept})
 
     def move_batch(self, requests: list[tuple[Message, object]]) -> None:
         """Map updates for all, one grace period, all markers, then the replies."""
@@ -251,6 +348,8 @@ class SwitchAgent:
     def on_message(self, msg: Message, addr) -> None:
         if msg.type == MsgType.STATUS:
             self.ep.reply(msg, addr, self.status())
+        elif msg.type == MsgType.FLOW_TAKE:
+            self.on_take(msg, addr)
         elif msg.type == MsgType.PING:
             self.ep.reply(msg, addr, {"ok": True})
         else:
@@ -287,6 +386,8 @@ class SwitchAgent:
 
     def close(self) -> None:
         self.injector.close()
+        if self.slots is not None:
+            self.slots.close()
         self.ep.close()
         self.maps.close()
 

@@ -14,6 +14,9 @@ old one never overwrites a newer one).
 A restarted runtime registers as `starting` (it keeps its flows in the
 switch, gets no new ones), fetches its snapshots from every peer, recreates
 the actors, replays what arrived meanwhile, and only then reports running.
+With takeover on (takeover.py), its peers will usually have taken its flows
+already: it then recovers only what they left (offloaded flows), and asks a
+peer still taking them again later.
 
 Weak consistency, by design: NF state since a flow's last snapshot is lost in
 a crash, at most K-1 packets' worth per flow.
@@ -35,6 +38,7 @@ MAX_STORE = 200_000       # snapshots this runtime holds for its peers before it
 MESSAGE_BUDGET = 40_000   # bytes of encoded snapshots per control message (frames are capped at 60,000)
 FETCH_TIMEOUT = 0.5
 MAX_RECOVERY_BUFFER = 50_000
+BUSY_RETRY = 0.02         # seconds before asking again a peer still taking our flows over (takeover.py)
 REFUSAL_HOLD = 10.0       # seconds a peer that refused snapshots (full) is avoided, unless it runs again
 RESYNC_SLICE = 250        # actors re-sent per flush after a view change: the packet loop never waits long
 
@@ -56,6 +60,7 @@ class Replicator:
         self.flows, self.view, self.every = flows, view, every
         self.make_actor, self.replay, self.transmit, self.on_recovered = make_actor, replay, transmit, on_recovered
         self.before_replay = lambda: None
+        self.busy = lambda peer: False  # still taking `peer`'s flows over (takeover.py): its fetches wait
         self.ep = None
         self.pending: dict[bytes, object] = {}            # key -> actor due for a snapshot
         self.stores: dict[int, dict[str, dict]] = {}      # peer id -> key hex -> snapshot
@@ -66,8 +71,9 @@ class Replicator:
         view.listeners.append(self.view_changed)
         self.recovering = False
         self.waiting: set[int] = set()
+        self.later: dict[int, tuple] = {}  # peer -> (address, after, when): it asked us to come back
         self.recovery = {"phase": "none", "peers_asked": 0, "peers_answered": 0, "snapshots": 0,
-                         "actors": 0, "buffered": 0, "replayed": 0, "replay_tx_fail": 0, "buffer_overflow": 0, "bad": 0,
+                         "actors": 0, "buffered": 0, "replayed": 0, "taken_over": 0, "peers_busy": 0, "replay_tx_fail": 0, "buffer_overflow": 0, "bad": 0,
                          "seconds": 0.0}
         self.buffer: list[bytes] = []
         self.stats = {"snapshots_sent": 0, "snapshot_messages": 0, "shed": 0, "refused": 0, "too_big": 0,
@@ -240,6 +246,10 @@ class Replicator:
         held this runtime's packet loop long enough to overflow its ring)."""
         b = msg.body
         peer = b.get("id")
+        if self.busy(peer):
+            # taking its flows over: none of its snapshots may go back to it before that is done
+            self.ep.reply(msg, addr, {"ok": True, "busy": True, "snaps": [], "more": True})
+            return
         store = self.stores.get(peer, {})
         start = b.get("after")
         keys = self.fetch_order.get(peer)
@@ -275,10 +285,21 @@ class Replicator:
 
     def _fetch(self, peer: int, addr, after: str | None) -> None:
         self.ep.request(addr, MsgType.SNAPSHOT_FETCH, {"id": self.view.me, "after": after},
-                        lambda msg, p=peer, a=addr: self._fetched(p, a, msg), timeout=FETCH_TIMEOUT, retries=3,
-                        on_timeout=lambda rid, p=peer: self._peer_done(p))
+                        lambda msg, p=peer, a=addr, at=after: self._fetched(p, a, msg, at), timeout=FETCH_TIMEOUT,
+                        retries=3, on_timeout=lambda rid, p=peer: self._peer_done(p))
 
-    def _fetched(self, peer: int, addr, msg) -> None:
+    def tick(self, now: float) -> None:
+        """Ask again the peers that were busy taking our flows over."""
+        for peer, (addr, after, when) in list(self.later.items()):
+            if now >= when:
+                del self.later[peer]
+                self._fetch(peer, addr, after)
+
+    def _fetched(self, peer: int, addr, msg, after: str | None = None) -> None:
+        if msg.body.get("busy"):
+            self.recovery["peers_busy"] += 1
+            self.later[peer] = (addr, after, time.monotonic() + BUSY_RETRY)
+            return
         snaps = msg.body.get("snaps") or []
         more = bool(msg.body.get("more") and snaps)
         if more:  # the next page first: the peer prepares it while these are rebuilt here

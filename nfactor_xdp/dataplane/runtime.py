@@ -36,6 +36,7 @@ from .fragments import FragmentPath, Reassembler
 from .packet import FLOW, TCP, UDP, V4_L4, V4_SRC, Packet, classify
 from .queries import QUERIES
 from .replication import Replicator
+from .takeover import Takeover
 from .rules import Policy, RuleError
 from .view import RUNNING, STARTING, View
 
@@ -85,7 +86,11 @@ class Runtime:
                                  on_left=self._flow_left, hooks=self.hooks, max_concurrent=cfg.max_migrations)
         self.collector = Collector()
         self.replicator = Replicator(self.flows, self.view, cfg.snapshot_every, make_actor=self.make_actor,
-                                     replay=self.handle_slow, transmit=self.transmit, on_recovered=self._recovered)
+                                     replay=self.replay_held, transmit=self.transmit, on_recovered=self._recovered)
+        self.takeover = Takeover(self.replicator, self.flows, self.view, make_actor=self.make_actor,
+                                 entry_runtime=self._entry_runtime, enabled=cfg.takeover == "on")
+        self.replicator.busy = self.takeover.busy
+        self.takeover.freeze = self.collector.freeze
         self.lifetime = Lifetime(rt_id, self.flows, self.replicator, self.stats, max_flows=cfg.max_flows,
                                  idle_timeout=cfg.idle_timeout)
         # On a node every frame begins with the switch's ingress tag (nfactor_shared.h): kept
@@ -116,6 +121,7 @@ class Runtime:
                                ClusterKey.load_or_create(nodeconf.cluster_key_path()), f"rt{self.id}")
             self.migrator.attach(self.ep, nodeconf.control_socket(self.cfg.name, "switch"))
             self.replicator.attach(self.ep)
+            self.takeover.attach(self.ep, nodeconf.control_socket(self.cfg.name, "switch"))
             self.register(recovering=True)
 
     def _start_offload(self) -> None:
@@ -344,6 +350,22 @@ class Runtime:
             self.offloads.after_packet(actor, frame, l4)
         return verdict
 
+    def replay_held(self, frame) -> bool:
+        """A frame held while recovering.  One of a flow that has no actor here
+        and whose switch entry names another runtime arrived before a peer
+        took the flow over (takeover.py): dropped and counted, never made
+        into a second actor of the flow."""
+        kind, key, _, l4 = classify(frame[self.skip:])
+        if kind == FLOW and l4 >= 0 and self.flows.get(key) is None:
+            owner = self._entry_runtime(key)
+            if owner is not None and owner != self.id:
+                self.replicator.recovery["taken_over"] += 1
+                return False
+        return self.handle_slow(frame)
+
+    def _entry_runtime(self, key: bytes) -> int | None:
+        return self.maps.flow_runtime(key) if self.maps is not None else None
+
     def transmit(self, frame) -> bool:
         """Send a frame that is not in the UMEM (a replayed one)."""
         if self.xsk.send_frame(frame):
@@ -458,7 +480,8 @@ class Runtime:
             else:
                 self.stats["idle_waits"] += 1
                 # (a flow waiting to be handed over at a quiet moment: look again soon)
-                for fd, _ in poller.poll(2 if offloads.candidates else idle_ms):
+                wait = 0 if self.takeover.queue else 2 if offloads.candidates or self.replicator.later else idle_ms
+                for fd, _ in poller.poll(wait):
                     if fd == ctl.fileno():
                         ctl.serve_pending(1)
                     elif fd == offloads.grace.fileno():
@@ -470,6 +493,11 @@ class Runtime:
                 ep.tick(self.now)
                 if self.migrator.out:
                     self._guarded(self.migrator.tick, self.now)
+                if self.takeover.queue:
+                    stall_after = "takeover"
+                    self._guarded(self.takeover.step, self.now)
+                if self.replicator.later:
+                    self._guarded(self.replicator.tick, self.now)
                 if self.replicator.pending:
                     stall_after = "replication"
                     try:
@@ -545,11 +573,12 @@ class Runtime:
         # fragments with their datagram; status()["fragments"] has those discarded unseen)
         later = mig["replayed"] + rec["replayed"] + mig["taken_back"] + frag["processed"]
         failed = mig["replay_tx_fail"] + rec["replay_tx_fail"] + frag["tx_failed"]
+        taken = rec["taken_over"]  # held, then found to belong to a peer that took the flow over: not sent
         return {"frames": xs["rx_packets"], "forwarded": xs["tx_packets"] - xs["frames_injected"],
                 "sent_later": xs["frames_injected"], "held": held, "markers": mig["markers_consumed"],
                 "dropped": dropped, "dropped_by_chain": dropped["chain"],
-                "later": {"processed": later, "sent": xs["frames_injected"], "tx_failed": failed,
-                          "dropped_by_chain": later - xs["frames_injected"] - failed}}
+                "later": {"processed": later, "sent": xs["frames_injected"], "tx_failed": failed, "taken_over": taken,
+                          "dropped_by_chain": later - xs["frames_injected"] - failed - taken}}
 
     def limits(self) -> dict:
         """Every bound on what the runtime holds, with what it cost when hit."""
@@ -581,7 +610,7 @@ class Runtime:
             "policy_version": self.policy_version, "rules": len(self.policy.rules),
             "registered": self.registered, "view_version": self.view.version,
             "migration": self.migrator.status(), "last_migration_error": self.migrator.last_error,
-            "replication": self.replicator.status(), "limits": self.limits(),
+            "replication": self.replicator.status(), "takeover": self.takeover.status(), "limits": self.limits(),
             "faults_fired": self.hooks.fired, "faults_armed": dict(self.hooks.armed),
             "fragments": self.fragments.status(),
             "control_rejected": dict(self.ep.rejected) if self.ep else {},

@@ -183,6 +183,11 @@ class NodeConfig:
     min_runtimes: int = setting(1, "Scale-in never goes below this.")
     snapshot_every: int = setting(10, "K: a flow's NF state is replicated to a peer every K packets "
                                   "(0: no replication).")
+    takeover: str = setting("on", "When a runtime's process dies, the peers holding its flows' snapshots take "
+                            "those flows at once (tens of milliseconds after the exit) and the restarted runtime "
+                            "comes back empty; off: the flows wait for the runtime's restart and come back on it "
+                            "from the snapshots.  Either way a flow's NF state is within K-1 packets.",
+                            choices=("on", "off"))
     frag_timeout: float = setting(5.0, "Seconds a runtime holds an IP datagram's fragments for it to "
                                   "complete (the kernel: 30).")
     frag_max_datagrams: int = setting(1024, "IP datagrams a runtime reassembles at once; more fragments are "
@@ -216,6 +221,8 @@ class NodeConfig:
             raise ConfigError("xdp_mode must be native, generic or auto")
         if self.offload not in ("on", "off"):
             raise ConfigError("offload must be on or off")
+        if self.takeover not in ("on", "off"):
+            raise ConfigError("takeover must be on or off")
         if not 1024 <= self.flow_table_size <= 1 << 24:
             raise ConfigError("flow_table_size must be 1024..16777216")
         if self.idle_timeout <= 0:

@@ -76,6 +76,7 @@ class MsgType(enum.IntEnum):
     # 30-39: replication
     SNAPSHOT = 30
     SNAPSHOT_FETCH = 31
+    FLOW_TAKE = 32  # runtime -> switch agent: point a crashed peer's flows here (dataplane/takeover.py)
 
 
 class MessageError(NFactorError):

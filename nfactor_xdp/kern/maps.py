@@ -117,6 +117,11 @@ class NodeMaps:
             return False
         return m.delete(k)
 
+    def flow_runtime(self, key: bytes) -> int | None:
+        """The runtime flow `key`'s switch entry places it on (None: no entry)."""
+        cur = self["flows"].get(L.FlowKeyStruct.from_buffer_copy(key))
+        return None if cur is None else cur.runtime
+
     def set_offload(self, key: bytes, value: int, runtime: int | None = None) -> bool:
         """Point flow `key`'s switch entry at offloads slot value - 1 (0:
         none), keeping its other fields; False if the entry is gone (or, with

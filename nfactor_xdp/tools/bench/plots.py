@@ -211,17 +211,24 @@ def _fig10(plt, r: dict):
     left.set_title("throughput with and without replication", fontsize=10)
     left.legend(fontsize=7)
     rec = [m for m in r.get("recovery") or [] if not m.get("skipped") and not m.get("error")]
-    xs = [m["flows"] for m in rec]
-    for key, label, style in (("detected_s", "failure detected", "s:"), ("running_again_s", "running again", "o-"),
-                              ("recovery_seconds", "state fetched and replayed (its own)", "^--")):
-        right.plot(xs, [m.get(key) if m.get(key) is not None else float("nan") for m in rec], style, label=label)
+    off = [m for m in rec if m.get("takeover", "off") == "off"]
+    on = [m for m in rec if m.get("takeover") == "on"]
+    xs = [m["flows"] for m in off]
+    for key, label, style in (("detected_s", "failure detected", "s:"),
+                              ("running_again_s", "takeover off: running again, flows recovered", "o-"),
+                              ("recovery_seconds", "takeover off: state fetched and replayed (its own)", "^--")):
+        right.plot(xs, [m.get(key) if m.get(key) is not None else float("nan") for m in off], style, label=label)
+    if on:
+        right.plot([m["flows"] for m in on], [m.get("taken_s") if m.get("taken_s") is not None else float("nan")
+                                              for m in on], "D-", label="takeover on: flows taken by the peer")
+    xs = sorted({m["flows"] for m in rec})
     paper = (r.get("paper_reference") or {}).get("recovery_total_s")
     if paper:
         right.axhline(paper, ls="--", color="grey", label=f"paper: recovered in {paper} s")
     _ticks(right, xs or [1])
     right.set_xlabel("flows on the node (the killed runtime holds half)")
     right.set_ylabel("seconds after kill -9")
-    right.set_title("recovery of a runtime killed with -9", fontsize=10)
+    right.set_title("a runtime killed with -9: its flows back", fontsize=10)
     right.grid(alpha=0.3)
     right.legend(fontsize=7)
     fig.suptitle("Fig. 10: state replication")

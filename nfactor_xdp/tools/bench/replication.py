@@ -1,7 +1,9 @@
 """`nfactorctl bench replication`: state replication (paper Fig. 10).  The
 zero-loss and maximal rate with flow_monitor, with and without snapshots
-every K packets, per runtime count; and the recovery of a runtime killed
-with -9 while its flows' traffic goes on, per flow count."""
+every K packets, per runtime count; and what becomes of a runtime killed
+with -9 while its flows' traffic goes on, per flow count: with takeover on
+(the default) its peer takes its flows at once, with it off they wait for the
+restarted runtime to recover them; frames lost across the crash either way."""
 from __future__ import annotations
 
 import os
@@ -46,12 +48,14 @@ def _proc_start_boottime(pid: int) -> float | None:
 
 
 def _recovery_trial(b: Bench, flows: int, total_pps: float, tail: float, fill_timeout: float,
-                    out: dict | None = None) -> dict:
+                    out: dict | None = None, takeover: str = "on") -> dict:
     """`flows` UDP flows at `total_pps` in all through a 2-runtime node with K=10;
     once the node holds them and runtime 1 holds a snapshot of each of runtime 0's
-    flows, kill -9 runtime 0 and time its detection, restart and recovery."""
+    flows, kill -9 runtime 0 and time its detection, the takeover of its flows by
+    runtime 1 (takeover on), its restart and recovery."""
     # the default idle timeout: a crashed runtime's flows must outlive their recovery
-    b.node_with_chain(2, ["flow_monitor"], snapshot_every=REPLICATION_K, idle_timeout=NodeConfig.idle_timeout)
+    b.node_with_chain(2, ["flow_monitor"], snapshot_every=REPLICATION_K, idle_timeout=NodeConfig.idle_timeout,
+                      takeover=takeover)
     logs = {i: nodeconf.log_path(b.name, f"rt{i}") for i in (0, 1)}
     log_at = {i: os.path.getsize(path) for i, path in logs.items()}
     fl = b.new_flows(flows, tcp=False)
@@ -60,7 +64,7 @@ def _recovery_trial(b: Bench, flows: int, total_pps: float, tail: float, fill_ti
     snap_after = (REPLICATION_K + 1) * rotation  # every flow has sent K frames: a snapshot each
     seconds = round(snap_after + 1.0 + tail, 2)
     out = {} if out is None else out  # filled as the trial goes: kept when it fails
-    out.update({"flows": flows, "requested_pps": total_pps, "rate_per_flow_pps": round(total_pps / flows, 2),
+    out.update({"flows": flows, "takeover": takeover, "requested_pps": total_pps, "rate_per_flow_pps": round(total_pps / flows, 2),
                 "generator_seconds": seconds, "snapshot_every": REPLICATION_K})
     t0 = time.monotonic()
     load = BackgroundLoad(b.gen, b.frame(fl), rate=total_pps, seconds=seconds, base=fl.base, flows=flows, tcp=False)
@@ -101,8 +105,9 @@ def _recovery_trial(b: Bench, flows: int, total_pps: float, tail: float, fill_ti
         t_kill = time.monotonic()
         boot_kill = time.clock_gettime(time.CLOCK_BOOTTIME)
         os.kill(old_pid, 9)
-        t_failed = t_running = None
+        t_failed = t_running = t_taken = None
         states = []
+        took = {}
         deadline = t_kill + 30.0
         while time.monotonic() < deadline:
             st = _view_state(b.name, 0)
@@ -111,10 +116,14 @@ def _recovery_trial(b: Bench, flows: int, total_pps: float, tail: float, fill_ti
                 states.append((st, round(now - t_kill, 4)))
             if t_failed is None and st not in ("running", None):
                 t_failed = now
-            if t_failed is not None and st == "running":
+            if takeover == "on" and t_taken is None:
+                took = rt_status(b.name, 1).get("takeover") or {}
+                if took.get("peers") and not took.get("working"):
+                    t_taken = time.monotonic()  # runtime 1 has every flow it held a snapshot of
+            if t_failed is not None and st == "running" and (takeover == "off" or t_taken is not None):
                 t_running = now
                 break
-            time.sleep(0.005)  # polling the controller's view with a deadline
+            time.sleep(0.005)  # polling the controller's view (and the peer) with a deadline
         rec = {}
         new_pid = None
         rdeadline = time.monotonic() + 10.0
@@ -126,6 +135,8 @@ def _recovery_trial(b: Bench, flows: int, total_pps: float, tail: float, fill_ti
                 break
             time.sleep(POLL)
         start = _proc_start_boottime(new_pid) if new_pid else None
+        s1 = rt_status(b.name, 1)  # the peer's longest wait for its ring, and collector pauses
+        out.update(peer_stall=s1.get("stall"), peer_gc=s1.get("gc"))
         time.sleep(1.0)  # does the recovered node stay up?
         rts = {r["id"]: r for r in nodectl.status(b.name)["runtimes"]}
         out.update(restarts_after={i: r.get("restarts") for i, r in rts.items()},
@@ -139,7 +150,11 @@ def _recovery_trial(b: Bench, flows: int, total_pps: float, tail: float, fill_ti
             "respawned_s": round(start - boot_kill, 2) if start is not None else None,
             "view_states": states,
             "recovery": rec, "recovery_seconds": rec.get("seconds"),
-            "actors_recovered": rec.get("actors"), "actors_lost": actors0 - (rec.get("actors") or 0),
+            # takeover on: kill -> runtime 1 has taken every flow it held (polled every 5 ms and more)
+            "taken_s": round(t_taken - t_kill, 4) if t_taken else None,
+            "takeover_stats": took, "actors_taken": took.get("taken", 0),
+            "actors_recovered": rec.get("actors"),
+            "actors_lost": actors0 - (rec.get("actors") or 0) - took.get("taken", 0),
             "actors_after": [(rt_status(b.name, i).get("flows")) for i in (0, 1)],
             "traffic_throughout": bool(t_running) and load.running(),
         })
@@ -193,14 +208,15 @@ def _throughput(b: Bench, n: int, k: int, trial: float, steps: int, ceilings: di
     return m
 
 
-def run_replication_bench(counts=(1, 2), flow_counts=(1000, 10000, 50000), trial: float = 1.0, steps: int = 6,
+def run_replication_bench(counts=(1, 2), flow_counts=(1000, 10000, 50000), takeovers=("on", "off"),
+                          trial: float = 1.0, steps: int = 6,
                           recovery_pps: float = 40_000, tail: float = 4.0, fill_timeout: float = 15.0,
                           max_fill_seconds: float = 30.0, name: str = "bench", progress=None) -> dict:
     """State replication (paper Fig. 10): (1) the zero-loss and maximal rate with
     flow_monitor, with and without snapshots every K=10 packets, per runtime
     count; (2) the recovery of a runtime killed with -9 while its flows' traffic
-    goes on, per flow count, with the frames lost across the crash; the XDP-only
-    ceilings from the same run."""
+    goes on, per flow count, with its peer taking its flows over and without,
+    with the frames lost across the crash; the XDP-only ceilings from the same run."""
     t_start = time.monotonic()
     with Bench(name, progress=progress) as b:
         result = b.report("replication", {
@@ -226,20 +242,22 @@ def run_replication_bench(counts=(1, 2), flow_counts=(1000, 10000, 50000), trial
 
         rec = []
         for n in flow_counts:
-            m = {"label": f"{n} flows", "flows": n}
-            need = (REPLICATION_K + 1) * n / recovery_pps
-            if need > max_fill_seconds:
-                m.update(skipped=True, reason=f"{need:.0f}s of traffic at {recovery_pps:.0f} pps before every flow "
-                                              f"has a snapshot (limit {max_fill_seconds:.0f}s)")
-            else:
-                try:
-                    m["skipped"] = False
-                    b.measuring(f"recovery, {m['label']}")
-                    _recovery_trial(b, n, recovery_pps, tail, fill_timeout, out=m)
-                except (nodectl.NodeCtlError, RuntimeError) as e:
-                    m.update(error=str(e)[:300])
-            rec.append(m)
+            for takeover in takeovers:
+                m = {"label": f"{n} flows, takeover {takeover}", "flows": n}
+                need = (REPLICATION_K + 1) * n / recovery_pps
+                if need > max_fill_seconds:
+                    m.update(skipped=True, reason=f"{need:.0f}s of traffic at {recovery_pps:.0f} pps before every "
+                                                  f"flow has a snapshot (limit {max_fill_seconds:.0f}s)")
+                else:
+                    try:
+                        m["skipped"] = False
+                        b.measuring(f"crash, {m['label']}")
+                        _recovery_trial(b, n, recovery_pps, tail, fill_timeout, out=m, takeover=takeover)
+                    except (nodectl.NodeCtlError, RuntimeError) as e:
+                        m.update(error=str(e)[:300])
+                rec.append(m)
         result["recovery"] = rec
-        result["run"] = {"counts": list(counts), "flow_counts": list(flow_counts), "recovery_pps": recovery_pps,
+        result["run"] = {"counts": list(counts), "flow_counts": list(flow_counts), "takeovers": list(takeovers),
+                         "recovery_pps": recovery_pps,
                          "seconds": round(time.monotonic() - t_start, 1)}
         return result

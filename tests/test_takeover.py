@@ -1,0 +1,194 @@
+"""Taking a crashed peer's flows over (no root, runtimes without sockets): the
+peer's snapshots become actors here before their entries move, only a death
+the supervisor saw starts it, what the agent leaves goes back for the
+peer's recovery, and the restarted peer neither gets its snapshots while
+they are being taken nor makes a second actor from a frame it held."""
+from __future__ import annotations
+
+from nfactor_xdp.formats.messages import Message, MsgType
+from tests.runtime_fakes import AGENT, flow, runtime, set_view, udp
+
+K = 4
+PEER1 = ("127.0.0.1", 2)
+PEER2 = ("127.0.0.1", 3)
+
+
+def three(peer1="running", exited=False, pid=100) -> dict:
+    """Runtime 0 (under test), 1 (the one that dies) and 2 (a third, running)."""
+    one = {"id": 1, "state": peer1, "addr": list(PEER1), "pid": pid}
+    if exited:
+        one["exited"] = True
+    return {"version": 1, "runtimes": [{"id": 0, "state": "running", "addr": ["127.0.0.1", 1]}, one,
+                                       {"id": 2, "state": "running", "addr": list(PEER2)}]}
+
+
+def holding(n=10, packets=6):
+    """Runtime 0 holding the snapshots of `n` flows of runtime 1 (made by a
+    runtime 1 of its own, each flow after `packets` packets)."""
+    rt1, ep1 = runtime(snapshot_every=K)
+    set_view(rt1, {"version": 1, "runtimes": [
+        {"id": 1, "state": "running", "addr": list(PEER1)},
+        {"id": 0, "state": "running", "addr": ["127.0.0.1", 1]}]})
+    rt1.view.me = rt1.replicator.view.me = 1
+    actors = []
+    for i in range(n):
+        a = flow(rt1, 6000 + i)
+        for _ in range(packets - 1):
+            rt1.handle(udp(6000 + i))
+        actors.append(a)
+    rt1.replicator.flush()
+    rt0, ep0 = runtime(snapshot_every=K)
+    set_view(rt0, three())
+    for _, t, body in ep1.sent:
+        if t == MsgType.SNAPSHOT:
+            rt0.on_control(Message(MsgType.SNAPSHOT, 1, "rt1", body, 0), PEER1)
+    assert len(rt0.replicator.stores[1]) == n
+    rt0.takeover.attach(ep0, AGENT)
+    return rt0, ep0, actors
+
+
+def takes(ep) -> list[dict]:
+    return [b for _, b in ep.to(MsgType.FLOW_TAKE, AGENT)]
+
+
+def all_moved(body):
+    return {"ok": True, "moved": list(range(len(body["keys"]))), "kept": {}}
+
+
+def test_a_peer_that_exited_has_its_flows_taken_with_their_state():
+    rt, ep, theirs = holding()
+    set_view(rt, three("failed", exited=True))
+    assert not rt.replicator.stores.get(1) and rt.takeover.busy(1)
+    rt.takeover.step(0.0)
+    (req,) = takes(ep)
+    assert req["from"] == 1 and req["to"] == 0 and sorted(req["keys"]) == sorted(a.key.hex() for a in theirs)
+    for a in theirs:  # the actors exist before the agent moves anything: the first frame finds one
+        mine = rt.flows.get(a.key)
+        assert mine is not None and mine.packets == a.packets and mine.states == a.states
+    ep.answer(all_moved, only=MsgType.FLOW_TAKE)
+    assert not rt.takeover.busy(1)
+    st = rt.takeover.status()
+    assert st["taken"] == len(theirs) and st["peers"] == 1 and st["working"] == []
+    # they replicate from here, to the runtime still running (1 is dead)
+    rt.replicator.flush()
+    sent = {s["key"] for _, b in ep.to(MsgType.SNAPSHOT, PEER2) for s in b["snaps"]}
+    assert sent == {a.key.hex() for a in theirs}
+    # and handle their next frame with the state they had
+    assert rt.handle(udp(6000))
+    assert rt.flows.get(theirs[0].key).packets[0] == theirs[0].packets[0] + 1
+
+
+def test_a_missed_heartbeat_is_not_a_death_and_takes_nothing():
+    rt, ep, theirs = holding()
+    set_view(rt, three("failed", exited=False))  # maybe only starved of CPU, still forwarding
+    rt.takeover.step(0.0)
+    assert not takes(ep) and len(rt.replicator.stores[1]) == len(theirs)
+    assert all(rt.flows.get(a.key) is None for a in theirs)
+
+
+def test_one_death_is_acted_on_once_and_a_later_one_again():
+    rt, ep, theirs = holding(n=3)
+    set_view(rt, three("failed", exited=True, pid=100))
+    rt.takeover.step(0.0)
+    ep.answer(all_moved, only=MsgType.FLOW_TAKE)
+    set_view(rt, three("failed", exited=True, pid=100))  # the same view again (a load push)
+    rt.takeover.step(0.0)
+    assert len(takes(ep)) == 1 and rt.takeover.status()["peers"] == 1
+    assert (1, 100) in rt.takeover.seen
+
+
+def test_flows_the_agent_leaves_go_back_or_go_away():
+    """Offloaded flows stay with the dead runtime (their snapshots back, for
+    its recovery); one another runtime took first is let go, quietly."""
+    rt, ep, theirs = holding(n=4)
+    set_view(rt, three("failed", exited=True))
+    rt.takeover.step(0.0)
+    (req,) = takes(ep)
+    order = [bytes.fromhex(k) for k in req["keys"]]
+    ep.answer({"ok": True, "moved": [0], "kept": {"offloaded": [1], "elsewhere": [2], "gone": [3]}},
+              only=MsgType.FLOW_TAKE)
+    assert rt.flows.get(order[0]) is not None
+    assert all(rt.flows.get(k) is None for k in order[1:])
+    assert set(rt.replicator.stores[1]) == {order[1].hex()}
+    st = rt.takeover.status()
+    assert (st["taken"], st["offloaded"], st["elsewhere"], st["gone"]) == (1, 1, 1, 1)
+
+
+def test_without_an_answer_the_switch_entries_say_which_flows_are_ours():
+    rt, ep, theirs = holding(n=4)
+    set_view(rt, three("failed", exited=True))
+    rt.takeover.step(0.0)
+    (req,) = takes(ep)
+    order = [bytes.fromhex(k) for k in req["keys"]]
+    rt.takeover.entry_runtime = lambda key: 0 if key in order[:2] else 1
+    ep.time_out(only=MsgType.FLOW_TAKE)
+    assert [rt.flows.get(k) is not None for k in order] == [True, True, False, False]
+    assert set(rt.replicator.stores[1]) == {k.hex() for k in order[2:]}
+    assert rt.takeover.status()["agent_timeouts"] == 1 and not rt.takeover.busy(1)
+
+
+def test_a_refusal_moves_nothing_and_the_snapshots_go_back():
+    rt, ep, theirs = holding(n=3)
+    set_view(rt, three("failed", exited=True))
+    rt.takeover.step(0.0)
+    ep.answer({"ok": False, "error": "runtime 1 is running: its flows are its own"}, only=MsgType.FLOW_TAKE)
+    assert all(rt.flows.get(a.key) is None for a in theirs)
+    assert len(rt.replicator.stores[1]) == 3 and rt.takeover.status()["refused"] == 1
+
+
+def test_a_flow_with_an_actor_here_keeps_it():
+    rt, ep, theirs = holding(n=2)
+    mine = flow(rt, 6000)  # (its frames came here meanwhile)
+    set_view(rt, three("failed", exited=True))
+    rt.takeover.step(0.0)
+    (req,) = takes(ep)
+    assert req["keys"] == [theirs[1].key.hex()] and rt.flows.get(mine.key) is mine
+    assert rt.takeover.status()["had_actor"] == 1
+
+
+def test_large_stores_are_taken_in_slices_and_the_restarted_peer_waits():
+    from nfactor_xdp.dataplane import takeover
+    rt, ep, theirs = holding(n=takeover.SLICE * takeover.IN_FLIGHT + 10, packets=1)
+    set_view(rt, three("failed", exited=True))
+    fetch = Message(MsgType.SNAPSHOT_FETCH, 7, "rt1", {"id": 1, "after": None}, 0)
+    for _ in range(takeover.IN_FLIGHT + 1):
+        rt.takeover.step(0.0)
+    assert len(takes(ep)) == takeover.IN_FLIGHT  # at most that many requests at once
+    rt.on_control(fetch, PEER1)  # the restarted runtime 1 asks for its snapshots meanwhile
+    assert ep.sent[-1][2] == {"ok": True, "busy": True, "snaps": [], "more": True}
+    ep.answer(all_moved, only=MsgType.FLOW_TAKE)
+    rt.takeover.step(0.0)
+    ep.answer(all_moved, only=MsgType.FLOW_TAKE)
+    assert not rt.takeover.busy(1) and rt.takeover.status()["taken"] == len(theirs)
+    rt.on_control(fetch, PEER1)
+    assert ep.sent[-1][2]["snaps"] == [] and not ep.sent[-1][2]["more"]  # nothing left for it
+
+
+def test_a_restarted_runtime_asks_a_busy_peer_again_and_drops_frames_of_taken_flows():
+    rt, ep = runtime(snapshot_every=K)
+    rt.replicator.recovering = True
+    rt.register = lambda recovering=False: None
+    taken = udp(7000)
+    rt.handle(taken)  # held while recovering
+    rt.handle(udp(7001))
+    rt.replicator.start_recovery()
+    ep.answer({"ok": True, "busy": True, "snaps": [], "more": True}, only=MsgType.SNAPSHOT_FETCH)
+    assert rt.replicator.recovering and 1 in rt.replicator.later
+    rt.replicator.tick(rt.replicator.later[1][2])
+    assert not rt.replicator.later and len(ep.to(MsgType.SNAPSHOT_FETCH)) == 2
+
+    class Entries:  # the switch's entries: flow 7000 now on runtime 1, 7001 still here
+        def flow_runtime(self, key):
+            from nfactor_xdp.dataplane.packet import classify
+            return 1 if key == classify(taken)[1] else 0
+    rt.maps = Entries()
+    ep.answer({"ok": True, "snaps": [], "more": False}, only=MsgType.SNAPSHOT_FETCH)
+    rec = rt.replicator.recovery
+    assert not rt.replicator.recovering and rec["peers_busy"] == 1
+    assert rec["taken_over"] == 1 and rec["replayed"] == 2
+    assert len(rt.flows) == 1 and len(rt.xsk.sent) == 1  # only the flow still placed here
+    rt.xsk.statistics = lambda: {"rx_packets": 2, "tx_packets": 1, "dropped_by_handler": 2, "frames_injected": 1,
+                                 "handler_error_frames": 0, "tx_dropped_ring_full": 0}
+    later = rt.packet_counts()["later"]
+    assert later["taken_over"] == 1 and later["dropped_by_chain"] == 0
+    rt.maps = None
