@@ -227,3 +227,64 @@ def test_a_killed_runtimes_flows_are_taken_over_by_its_peers_at_once(node_factor
           f"its {len(on0)} flows lost {lost0} of {len(on0) * packets} datagrams at 20,000/s in all; "
           f"recovery after the restart: {rec['actors']} actors, {rec['taken_over']} held frames dropped; "
           f"runtimes: {[(r['id'], r['state']) for r in sw['runtimes']]}")
+
+
+def test_a_hung_runtime_is_killed_and_its_flows_taken_over(node_factory):
+    """SIGSTOP runtime 0 under traffic (as an NF stuck in a loop would hang
+    it): failed after the missed heartbeats, killed by the supervisor at the
+    hang timeout, its flows taken by runtime 1 with their state, restarted
+    empty.  Before the watchdog its flows stayed dark for as long as it lived."""
+    n = node_factory(2, POLICY, offload="off", hang_timeout=1.0)
+    flows, packets = 20, 1500
+
+    def runtime(i):
+        return next(r for r in n.status()["runtimes"] if r["id"] == i)
+
+    sink = Proc(n.dst_ns, "udp-sink", "--echo", "--expect", str(flows * 5), "--timeout", "30").wait_ready()
+    assert run_tool(n.src_ns, "udp-send", "--dst", n.dst_ip, "--flows", str(flows), "--packets", "5",
+                    "--pps", "2000", "--echo", "--echo-wait", "3", "--base-port", "55000")["sent"] == flows * 5
+    assert sink.result()["received"] == flows * 5
+    wait_for(lambda: all(f.get("snapshot_version", 0) >= 1 and f.get("replica") is not None
+                         for f in n.flows()["flows"]), timeout=20, what="every flow snapshotted")
+    before = {f["key"]: f for f in n.flows()["flows"]}
+    on0 = {k for k, f in before.items() if f["runtime"] == 0}
+    assert on0, "round-robin put no flow on runtime 0"
+    pid = runtime(0)["pid"]
+    sink = Proc(n.dst_ns, "udp-sink", "--echo", "--idle", "4", "--timeout", "60").wait_ready()
+    sender = Proc(n.src_ns, "udp-send", "--dst", n.dst_ip, "--flows", str(flows), "--packets", str(packets),
+                  "--pps", "4000", "--echo", "--echo-wait", "3", "--base-port", "55000")
+    wait_for(lambda: sum(f["packets"]["orig"] for f in n.flows()["flows"] if f["key"] in on0)
+             > sum(before[k]["packets"]["orig"] for k in on0) + 20, timeout=10, interval=0.01,
+             what="traffic on runtime 0's flows")
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: runtime(0)["restarts"] == 1 and runtime(0)["state"] == "running", timeout=30,
+                 interval=0.05, what="runtime 0 killed as hung, restarted and running")
+    finally:
+        try:
+            os.kill(pid, signal.SIGCONT)  # (it is gone unless the watchdog failed)
+        except ProcessLookupError:
+            pass
+    sent, got = sender.result(), sink.result()
+    from nfactor_xdp.formats.messages import MsgType
+    ctl = nodectl.control_call(n.name, "control", MsgType.STATUS, {}, timeout=1.0)
+    assert ctl["stats"]["hung_killed"] == 1, ctl["stats"]
+    assert nodectl.runtime_query(n.name, 1, "status")["takeover"]["taken"] == len(on0)
+    after = {f["key"]: f for f in n.flows()["flows"]}
+    lost0 = 0
+    for k, f in before.items():
+        port = _port(f)
+        seqs = got["flows"].get(f"{n.src_ip}:{port}", [])
+        assert after[k]["runtime"] == after[k]["switch_runtime"] == 1, after[k]
+        if k not in on0:
+            assert seqs == list(range(packets)), port
+            continue
+        lost0 += packets - len(seqs)
+        gaps = [i for i in range(1, len(seqs)) if seqs[i] != seqs[i - 1] + 1]
+        assert seqs and seqs[-1] == packets - 1 and len(gaps) <= 1 and seqs == sorted(set(seqs)), (port, gaps)
+        truth = 5 + len(seqs)
+        counted = after[k]["nfs"]["flow_monitor"]["packets"]["orig"]
+        assert truth - (K - 1) <= counted <= truth, (after[k]["flow"], counted, truth)
+    assert sent["sent"] == flows * packets
+    print(f"\nMEASURED hung runtime: its {len(on0)} flows lost {lost0} of {len(on0) * packets} datagrams at "
+          f"{4000 // flows} per flow per second (the hang timeout, 1 s, and the takeover)")

@@ -59,6 +59,8 @@ class Controller:
         self.supervisor = nodeconf.control_socket(cfg.name, "supervisor")
         self.heartbeat = cfg.heartbeat
         self.miss_limit = cfg.miss_limit
+        self.hang_timeout = max(cfg.hang_timeout, cfg.heartbeat * cfg.miss_limit) if cfg.hang_timeout else 0.0
+        self.kills: dict[int, tuple] = {}    # runtime id -> (pid, when) of the last kill asked for a hung one
         self.scale_threshold = cfg.scale_threshold
         self.scale_window = cfg.scale_window
         self.max_runtimes = cfg.max_runtimes
@@ -78,7 +80,7 @@ class Controller:
         self.last_scale = 0.0
         self.stopping = False
         self.recovered = False  # only a recovered state may be compacted into the log
-        self.stats = {"heartbeats": 0, "registers": 0, "failures_detected": 0, "exits_reported": 0,
+        self.stats = {"heartbeats": 0, "registers": 0, "failures_detected": 0, "exits_reported": 0, "hung_killed": 0,
                       "scale_outs": 0, "scale_ins": 0, "view_pushes": 0, "replayed_ops": 0, "restarted_at": time.time()}
 
     # --- durable state -------------------------------------------------------
@@ -330,6 +332,29 @@ class Controller:
                 changed = True
         if changed:
             self.push_view()
+        if self.hang_timeout:
+            self.kill_hung(now)
+
+    def kill_hung(self, now: float) -> None:
+        """A failed runtime silent for hang_timeout is hung, not slow (an NF
+        looping, a stopped process): its frames pile up in a ring nobody
+        reads and its flows are dark for as long as it lives.  The
+        supervisor kills it (that very process: the pid is checked); the
+        exit is reported as any, so its peers take its flows and it restarts.
+        Asked again every hang_timeout while it is still there."""
+        for rt, e in self.view.items():
+            if e.get("state") != "failed" or e.get("exited") or e.get("stopping") or not e.get("pid"):
+                continue
+            silent = now - self.live.get(rt, {}).get("last", now)
+            asked = self.kills.get(rt)
+            if silent < self.hang_timeout or (asked and asked[0] == e["pid"] and now - asked[1] < self.hang_timeout):
+                continue
+            self.kills[rt] = (e["pid"], now)
+            self.stats["hung_killed"] += 1
+            log.warning("runtime %d (pid %s) hung: no heartbeat for %.2f s (hang timeout %.2f s); asking the "
+                        "supervisor to kill it", rt, e["pid"], silent, self.hang_timeout)
+            self.ep.send(self.supervisor, MsgType.RUNTIME_KILL,
+                         {"id": rt, "pid": e["pid"], "why": f"hung: no heartbeat for {silent:.2f}s"})
 
     def consider_scale_out(self, now: float) -> None:
         running = [rt for rt, e in self.view.items() if e.get("state") == "running"]
@@ -354,7 +379,8 @@ class Controller:
         return {"view": self.public_view(), "policy": self.policy.to_dict(), "stats": self.stats,
                 "rejected": dict(self.ep.rejected), "rejected_heartbeats": dict(self.hb.rejected),
                 "log": self.log.stats(),
-                "heartbeat": self.heartbeat, "miss_limit": self.miss_limit, "pid": os.getpid()}
+                "heartbeat": self.heartbeat, "miss_limit": self.miss_limit, "hang_timeout": self.hang_timeout,
+                "pid": os.getpid()}
 
     def run(self) -> None:
         poller = select.poll()

@@ -308,7 +308,14 @@ class Node:
                 if rt is None:
                     raise NodeError(f"no runtime {body.get('id')!r}")
                 if msg.type == MsgType.RUNTIME_KILL:
-                    signal_process(rt.identity, signal.SIGKILL)  # failure injection: the guard restarts it
+                    # failure injection, or the controller's hang watchdog (naming the pid it saw hung:
+                    # a process started since is left alone); the guard restarts it
+                    pid = body.get("pid")
+                    if pid is not None and (rt.identity or {}).get("pid") != pid:
+                        raise NodeError(f"runtime {rt.id} is no longer pid {pid}")
+                    if body.get("why"):
+                        log.warning("killing runtime %d (pid %s): %s", rt.id, pid, body["why"])
+                    signal_process(rt.identity, signal.SIGKILL)
                 elif body.get("restart"):  # drained for a rolling restart: a fresh process, same port
                     adoption.replace(rt, body.get("pid"))
                 else:

@@ -170,6 +170,9 @@ class NodeConfig:
                                  "node's saved one.")
     heartbeat: float = setting(0.1, "Seconds between runtime heartbeats.")
     miss_limit: int = setting(3, "Missed heartbeats before a runtime is failed.")
+    hang_timeout: float = setting(2.0, "Seconds without a heartbeat after which the supervisor kills a runtime as "
+                                  "hung (an NF stuck in a loop, a stopped process): its flows are then taken over "
+                                  "and it restarts.  Never less than --heartbeat x --miss-limit; 0: never.")
     scale_threshold: float = setting(0.8, "Average runtime CPU load (0-1) that triggers scale-out after "
                                      "--scale-window seconds.")
     scale_window: float = setting(2.0, "Seconds the overload (or idleness) must last.")
@@ -221,6 +224,8 @@ class NodeConfig:
             raise ConfigError("xdp_mode must be native, generic or auto")
         if self.offload not in ("on", "off"):
             raise ConfigError("offload must be on or off")
+        if not 0 <= self.hang_timeout <= 3600:
+            raise ConfigError("hang_timeout must be 0 (never) to 3600 seconds")
         if self.takeover not in ("on", "off"):
             raise ConfigError("takeover must be on or off")
         if not 1024 <= self.flow_table_size <= 1 << 24:
