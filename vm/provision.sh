@@ -16,7 +16,8 @@ log() { printf '[provision] %s\n' "$*"; }
 # 1. Debian packages.  python3-bpfcc is built for /usr/bin/python3 only.
 PKGS=(python3-bpfcc bpfcc-tools linux-headers-amd64 python3-venv python3-pip
       iproute2 iputils-ping bpftool tcpdump ethtool procps curl git
-      systemd util-linux)  # systemd-analyze (the unit's check), setpriv (its sandbox in the tests)
+      systemd util-linux   # systemd-analyze (the unit's check), setpriv (its sandbox in the tests)
+      etcd-server)         # --store etcd; the tests start their own members on free ports
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -155,6 +155,10 @@ def _show_controller(c: dict) -> None:
         click.echo(f"controller: pid {c['pid']}, view v{c['view_version']}, {c['rules']} rules, "
                    f"{c['restarts']} restarts, {c['stats']['failures_detected']} failures detected, "
                    f"rejected frames {sum((c.get('rejected') or {}).values())}")
+        store = c.get("log") or {}
+        if store.get("store") == "etcd":
+            click.echo(f"  state in etcd ({', '.join(store['endpoints'])}), talking to {store['talking_to']}; "
+                       f"this controller leads as {store['me']} (lease {store['leader_ttl']} s)")
     else:
         click.echo(f"controller: NOT ANSWERING ({c.get('restarts', 0)} restarts)")
         why = (c.get("last_exit") or {}).get("why")

@@ -133,7 +133,8 @@ def let_go(node, stop_children: bool) -> None:
     pinned, runtimes forwarding (before a re-exec, or after an adoption that
     failed: the next supervisor takes them over)."""
     if stop_children:
-        for child in filter(None, (node.controller, node.switch_agent, getattr(node, "metrics", None))):
+        for child in filter(None, (node.controller, *getattr(node, "standbys", ()), node.switch_agent,
+                                   getattr(node, "metrics", None))):
             child.stop()
     for handle in (node.ep, node.maps, node.progs):
         if handle is not None:

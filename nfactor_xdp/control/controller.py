@@ -30,6 +30,7 @@ from .. import logs
 from ..formats.config import NodeConfig, process_args, stop_on_signals
 from ..kern import layouts as L
 from ..formats import config as nodeconf
+from .cluster_store import EtcdStore, StoreError
 from .durable_log import ControllerLog
 from ..kern.maps import NodeMaps
 from ..formats.messages import ClusterKey, Endpoint, Message, MsgType
@@ -48,7 +49,9 @@ class RecoveryError(NFactorError):
 
 
 class Controller:
-    def __init__(self, cfg: NodeConfig):
+    def __init__(self, cfg: NodeConfig, store=None):
+        """store: where the state lives; default the SQLite log (durable_log);
+        an EtcdStore (cluster_store) this controller already leads with."""
         self.cfg = cfg
         self.node = cfg.name
         self.key = ClusterKey.load_or_create(nodeconf.cluster_key_path())
@@ -66,7 +69,7 @@ class Controller:
         self.max_runtimes = cfg.max_runtimes
         self.scale_cooldown = cfg.scale_cooldown
         self.maps = NodeMaps(cfg.name)
-        self.log = ControllerLog(nodeconf.controller_log_path(cfg.name))
+        self.log = store if store is not None else ControllerLog(nodeconf.controller_log_path(cfg.name))
         self.view: dict[int, dict] = {}      # runtime id -> entry (durable part: id, state, addr, core, port)
         self.live: dict[int, dict] = {}      # runtime id -> last heartbeat time and load (not logged)
         self.policy = Policy()
@@ -125,6 +128,7 @@ class Controller:
         """Log the intent, apply, mark success (paper 4.1)."""
         seq = self.log.intend(op)
         self._apply(op)
+        self.log.state_changed(self.snapshot)  # (etcd: written before the switch sees it)
         if "id" in op:
             self._sync_switch(op["id"])
         self.log.done(seq)
@@ -399,6 +403,7 @@ class Controller:
                 if len(got) < 256:
                     break
             now = time.monotonic()
+            self.log.keep(now)  # (etcd: raises LeadershipLost once another may lead)
             self.detect_failures(now)
             self.consider_scale_out(now)
             self.consider_scale_in(now)
@@ -432,11 +437,24 @@ def _peer_addr(addr):
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, _ = process_args("nfactor-controller", __doc__, argv)
-    logs.setup("controller", **cfg.log_options("controller"))
+    cfg, args = process_args("nfactor-controller", __doc__, argv, role="controller")
+    logs.setup(args.role, **cfg.log_options(args.role))
+    store = None
+    if cfg.store == "etcd":
+        # lead first: only the leader binds the control sockets and acts
+        stopping = []
+        stop_on_signals(lambda: stopping.append(True))
+        try:
+            store = EtcdStore(cfg.etcd_endpoints.split(","), cfg.name, cfg.leader_ttl)
+        except Exception as e:
+            return _give_up(cfg, f"cannot use etcd: {type(e).__name__}: {e}")
+        if not store.campaign(lambda: bool(stopping)):
+            return 0
     try:
-        ctl = Controller(cfg)
+        ctl = Controller(cfg, store)
     except Exception as e:
+        if store is not None:
+            store.close()
         return _give_up(cfg, f"cannot start: {type(e).__name__}: {e}")
     stop_on_signals(lambda: setattr(ctl, "stopping", True))
     try:
@@ -449,6 +467,9 @@ def main(argv: list[str] | None = None) -> int:
         log.info("up on %s, %d runtimes in the view, %d ops replayed", ctl.ep.address,
                  len(ctl.view), ctl.stats["replayed_ops"])
         ctl.run()
+    except StoreError as e:
+        # etcd: leadership lost, or no member answers; the supervisor starts us again (we campaign)
+        return _give_up(cfg, f"stepping down: {e}")
     finally:
         ctl.close()
     return 0

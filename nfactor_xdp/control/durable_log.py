@@ -225,6 +225,12 @@ class ControllerLog:
         with self._guard("cannot record"), self._tx() as db:
             return self._insert(db, text, "done")
 
+    def state_changed(self, snapshot) -> None:
+        """(etcd's store writes the new state here; this log has it as the op)"""
+
+    def keep(self, now: float) -> None:
+        """(etcd's store keeps its leadership here; a file has one writer)"""
+
     def replay(self) -> tuple[dict | None, list[dict], list[tuple[int, dict]]]:
         """(latest snapshot or None, committed ops after it in commit order,
         pending intents as (seq, op) in seq order)."""

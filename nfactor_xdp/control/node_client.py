@@ -79,6 +79,17 @@ def supervisor_alive(name: str) -> bool:
     return bool(state) and is_same(state.get("supervisor"))
 
 
+def _check_etcd(cfg: NodeConfig) -> None:
+    """--store etcd: a member must answer from where the controllers run (the
+    node's namespace), or no controller could ever lead: say so now."""
+    from .cluster_store import Members, StoreError
+    try:
+        Members(cfg.etcd_endpoints.split(",")).call(lambda c: c.status(), retry_for=1.0)
+    except StoreError as e:
+        where = f" from namespace {cfg.netns}" if cfg.netns else ""
+        raise NodeCtlError(f"--store etcd: {e}{where}; start etcd (or fix --etcd-endpoints) first") from None
+
+
 def start(cfg: NodeConfig, timeout: float = START_TIMEOUT) -> dict:
     """Start the node's supervisor in the background and wait until the node runs."""
     cfg.validate()
@@ -93,6 +104,8 @@ def start(cfg: NodeConfig, timeout: float = START_TIMEOUT) -> dict:
     if not cfg.netns or netns.exists(cfg.netns):  # a missing one: the supervisor says so
         with netns.entered(cfg.netns):
             refuse_taken_ports(cfg, owned_prog_ids(cfg.name))  # here too, before anything starts
+            if cfg.store == "etcd":
+                _check_etcd(cfg)
     # A previous supervisor died: the new one takes over the runtimes it left running
     # and stops the rest (adoption.py); the pins stay.
     os.makedirs(cfg.run_dir, mode=0o700, exist_ok=True)

@@ -84,6 +84,9 @@ class Node:
         self.xdp_modes: dict[str, str] = {}
         self.ep: Endpoint | None = None
         self.controller = Child(cfg, "controller", "nfactor_xdp.control.controller", backoff=CONTROLLER_BACKOFF)
+        # --controllers N with --store etcd: the others wait in etcd to take over from the leader
+        self.standbys = [Child(cfg, f"controller-{i}", "nfactor_xdp.control.controller", "--role",
+                               f"controller-{i}", backoff=CONTROLLER_BACKOFF) for i in range(2, cfg.controllers + 1)]
         self.switch_agent = Child(cfg, "switch-agent", "nfactor_xdp.control.switch_agent", backoff=RESTART_BACKOFF)
         # the Prometheus endpoint, its own process: a scrape's waits never delay this loop
         self.metrics = Child(cfg, "metrics", "nfactor_xdp.control.metrics", backoff=RESTART_BACKOFF) \
@@ -103,6 +106,8 @@ class Node:
                            ClusterKey.load_or_create(nodeconf.cluster_key_path()), "supervisor")
         adoption.replace_children(self)
         self.controller.spawn()
+        for standby in self.standbys:
+            standby.spawn()
         self.switch_agent.spawn()
         if self.metrics:
             self.metrics.spawn()
@@ -262,7 +267,7 @@ class Node:
     def _reap(self) -> bool:
         changed = False
         now = time.monotonic()
-        for child in filter(None, (self.controller, self.switch_agent, self.metrics)):
+        for child in filter(None, (self.controller, *self.standbys, self.switch_agent, self.metrics)):
             if child.exited():
                 if child.exited_at is None:
                     self._exited(child, now)
@@ -333,6 +338,8 @@ class Node:
     def down(self) -> None:
         self._write_state("stopping")
         stop_processes([rt.identity for rt in self.runtimes])
+        for standby in self.standbys:  # first: none may take the lead the leader gives up
+            standby.stop()
         self.controller.stop()
         self.switch_agent.stop()
         if self.metrics:
@@ -356,6 +363,7 @@ class Node:
             "xdp_modes": self.xdp_modes, "tracer": self.progs.tracing,
             "xdp_progs": self.xdp_progs, "xdp_owned": sorted(self.ours),
             "controller": self.controller.info(), "switch_agent": self.switch_agent.info(),
+            **{s.role.replace("-", "_"): s.info() for s in self.standbys},
             "metrics": self.metrics.info() if self.metrics else None,
             "adoption": self.adoption, "updated": time.time(),
         })
@@ -378,6 +386,13 @@ def teardown(cfg: NodeConfig) -> list[str]:
                     ipr.link("del", index=idx)
                     done.append(f"link {sw}")
     done += [f"pin {p}" for p in remove_pins(cfg.name)]
+    if cfg.store == "etcd":  # its state there goes too, as the SQLite log below
+        from .cluster_store import StoreError, forget
+        try:
+            forget(cfg.etcd_endpoints.split(","), cfg.name)
+            done.append(f"etcd keys /nfactor/{cfg.name}/")
+        except StoreError as e:
+            log.warning("the node's keys in etcd stay: %s", e)
     for suffix in ("", "-wal", "-shm"):
         try:
             os.unlink(nodeconf.controller_log_path(cfg.name) + suffix)
@@ -406,8 +421,7 @@ def check_policy(cfg: NodeConfig) -> None:
 def stop_leftovers(state: dict) -> None:
     """Stop the processes a dead supervisor left, as recorded in its state:
     only those still the very processes recorded (pid and start time)."""
-    children = list(state.get("runtimes", [])) + [state.get(c) or {} for c in ("controller", "switch_agent", "metrics")]
-    stop_processes([c.get("identity") for c in children])
+    stop_processes([r.get("identity") for r in state.get("runtimes", [])] + adoption.recorded_children(state))
 
 
 def force_down(name: str) -> list[str]:

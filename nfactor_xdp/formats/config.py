@@ -33,6 +33,14 @@ class ConfigError(NFactorError, ValueError):
     pass
 
 
+def parse_endpoint(text: str) -> tuple[str, int]:
+    """'host:port' (IPv6: '[::1]:2379') -> (host, port); raises ValueError."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"etcd endpoint {text!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
 def run_dir(name: str) -> str:
     return os.path.join(RUN_ROOT, name)
 
@@ -173,6 +181,14 @@ class NodeConfig:
     hang_timeout: float = setting(2.0, "Seconds without a heartbeat after which the supervisor kills a runtime as "
                                   "hung (an NF stuck in a loop, a stopped process): its flows are then taken over "
                                   "and it restarts.  Never less than --heartbeat x --miss-limit; 0: never.")
+    store: str = setting("sqlite", "Where the controller keeps the cluster state (view, rules): sqlite, a file on "
+                         "this host; or etcd, an etcd cluster (--etcd-endpoints), which lets several controllers "
+                         "run, one leading (--controllers).", choices=("sqlite", "etcd"))
+    etcd_endpoints: str = setting("127.0.0.1:2379", "The etcd members for --store etcd, host:port, comma-separated.")
+    controllers: int = setting(1, "Controller processes.  With --store etcd one leads (it holds a lease in etcd) and "
+                               "the others wait; when the leader dies, one of them takes over from etcd's state.")
+    leader_ttl: int = setting(2, "Seconds of the leading controller's lease in etcd: a dead leader is replaced "
+                              "within about this long.")
     scale_threshold: float = setting(0.8, "Average runtime CPU load (0-1) that triggers scale-out after "
                                      "--scale-window seconds.")
     scale_window: float = setting(2.0, "Seconds the overload (or idleness) must last.")
@@ -226,6 +242,20 @@ class NodeConfig:
             raise ConfigError("offload must be on or off")
         if not 0 <= self.hang_timeout <= 3600:
             raise ConfigError("hang_timeout must be 0 (never) to 3600 seconds")
+        if self.store not in ("sqlite", "etcd"):
+            raise ConfigError("store must be sqlite or etcd")
+        if self.store == "etcd":
+            try:
+                if not [parse_endpoint(e) for e in self.etcd_endpoints.split(",") if e.strip()]:
+                    raise ValueError("no etcd endpoint given")
+            except ValueError as e:
+                raise ConfigError(f"etcd_endpoints: {e}") from None
+        if not 1 <= self.controllers <= 5:
+            raise ConfigError("controllers must be 1..5")
+        if self.controllers > 1 and self.store != "etcd":
+            raise ConfigError("more than one controller needs --store etcd (they agree on a leader there)")
+        if not 1 <= self.leader_ttl <= 60:
+            raise ConfigError("leader_ttl must be 1..60 seconds")
         if self.takeover not in ("on", "off"):
             raise ConfigError("takeover must be on or off")
         if not 1024 <= self.flow_table_size <= 1 << 24:
@@ -333,14 +363,18 @@ def write_state(name: str, state: dict) -> None:
 
 # --- how each process of the node starts ---------------------------------------
 
-def process_args(prog: str, doc: str, argv: list[str] | None = None, *, runtime: bool = False):
+def process_args(prog: str, doc: str, argv: list[str] | None = None, *, runtime: bool = False,
+                 role: str | None = None):
     """Parse what the supervisor starts every process with: `--config-json`
-    (the node's whole configuration) and, for a runtime, `--id`.  Returns
-    (NodeConfig, the parsed arguments)."""
+    (the node's whole configuration), for a runtime `--id`, and `--role` for
+    a process that may run more than once (`role`: its default; it names
+    the process's log).  Returns (NodeConfig, the parsed arguments)."""
     ap = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config-json", required=True, help="the node's configuration (NodeConfig.to_json)")
     if runtime:
         ap.add_argument("--id", type=int, required=True, help="this runtime's id")
+    if role:
+        ap.add_argument("--role", default=role, help=f"this process's name in logs (default {role})")
     args = ap.parse_args(argv)
     return NodeConfig.from_json(args.config_json), args
 

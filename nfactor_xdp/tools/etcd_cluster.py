@@ -1,0 +1,123 @@
+"""A local etcd cluster for tests and trials of `--store etcd`: N members of
+Debian's etcd-server on loopback ports, each with its own data directory,
+none of the system's (a systemd host may run one on 2379: these use their
+own ports).  A member can be killed and started again, as a fault."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+
+from ..errors import NFactorError
+from ..kern import netns as netns_mod
+
+ETCD = "/usr/bin/etcd"
+
+
+class EtcdError(NFactorError):
+    pass
+
+
+def _free_ports(n: int) -> list[int]:
+    """n loopback TCP ports free now (held together, so all different)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+class EtcdCluster:
+    def __init__(self, members: int = 3, base_port: int | None = None, name: str = "nfx", netns: str | None = None):
+        """base_port: members use base_port, base_port + 1, ... (default: free ports);
+        netns: the network namespace the members run in (a node's: its loopback)."""
+        if not os.path.exists(ETCD):
+            raise EtcdError(f"{ETCD} not found: install Debian's etcd-server (vm/provision.sh does)")
+        self.n, self.name, self.netns = members, name, netns
+        with netns_mod.entered(netns):
+            self.ports = list(range(base_port, base_port + 2 * members)) if base_port else _free_ports(2 * members)
+        self.dir = tempfile.mkdtemp(prefix=f"nfactor-etcd-{name}-")
+        self.procs: dict[int, subprocess.Popen | None] = {i: None for i in range(members)}
+
+    def client_port(self, i: int) -> int:
+        return self.ports[2 * i]
+
+    def peer_port(self, i: int) -> int:
+        return self.ports[2 * i + 1]
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [f"127.0.0.1:{self.client_port(i)}" for i in range(self.n)]
+
+    def _cmd(self, i: int) -> list[str]:
+        peers = ",".join(f"m{j}=http://127.0.0.1:{self.peer_port(j)}" for j in range(self.n))
+        return [ETCD, "--name", f"m{i}", "--data-dir", os.path.join(self.dir, f"m{i}"),
+                "--listen-client-urls", f"http://127.0.0.1:{self.client_port(i)}",
+                "--advertise-client-urls", f"http://127.0.0.1:{self.client_port(i)}",
+                "--listen-peer-urls", f"http://127.0.0.1:{self.peer_port(i)}",
+                "--initial-advertise-peer-urls", f"http://127.0.0.1:{self.peer_port(i)}",
+                "--initial-cluster", peers, "--initial-cluster-token", f"nfactor-{self.name}-{os.getpid()}",
+                "--initial-cluster-state", "new",
+                # a member is noticed gone within a second: faster elections than the defaults
+                "--heartbeat-interval", "100", "--election-timeout", "500", "--log-level", "error"]
+
+    def start(self, i: int | None = None) -> "EtcdCluster":
+        for j in ([i] if i is not None else range(self.n)):
+            with open(os.path.join(self.dir, f"m{j}.log"), "ab") as out, netns_mod.entered(self.netns):
+                self.procs[j] = subprocess.Popen(self._cmd(j), stdout=out, stderr=subprocess.STDOUT,
+                                                 stdin=subprocess.DEVNULL)
+        return self
+
+    def wait_healthy(self, timeout: float = 20.0) -> None:
+        """Until a member answers with a leader elected (polled with a deadline)."""
+        from ..control.cluster_store import Members, StoreError
+        m = Members(self.endpoints)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with netns_mod.entered(self.netns):
+                    st = m.call(lambda c: c.status())
+                if int(st.get("leader") or 0):
+                    return
+            except StoreError:
+                pass
+            if time.monotonic() > deadline:
+                raise EtcdError(f"etcd cluster not healthy after {timeout}s; logs in {self.dir}")
+            for j, p in self.procs.items():
+                if p is not None and p.poll() is not None:
+                    log = open(os.path.join(self.dir, f"m{j}.log"), errors="replace").read()[-800:]
+                    raise EtcdError(f"etcd member m{j} exited with {p.returncode}: {log}")
+            time.sleep(0.1)
+
+    def kill(self, i: int) -> None:
+        p = self.procs.get(i)
+        if p is not None and p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+        self.procs[i] = None
+
+    def stop(self) -> None:
+        for i in list(self.procs):
+            self.kill(i)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> "EtcdCluster":
+        self.start()
+        try:
+            self.wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
