@@ -289,3 +289,57 @@ def test_a_hung_runtime_is_killed_and_its_flows_taken_over(node_factory):
     assert sent["sent"] == flows * packets
     print(f"\nMEASURED hung runtime: its {len(on0)} flows lost {lost0} of {len(on0) * packets} datagrams at "
           f"{4000 // flows} per flow per second (the hang timeout, 1 s, and the takeover)")
+
+
+def test_a_runtime_killed_while_migrating_all_its_flows_loses_none_of_them(node_factory):
+    """kill -9 runtime 0 while it migrates its 100 flows to runtime 1, under
+    traffic: flows already moved stay, flows arriving at runtime 1 (their state
+    never coming) are completed from their snapshots, the rest are taken over.
+    Every flow ends with one actor, on runtime 1, in order, within K-1."""
+    n = node_factory(2, {"default_chain": ["flow_monitor"]}, offload="off", max_migrations=20)
+    flows, packets = 100, 400
+
+    def runtime(i):
+        return next(r for r in n.status()["runtimes"] if r["id"] == i)
+
+    sink = Proc(n.dst_ns, "udp-sink", "--echo", "--expect", str(flows * 5), "--timeout", "30").wait_ready()
+    assert run_tool(n.src_ns, "udp-send", "--dst", n.dst_ip, "--flows", str(flows), "--packets", "5",
+                    "--pps", "5000", "--echo", "--echo-wait", "3", "--base-port", "57000")["sent"] == flows * 5
+    assert sink.result()["received"] == flows * 5
+    wait_for(lambda: all(f.get("replica") is not None for f in n.flows()["flows"]), timeout=20,
+             what="every flow snapshotted")
+    on0 = {f["key"] for f in n.flows()["flows"] if f["runtime"] == 0}
+    assert len(on0) > 20, "too few flows on runtime 0 to catch migrations in every stage"
+    pid = runtime(0)["pid"]
+    sink = Proc(n.dst_ns, "udp-sink", "--echo", "--idle", "4", "--timeout", "60").wait_ready()
+    sender = Proc(n.src_ns, "udp-send", "--dst", n.dst_ip, "--flows", str(flows), "--packets", str(packets),
+                  "--pps", "5000", "--echo", "--echo-wait", "3", "--base-port", "57000")
+    wait_for(lambda: nodectl.runtime_query(n.name, 0, "status")["frames"] > 1000, timeout=10, interval=0.01,
+             what="traffic through runtime 0")
+    from nfactor_xdp.formats import config as nodeconf, query as rtctl
+    rtctl.request(nodeconf.runtime_socket(n.name, 0), "migrate", to=1, timeout=5.0)
+    wait_for(lambda: nodectl.runtime_query(n.name, 1, "status")["migration"]["in_created"] >= 5, timeout=10,
+             interval=0.002, what="migrations under way")
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: runtime(0)["restarts"] == 1 and runtime(0)["state"] == "running", timeout=30,
+             interval=0.05, what="runtime 0 restarted")
+    sent, got = sender.result(), sink.result()
+    st1 = nodectl.runtime_query(n.name, 1, "status")
+    listed = n.flows()["flows"]
+    keys = [f["key"] for f in listed]
+    assert len(keys) == len(set(keys)) == flows, "a flow with no actor, or with two"
+    assert all(f["runtime"] == f["switch_runtime"] == 1 for f in listed), [f for f in listed if f["runtime"] != 1][:3]
+    lost = 0
+    for f in listed:
+        seqs = got["flows"].get(f"{n.src_ip}:{_port(f)}", [])
+        gaps = [i for i in range(1, len(seqs)) if seqs[i] != seqs[i - 1] + 1]
+        assert seqs and seqs[-1] == packets - 1 and len(gaps) <= 1 and seqs == sorted(set(seqs)), (f["flow"], gaps)
+        lost += packets - len(seqs)
+        truth = 5 + len(seqs)
+        counted = f["nfs"]["flow_monitor"]["packets"]["orig"]
+        assert truth - (K - 1) <= counted <= truth, (f["flow"], counted, truth)
+    assert sent["sent"] == flows * packets
+    mig, took = st1["migration"], st1["takeover"]
+    print(f"\nMEASURED killed mid-migration: of runtime 0's {len(on0)} flows, {mig['in_completed']} migrations "
+          f"finished or completed from snapshots ({took['arrivals_completed']} of those), {took['taken']} taken "
+          f"over; {lost} of {flows * packets} datagrams lost")

@@ -192,3 +192,63 @@ def test_a_restarted_runtime_asks_a_busy_peer_again_and_drops_frames_of_taken_fl
     later = rt.packet_counts()["later"]
     assert later["taken_over"] == 1 and later["dropped_by_chain"] == 0
     rt.maps = None
+
+
+def test_a_dead_processes_late_snapshots_are_not_kept_for_its_successor():
+    """A snapshot the dead runtime sent just before dying, arriving after the
+    takeover began, would give its restarted process an actor for a flow that
+    lives here now: it is dropped (the sender's pid names the dead process)."""
+    rt, ep, theirs = holding(n=2)
+    set_view(rt, three("failed", exited=True, pid=100))
+    rt.takeover.step(0.0)
+    late = {"from": 1, "pid": 100, "snaps": [{"key": theirs[0].key.hex(), "v": 99, "actor": {}}], "drop": []}
+    rt.on_control(Message(MsgType.SNAPSHOT, 5, "rt1", late, 0), PEER1)
+    assert not rt.replicator.stores.get(1) and rt.replicator.stats["from_dead"] == 1
+    fresh = {**late, "pid": 200}  # its successor's snapshots are kept as any
+    rt.on_control(Message(MsgType.SNAPSHOT, 6, "rt1", fresh, 0), PEER1)
+    assert set(rt.replicator.stores[1]) == {theirs[0].key.hex()}
+
+
+def test_recovery_skips_a_snapshot_of_a_flow_placed_elsewhere():
+    rt0, ep0, theirs = holding(n=2)  # runtime 0 holds runtime 1's snapshots
+    rt1, ep1 = runtime(snapshot_every=K)  # runtime 1, restarted, recovering from runtime 0
+    rt1.view.me = rt1.replicator.view.me = 1
+    set_view(rt1, {"version": 1, "runtimes": [{"id": 1, "state": "starting", "addr": list(PEER1)},
+                                              {"id": 0, "state": "running", "addr": ["127.0.0.1", 1]}]})
+    rt1.replicator.recovering = True
+    rt1.register = lambda recovering=False: None
+    moved = theirs[0].key  # its entry names runtime 2 now (taken over there, or migrated)
+    rt1.replicator.owner = lambda key: 2 if key == moved else 1
+    rt1.replicator.start_recovery()
+    (fetch,) = [b for _, b in ep1.to(MsgType.SNAPSHOT_FETCH)]
+
+    def answer(body):
+        msg = Message(MsgType.SNAPSHOT_FETCH, 9, "rt1", body, 0)
+        rt0.replicator.on_fetch(msg, PEER1)
+        return ep0.sent[-1][2]
+    ep1.answer(answer, only=MsgType.SNAPSHOT_FETCH)
+    assert not rt1.replicator.recovering
+    assert rt1.flows.get(moved) is None and rt1.flows.get(theirs[1].key) is not None
+    assert rt1.replicator.recovery["placed_elsewhere"] == 1
+
+
+def test_a_flow_the_dead_runtime_was_migrating_here_is_completed_from_its_snapshot():
+    """Runtime 1 dies between the migration's create and its state: the flow's
+    arrival here holds its frames; the takeover installs the snapshot instead
+    of the state that will never come, and replays them after it, in order."""
+    rt, ep, theirs = holding(n=2)
+    a = theirs[0]
+    create = {"key": a.key.hex(), "chain": a.chain, "rule": a.rule_id, "orig_dir": a.orig_dir}
+    rt.on_control(Message(MsgType.MIGRATE_CREATE, 3, "rt1", create, 0), PEER1)
+    arriving = rt.flows.get(a.key)
+    assert arriving is not None and arriving.migration is not None
+    sent = len(rt.xsk.sent)
+    assert not rt.handle(udp(6000)) and not rt.handle(udp(6000))  # held: its state has not come
+    set_view(rt, three("failed", exited=True))
+    rt.takeover.step(0.0)
+    assert rt.flows.get(a.key) is arriving and arriving.migration is None
+    assert arriving.packets[0] == a.packets[0] + 2 and len(rt.xsk.sent) == sent + 2  # replayed, after the state
+    (req,) = takes(ep)
+    assert a.key.hex() in req["keys"]  # its entry still names the dead runtime if the move had not happened
+    ep.answer(all_moved, only=MsgType.FLOW_TAKE)
+    assert rt.takeover.status()["arrivals_completed"] == 1 and rt.takeover.status()["taken"] == 2

@@ -65,6 +65,7 @@ def runtime_drain(name, rt_id, as_json):
 @id_option
 @json_option
 def runtime_kill(name, rt_id, as_json):
-    """kill -9 a runtime (failure injection): the controller marks it failed, the
-    supervisor restarts it, it rejoins as running."""
+    """kill -9 a runtime (failure injection): the controller marks it failed, its
+    peers take its flows from their snapshots (--takeover on, the default; off: its
+    flows wait for it), the supervisor restarts it and it rejoins as running."""
     _supervise(name, "RUNTIME_KILL", {"id": rt_id}, "killed", as_json)

@@ -200,6 +200,12 @@ def _runtime(f: Families, rt: dict) -> None:
                    "shed).", d, skip=("limit", "unit", "queued"), limit=limit, **r)
     _xsk(f, rt.get("xsk") or {}, r)
     _replication(f, rt.get("replication") or {}, rt.get("migration") or {}, r)
+    took = rt.get("takeover") or {}
+    f.counters("nfactor_takeover_events_total", "Crashed peers' flows this runtime took over (taken) or left "
+               "(offloaded, elsewhere, gone, had_actor), snapshots and peers taken from, agent timeouts, ...",
+               took, skip=("enabled", "working", "seconds"), **r)
+    f.gauge("nfactor_takeover_last_seconds", "How long the runtime's last takeover of a crashed peer's flows "
+            "took (its own work).", took.get("seconds"), **r)
     off = rt.get("offload") or {}
     f.gauge("nfactor_runtime_offloaded_flows", "The runtime's flows the switch handles alone now (offload).",
             off.get("flows"), **r)

@@ -239,7 +239,7 @@ def status(name: str, timeout: float = 0.5) -> dict:
                       "dropped", "dropped_by_chain", "dropped_not_flow", "flows_created", "flows_expired",
                       "flows_evicted", "switch_entries_deleted",
                       "idle_waits", "xsk", "uptime", "replication", "migration", "limits", "control_errors",
-                      "fragments", "offload"):
+                      "fragments", "offload", "takeover"):
                 entry[k] = live.get(k)
         out["runtimes"].append(entry)
     return out

@@ -128,15 +128,22 @@ class Arrivals:
         if not isinstance(incoming, Incoming):
             self.ep.reply(msg, addr, {"ok": True})  # a retry: done already
             return
-        now = time.monotonic()
         try:
-            actor.load_wire(msg.body["actor"], now)
+            self.complete(actor, msg.body["actor"], time.monotonic())
         except Exception as e:  # a peer's bad state must not crash us
             self.ep.reply(msg, addr, {"ok": False, "error": f"bad state: {e}"})
             return
+        self.ep.reply(msg, addr, {"ok": True})
+
+    def complete(self, actor, wire: dict, now: float) -> None:
+        """An arriving flow's state is here (from its source, or from its last
+        snapshot when the source died: takeover.py): install it, replay what
+        arrived meanwhile, in order, then carry on as usual.  Raises on a bad
+        state, leaving the flow arriving."""
+        incoming = actor.migration
+        actor.load_wire(wire, now)
         actor.migration = None
-        self.arriving.pop(key, None)
-        # replay what arrived meanwhile, in order, then carry on as usual
+        self.arriving.pop(actor.key, None)
         for data, direction, l4 in incoming.buffer:
             frame = bytearray(data)
             if actor.on_packet(memoryview(frame)[self.skip:], direction, l4, now):
@@ -144,5 +151,11 @@ class Arrivals:
                     self.stats["replay_tx_fail"] += 1
             self.stats["replayed"] += 1
         self.stats["in_completed"] += 1
-        self.ep.reply(msg, addr, {"ok": True})
+
+    def arriving_from(self, key: bytes, source: str):
+        """The actor of flow `key` if it is arriving here from `source` (a sender name, rtN)."""
+        actor = self.flows.get(key)
+        if actor is not None and isinstance(actor.migration, Incoming) and actor.migration.source == source:
+            return actor
+        return None
 

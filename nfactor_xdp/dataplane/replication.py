@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import os
 import time
 
 import msgpack
@@ -61,6 +62,13 @@ class Replicator:
         self.make_actor, self.replay, self.transmit, self.on_recovered = make_actor, replay, transmit, on_recovered
         self.before_replay = lambda: None
         self.busy = lambda peer: False  # still taking `peer`'s flows over (takeover.py): its fetches wait
+        self.pid = os.getpid()
+        # (peer, pid) of processes known dead whose flows were taken over: a snapshot of theirs still on its
+        # way is stale (its flow lives here or on another taker now), never stored for a restarted peer to use
+        self.dead: set = set()
+        # the runtime a flow's switch entry names (None: no entry): a snapshot of a flow placed elsewhere
+        # is not recovered (it moved on: taken over, or migrated and the drop was lost)
+        self.owner = lambda key: None
         self.ep = None
         self.pending: dict[bytes, object] = {}            # key -> actor due for a snapshot
         self.stores: dict[int, dict[str, dict]] = {}      # peer id -> key hex -> snapshot
@@ -73,11 +81,12 @@ class Replicator:
         self.waiting: set[int] = set()
         self.later: dict[int, tuple] = {}  # peer -> (address, after, when): it asked us to come back
         self.recovery = {"phase": "none", "peers_asked": 0, "peers_answered": 0, "snapshots": 0,
-                         "actors": 0, "buffered": 0, "replayed": 0, "taken_over": 0, "peers_busy": 0, "replay_tx_fail": 0, "buffer_overflow": 0, "bad": 0,
+                         "actors": 0, "buffered": 0, "replayed": 0, "taken_over": 0, "peers_busy": 0, "placed_elsewhere": 0, "replay_tx_fail": 0, "buffer_overflow": 0, "bad": 0,
                          "seconds": 0.0}
         self.buffer: list[bytes] = []
         self.stats = {"snapshots_sent": 0, "snapshot_messages": 0, "shed": 0, "refused": 0, "too_big": 0,
-                      "stored": 0, "stale_ignored": 0, "dropped_on_end": 0, "store_refused": 0, "bad_state": 0}
+                      "stored": 0, "stale_ignored": 0, "dropped_on_end": 0, "store_refused": 0, "bad_state": 0,
+                      "from_dead": 0}
         self.snapshot_bytes = Histogram(SNAPSHOT_BYTES)      # each snapshot sent, encoded
         self.recovery_seconds = Histogram(RECOVERY_SECONDS)  # one per start: every runtime recovers when it starts
 
@@ -185,7 +194,8 @@ class Replicator:
 
     def _send_chunk(self, replica: int, addr, snaps: list[dict], drop: list[str]) -> None:
         try:
-            self.ep.request(addr, MsgType.SNAPSHOT, {"from": self.view.me, "snaps": snaps, "drop": drop},
+            self.ep.request(addr, MsgType.SNAPSHOT, {"from": self.view.me, "pid": self.pid, "snaps": snaps,
+                                                     "drop": drop},
                             lambda msg, r=replica, s=snaps: self._stored(r, s, msg), timeout=0.3, retries=2,
                             on_timeout=lambda rid, s=snaps: self._again(s))
         except MessageError:  # a state too big for any message (over nf.MAX_STATE_BYTES): not replicated
@@ -218,6 +228,10 @@ class Replicator:
         peer = b.get("from")
         if not isinstance(peer, int) or not isinstance(b.get("snaps"), list):
             self.ep.reply(msg, addr, {"ok": False, "error": "bad snapshot message"})
+            return
+        if (peer, b.get("pid")) in self.dead:
+            self.stats["from_dead"] += len(b["snaps"])
+            self.ep.reply(msg, addr, {"ok": True})  # (the sender is dead: nobody waits for the answer)
             return
         held = sum(len(s) for s in self.stores.values())
         if self.view.leaving or held + len(b["snaps"]) > MAX_STORE:
@@ -320,6 +334,10 @@ class Replicator:
         key = bytes.fromhex(s["key"])
         wire, version = s["actor"], int(s["v"])
         actor = self.flows.get(key)
+        owner = self.owner(key) if actor is None else None
+        if owner is not None and owner != self.view.me:
+            self.recovery["placed_elsewhere"] += 1
+            return
         if actor is None:
             actor = self.make_actor(key, int(wire["orig_dir"]), int(wire["chain"]), int(wire["rule"]))
         elif actor.snap_version >= version:

@@ -88,8 +88,10 @@ class Runtime:
         self.replicator = Replicator(self.flows, self.view, cfg.snapshot_every, make_actor=self.make_actor,
                                      replay=self.replay_held, transmit=self.transmit, on_recovered=self._recovered)
         self.takeover = Takeover(self.replicator, self.flows, self.view, make_actor=self.make_actor,
-                                 entry_runtime=self._entry_runtime, enabled=cfg.takeover == "on")
+                                 entry_runtime=self._entry_runtime, arrivals=self.migrator,
+                                 enabled=cfg.takeover == "on")
         self.replicator.busy = self.takeover.busy
+        self.replicator.owner = self._entry_runtime
         self.takeover.freeze = self.collector.freeze
         self.lifetime = Lifetime(rt_id, self.flows, self.replicator, self.stats, max_flows=cfg.max_flows,
                                  idle_timeout=cfg.idle_timeout)

@@ -53,16 +53,18 @@ class Takeover:
     entry_runtime(key): the runtime the switch entry names (None: no entry);
     agent: the switch agent's control address (ep comes with attach)."""
 
-    def __init__(self, replicator, flows, view, *, make_actor, entry_runtime, enabled: bool = True):
+    def __init__(self, replicator, flows, view, *, make_actor, entry_runtime, arrivals=None, enabled: bool = True):
+        """arrivals: the runtime's Migrator (arriving_from, complete): a flow the
+        dead runtime was migrating here is completed from its snapshot."""
         self.replicator, self.flows, self.view = replicator, flows, view
-        self.make_actor, self.entry_runtime = make_actor, entry_runtime
+        self.make_actor, self.entry_runtime, self.arrivals = make_actor, entry_runtime, arrivals
         self.enabled = enabled
         self.ep = self.agent = None
         self.queue: dict[int, collections.deque] = {}   # dead peer -> its snapshots still to take
         self.in_flight: dict[int, int] = {}              # dead peer -> FLOW_TAKE requests outstanding
-        self.seen: set[tuple[int, object]] = set()       # (peer, pid) whose death was acted on
+        self.seen: set[tuple[int, object]] = replicator.dead  # (peer, pid) whose death was acted on
         self.stats = {"peers": 0, "snapshots": 0, "taken": 0, "offloaded": 0, "elsewhere": 0, "gone": 0,
-                      "had_actor": 0, "bad": 0, "agent_timeouts": 0, "refused": 0, "seconds": 0.0}
+                      "had_actor": 0, "arrivals_completed": 0, "bad": 0, "agent_timeouts": 0, "refused": 0, "seconds": 0.0}
         self.started: dict[int, float] = {}
         # called as a takeover starts and ends: the runtime freezes what exists for the cyclic
         # collector, which would otherwise walk every actor and snapshot while thousands are made
@@ -114,7 +116,7 @@ class Takeover:
             made = []
             while q and len(made) < SLICE:
                 snap = q.popleft()
-                actor = self._actor(snap, now)
+                actor = self._actor(snap, now, peer)
                 if actor is not None:
                     made.append((actor, snap))
             if not q:
@@ -124,13 +126,22 @@ class Takeover:
             else:
                 self._maybe_done(peer)
 
-    def _actor(self, snap: dict, now: float):
+    def _actor(self, snap: dict, now: float, peer: int):
         try:
             key = bytes.fromhex(snap["key"])
+            wire = snap["actor"]
+            arriving = self.arrivals.arriving_from(key, f"rt{peer}") if self.arrivals is not None else None
+            if arriving is not None:
+                # the dead runtime was migrating it here: its state will never come, its last
+                # snapshot completes the migration (what arrived meanwhile is replayed after it)
+                self.arrivals.complete(arriving, wire, now)
+                arriving.offload_base = arriving.offload_saved = None
+                arriving.snap_version, arriving.replica = int(snap.get("v", 0)), None
+                self.stats["arrivals_completed"] += 1
+                return arriving
             if self.flows.get(key) is not None:
                 self.stats["had_actor"] += 1  # (a flow that came here meanwhile: its actor is the live one)
                 return None
-            wire = snap["actor"]
             actor = self.make_actor(key, int(wire["orig_dir"]), int(wire["chain"]), int(wire["rule"]))
             actor.load_wire(wire, now)
         except Exception:  # one bad snapshot must not stop the others
