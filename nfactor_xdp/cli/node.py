@@ -187,6 +187,11 @@ def _show_runtimes(runtimes: list[dict]) -> None:
         recovered = f" ({rec.get('actors')} flows in {rec.get('seconds')} s)" if rec.get("phase") == "done" else ""
         click.echo(f"rt{r['id']} replication: holding {holding} snapshots for its peers, sent "
                    f"{rep.get('snapshots_sent', 0)}, shed {rep.get('shed', 0)}; recovery {rec.get('phase')}{recovered}")
+        took = r.get("takeover") or {}
+        if took.get("peers"):
+            left = {k: took[k] for k in ("offloaded", "elsewhere", "gone", "had_actor") if took.get(k)}
+            click.echo(f"rt{r['id']} takeover: took {took.get('taken', 0)} flows of {took['peers']} crashed "
+                       f"peer(s) (last in {took.get('seconds')} s)" + (f"; left {left}" if left else ""))
     for r in runtimes:
         _show_frames(r)
 

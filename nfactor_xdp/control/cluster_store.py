@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import time
 
@@ -94,8 +95,14 @@ class Members:
                             self.endpoints[self.current])
                 self.current = at
             return out
-        why = getattr(last, "detail_text", None) or type(last).__name__
-        raise StoreError(f"no etcd member answers ({', '.join(self.endpoints)}): {why}")
+        raise StoreError(f"no etcd member answers ({', '.join(self.endpoints)}): {_why(last)}")
+
+
+def _why(e) -> str:
+    """An etcd3gw error in a few words (its text is requests' whole chain of causes)."""
+    text = getattr(e, "detail_text", None) or str(e) or type(e).__name__
+    m = re.search(r"\[Errno -?\d+\] ([^'\")]+)", text)
+    return m.group(1).strip() if m else ("timed out" if "imeout" in text else text[:160])
 
 
 class _Lease:

@@ -41,7 +41,7 @@ import time
 from ..formats.messages import MsgType
 from .view import FAILED
 
-SLICE = 256          # flows made into actors per step (~14 us each)
+SLICE = 256          # flows made into actors per step (20-30 us each, their entries moved after)
 IN_FLIGHT = 4        # FLOW_TAKE requests outstanding at once
 TAKE_TIMEOUT = 0.2   # seconds per try; the agent may be in a migration's grace period
 TAKE_RETRIES = 4
