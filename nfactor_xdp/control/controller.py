@@ -39,6 +39,10 @@ from ..errors import NFactorError
 
 COMPACT_EVERY = 200  # logged changes between compactions
 LOAD_PUSH_INTERVAL = 0.5  # seconds between view pushes that only carry new loads
+# at most one hung runtime killed per this many seconds, node-wide: an NF that loops on some
+# flow's packets hangs whichever runtime takes the flow next, and killing them all in turn
+# would cost every flow of the node its last K-1 packets of state, again and again
+HANG_KILL_SPACING = 60.0
 
 log = logs.get("controller")
 
@@ -64,6 +68,8 @@ class Controller:
         self.miss_limit = cfg.miss_limit
         self.hang_timeout = max(cfg.hang_timeout, cfg.heartbeat * cfg.miss_limit) if cfg.hang_timeout else 0.0
         self.kills: dict[int, tuple] = {}    # runtime id -> (pid, when) of the last kill asked for a hung one
+        self.last_hang_kill = -HANG_KILL_SPACING
+        self.hang_spared: set = set()        # (runtime, pid) left hung, said once
         self.scale_threshold = cfg.scale_threshold
         self.scale_window = cfg.scale_window
         self.max_runtimes = cfg.max_runtimes
@@ -83,7 +89,7 @@ class Controller:
         self.last_scale = 0.0
         self.stopping = False
         self.recovered = False  # only a recovered state may be compacted into the log
-        self.stats = {"heartbeats": 0, "registers": 0, "failures_detected": 0, "exits_reported": 0, "hung_killed": 0,
+        self.stats = {"heartbeats": 0, "registers": 0, "failures_detected": 0, "exits_reported": 0, "hung_killed": 0, "hung_spared": 0,
                       "scale_outs": 0, "scale_ins": 0, "view_pushes": 0, "replayed_ops": 0, "restarted_at": time.time()}
 
     # --- durable state -------------------------------------------------------
@@ -353,7 +359,17 @@ class Controller:
             asked = self.kills.get(rt)
             if silent < self.hang_timeout or (asked and asked[0] == e["pid"] and now - asked[1] < self.hang_timeout):
                 continue
+            if now - self.last_hang_kill < HANG_KILL_SPACING and not (asked and asked[0] == e["pid"]):
+                if (rt, e["pid"]) not in self.hang_spared:
+                    self.hang_spared.add((rt, e["pid"]))
+                    self.stats["hung_spared"] += 1
+                    log.error("runtime %d (pid %s) hung too, %.0f s after the last hung runtime was killed: left "
+                              "as it is (a flow may make an NF loop, and would hang each runtime that takes it; "
+                              "see `nfactorctl flows` of runtime %d, then `nfactorctl runtime kill --id %d`)",
+                              rt, e["pid"], now - self.last_hang_kill, rt, rt)
+                continue
             self.kills[rt] = (e["pid"], now)
+            self.last_hang_kill = now
             self.stats["hung_killed"] += 1
             log.warning("runtime %d (pid %s) hung: no heartbeat for %.2f s (hang timeout %.2f s); asking the "
                         "supervisor to kill it", rt, e["pid"], silent, self.hang_timeout)
