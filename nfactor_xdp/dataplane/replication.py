@@ -42,6 +42,7 @@ MAX_RECOVERY_BUFFER = 50_000
 BUSY_RETRY = 0.02         # seconds before asking again a peer still taking our flows over (takeover.py)
 REFUSAL_HOLD = 10.0       # seconds a peer that refused snapshots (full) is avoided, unless it runs again
 RESYNC_SLICE = 250        # actors re-sent per flush after a view change: the packet loop never waits long
+VERIFY_SLICE = 2000       # recovered flows whose switch entry is checked per housekeeping turn
 
 
 def _encoded_size(snap: dict) -> int:
@@ -66,9 +67,10 @@ class Replicator:
         # (peer, pid) of processes known dead whose flows were taken over: a snapshot of theirs still on its
         # way is stale (its flow lives here or on another taker now), never stored for a restarted peer to use
         self.dead: set = set()
-        # the runtime a flow's switch entry names (None: no entry): a snapshot of a flow placed elsewhere
-        # is not recovered (it moved on: taken over, or migrated and the drop was lost)
+        # the runtime a flow's switch entry names (None: no entry): a recovered flow placed elsewhere
+        # moved on (taken over, or migrated with its replica's drop lost) and is let go (verify)
         self.owner = lambda key: None
+        self.unverified: collections.deque[bytes] = collections.deque()
         self.ep = None
         self.pending: dict[bytes, object] = {}            # key -> actor due for a snapshot
         self.stores: dict[int, dict[str, dict]] = {}      # peer id -> key hex -> snapshot
@@ -334,10 +336,6 @@ class Replicator:
         key = bytes.fromhex(s["key"])
         wire, version = s["actor"], int(s["v"])
         actor = self.flows.get(key)
-        owner = self.owner(key) if actor is None else None
-        if owner is not None and owner != self.view.me:
-            self.recovery["placed_elsewhere"] += 1
-            return
         if actor is None:
             actor = self.make_actor(key, int(wire["orig_dir"]), int(wire["chain"]), int(wire["rule"]))
         elif actor.snap_version >= version:
@@ -347,12 +345,29 @@ class Replicator:
         if key not in self.flows:
             self.flows.add(actor)
             self.recovery["actors"] += 1
+            self.unverified.append(key)
 
     def _peer_done(self, peer: int) -> None:
         self.waiting.discard(peer)
         self.recovery["peers_answered"] = self.recovery["peers_asked"] - len(self.waiting)
         if not self.waiting and self.recovering:
             self.finish_recovery()
+
+    def verify(self) -> None:
+        """After a recovery, a slice of the recovered flows at a time (not
+        during it: a map lookup per flow would slow the recovery by a third):
+        one whose switch entry names another runtime moved on, and its actor
+        is let go quietly (no NF callback, its entry untouched), before
+        anything here (a migration to shed load) could act on it."""
+        for _ in range(min(VERIFY_SLICE, len(self.unverified))):
+            key = self.unverified.popleft()
+            owner = self.owner(key)
+            if owner is not None and owner != self.view.me:
+                actor = self.flows.get(key)
+                if actor is not None and actor.migration is None:
+                    self.flows.remove(key)
+                    self.pending.pop(key, None)
+                    self.recovery["placed_elsewhere"] += 1
 
     def hold(self, frame) -> None:
         """A frame that arrived while recovering: kept until its actor is back."""

@@ -513,6 +513,8 @@ class Runtime:
                     next_heartbeat = self.now + self.cfg.heartbeat
             if self.now >= next_housekeeping:
                 stall_after = "housekeeping"
+                if self.replicator.unverified and not self.replicator.recovering:
+                    self._guarded(self.replicator.verify)
                 self._guarded(self.fold_offloaded)
                 self.expire_idle()
                 if not since_housekeeping:
