@@ -29,6 +29,7 @@ moves to the next endpoint when one does not answer.
 """
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -121,7 +122,6 @@ class _Lease:
 
 
 def _b64(text: str) -> str:
-    import base64
     return base64.b64encode(text.encode()).decode()
 
 
@@ -136,7 +136,7 @@ class EtcdStore:
         self.lease = None
         self.refreshed = 0.0
         self.seq = 0
-        self.stats_ = {"writes": 0, "refreshes": 0, "write_ms_max": 0.0, "led_since": None}
+        self.counts = {"writes": 0, "refreshes": 0, "write_ms_max": 0.0, "led_since": None}
 
     # --- leadership --------------------------------------------------------------
     def leader(self) -> str | None:
@@ -148,7 +148,7 @@ class EtcdStore:
         lease = _Lease(self.members.call(lambda c: c.lease(self.ttl)).id)
         if self.members.call(lambda c: c.create(self.prefix + "leader", self.me, lease=lease)):
             self.lease, self.refreshed = lease, time.monotonic()
-            self.stats_["led_since"] = time.time()
+            self.counts["led_since"] = time.time()
             return True
         try:
             self.members.call(lease.revoke, retry_for=0)  # (one round: a lease gone is no error)
@@ -188,7 +188,7 @@ class EtcdStore:
         if ttl <= 0:
             raise LeadershipLost("the lease expired: another controller may lead now")
         self.refreshed = now
-        self.stats_["refreshes"] += 1
+        self.counts["refreshes"] += 1
 
     # --- state ---------------------------------------------------------------------
     def _write(self, state: dict) -> None:
@@ -204,8 +204,8 @@ class EtcdStore:
         if not result.get("succeeded"):
             raise LeadershipLost("another controller leads: the state was not written")
         ms = (time.perf_counter() - t0) * 1e3
-        self.stats_["writes"] += 1
-        self.stats_["write_ms_max"] = max(self.stats_["write_ms_max"], round(ms, 2))
+        self.counts["writes"] += 1
+        self.counts["write_ms_max"] = max(self.counts["write_ms_max"], round(ms, 2))
 
     def intend(self, op: dict) -> int:
         self.seq += 1
@@ -240,7 +240,7 @@ class EtcdStore:
     def stats(self) -> dict:
         return {"store": "etcd", "endpoints": self.members.endpoints,
                 "talking_to": self.members.endpoints[self.members.current], "member_switches": self.members.switches,
-                "me": self.me, "leader_ttl": self.ttl, **self.stats_}
+                "me": self.me, "leader_ttl": self.ttl, **self.counts}
 
     def close(self) -> None:
         """A clean stop: give leadership up at once (the lease's keys go with it)."""

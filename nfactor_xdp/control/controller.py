@@ -89,8 +89,8 @@ class Controller:
         self.last_scale = 0.0
         self.stopping = False
         self.recovered = False  # only a recovered state may be compacted into the log
-        self.stats = {"heartbeats": 0, "registers": 0, "failures_detected": 0, "exits_reported": 0, "hung_killed": 0, "hung_spared": 0,
-                      "scale_outs": 0, "scale_ins": 0, "view_pushes": 0, "replayed_ops": 0, "restarted_at": time.time()}
+        self.stats = {"heartbeats": 0, "registers": 0, "failures_detected": 0, "exits_reported": 0,
+                      "hung_killed": 0, "hung_spared": 0, "scale_outs": 0, "scale_ins": 0, "view_pushes": 0, "replayed_ops": 0, "restarted_at": time.time()}
 
     # --- durable state -------------------------------------------------------
     def recover(self) -> None:
@@ -461,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         stopping = []
         stop_on_signals(lambda: stopping.append(True))
         try:
-            store = EtcdStore(cfg.etcd_endpoints.split(","), cfg.name, cfg.leader_ttl)
+            store = EtcdStore(cfg.etcd_members, cfg.name, cfg.leader_ttl)
         except Exception as e:
             return _give_up(cfg, f"cannot use etcd: {type(e).__name__}: {e}")
         if not store.campaign(lambda: bool(stopping)):

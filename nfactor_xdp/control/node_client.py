@@ -84,7 +84,7 @@ def _check_etcd(cfg: NodeConfig) -> None:
     node's namespace), or no controller could ever lead: say so now."""
     from .cluster_store import Members, StoreError
     try:
-        Members(cfg.etcd_endpoints.split(",")).call(lambda c: c.status(), retry_for=1.0)
+        Members(cfg.etcd_members).call(lambda c: c.status(), retry_for=1.0)
     except StoreError as e:
         where = f" from namespace {cfg.netns}" if cfg.netns else ""
         raise NodeCtlError(f"--store etcd: {e}{where}; start etcd (or fix --etcd-endpoints) first") from None

@@ -389,7 +389,7 @@ def teardown(cfg: NodeConfig) -> list[str]:
     if cfg.store == "etcd":  # its state there goes too, as the SQLite log below
         from .cluster_store import StoreError, forget
         try:
-            forget(cfg.etcd_endpoints.split(","), cfg.name)
+            forget(cfg.etcd_members, cfg.name)
             done.append(f"etcd keys /nfactor/{cfg.name}/")
         except StoreError as e:
             log.warning("the node's keys in etcd stay: %s", e)

@@ -83,8 +83,8 @@ class Replicator:
         self.waiting: set[int] = set()
         self.later: dict[int, tuple] = {}  # peer -> (address, after, when): it asked us to come back
         self.recovery = {"phase": "none", "peers_asked": 0, "peers_answered": 0, "snapshots": 0,
-                         "actors": 0, "buffered": 0, "replayed": 0, "taken_over": 0, "peers_busy": 0, "placed_elsewhere": 0, "replay_tx_fail": 0, "buffer_overflow": 0, "bad": 0,
-                         "seconds": 0.0}
+                         "actors": 0, "buffered": 0, "replayed": 0, "taken_over": 0, "peers_busy": 0,
+                         "placed_elsewhere": 0, "replay_tx_fail": 0, "buffer_overflow": 0, "bad": 0, "seconds": 0.0}
         self.buffer: list[bytes] = []
         self.stats = {"snapshots_sent": 0, "snapshot_messages": 0, "shed": 0, "refused": 0, "too_big": 0,
                       "stored": 0, "stale_ignored": 0, "dropped_on_end": 0, "store_refused": 0, "bad_state": 0,

@@ -64,7 +64,8 @@ class Takeover:
         self.in_flight: dict[int, int] = {}              # dead peer -> FLOW_TAKE requests outstanding
         self.seen: set[tuple[int, object]] = replicator.dead  # (peer, pid) whose death was acted on
         self.stats = {"peers": 0, "snapshots": 0, "taken": 0, "offloaded": 0, "elsewhere": 0, "gone": 0,
-                      "had_actor": 0, "arrivals_completed": 0, "bad": 0, "agent_timeouts": 0, "refused": 0, "seconds": 0.0}
+                      "had_actor": 0, "arrivals_completed": 0, "bad": 0, "agent_timeouts": 0, "refused": 0,
+                      "seconds": 0.0}
         self.started: dict[int, float] = {}
         # called as a takeover starts and ends: the runtime freezes what exists for the cyclic
         # collector, which would otherwise walk every actor and snapshot while thousands are made
@@ -77,10 +78,6 @@ class Takeover:
     def busy(self, peer: int) -> bool:
         """Still taking `peer`'s flows: its snapshots must not be handed out."""
         return peer in self.queue or self.in_flight.get(peer, 0) > 0
-
-    @property
-    def working(self) -> bool:
-        return bool(self.queue)
 
     # --- when ----------------------------------------------------------------
     def view_changed(self) -> None:
@@ -135,22 +132,21 @@ class Takeover:
                 # the dead runtime was migrating it here: its state will never come, its last
                 # snapshot completes the migration (what arrived meanwhile is replayed after it)
                 self.arrivals.complete(arriving, wire, now)
-                arriving.offload_base = arriving.offload_saved = None
-                arriving.snap_version, arriving.replica = int(snap.get("v", 0)), None
                 self.stats["arrivals_completed"] += 1
-                return arriving
-            if self.flows.get(key) is not None:
+                actor = arriving
+            elif self.flows.get(key) is not None:
                 self.stats["had_actor"] += 1  # (a flow that came here meanwhile: its actor is the live one)
                 return None
-            actor = self.make_actor(key, int(wire["orig_dir"]), int(wire["chain"]), int(wire["rule"]))
-            actor.load_wire(wire, now)
+            else:
+                actor = self.make_actor(key, int(wire["orig_dir"]), int(wire["chain"]), int(wire["rule"]))
+                actor.load_wire(wire, now)
+                self.flows.add(actor)  # before the entry moves: the first frame steered here finds it
         except Exception:  # one bad snapshot must not stop the others
             self.stats["bad"] += 1
             return None
         # the dead runtime's offload slot is not ours: the agent moves only flows not forwarded from one
         actor.offload_base = actor.offload_saved = None
         actor.snap_version, actor.replica = int(snap.get("v", 0)), None
-        self.flows.add(actor)  # before the entry moves: the first frame steered here finds it
         return actor
 
     def _take(self, peer: int, made: list) -> None:

@@ -224,6 +224,11 @@ class NodeConfig:
     log_backups: int = setting(5, "Rotated log files kept per process (ROLE.log.1 .. ROLE.log.N).")
     # The processes find each other's control sockets by the node's name (control_socket).
 
+    @property
+    def etcd_members(self) -> list[str]:
+        """--etcd-endpoints as a list of host:port."""
+        return [e.strip() for e in self.etcd_endpoints.split(",") if e.strip()]
+
     def validate(self) -> "NodeConfig":
         if not _NAME_RE.match(self.name):
             raise ConfigError(f"node name {self.name!r}: use 1-15 of a-z, 0-9, '-', '_', starting with a letter")
@@ -246,7 +251,7 @@ class NodeConfig:
             raise ConfigError("store must be sqlite or etcd")
         if self.store == "etcd":
             try:
-                if not [parse_endpoint(e) for e in self.etcd_endpoints.split(",") if e.strip()]:
+                if not [parse_endpoint(e) for e in self.etcd_members]:
                     raise ValueError("no etcd endpoint given")
             except ValueError as e:
                 raise ConfigError(f"etcd_endpoints: {e}") from None

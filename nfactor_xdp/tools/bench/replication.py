@@ -64,7 +64,8 @@ def _recovery_trial(b: Bench, flows: int, total_pps: float, tail: float, fill_ti
     snap_after = (REPLICATION_K + 1) * rotation  # every flow has sent K frames: a snapshot each
     seconds = round(snap_after + 1.0 + tail, 2)
     out = {} if out is None else out  # filled as the trial goes: kept when it fails
-    out.update({"flows": flows, "takeover": takeover, "requested_pps": total_pps, "rate_per_flow_pps": round(total_pps / flows, 2),
+    out.update({"flows": flows, "takeover": takeover, "requested_pps": total_pps,
+                "rate_per_flow_pps": round(total_pps / flows, 2),
                 "generator_seconds": seconds, "snapshot_every": REPLICATION_K})
     t0 = time.monotonic()
     load = BackgroundLoad(b.gen, b.frame(fl), rate=total_pps, seconds=seconds, base=fl.base, flows=flows, tcp=False)
