@@ -27,6 +27,8 @@
 BPF_TABLE_PINNED("hash", __u32, struct nfx_port, ports, NFX_MAX_PORTS, NFX_PIN("ports"));
 /* runtime id -> state and switch-side ifindex */
 BPF_TABLE_PINNED("array", __u32, struct nfx_runtime, runtimes, NFX_MAX_RUNTIMES, NFX_PIN("runtimes"));
+/* host id -> fabric address (nfactor_shared.h, "Hosts") */
+BPF_TABLE_PINNED("array", __u32, struct nfx_host, hosts, NFX_MAX_HOSTS, NFX_PIN("hosts"));
 /* key 0: the running runtimes in round-robin order */
 BPF_TABLE_PINNED("array", __u32, struct nfx_rr_table, rr_table, 1, NFX_PIN("rr_table"));
 /* key 0: node configuration */

@@ -13,14 +13,16 @@
 
 /* Bump when a pinned map's key or value changes: a node refuses to reuse
  * pinned maps written by another ABI. */
-#define NFX_ABI_VERSION 4
+#define NFX_ABI_VERSION 5
 
 #define NFX_MAX_RUNTIMES 64
 /* devmap slots: the two external ports, then one per runtime port */
 #define NFX_SLOT_EXT0 0
 #define NFX_SLOT_EXT1 1
 #define NFX_SLOT_RT_BASE 2
-#define NFX_DEVMAP_SIZE (NFX_SLOT_RT_BASE + NFX_MAX_RUNTIMES)
+/* the port towards the other hosts (docs/architecture.md, "Hosts") */
+#define NFX_SLOT_FABRIC (NFX_SLOT_RT_BASE + NFX_MAX_RUNTIMES)
+#define NFX_DEVMAP_SIZE (NFX_SLOT_FABRIC + 1)
 #define NFX_MAX_PORTS 256
 #define NFX_MAX_IPV6_EXT 6
 /* offloads array: each runtime owns an equal range of slots, runtime r the
@@ -48,6 +50,48 @@ enum nfx_port_role {
 	NFX_PORT_EXT1 = 2,	/* external port 1 (towards the sinks) */
 	NFX_PORT_RUNTIME = 3,	/* switch-side end of a runtime's veth (sw-rtN) */
 	NFX_PORT_STEER = 4,	/* runtime-side end (rtN), carries the AF_XDP socket */
+	NFX_PORT_FABRIC = 5,	/* the link to the node's other hosts */
+};
+
+/*
+ * Hosts.  A node may span an ingress host (host 0: the external ports, the
+ * flow table) and worker hosts (1..) that only run runtimes.  The switch
+ * sends a frame owned by a runtime on another host over the fabric inside
+ * outer Ethernet, IPv4 (DF, no options) and UDP headers and a struct
+ * nfx_fabric_hdr, NFX_FABRIC_ENCAP_LEN bytes in all.  The header's last byte
+ * is the ingress tag, so stripping NFX_FABRIC_ENCAP_LEN - NFX_INGRESS_TAG_LEN
+ * bytes leaves the [tag][frame] a local runtime gets; frames coming back are
+ * wrapped the same way towards host 0.  Runtime r of a node with hosts lives
+ * on host r / NFX_RUNTIMES_PER_HOST.
+ */
+#define NFX_MAX_HOSTS 8
+#define NFX_RUNTIMES_PER_HOST (NFX_MAX_RUNTIMES / NFX_MAX_HOSTS)
+#define NFX_FABRIC_UDP_PORT 6635	/* destination port of encapsulated frames */
+#define NFX_FABRIC_SRC_PORT 6636	/* source port: this + the runtime id (one RSS queue per runtime) */
+#define NFX_FABRIC_MAGIC 0x4E
+#define NFX_FABRIC_VERSION 1
+#define NFX_FABRIC_ENCAP_LEN 46
+
+struct nfx_fabric_hdr {
+	__u8 magic;		/* NFX_FABRIC_MAGIC */
+	__u8 version;		/* NFX_FABRIC_VERSION */
+	__u8 runtime;		/* the runtime the frame goes to or comes from */
+	__u8 tag;		/* the ingress tag */
+};
+
+enum nfx_host_flags {
+	NFX_HOST_KNOWN = 1,	/* address and MAC filled in: frames may go to it */
+	NFX_HOST_FENCED = 2,	/* failed: whatever it still sends is dropped */
+};
+
+/* hosts map: host id -> its fabric address (host 0 is the ingress).  Each
+ * host's own entry is its own address, config.host_id says which it is. */
+struct nfx_host {
+	__u8 mac[6];
+	__u8 flags;		/* enum nfx_host_flags */
+	__u8 pad;
+	__u8 ipv4[4];		/* network order */
+	__u32 pad2;
 };
 
 /* A runtime's state as the switch sees it (paper 3.1 view service). */
@@ -79,7 +123,9 @@ struct nfx_port {
 
 struct nfx_runtime {
 	__u32 state;		/* enum nfx_rt_state */
-	__u32 ifindex;		/* the switch-side port sw-rtN */
+	__u32 ifindex;		/* the switch-side port sw-rtN (0 on another host) */
+	__u32 host;		/* the host it runs on (0: the ingress host) */
+	__u32 pad;
 };
 
 /* The running runtimes, in round-robin order; one value at key 0.  Userspace
@@ -191,7 +237,7 @@ struct nfx_config {
 	__u32 abi;		/* NFX_ABI_VERSION of whoever wrote the pins */
 	__u32 other_action;	/* enum nfx_other_action */
 	__u32 mode;		/* enum nfx_switch_mode */
-	__u32 pad;
+	__u32 host_id;		/* which host this is (0: the ingress) */
 	__u64 prog_ids;		/* vswitch prog id (low 32) and steer prog id (high 32), for the error tracer */
 };
 
@@ -249,6 +295,13 @@ enum nfx_counter {
 	NFX_CNT_OFF_STALE,		/* frames whose flow names a slot that is revoked or another runtime's: to the runtime */
 	NFX_CNT_OFF_OBSERVED,		/* offloaded flows' forwarded frames copied to their runtime's observe ring */
 	NFX_CNT_OFF_OBSERVE_LOST,	/* ... that could not be copied: the ring was full or missing (the frame was still forwarded) */
+	NFX_CNT_TO_FABRIC,		/* frames sent encapsulated to another host */
+	NFX_CNT_RX_FABRIC,		/* encapsulated frames from another host, accepted */
+	NFX_CNT_FABRIC_PASS,		/* fabric frames not encapsulated for this host: to its stack (control, ARP) */
+	NFX_CNT_DROP_FABRIC_BAD,	/* dropped: encapsulated for this host but malformed (header, lengths, fragment) */
+	NFX_CNT_DROP_FABRIC_RUNTIME,	/* dropped: names a runtime that does not exist, is not local (worker) or not on the sending host (ingress) */
+	NFX_CNT_DROP_FABRIC_FENCED,	/* dropped: from a host fenced as failed */
+	NFX_CNT_DROP_NO_HOST,		/* dropped: for a runtime on a host whose address is not known */
 	NFX_CNT_MAX,
 };
 

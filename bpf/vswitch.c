@@ -22,6 +22,15 @@
  * also copies each forwarded frame into the runtime's observe ring, where
  * the NFs that only observe read it; a copy without room is counted lost.
  *
+ * Hosts (nfactor_shared.h): on the ingress host (config.host_id 0) a frame
+ * for a runtime on another host goes out of the fabric port encapsulated
+ * (nfactor_fabric.h), and one that comes back over the fabric is unwrapped
+ * and leaves by its tag's port.  On a worker host the same program, attached
+ * to the fabric port and to its runtimes' ports, unwraps frames for its own
+ * runtimes and wraps their frames back to the ingress.  Encapsulated frames
+ * that name a runtime not on the expected host are dropped and counted;
+ * whatever else arrives on the fabric port goes to the host's stack.
+ *
  * Traffic that is not a flow (nfactor_parse.h) gets config.other_action.  Every verdict
  * and every drop reason has a counter (enum nfx_counter).
  */
@@ -35,6 +44,7 @@
 
 #include "nfactor_maps.h"
 #include "nfactor_parse.h"
+#include "nfactor_fabric.h"
 
 /* devmap: slot -> ifindex (NFX_SLOT_EXT0/1, NFX_SLOT_RT_BASE + runtime id) */
 struct tx_ports_table_t {
@@ -365,6 +375,24 @@ static __always_inline int offload_verdict(struct xdp_md *ctx, __u32 off, __u32 
 	return redirect_slot(in_port ? NFX_SLOT_EXT0 : NFX_SLOT_EXT1);
 }
 
+/* [tag][frame] to runtime `rt` on host `to`, over the fabric. */
+static __always_inline int to_host(struct xdp_md *ctx, __u32 self_id, __u32 to_id, __u32 rt)
+{
+	struct nfx_host *self = hosts.lookup(&self_id), *to = hosts.lookup(&to_id);
+
+	if (!self || !to || !(self->flags & NFX_HOST_KNOWN) || !(to->flags & NFX_HOST_KNOWN) ||
+	    (to->flags & NFX_HOST_FENCED)) {
+		nfx_count(NFX_CNT_DROP_NO_HOST);
+		return XDP_DROP;
+	}
+	if (nfx_fabric_encap(ctx, self, to, rt)) {
+		nfx_count(NFX_CNT_DROP_NO_HEADROOM);
+		return XDP_DROP;
+	}
+	nfx_count(NFX_CNT_TO_FABRIC);
+	return redirect_slot(NFX_SLOT_FABRIC);
+}
+
 static __always_inline int from_external(struct xdp_md *ctx, struct nfx_config *cfg, __u32 in_port)
 {
 	void *data = (void *)(long)ctx->data;
@@ -373,6 +401,7 @@ static __always_inline int from_external(struct xdp_md *ctx, struct nfx_config *
 	struct nfx_flow *flow;
 	struct nfx_rt_stats *st;
 	__u32 why = 0, flags = 0, rt, len, off = 0;
+	struct nfx_runtime *r;
 	__u8 dir = 0;
 	int cls, placed, verdict;
 
@@ -432,7 +461,36 @@ static __always_inline int from_external(struct xdp_md *ctx, struct nfx_config *
 		st->to_rt_bytes += len;
 	}
 	nfx_count(NFX_CNT_TO_RUNTIME);
+	r = runtimes.lookup(&rt);
+	if (r && r->host != cfg->host_id)
+		return to_host(ctx, cfg->host_id, r->host, rt);
 	return redirect_slot(NFX_SLOT_RT_BASE + rt);
+}
+
+/* A worker host's runtime sends a frame back: to the ingress host, tag kept. */
+static __always_inline int worker_from_runtime(struct xdp_md *ctx, struct nfx_config *cfg, __u32 runtime)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct nfx_rt_stats *st;
+	__u8 *t = data;
+	__u32 len;
+
+	nfx_count(NFX_CNT_RX_RUNTIME);
+	if (data + NFX_INGRESS_TAG_LEN + sizeof(struct ethhdr) > data_end ||
+	    (*t & ~NFX_INGRESS_PORT_MASK) != NFX_INGRESS_TAG || runtime >= NFX_MAX_RUNTIMES) {
+		nfx_count(NFX_CNT_DROP_RT_NO_TAG);
+		return XDP_DROP;
+	}
+	len = data_end - data;
+	/* keep the compiler from folding the subtraction into pointer bit work */
+	asm volatile("" : "+r"(len));
+	st = rt_stats.lookup(&runtime);
+	if (st) {
+		st->from_rt_packets++;
+		st->from_rt_bytes += len - NFX_INGRESS_TAG_LEN;
+	}
+	return to_host(ctx, cfg->host_id, 0, runtime);
 }
 
 static __always_inline int from_runtime(struct xdp_md *ctx, __u32 runtime)
@@ -459,6 +517,62 @@ static __always_inline int from_runtime(struct xdp_md *ctx, __u32 runtime)
 	return redirect_slot(in_port ? NFX_SLOT_EXT0 : NFX_SLOT_EXT1);
 }
 
+/* An encapsulated frame from another host (or the host's own traffic). */
+static __always_inline int from_fabric(struct xdp_md *ctx, struct nfx_config *cfg)
+{
+	__u32 self_id = cfg->host_id, rt, from_id, len;
+	struct nfx_host *self = hosts.lookup(&self_id), *from;
+	struct nfx_fabric_outer *o = 0;
+	struct nfx_runtime *r;
+	struct nfx_rt_stats *st;
+	int cls;
+
+	if (!self) {
+		nfx_count(NFX_CNT_FABRIC_PASS);
+		return XDP_PASS;
+	}
+	cls = nfx_fabric_classify(ctx, self, &o);
+	if (cls == NFX_FABRIC_BAD) {
+		nfx_count(NFX_CNT_DROP_FABRIC_BAD);
+		return XDP_DROP;
+	}
+	if (cls == NFX_FABRIC_NOT_OURS || !o) {
+		nfx_count(NFX_CNT_FABRIC_PASS);
+		return XDP_PASS;
+	}
+	rt = o->hdr.runtime;
+	r = runtimes.lookup(&rt);
+	/* from the runtime's host (ingress) or from the ingress (worker) */
+	from_id = self_id == 0 ? (r ? r->host : 0) : 0;
+	from = hosts.lookup(&from_id);
+	if (!r || r->state == NFX_RT_NONE || (self_id == 0 ? r->host == 0 : r->host != self_id) ||
+	    !from || !(from->flags & NFX_HOST_KNOWN) ||
+	    o->ip.saddr != *(__u32 *)from->ipv4) {
+		nfx_count(NFX_CNT_DROP_FABRIC_RUNTIME);
+		return XDP_DROP;
+	}
+	if (from->flags & NFX_HOST_FENCED) {
+		nfx_count(NFX_CNT_DROP_FABRIC_FENCED);
+		return XDP_DROP;
+	}
+	/* the frame inside, without the outer headers and the tag */
+	len = bpf_ntohs(o->ip.tot_len) - (NFX_FABRIC_ENCAP_LEN - sizeof(struct ethhdr));
+	if (bpf_xdp_adjust_head(ctx, NFX_FABRIC_PUSH)) {
+		nfx_count(NFX_CNT_DROP_FABRIC_BAD);
+		return XDP_DROP;
+	}
+	nfx_count(NFX_CNT_RX_FABRIC);
+	if (self_id == 0)
+		return from_runtime(ctx, rt);
+	st = rt_stats.lookup(&rt);
+	if (st) {
+		st->to_rt_packets++;
+		st->to_rt_bytes += len;
+	}
+	nfx_count(NFX_CNT_TO_RUNTIME);
+	return redirect_slot(NFX_SLOT_RT_BASE + rt);
+}
+
 int nfx_vswitch(struct xdp_md *ctx)
 {
 	__u32 ifindex = ctx->ingress_ifindex, zero = 0;
@@ -475,7 +589,11 @@ int nfx_vswitch(struct xdp_md *ctx)
 	case NFX_PORT_EXT1:
 		return from_external(ctx, cfg, 1);
 	case NFX_PORT_RUNTIME:
+		if (cfg->host_id)
+			return worker_from_runtime(ctx, cfg, port->runtime);
 		return from_runtime(ctx, port->runtime);
+	case NFX_PORT_FABRIC:
+		return from_fabric(ctx, cfg);
 	default:
 		nfx_count(NFX_CNT_DROP_UNKNOWN_PORT);
 		return XDP_DROP;

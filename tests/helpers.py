@@ -133,3 +133,69 @@ def _disorder(seqs: list[int], n: int) -> dict:
     seen = set(seqs)
     return {"missing": [i for i in range(n) if i not in seen][:10], "repeated": len(seqs) - len(seen),
             "out_of_order": [(i, a, b) for i, (a, b) in enumerate(zip(seqs, seqs[1:])) if b < a][:5]}
+
+
+def making_testbeds(unique_name, make_config):
+    """The body of a `make_testbed` fixture: yields make(*args, up=True), which
+    builds Testbed(make_config(name, *args)) under a fresh name; afterwards
+    every one is torn down, and none may leave a namespace behind."""
+    from nfactor_xdp.kern import netns
+    from nfactor_xdp.tools.testbed import Testbed
+    made = []
+
+    def make(*args, up: bool = True):
+        tb = Testbed(make_config(unique_name(), *args))
+        made.append(tb)
+        if up:
+            tb.up()
+        return tb
+
+    yield make
+    errors = []
+    for tb in made:
+        try:
+            tb.down()
+        except Exception as e:  # keep tearing down the others
+            errors.append(f"{tb.name}: {e}")
+    assert errors == [], errors
+    leftovers = [ns for ns in netns.listing() if any(ns.startswith(f"{tb.name}-") for tb in made)]
+    assert leftovers == [], f"namespaces left behind: {leftovers}"
+
+
+def flow_port(flow: dict) -> int:
+    """The source port of a `flows` entry's flow (the sender's side)."""
+    return int(flow["flow"].split()[1].rsplit(":", 1)[1])
+
+
+def check_taken_flows(before: dict, taken: set, sent: dict, got: dict, src_ip: str, packets: int,
+                      after: dict, warm: int, k: int) -> int:
+    """After a runtime's (or host's) death under echoed traffic: the other
+    flows lost nothing; each taken flow is in order, once, with one gap at
+    most, through to its last datagram (traffic resumed on the taker), and
+    its flow_monitor count within k-1 of what crossed (`warm` datagrams
+    before).  Returns the taken flows' datagrams lost."""
+    lost = 0
+    for key, f in before.items():
+        port = flow_port(f)
+        seqs = got["flows"].get(f"{src_ip}:{port}", [])
+        echoes = sent["echoes"].get(str(port), [])
+        if key not in taken:
+            assert seqs == list(range(packets)) and echoes == list(range(packets)), port
+            continue
+        lost += packets - len(seqs)
+        gaps = [i for i in range(1, len(seqs)) if seqs[i] != seqs[i - 1] + 1]
+        assert seqs and seqs[-1] == packets - 1 and len(gaps) <= 1, (port, gaps)
+        assert seqs == sorted(set(seqs)), port
+        truth = warm + len(seqs)
+        counted = after[key]["nfs"]["flow_monitor"]["packets"]["orig"]
+        assert truth - (k - 1) <= counted <= truth, (f["flow"], counted, truth)
+    return lost
+
+
+def remove_namespaces(prefix: str) -> list[str]:
+    """Namespaces whose name starts with `prefix`, removed; returns them."""
+    from nfactor_xdp.kern import netns
+    left = [ns for ns in netns.listing() if ns.startswith(prefix)]
+    for ns in left:
+        netns.remove(ns)
+    return left

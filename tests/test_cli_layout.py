@@ -18,7 +18,7 @@ from nfactor_xdp.control import node_client as nodectl
 from nfactor_xdp.dataplane.rules import Policy
 from nfactor_xdp.formats.config import NodeConfig
 
-UP_EXTRAS = {"--testbed", "--foreground", "--config", "--json", "--help"}  # up's options that are not NodeConfig fields
+UP_EXTRAS = {"--testbed", "--worker", "--foreground", "--config", "--json", "--help"}  # up's options that are not NodeConfig fields
 
 
 def _up():

@@ -23,7 +23,7 @@ def controller(view: dict, last: dict, hang: float = 2.0) -> Controller:
     c.view, c.live, c.hang_timeout = view, {rt: {"last": t} for rt, t in last.items()}, hang
     c.kills, c.last_hang_kill, c.hang_spared = {}, -HANG_KILL_SPACING, set()
     c.stats = {"hung_killed": 0, "hung_spared": 0}
-    c.ep, c.supervisor = Sent(), "supervisor"
+    c.ep, c.supervisor_addr = Sent(), lambda rt=None: "supervisor"
     return c
 
 

@@ -27,7 +27,10 @@ def test_counters_have_names_and_docs():
 
 
 def test_constants_evaluate():
-    assert L.C["NFX_DEVMAP_SIZE"] == L.C["NFX_SLOT_RT_BASE"] + L.C["NFX_MAX_RUNTIMES"]
+    assert L.C["NFX_SLOT_FABRIC"] == L.C["NFX_SLOT_RT_BASE"] + L.C["NFX_MAX_RUNTIMES"]
+    assert L.C["NFX_DEVMAP_SIZE"] == L.C["NFX_SLOT_FABRIC"] + 1
+    assert L.C["NFX_RUNTIMES_PER_HOST"] * L.C["NFX_MAX_HOSTS"] == L.C["NFX_MAX_RUNTIMES"]
+    assert ctypes.sizeof(L.Host) == 16 and ctypes.sizeof(L.Runtime) == 16
     assert L.RT_STATES[L.C["NFX_RT_RUNNING"]] == "running"
 
 

@@ -251,8 +251,8 @@ def test_a_drain_ends_with_pipelined_non_utf8_requests_and_a_state_too_big_repor
     # the controller stops the runtime: its flows are gone but the one that cannot move
     from nfactor_xdp.control.controller import Controller
     ctl = Controller.__new__(Controller)
-    ctl.view, ctl.live, ctl.supervisor, ctl.ep = {0: {"id": 0, "state": "leaving"}}, {0: {"load": loads[-1]}}, \
-        ("127.0.0.1", 4), Peers()
+    ctl.view, ctl.live, ctl.supervisor_addr, ctl.ep = {0: {"id": 0, "state": "leaving"}}, {0: {"load": loads[-1]}}, \
+        lambda rt=None: ("127.0.0.1", 4), Peers()
     ctl.finish_drains()
     assert [(addr, body["id"]) for addr, body in ctl.ep.to(MsgType.RUNTIME_STOP)] == [(("127.0.0.1", 4), 0)]
 

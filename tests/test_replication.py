@@ -12,7 +12,7 @@ import time
 import pytest
 
 from nfactor_xdp.control import node_client as nodectl
-from tests.helpers import Proc, run_tool, wait_for
+from tests.helpers import Proc, check_taken_flows, run_tool, wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.netns]
 
@@ -203,25 +203,9 @@ def test_a_killed_runtimes_flows_are_taken_over_by_its_peers_at_once(node_factor
     for k in on0:
         f = after[k]
         assert f["runtime"] == f["switch_runtime"] in (1, 2), f
-    # the other runtimes' flows never noticed; runtime 0's: in order, once, one gap at most,
-    # and through to the last datagram sent (traffic resumed on the taker)
-    lost0 = 0
-    for k, f in before.items():
-        port = _port(f)
-        seqs = got["flows"].get(f"{n.src_ip}:{port}", [])
-        echoes = sent["echoes"].get(str(port), [])
-        if k not in on0:
-            assert seqs == list(range(packets)) and echoes == list(range(packets)), port
-            continue
-        lost0 += packets - len(seqs)
-        gaps = [i for i in range(1, len(seqs)) if seqs[i] != seqs[i - 1] + 1]
-        assert seqs and seqs[-1] == packets - 1 and len(gaps) <= 1, (port, gaps)
-        assert seqs == sorted(set(seqs)), port
-    # NF state within K-1 of what crossed, per flow (flow_monitor counts both directions)
-    for k in on0:
-        truth = 20 + len(got["flows"][f"{n.src_ip}:{_port(before[k])}"])
-        counted = after[k]["nfs"]["flow_monitor"]["packets"]["orig"]
-        assert truth - (K - 1) <= counted <= truth, (after[k]["flow"], counted, truth)
+    # the other runtimes' flows never noticed; runtime 0's: in order, once, one gap at most, and
+    # through to the last datagram sent (traffic resumed on the taker), their NF state within K-1
+    lost0 = check_taken_flows(before, on0, sent, got, n.src_ip, packets, after, 20, K)
     sw = n.status()
     print(f"\nMEASURED takeover: {taken} flows of runtime 0 taken by its peers in "
           f"{max(p['takeover']['seconds'] for p in peers) * 1000:.1f} ms (the slowest peer's own work); "

@@ -683,3 +683,25 @@ def test_take_moves_a_dead_runtimes_flows_to_the_taker_and_nothing_else(env):
         slots.close()
         env.maps.set_runtime(dead, L.C["NFX_RT_RUNNING"], 0)
         env.maps.set_runtime(taker, L.C["NFX_RT_RUNNING"], 0)
+
+
+@netns_test
+def test_end_deletes_a_worker_runtimes_ended_flows_that_are_still_its_own(env):
+    """FLOW_END (a worker host's runtime ended these flows): an entry still
+    naming it goes, one placed elsewhere meanwhile stays; a bad request is
+    refused and counted, nothing deleted."""
+    mine = [env.add_flow(runtime=3)[0] for _ in range(3)]
+    elsewhere = env.add_flow(runtime=2)[0]
+    before = env.status()
+    env.client.send(env.addr, MsgType.FLOW_END, {"runtime": 3, "keys": [k.hex() for k in mine + [elsewhere]]})
+    wait_for(lambda: env.status()["stats"]["ended_deleted"] - before["stats"]["ended_deleted"] == 3,
+             what="the ended entries deleted")
+    assert all(env.entry(k) is None for k in mine)
+    assert env.entry(elsewhere).runtime == 2
+    assert env.status()["stats"]["ended_kept"] - before["stats"]["ended_kept"] == 1
+    for body in ({"runtime": 99, "keys": [elsewhere.hex()]}, {"runtime": 2, "keys": ["zz"]},
+                 {"runtime": 2, "keys": ["abcd"]}, {"runtime": 2, "keys": 5}):
+        env.client.send(env.addr, MsgType.FLOW_END, body)
+    wait_for(lambda: env.status()["rejected"].get("bad_end", 0) - before["rejected"].get("bad_end", 0) == 4,
+             what="the bad requests counted")
+    assert env.entry(elsewhere).runtime == 2

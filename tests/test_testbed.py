@@ -22,6 +22,7 @@ from nfactor_xdp.tools.testbed import (
     TestbedExists,
     list_testbeds,
 )
+from tests.helpers import making_testbeds, remove_namespaces
 
 # Unique, short testbed names: "t<pid>_<n>" (at most 10 characters).
 _PREFIX = f"t{os.getpid() % 10000}_"
@@ -275,33 +276,13 @@ def wait_for(predicate, timeout: float, what: str):
 @pytest.fixture
 def make_testbed():
     """Build testbeds with unique names; always tear them all down."""
-    made: list[Testbed] = []
-
-    def make(config: TestbedConfig | None = None, up: bool = True) -> Testbed:
-        tb = Testbed(config, name=unique_name())
-        made.append(tb)
-        if up:
-            tb.up()
-        return tb
-
-    yield make
-    errors = []
-    for tb in made:
-        try:
-            tb.down()
-        except Exception as e:  # keep tearing down the others
-            errors.append(f"{tb.name}: {e}")
-    assert errors == [], errors
-    leftovers = [ns for ns in netns.listing() if any(ns.startswith(f"{tb.name}-") for tb in made)]
-    assert leftovers == [], f"namespaces left behind: {leftovers}"
+    yield from making_testbeds(unique_name, lambda name: TestbedConfig(name=name))
 
 
 @pytest.fixture(scope="module", autouse=True)
 def no_namespaces_left_behind():
     yield
-    left = [ns for ns in netns.listing() if ns.startswith(_PREFIX)]
-    for ns in left:
-        netns.remove(ns)
+    left = remove_namespaces(_PREFIX)
     assert left == [], f"namespaces left behind: {left}"
 
 

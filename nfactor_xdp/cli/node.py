@@ -12,6 +12,10 @@ from .common import cli_fields, config_option, emit_json, json_option, name_opti
 # up's options besides NodeConfig's fields (tests/test_cli_layout.py checks both sets)
 testbed_option = click.option("--testbed", "testbed_name", metavar="NAME",
                               help="Run on testbed NAME's node namespace and ports (see `nfactorctl testbed`).")
+worker_option = click.option("--worker", type=click.IntRange(1, 7), metavar="N",
+                             help="Run this host as worker host N of a node with --hosts: its runtimes only, "
+                                  "named NAME-hN here (pins, logs, `down --name NAME-hN`).  Start the ingress "
+                                  "host (no --worker) first.  With --testbed: the testbed's host N.")
 foreground_option = click.option("--foreground", is_flag=True,
                                  help="Run the supervisor in this process until Ctrl-C (systemd).")
 config_file_option = click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
@@ -28,6 +32,8 @@ def node_options(command):
         decorators.append(config_option(f))
         if f.name == "netns":
             decorators.append(testbed_option)
+        if f.name == "hosts":
+            decorators.append(worker_option)
     decorators.append(foreground_option)
     for decorate in reversed(decorators):
         command = decorate(command)
@@ -37,17 +43,23 @@ def node_options(command):
 @click.command()
 @node_options
 @json_option
-def up(testbed_name, foreground, as_json, config_file, **settings):
+def up(testbed_name, worker, foreground, as_json, config_file, **settings):
     """Bring a node up on two interfaces.
 
     Loads the XDP switch (maps pinned, so a restarted node keeps its flows),
     creates one veth pair per runtime (sw-rtN/rtN), starts the runtimes and
     returns once every runtime is running.  Runs in the background unless
     --foreground.
+
+    A node may span several hosts (--hosts, docs/architecture.md "Hosts"):
+    this command on the ingress host, then `up --worker N` on each worker
+    host with the same --hosts.  On a testbed made with `testbed up --hosts
+    N`, `up --testbed NAME` brings up the ingress and every worker host.
     """
     from ..control import node_client as nodectl
     if config_file:
         settings = _with_file(settings, config_file)
+    workers = []
     if testbed_name:
         from ..tools.testbed import Testbed
         with refusing(NFactorError, prefix=f"testbed {testbed_name!r}: "):
@@ -55,7 +67,20 @@ def up(testbed_name, foreground, as_json, config_file, **settings):
         settings["netns"] = show["namespaces"]["node"]
         settings["ext0"] = show["node"]["ports"]["ext0"]["ifname"]
         settings["ext1"] = show["node"]["ports"]["ext1"]["ifname"]
-    cfg = NodeConfig(**settings).validate()
+        fab = show.get("fabric")
+        if fab and not settings.get("hosts"):
+            settings["hosts"] = ",".join(h["ipv4"] for h in fab["hosts"])
+            settings["fabric_port"] = fab["hosts"][0]["ifname"]
+        if fab and worker:
+            settings["netns"] = fab["hosts"][worker]["netns"] if worker < len(fab["hosts"]) else None
+        elif fab:
+            workers = list(range(1, len(fab["hosts"])))
+    if worker:
+        from ..formats import fabric
+        settings["host_id"] = worker
+        settings["name"] = fabric.worker_name(settings["name"], worker)
+    with refusing(NFactorError):
+        cfg = NodeConfig(**settings).validate()
     if cfg.policy:
         from ..dataplane.rules import load_policy
         load_policy(cfg.policy)  # a bad policy is refused here, with its reason
@@ -63,11 +88,17 @@ def up(testbed_name, foreground, as_json, config_file, **settings):
         from ..control.supervisor import run_foreground
         sys.exit(run_foreground(cfg))
     state = nodectl.start(cfg)
+    states = [state]
+    for h in workers:  # the testbed's worker hosts, each its own supervisor in its namespace
+        states.append(nodectl.start_worker(cfg, h, show["fabric"]["hosts"][h]["netns"]))
     if as_json:
-        emit_json(state)
+        emit_json(state if not workers else {**state, "workers": states[1:]})
         return
-    rts = ", ".join(f"rt{r['id']} (core {r['core']}, pid {r['pid']})" for r in state["runtimes"])
-    click.echo(f"node {cfg.name} up on {cfg.ext0}/{cfg.ext1}{' in ' + cfg.netns if cfg.netns else ''}: {rts}")
+    for st in states:
+        c = NodeConfig.from_dict(st["config"]) if st.get("config") else cfg
+        rts = ", ".join(f"rt{r['id']} (core {r['core']}, pid {r['pid']})" for r in st["runtimes"])
+        where = f"host {c.host_id}" if c.host_id else f"{c.ext0}/{c.ext1}"
+        click.echo(f"node {c.name} up on {where}{' in ' + c.netns if c.netns else ''}: {rts}")
 
 
 def _with_file(settings: dict, path: str) -> dict:
@@ -168,12 +199,13 @@ def _show_controller(c: dict) -> None:
 
 
 def _show_runtimes(runtimes: list[dict]) -> None:
-    click.echo(f"{'rt':>3} {'state':<9} {'switch':<9} {'pid':>7} {'core':>4} {'cpu':>5} {'flows':>7} {'to rt':>10} "
-               f"{'from rt':>10} {'frames':>10} {'restarts':>8}")
+    click.echo(f"{'rt':>3} {'host':>4} {'state':<9} {'switch':<9} {'pid':>7} {'core':>4} {'cpu':>5} {'flows':>7} "
+               f"{'to rt':>10} {'from rt':>10} {'frames':>10} {'restarts':>8}")
     for r in runtimes:
         sw = r.get("switch", {})
         cpu = r.get("load", {}).get("cpu")
-        click.echo(f"{r['id']:>3} {r['state']:<9} {r['switch_state']:<9} {r.get('pid') or '-':>7} {r['core']:>4} "
+        click.echo(f"{r['id']:>3} {r.get('host') or 0:>4} {r['state']:<9} {r['switch_state']:<9} "
+                   f"{r.get('pid') or '-':>7} {r.get('core', '-'):>4} "
                    f"{'-' if cpu is None else f'{cpu:.0%}':>5} "
                    f"{r.get('flows', '-') if r['live'] else '-':>7} {sw.get('to_rt_packets', 0):>10} "
                    f"{sw.get('from_rt_packets', 0):>10} {r.get('frames', '-') if r['live'] else '-':>10} "
@@ -242,6 +274,8 @@ def flows(name, as_json, limit):
     for f in out["flows"]:
         p = f["packets"] or {}
         rt = f["runtime"] if f["runtime"] is not None else f"({f['switch_runtime']})"
+        if f.get("host"):  # on a worker host (a node with --hosts)
+            rt = f"{rt}@h{f['host']}"
         chain = "->".join(f.get("chain") or []) or "-"
         off = (f.get("offload") or "-").split()[0]  # forward, drop (--json: punts, buckets, or why not)
         if "observe" in (f.get("offload") or ""):

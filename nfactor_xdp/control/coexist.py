@@ -63,8 +63,10 @@ def node_of(prog_id: int) -> str | None:
 
 def node_ports(cfg: NodeConfig) -> list[str]:
     """The ports `up` attaches to: the external ones and this run's runtime ports."""
-    ports = [cfg.ext0, cfg.ext1]
-    for rt_id in range(cfg.runtimes):
+    ports = [] if cfg.host_id else [cfg.ext0, cfg.ext1]
+    if cfg.hosts:
+        ports.append(cfg.fabric_port)
+    for rt_id in cfg.runtime_ids:
         ports += nodeconf.runtime_ports(rt_id)
     return ports
 

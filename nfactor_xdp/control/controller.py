@@ -30,8 +30,10 @@ from .. import logs
 from ..formats.config import NodeConfig, process_args, stop_on_signals
 from ..kern import layouts as L
 from ..formats import config as nodeconf
+from ..formats import fabric
 from .cluster_store import EtcdStore, StoreError
 from .durable_log import ControllerLog
+from .host_watch import HostWatch
 from ..kern.maps import NodeMaps
 from ..formats.messages import ClusterKey, Endpoint, Message, MsgType
 from ..dataplane.rules import Policy, RuleError, load_policy
@@ -59,11 +61,11 @@ class Controller:
         self.cfg = cfg
         self.node = cfg.name
         self.key = ClusterKey.load_or_create(nodeconf.cluster_key_path())
-        self.ep = Endpoint(nodeconf.control_socket(cfg.name, "controller"), self.key, "controller")
+        self.ep = Endpoint(nodeconf.control_address(cfg, "controller"), self.key, "controller")
         # heartbeats alone on their own socket: a burst (or a flood) of other
         # messages cannot fill the queue they wait in and fire the failure detector
-        self.hb = Endpoint(nodeconf.control_socket(cfg.name, "heartbeat"), self.key, "controller")
-        self.supervisor = nodeconf.control_socket(cfg.name, "supervisor")
+        self.hb = Endpoint(nodeconf.control_address(cfg, "heartbeat"), self.key, "controller")
+        self.cfg_hosts = bool(cfg.hosts)
         self.heartbeat = cfg.heartbeat
         self.miss_limit = cfg.miss_limit
         self.hang_timeout = max(cfg.hang_timeout, cfg.heartbeat * cfg.miss_limit) if cfg.hang_timeout else 0.0
@@ -89,6 +91,8 @@ class Controller:
         self.last_scale = 0.0
         self.stopping = False
         self.recovered = False  # only a recovered state may be compacted into the log
+        # with hosts: a worker host's failure (host_watch.py), after twice a runtime's failure time
+        self.host_watch = HostWatch(self, len(cfg.host_addresses), 2 * cfg.heartbeat * cfg.miss_limit)
         self.stats = {"heartbeats": 0, "registers": 0, "failures_detected": 0, "exits_reported": 0,
                       "hung_killed": 0, "hung_spared": 0, "scale_outs": 0, "scale_ins": 0, "view_pushes": 0, "replayed_ops": 0, "restarted_at": time.time()}
 
@@ -121,6 +125,7 @@ class Controller:
             self.live[rt_id] = {"last": now, "load": {}}
             entry.pop("stopping", None)  # the supervisor may never have heard: asked again when drained
         self._sync_switch()
+        self.host_watch.recover()
         self.recovered = True
 
     def _replay(self, op, what: str) -> None:
@@ -173,7 +178,8 @@ class Controller:
             entry = self.view.get(rt_id)
             state = entry["state"] if entry else "none"
             try:
-                self.maps.set_runtime_state(rt_id, L.C[f"NFX_RT_{state.upper()}"])
+                self.maps.set_runtime_state(rt_id, L.C[f"NFX_RT_{state.upper()}"],
+                                            host=(entry or {}).get("host", 0))
             except OSError as e:
                 log.error("cannot update the switch's runtime table: %s", e)
 
@@ -186,6 +192,8 @@ class Controller:
             self.on_register(msg, addr)
         elif t == MsgType.RUNTIME_EXITED:
             self.on_exited(b)
+        elif t == MsgType.HOST_ALIVE:
+            self.host_watch.on_alive(b if isinstance(b, dict) else {}, addr)
         elif t == MsgType.RUNTIME_STOP:
             rt = self._rt_id(b)
             if rt is not None and rt in self.view:
@@ -206,15 +214,23 @@ class Controller:
         rt = body.get("id") if isinstance(body, dict) else None
         return rt if isinstance(rt, int) and 0 <= rt < L.C["NFX_MAX_RUNTIMES"] else None
 
+    def _host_of(self, rt: int) -> int:
+        return fabric.host_of(rt) if self.cfg_hosts else 0
+
+    def supervisor_addr(self, rt: int | None = None):
+        """The supervisor of runtime rt's host (None: the ingress host's)."""
+        return nodeconf.control_address(self.cfg, "supervisor", host=0 if rt is None else self._host_of(rt))
+
     def on_register(self, msg: Message, addr) -> None:
         rt = self._rt_id(msg.body)
-        if rt is None:
+        if rt is None or self.host_watch.is_fenced(rt):  # (it asks again until its host is back)
             return
         self.stats["registers"] += 1
         # a runtime recovering its flows' state keeps them but takes no new ones yet
         state = "starting" if msg.body.get("recovering") else "running"
         self._change({"op": "state", "id": rt, "state": state, "addr": _wire_addr(addr),
-                      "pid": msg.body.get("pid"), "core": msg.body.get("core"), "port": msg.body.get("port")})
+                      "pid": msg.body.get("pid"), "core": msg.body.get("core"), "port": msg.body.get("port"),
+                      "host": self._host_of(rt)})
         self.live[rt] = {"last": time.monotonic(), "load": {}}
         self.ep.reply(msg, addr, {"ok": True, "policy": self.policy.to_dict(), "view": self.public_view()})
         self.push_view()
@@ -304,7 +320,7 @@ class Controller:
                                 "stops (the switch places them anew, with fresh NF state)", rt, stuck)
                 # pid: the process drained, so that a request sent again (after our restart) never
                 # makes the supervisor replace its successor
-                self.ep.send(self.supervisor, MsgType.RUNTIME_STOP, {"id": rt, "why": "drained", "released": stuck,
+                self.ep.send(self.supervisor_addr(rt), MsgType.RUNTIME_STOP, {"id": rt, "why": "drained", "released": stuck,
                                                                      "restart": bool(e.get("restart")),
                                                                      "pid": e.get("pid")})
 
@@ -342,6 +358,7 @@ class Controller:
                 changed = True
         if changed:
             self.push_view()
+        self.host_watch.detect(now)
         if self.hang_timeout:
             self.kill_hung(now)
 
@@ -373,7 +390,7 @@ class Controller:
             self.stats["hung_killed"] += 1
             log.warning("runtime %d (pid %s) hung: no heartbeat for %.2f s (hang timeout %.2f s); asking the "
                         "supervisor to kill it", rt, e["pid"], silent, self.hang_timeout)
-            self.ep.send(self.supervisor, MsgType.RUNTIME_KILL,
+            self.ep.send(self.supervisor_addr(rt), MsgType.RUNTIME_KILL,
                          {"id": rt, "pid": e["pid"], "why": f"hung: no heartbeat for {silent:.2f}s"})
 
     def consider_scale_out(self, now: float) -> None:
@@ -393,10 +410,11 @@ class Controller:
         self.last_scale = now
         self.overloaded_since = None
         self.stats["scale_outs"] += 1
-        self.ep.send(self.supervisor, MsgType.RUNTIME_ADD, {"why": f"average CPU load {avg:.2f}"})
+        self.ep.send(self.supervisor_addr(), MsgType.RUNTIME_ADD, {"why": f"average CPU load {avg:.2f}"})
 
     def status(self) -> dict:
-        return {"view": self.public_view(), "policy": self.policy.to_dict(), "stats": self.stats,
+        return {"view": self.public_view(), "policy": self.policy.to_dict(),
+                "stats": {**self.stats, **self.host_watch.stats},
                 "rejected": dict(self.ep.rejected), "rejected_heartbeats": dict(self.hb.rejected),
                 "log": self.log.stats(),
                 "heartbeat": self.heartbeat, "miss_limit": self.miss_limit, "hang_timeout": self.hang_timeout,

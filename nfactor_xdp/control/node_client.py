@@ -2,6 +2,7 @@
 the demo, the benchmarks and the tests all go through here)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -13,7 +14,7 @@ from .. import logs
 from ..dataplane.rules import Policy, load_policy, save_policy
 from ..errors import NFactorError
 from ..formats import config as nodeconf
-from ..formats import flowkey, query
+from ..formats import fabric, flowkey, query
 from ..formats.config import NodeConfig
 from ..formats.messages import ClusterKey, Endpoint, MessageTimeout, MsgType
 from ..kern import netns
@@ -130,9 +131,33 @@ def start(cfg: NodeConfig, timeout: float = START_TIMEOUT) -> dict:
                        f"{_last_error(since) or 'no error logged'} (more in {logpath})")
 
 
+def start_worker(cfg: NodeConfig, host: int, ns: str | None, runtimes: int | None = None) -> dict:
+    """Worker host `host` of the node `cfg` starts (its ingress host), in
+    namespace `ns` of this machine: the testbed's simulated hosts; with
+    `runtimes` runtimes (default: as many as the ingress host, at least 1)."""
+    ncpu = os.cpu_count() or 1
+    # the simulated hosts share this machine's CPUs: each starts on another one
+    cores = cfg.cores or [(host + i) % ncpu for i in range(ncpu)]
+    return start(dataclasses.replace(cfg, host_id=host, name=fabric.worker_name(cfg.name, host), netns=ns,
+                                     runtimes=runtimes or max(cfg.runtimes, 1), policy=None, metrics_port=0,
+                                     controllers=1, cores=cores))
+
+
+def local_workers(name: str) -> list[str]:
+    """The node's worker hosts that run on this machine (the testbed's)."""
+    cfg = (nodeconf.read_state(name) or {}).get("config") or {}
+    hosts = fabric.parse_hosts(cfg.get("hosts") or "") if not cfg.get("host_id") else []
+    return [w for w in (fabric.worker_name(name, h) for h in range(1, len(hosts)))
+            if nodeconf.read_state(w) is not None]
+
+
 def stop(name: str, timeout: float = 30.0, purge: bool = False) -> list[str]:
-    """Stop a node; if its supervisor is gone, clean up what it left.  Returns
-    what the forced cleanup removed (empty when the supervisor did it itself)."""
+    """Stop a node (and its worker hosts that run on this machine); if its
+    supervisor is gone, clean up what it left.  Returns what the forced
+    cleanup removed (empty when the supervisor did it itself)."""
+    removed = []
+    for worker in local_workers(name):
+        removed += stop(worker, timeout)
     state = nodeconf.read_state(name)
     sup = (state or {}).get("supervisor")
     if signal_process(sup, signal.SIGTERM):  # never a process that merely reuses the recorded pid
@@ -140,17 +165,31 @@ def stop(name: str, timeout: float = 30.0, purge: bool = False) -> list[str]:
         while is_same(sup) and time.monotonic() < deadline:
             time.sleep(_POLL)
         signal_process(sup, signal.SIGKILL)
-    removed = []
     if nodeconf.read_state(name) is not None or purge or NodeMaps(name).exists():
         removed = force_down(name)
     return removed
 
 
-def _endpoint(name: str) -> Endpoint:
+def _endpoint(cfg: NodeConfig) -> Endpoint:
     """A client's endpoint among the node's control sockets: a name of its
-    own (removed when closed) in the node's root-only control directory."""
-    path = nodeconf.control_socket(name, f"cli-{os.getpid()}-{os.urandom(4).hex()}")
-    return Endpoint(path, ClusterKey.load_or_create(nodeconf.cluster_key_path()), "nfactorctl")
+    own (removed when closed) in the node's root-only control directory; with
+    hosts, a free UDP port on this host's fabric address."""
+    addr = nodeconf.control_address(cfg, f"cli-{os.getpid()}-{os.urandom(4).hex()}")
+    if not isinstance(addr, str):  # the clients' socket is made in the node's namespace
+        with netns.entered(cfg.netns if cfg.netns and netns.exists(cfg.netns) else None):
+            return Endpoint(addr, ClusterKey.load_or_create(nodeconf.cluster_key_path()), "nfactorctl")
+    return Endpoint(addr, ClusterKey.load_or_create(nodeconf.cluster_key_path()), "nfactorctl")
+
+
+def runtime_node(name: str, rt_id: int) -> str:
+    """Whose run directory holds runtime rt_id's query socket: with hosts, a
+    worker host's (reachable when it runs on this machine, as in the testbed)."""
+    state = nodeconf.read_state(name) or {}
+    if (state.get("config") or {}).get("hosts"):
+        host = fabric.host_of(rt_id)
+        if host:
+            return fabric.worker_name(name, host)
+    return name
 
 
 def control_call(name: str, to: str, msg_type, body: dict, timeout: float = 1.0) -> dict:
@@ -162,9 +201,10 @@ def control_call(name: str, to: str, msg_type, body: dict, timeout: float = 1.0)
     if to == "supervisor" and not is_same(state.get("supervisor")):
         raise NodeCtlError(f"node {name!r} is not running: its supervisor is gone (`nfactorctl down --name {name}` "
                            f"cleans up what it left, then `nfactorctl up`)")
-    ep = _endpoint(name)
+    cfg = NodeConfig.from_dict(state.get("config") or {"name": name})
+    ep = _endpoint(cfg)
     try:
-        reply = ep.call(nodeconf.control_socket(name, ROLES[to]), msg_type, body, timeout=timeout, retries=3)
+        reply = ep.call(nodeconf.control_address(cfg, ROLES[to]), msg_type, body, timeout=timeout, retries=3)
     except MessageTimeout as e:
         raise NodeCtlError(f"node {name!r}: the {ROLES[to]} does not answer: {e}; `nfactorctl status --name {name}` "
                            f"shows the node, {nodeconf.log_dir(name)}/ has its logs") from None
@@ -177,7 +217,8 @@ def control_call(name: str, to: str, msg_type, body: dict, timeout: float = 1.0)
 
 def runtime_query(name: str, rt_id: int, op: str, timeout: float = 0.5, **args) -> dict | None:
     try:
-        return query.request(nodeconf.runtime_socket(name, rt_id), op, timeout=timeout, **args)
+        return query.request(nodeconf.runtime_socket(runtime_node(name, rt_id), rt_id), op, timeout=timeout,
+                             **args)
     except query.QueryError:
         return None
 
@@ -225,10 +266,18 @@ def status(name: str, timeout: float = 0.5) -> dict:
     else:
         view = {}
         out["controller"] = {"alive": False, **procs["controller"]}
+    # with hosts: the other hosts' runtimes, as the view has them
+    remote = [{"id": i, "host": e.get("host"), "pid": e.get("pid"), "core": e.get("core"), "process": "remote"}
+              for i, e in sorted(view.items()) if i not in {r["id"] for r in rts}]
+    if remote:
+        with ThreadPoolExecutor(max_workers=len(remote)) as pool:
+            lives += [pool.submit(runtime_query, name, rt["id"], "status", timeout) for rt in remote]
+        rts = rts + remote
     for rt, live in zip(rts, lives):
         entry = dict(rt)
         v = view.get(rt["id"], {})
         entry["state"] = v.get("state", "unknown")
+        entry["host"] = v.get("host", entry.get("host", 0))
         entry["load"] = v.get("load", {})
         entry["switch_state"] = table.get(rt["id"], {}).get("state", "none")
         entry["switch"] = table.get(rt["id"], {}).get("switch", {})
@@ -237,7 +286,7 @@ def status(name: str, timeout: float = 0.5) -> dict:
         if live:
             for k in ("pid", "recovering", "flows", "frames", "forwarded", "sent_later", "held", "markers",
                       "dropped", "dropped_by_chain", "dropped_not_flow", "flows_created", "flows_expired",
-                      "flows_evicted", "switch_entries_deleted",
+                      "flows_evicted", "switch_entries_deleted", "switch_entries_asked",
                       "idle_waits", "xsk", "uptime", "replication", "migration", "limits", "control_errors",
                       "fragments", "offload", "takeover"):
                 entry[k] = live.get(k)
@@ -271,9 +320,14 @@ def flows(name: str, limit: int | None = None) -> dict:
     with NodeMaps(name) as maps:
         placed = {f["key"]: f for f in maps.flows()}
     actors = {}
-    for rt in state.get("runtimes", []):
-        for a in runtime_flows(name, rt["id"], limit=limit) or []:
-            actors[a["key"]] = dict(a, runtime=rt["id"])
+    ids = {rt["id"] for rt in state.get("runtimes", [])}
+    hosts = bool((state.get("config") or {}).get("hosts"))
+    if hosts:  # and the other hosts' runtimes
+        ctl = _controller_status(name)
+        ids |= {e["id"] for e in (ctl or {}).get("view", {}).get("runtimes", [])}
+    for rt_id in sorted(ids):
+        for a in runtime_flows(name, rt_id, limit=limit) or []:
+            actors[a["key"]] = dict(a, runtime=rt_id)
     out = []
     for key in sorted(set(placed) | set(actors)):
         p, a = placed.get(key), actors.get(key)
@@ -284,6 +338,9 @@ def flows(name: str, limit: int | None = None) -> dict:
             "runtime": a["runtime"] if a else None,
             "packets": a["packets"] if a else None, "bytes": a["bytes"] if a else None,
         }
+        if hosts:  # the host of the runtime that has it (or of the one its entry names)
+            owner = a["runtime"] if a else (p["runtime"] if p else None)
+            entry["host"] = fabric.host_of(owner) if owner is not None else None
         if a:
             for k in ("chain", "rule", "dropped", "closed", "nfs", "nf_errors", "errors", "replica",
                       "snapshot_version", "migrating", "migratable", "state_bytes", "offload", "offload_reason",
@@ -310,7 +367,7 @@ def migrate(name: str, src: int, dst: int, *, count: int | None = None, keys: li
         args["count"] = count
     def ask(op: str, **kw) -> dict:
         try:
-            return query.request(nodeconf.runtime_socket(name, src), op, **kw)
+            return query.request(nodeconf.runtime_socket(runtime_node(name, src), src), op, **kw)
         except query.QueryError as e:
             raise NodeCtlError(f"runtime {src}: {e} (`nfactorctl status --name {name}` shows whether it "
                                f"runs)") from None

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 
@@ -62,6 +63,22 @@ def _set_sysctl(path: str, value: str) -> None:
         pass
 
 
+def fabric_neighbour(ipr: IPRoute, ifindex: int, ip: str) -> str | None:
+    """Another host's MAC from the neighbour table; if it is not there, a
+    datagram to its discard port makes the kernel resolve it (None meanwhile)."""
+    for n in ipr.get_neighbours(ifindex=ifindex, dst=ip):
+        mac = n.get_attr("NDA_LLADDR")
+        if mac and n["state"] not in (0x01, 0x20):  # not INCOMPLETE, not FAILED
+            return mac
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.setblocking(False)
+            s.sendto(b"", (ip, 9))
+    except OSError:
+        pass
+    return None
+
+
 def _ifindex(ipr: IPRoute, name: str) -> int | None:
     found = ipr.link_lookup(ifname=name)
     return found[0] if found else None
@@ -83,14 +100,20 @@ class Node:
         self.xdp_progs: dict[str, int] = {}
         self.xdp_modes: dict[str, str] = {}
         self.ep: Endpoint | None = None
-        self.controller = Child(cfg, "controller", "nfactor_xdp.control.controller", backoff=CONTROLLER_BACKOFF)
+        # a worker host (docs/architecture.md, Hosts) runs runtimes only; the ingress host the rest
+        self.worker = cfg.host_id != 0
+        self.hosts_known: set[int] = set()
+        self.controller = None if self.worker else \
+            Child(cfg, "controller", "nfactor_xdp.control.controller", backoff=CONTROLLER_BACKOFF)
         # --controllers N with --store etcd: the others wait in etcd to take over from the leader
-        self.standbys = [Child(cfg, f"controller-{i}", "nfactor_xdp.control.controller", "--role",
-                               f"controller-{i}", backoff=CONTROLLER_BACKOFF) for i in range(2, cfg.controllers + 1)]
-        self.switch_agent = Child(cfg, "switch-agent", "nfactor_xdp.control.switch_agent", backoff=RESTART_BACKOFF)
+        self.standbys = [] if self.worker else \
+            [Child(cfg, f"controller-{i}", "nfactor_xdp.control.controller", "--role",
+                   f"controller-{i}", backoff=CONTROLLER_BACKOFF) for i in range(2, cfg.controllers + 1)]
+        self.switch_agent = None if self.worker else \
+            Child(cfg, "switch-agent", "nfactor_xdp.control.switch_agent", backoff=RESTART_BACKOFF)
         # the Prometheus endpoint, its own process: a scrape's waits never delay this loop
         self.metrics = Child(cfg, "metrics", "nfactor_xdp.control.metrics", backoff=RESTART_BACKOFF) \
-            if cfg.metrics_port else None
+            if cfg.metrics_port and not self.worker else None
 
     # --- bring up ----------------------------------------------------------
     def up(self) -> None:
@@ -102,15 +125,11 @@ class Node:
         if self.cfg.policy:
             save_policy(load_policy(self.cfg.policy), nodeconf.policy_path(self.cfg.name))
         self.setup_switch()
-        self.ep = Endpoint(nodeconf.control_socket(self.cfg.name, "supervisor"),
+        self.ep = Endpoint(nodeconf.control_address(self.cfg, "supervisor"),
                            ClusterKey.load_or_create(nodeconf.cluster_key_path()), "supervisor")
         adoption.replace_children(self)
-        self.controller.spawn()
-        for standby in self.standbys:
-            standby.spawn()
-        self.switch_agent.spawn()
-        if self.metrics:
-            self.metrics.spawn()
+        for child in filter(None, (self.controller, *self.standbys, self.switch_agent, self.metrics)):
+            child.spawn()
         for rt in self.runtimes:
             if not rt.adopted:
                 rt.spawn()
@@ -124,22 +143,25 @@ class Node:
         the runtimes are the recorded ones, and the live ones keep their
         ports and their state in the switch as they are."""
         cfg = self.cfg
+        ext_ports = () if self.worker else (cfg.ext0, cfg.ext1)
+        fabric_port = cfg.fabric_port if cfg.hosts else None
         with IPRoute() as ipr:
-            for port in (cfg.ext0, cfg.ext1):
+            for port in (*ext_ports, *filter(None, [fabric_port])):
                 if _ifindex(ipr, port) is None:
                     where = f"namespace {cfg.netns}" if cfg.netns else "this namespace"
                     raise NodeError(f"interface {port!r} not found in {where}")
         refuse_taken_ports(cfg, self.ours)  # before anything changes
         self.progs.load()
-        self.maps.write_config(other_action=cfg.other_action, mode=L.C["NFX_MODE_FLOWS"])
+        self.maps.write_config(other_action=cfg.other_action, mode=L.C["NFX_MODE_FLOWS"], host_id=cfg.host_id)
         # Pins may come from an earlier run: no runtime takes new flows until
         # it says it is ready, and slots beyond this run's runtimes are emptied
         # (their flows get placed anew).
         found = self.found.runtimes if self.found else None
-        ids = sorted(found) if found else list(range(cfg.runtimes))
+        ids = sorted(found) if found else cfg.runtime_ids
         if not found:
             self.maps.publish_rr([])
-        for rt_id in set(range(L.C["NFX_MAX_RUNTIMES"])) - set(ids):
+        # (with hosts, the other hosts' runtimes are the controller's to set)
+        for rt_id in set(self.local_ids()) - set(ids):
             self.maps.set_runtime(rt_id, L.C["NFX_RT_NONE"], 0)
         with IPRoute() as ipr:
             for rt_id in ids:
@@ -147,19 +169,52 @@ class Node:
                 self.runtimes.append(rt)
                 live = bool(found) and adoption.take_over(self, rt, found[rt_id], ipr)
                 self._make_runtime_port(ipr, rt_id, rt.sw, rt.port, keep_state=live)
-            for slot, role, port in ((L.C["NFX_SLOT_EXT0"], L.C["NFX_PORT_EXT0"], cfg.ext0),
-                                     (L.C["NFX_SLOT_EXT1"], L.C["NFX_PORT_EXT1"], cfg.ext1)):
+            ports = [(L.C["NFX_SLOT_EXT0"], L.C["NFX_PORT_EXT0"], cfg.ext0),
+                     (L.C["NFX_SLOT_EXT1"], L.C["NFX_PORT_EXT1"], cfg.ext1)][:len(ext_ports)]
+            if fabric_port:
+                ports.append((L.C["NFX_SLOT_FABRIC"], L.C["NFX_PORT_FABRIC"], fabric_port))
+            for slot, role, port in ports:
                 idx = _ifindex(ipr, port)
                 ipr.link("set", index=idx, state="up")
                 self.maps.set_slot(slot, idx)
                 self.maps.set_port(idx, role)
+        if fabric_port:
+            self.publish_hosts()
         # Runtime-side programs first: a veth that receives redirected frames
         # must have XDP (NAPI) before anything is sent to it.
         for rt in self.runtimes:
             self._attach(rt.port, "steer")
             self._attach(rt.sw, "vswitch")
-        for port in (self.cfg.ext0, self.cfg.ext1):
+        for port in (*ext_ports, *filter(None, [fabric_port])):
             self._attach(port, "vswitch")
+
+    def local_ids(self) -> range:
+        """The runtime ids this host's supervisor may use."""
+        base = self.cfg.host_id * self.cfg.max_local_runtimes
+        return range(base, base + self.cfg.max_local_runtimes)
+
+    def publish_hosts(self) -> None:
+        """The fabric addresses this host's switch needs (the ingress: every
+        host's; a worker: its own and the ingress's), each known once its MAC
+        is: this host's from its fabric port, the others' from the
+        neighbour table (asked for again on each call until known)."""
+        cfg = self.cfg
+        addrs = cfg.host_addresses
+        wanted = range(len(addrs)) if not self.worker else (0, cfg.host_id)
+        if self.hosts_known.issuperset(wanted):
+            return
+        with IPRoute() as ipr:
+            idx = _ifindex(ipr, cfg.fabric_port)
+            for h in wanted:
+                if h in self.hosts_known:
+                    continue
+                if h == cfg.host_id:
+                    mac = ipr.get_links(idx)[0].get_attr("IFLA_ADDRESS")
+                else:
+                    mac = fabric_neighbour(ipr, idx, addrs[h])
+                self.maps.set_host(h, addrs[h], mac)
+                if mac:
+                    self.hosts_known.add(h)
 
     def _make_runtime_port(self, ipr: IPRoute, rt_id: int, sw: str, port: str, keep_state: bool = False) -> None:
         if _ifindex(ipr, sw) is None:
@@ -172,9 +227,14 @@ class Node:
             ipr.link("add", ifname=sw, kind="veth", num_tx_queues=1, num_rx_queues=1,
                      peer={"ifname": port, "num_tx_queues": 1, "num_rx_queues": 1})
         # Frames to a runtime carry the switch's ingress tag: one byte more
-        # than the largest frame the external ports take (redirects check it).
-        mtu = max(ipr.get_links(_ifindex(ipr, ext))[0].get_attr("IFLA_MTU")
-                  for ext in (self.cfg.ext0, self.cfg.ext1)) + L.C["NFX_INGRESS_TAG_LEN"]
+        # than the largest frame the external ports take (redirects check it);
+        # on a worker host, what the fabric carries inside its encapsulation.
+        if self.worker:
+            mtu = ipr.get_links(_ifindex(ipr, self.cfg.fabric_port))[0].get_attr("IFLA_MTU") \
+                - L.C["NFX_FABRIC_ENCAP_LEN"] + L.C["NFX_INGRESS_TAG_LEN"]
+        else:
+            mtu = max(ipr.get_links(_ifindex(ipr, ext))[0].get_attr("IFLA_MTU")
+                      for ext in (self.cfg.ext0, self.cfg.ext1)) + L.C["NFX_INGRESS_TAG_LEN"]
         for name in (sw, port):
             # Nothing but the runtime's frames may cross this link.
             _set_sysctl(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "1")
@@ -185,12 +245,12 @@ class Node:
         self.maps.set_port(port_idx, L.C["NFX_PORT_STEER"], rt_id)
         if not keep_state:  # (an adopted runtime's state is the view's, as it was)
             # Starting: keeps the flows it had (pinned table), takes no new ones.
-            self.maps.set_runtime(rt_id, L.C["NFX_RT_STARTING"], sw_idx)
+            self.maps.set_runtime(rt_id, L.C["NFX_RT_STARTING"], sw_idx, host=self.cfg.host_id)
 
     def add_runtime(self) -> RuntimeProc:
         """A new runtime at run time (scale-out or operator): port, programs, process."""
         used = {rt.id for rt in self.runtimes}
-        rt_id = next(i for i in range(L.C["NFX_MAX_RUNTIMES"]) if i not in used)
+        rt_id = next(i for i in self.local_ids() if i not in used)
         rt = RuntimeProc(self.cfg, rt_id)
         with IPRoute() as ipr:
             self._make_runtime_port(ipr, rt_id, rt.sw, rt.port)
@@ -224,7 +284,7 @@ class Node:
 
     def _notify_controller(self, msg_type, body: dict) -> None:
         if self.ep:
-            self.ep.send(nodeconf.control_socket(self.cfg.name, "controller"), msg_type, body)
+            self.ep.send(nodeconf.control_address(self.cfg, "controller"), msg_type, body)
 
     def _ready(self, rt: RuntimeProc) -> bool:
         """Ready: its socket is registered and the controller has it in the view."""
@@ -254,8 +314,18 @@ class Node:
     def supervise(self) -> None:
         """The paper's guard: restart the controller, the switch agent and any
         runtime that dies, serve operator requests, until asked to stop."""
+        hosts_due = alive_due = time.monotonic()
         while not self.stopping:
             changed = self._reap()
+            now = time.monotonic()
+            if self.cfg.hosts and now >= hosts_due:  # a host whose MAC was not known yet
+                hosts_due = now + 0.5
+                self.publish_hosts()
+            if self.worker and now >= alive_due:  # a dead host says nothing: its silence is the sign
+                alive_due = now + self.cfg.heartbeat
+                self.ep.send(nodeconf.control_address(self.cfg, "heartbeat"), MsgType.HOST_ALIVE,
+                             {"host": self.cfg.host_id,
+                              "runtimes": {str(rt.id): (rt.identity or {}).get("pid") for rt in self.runtimes}})
             for msg, addr in self.ep.receive(32):
                 changed |= self.on_request(msg, addr)
             if changed:
@@ -304,7 +374,7 @@ class Node:
         rt = next((r for r in self.runtimes if r.id == body.get("id")), None)
         try:
             if msg.type == MsgType.RUNTIME_ADD:
-                if len(self.runtimes) >= L.C["NFX_MAX_RUNTIMES"]:
+                if len(self.runtimes) >= self.cfg.max_local_runtimes:
                     raise NodeError("no free runtime slot")
                 new = self.add_runtime()
                 self.ep.reply(msg, addr, {"ok": True, "id": new.id})
@@ -330,6 +400,14 @@ class Node:
             if msg.type == MsgType.STATUS:
                 self.ep.reply(msg, addr, {"ok": True, "runtimes": [r.info() for r in self.runtimes]})
                 return False
+            if msg.type == MsgType.HOST_FENCED and self.worker:
+                # this host was taken for dead and its runtimes' flows taken over: these must not go on
+                for stale in body.get("kill") or []:
+                    r = next((r for r in self.runtimes if r.id == stale.get("id")), None)
+                    if r is not None and (r.identity or {}).get("pid") == stale.get("pid"):
+                        log.warning("host fenced by the controller: killing runtime %d (pid %s)", r.id, stale["pid"])
+                        signal_process(r.identity, signal.SIGKILL)
+                return False
         except (NodeError, OSError) as e:
             self.ep.reply(msg, addr, {"ok": False, "error": str(e)})
         return False
@@ -338,12 +416,9 @@ class Node:
     def down(self) -> None:
         self._write_state("stopping")
         stop_processes([rt.identity for rt in self.runtimes])
-        for standby in self.standbys:  # first: none may take the lead the leader gives up
-            standby.stop()
-        self.controller.stop()
-        self.switch_agent.stop()
-        if self.metrics:
-            self.metrics.stop()
+        # standbys first: none may take the lead the leader gives up
+        for child in filter(None, (*self.standbys, self.controller, self.switch_agent, self.metrics)):
+            child.stop()
         for rt in self.runtimes:
             try:
                 self.maps.set_runtime_state(rt.id, L.C["NFX_RT_NONE"])
@@ -362,7 +437,8 @@ class Node:
             "runtimes": [rt.info() for rt in self.runtimes],
             "xdp_modes": self.xdp_modes, "tracer": self.progs.tracing,
             "xdp_progs": self.xdp_progs, "xdp_owned": sorted(self.ours),
-            "controller": self.controller.info(), "switch_agent": self.switch_agent.info(),
+            "controller": self.controller.info() if self.controller else None,
+            "switch_agent": self.switch_agent.info() if self.switch_agent else None,
             **{s.role.replace("-", "_"): s.info() for s in self.standbys},
             "metrics": self.metrics.info() if self.metrics else None,
             "adoption": self.adoption, "updated": time.time(),
@@ -374,7 +450,9 @@ def teardown(cfg: NodeConfig) -> list[str]:
     after a crash.  Runs in the ports' namespace."""
     done = []
     with netns.entered(cfg.netns if cfg.netns and netns.exists(cfg.netns) else None):
-        names = [cfg.ext0, cfg.ext1]
+        names = [] if cfg.host_id else [cfg.ext0, cfg.ext1]
+        if cfg.hosts:
+            names.append(cfg.fabric_port)
         for rt_id in range(L.C["NFX_MAX_RUNTIMES"]):
             names += list(nodeconf.runtime_ports(rt_id))
         release(names, owned_prog_ids(cfg.name))  # only ours: another tool's program stays

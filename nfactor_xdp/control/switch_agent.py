@@ -49,7 +49,7 @@ from ..formats.config import process_args, stop_on_signals
 from ..kern import layouts as L
 from ..formats import config as nodeconf
 from ..dataplane import packet
-from ..formats import flowkey, marker as marker_fmt
+from ..formats import fabric, flowkey, marker as marker_fmt
 from ..kern import grace
 from ..kern.bpfsys import BPF_EXIST, BpfError
 from ..kern.maps import NodeMaps
@@ -196,8 +196,9 @@ def parse_take(body: dict) -> Take:
 # --- the agent ----------------------------------------------------------------------
 
 class SwitchAgent:
-    def __init__(self, node: str, key: bytes | None = None, path: str | None = None):
+    def __init__(self, node: str, key: bytes | None = None, path: str | None = None, fabric_port: str | None = None):
         self.node = node
+        self.fabric_port = fabric_port  # a node with hosts: markers to remote runtimes go out here
         self.maps = NodeMaps(node)
         self.flows = self.maps["flows"]  # opened now: fail at start if the node has no pins
         if key is None:
@@ -206,7 +207,7 @@ class SwitchAgent:
         self.injector = MarkerInjector()
         self.slots = self._open_slots(node)
         self.stats = collections.Counter({n: 0 for n in (
-            "moves", "taken", "batches", "markers_sent", "marker_errors", "membarriers",
+            "moves", "taken", "batches", "markers_sent", "marker_errors", "membarriers", "ended_deleted", "ended_kept",
             "membarrier_us_total", "membarrier_us_max", "grace_errors", "internal_errors")})
         self.rejected: collections.Counter = collections.Counter()
         self.stopping = False
@@ -329,7 +330,11 @@ class SwitchAgent:
                 ifname = nodeconf.runtime_ports(mv.src)[0]
                 try:
                     # in front, an ingress tag like every frame the switch sends a runtime
-                    self.injector.send(ifname, MARKER_TAG + mv.marker)
+                    frame = MARKER_TAG + mv.marker
+                    remote = self._remote(mv.src)
+                    if remote is not None:  # behind the flow's frames on the fabric link (architecture.md)
+                        ifname, frame = self.fabric_port, fabric.encap(*remote, mv.src, frame)
+                    self.injector.send(ifname, frame)
                     self.stats["markers_sent"] += 1
                 except OSError as e:
                     self.stats["marker_errors"] += 1
@@ -339,6 +344,34 @@ class SwitchAgent:
             answers.append((msg, addr, body))
         for msg, addr, body in answers:
             self.ep.reply(msg, addr, body)
+
+    def _remote(self, rt: int):
+        """For a runtime on another host: (this host, its host) as (IPv4, MAC)
+        from the hosts map; None for a local one."""
+        if self.fabric_port is None:
+            return None
+        entry = self.maps["runtimes"].get(rt)
+        if entry is None or entry.host == 0:
+            return None
+        hosts = [self.maps["hosts"].get(h) for h in (0, entry.host)]
+        if not all(h is not None and h.flags & L.C["NFX_HOST_KNOWN"] for h in hosts):
+            raise OSError(errno.EHOSTUNREACH, f"host {entry.host} of runtime {rt} is not known")
+        return tuple((socket.inet_ntoa(bytes(h.ipv4)), ":".join(f"{b:02x}" for b in h.mac)) for h in hosts)
+
+    def on_end(self, msg: Message) -> None:
+        """A worker host's runtime ended these flows: their entries go if they
+        still place the flow on it (no reply: a lost one leaves them to the LRU)."""
+        body = msg.body if isinstance(msg.body, dict) else {}
+        try:
+            rt = _runtime_id(body, "runtime")
+            keys = [bytes.fromhex(k) for k in body.get("keys") or []]
+            if not all(len(k) == flowkey.KEY_SIZE for k in keys):
+                raise MoveError("bad_key", "a key of the wrong size")
+        except (MoveError, ValueError, TypeError):
+            self.rejected["bad_end"] += 1
+            return
+        for key in keys:
+            self.stats["ended_deleted" if self.maps.delete_flow(key, rt) else "ended_kept"] += 1
 
     def status(self) -> dict:
         return {"ok": True, "node": self.node, "pid": os.getpid(), "stats": dict(self.stats),
@@ -350,6 +383,8 @@ class SwitchAgent:
             self.ep.reply(msg, addr, self.status())
         elif msg.type == MsgType.FLOW_TAKE:
             self.on_take(msg, addr)
+        elif msg.type == MsgType.FLOW_END:
+            self.on_end(msg)
         elif msg.type == MsgType.PING:
             self.ep.reply(msg, addr, {"ok": True})
         else:
@@ -400,7 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     except grace.GracePeriodError as e:
         log.error("%s", e)
         return 1
-    agent = SwitchAgent(cfg.name)
+    agent = SwitchAgent(cfg.name, path=nodeconf.control_address(cfg, "switch"),
+                        fabric_port=cfg.fabric_port if cfg.hosts else None)
     stop_on_signals(lambda: setattr(agent, "stopping", True))
     try:
         log.info("up on %s", agent.ep.address)

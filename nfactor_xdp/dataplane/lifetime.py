@@ -22,17 +22,20 @@ CLOSE_LINGER = 2.0  # seconds an actor outlives its TCP close (last ACKs, retran
 class Lifetime:
     """The end of a runtime's flows.  flows: its FlowTable; replicator: its
     Replicator; stats: the runtime's stats dict (counted in place); maps: its
-    NodeMaps once it runs on a node (None: no switch entries to delete)."""
+    NodeMaps once it runs on a node (None: no switch entries to delete here);
+    on a worker host, ask_agent(keys) asks the switch agent to delete them."""
 
     def __init__(self, rt_id: int, flows, replicator, stats: dict, *, max_flows: int, idle_timeout: float):
         self.rt_id, self.flows, self.replicator, self.stats = rt_id, flows, replicator, stats
         self.max_flows, self.idle_timeout = max_flows, idle_timeout
         self.maps = None
+        self.ask_agent = None
         self.revoke = lambda actors, then=None: 0  # takes offloaded flows back from the switch first (offloader.py)
         self.ended: list[bytes] = []  # keys whose switch entry is still to delete
         self.evicted_offloaded: list = []  # given up while the switch handled them: revoked in flush()
         for name in ("flows_expired", "flows_evicted", "dropped_flow_cap",
-                     "switch_entries_deleted", "switch_entries_kept", "switch_delete_errors"):
+                     "switch_entries_deleted", "switch_entries_kept", "switch_delete_errors",
+                     "switch_entries_asked"):
             stats.setdefault(name, 0)
 
     def admit(self) -> bool:
@@ -75,7 +78,7 @@ class Lifetime:
         if end:
             actor.end()
         self.replicator.flow_ended(actor)
-        if self.maps is not None:
+        if self.maps is not None or self.ask_agent is not None:
             self.ended.append(actor.key)
 
     def flush(self) -> None:
@@ -86,6 +89,13 @@ class Lifetime:
             self.revoke(evicted, then=_end_all)
         ended, self.ended = self.ended, []
         st = self.stats
+        if self.maps is None and ended:  # a worker host: the agent deletes those that still name us
+            asked = [key for key in ended if key not in self.flows]
+            st["switch_entries_kept"] += len(ended) - len(asked)
+            st["switch_entries_asked"] += len(asked)
+            if asked:
+                self.ask_agent(asked)
+            return
         for key in ended:
             if key in self.flows:  # a frame came after the end: the flow started again here
                 st["switch_entries_kept"] += 1

@@ -105,7 +105,9 @@ class Replicator:
         peers = self.view.peers((RUNNING,), exclude=exclude)
         if not peers:
             return None
-        return min(peers, key=lambda e: (self.view.cpu(e, 0.0), e["id"]))["id"]
+        # on another host first (paper section 4): a host's failure then loses no replica
+        mine = (self.view.entries.get(self.view.me) or {}).get("host", 0)
+        return min(peers, key=lambda e: (e.get("host", 0) == mine, self.view.cpu(e, 0.0), e["id"]))["id"]
 
     def _refusing(self) -> set[int]:
         now = time.monotonic()

@@ -42,6 +42,7 @@ from .view import RUNNING, STARTING, View
 
 HOUSEKEEPING_INTERVAL = 1.0
 MIGRATE_WINDOW = 1.0  # seconds over the load threshold before a runtime sheds flows
+FLOW_END_BATCH = 400  # ended flows per message to the switch agent (a worker host): ~35 KB
 IDLE_POLL_MS = 100
 SHED_SHARE = 5      # an overloaded runtime moves 1/SHED_SHARE of its flows
 FAST_PATH_BYTES = slice(V4_SRC, V4_L4 + 4)  # IPv4 addresses and ports: one direction of a flow
@@ -80,8 +81,8 @@ class Runtime:
         self.maps: NodeMaps | None = None
         self.ctl: query.Server | None = None
         self.ep: Endpoint | None = None
-        self.controller = nodeconf.control_socket(cfg.name, "controller") if controlled else None
-        self.heartbeats = nodeconf.control_socket(cfg.name, "heartbeat") if controlled else None
+        self.controller = nodeconf.control_address(cfg, "controller") if controlled else None
+        self.heartbeats = nodeconf.control_address(cfg, "heartbeat") if controlled else None
         self.migrator = Migrator(self.flows, self.view, make_actor=self.make_actor, transmit=self.transmit,
                                  on_left=self._flow_left, hooks=self.hooks, max_concurrent=cfg.max_migrations)
         self.collector = Collector()
@@ -108,8 +109,12 @@ class Runtime:
     def start(self) -> None:
         os.sched_setaffinity(0, {self.core})
         self.xsk = XskSocket(socket.if_nametoindex(self.ifname), 0)
-        self.maps = self.lifetime.maps = NodeMaps(self.cfg.name)
-        if self.cfg.offload == "on":
+        self.maps = NodeMaps(self.cfg.name)
+        # On a worker host the flow table and the offloads are the ingress host's, out of reach: ended
+        # flows' entries age out there, and every frame comes here (docs/architecture.md, Hosts).
+        remote = self.cfg.host_id != 0
+        self.lifetime.maps = None if remote else self.maps
+        if self.cfg.offload == "on" and not remote:
             self._start_offload()
         self.skip = self.migrator.skip = L.C["NFX_INGRESS_TAG_LEN"]
         self.ctl = query.Server(nodeconf.runtime_socket(self.cfg.name, self.id), self.on_request)
@@ -119,11 +124,13 @@ class Runtime:
         # Registering the socket is what makes frames flow to us.
         self.maps["xsks"].set(self.id, self.xsk.fd)
         if self.controller:
-            self.ep = Endpoint(nodeconf.control_socket(self.cfg.name, f"rt{self.id}"),
+            self.ep = Endpoint(nodeconf.control_address(self.cfg, f"rt{self.id}"),
                                ClusterKey.load_or_create(nodeconf.cluster_key_path()), f"rt{self.id}")
-            self.migrator.attach(self.ep, nodeconf.control_socket(self.cfg.name, "switch"))
+            self.migrator.attach(self.ep, nodeconf.control_address(self.cfg, "switch"))
             self.replicator.attach(self.ep)
-            self.takeover.attach(self.ep, nodeconf.control_socket(self.cfg.name, "switch"))
+            self.takeover.attach(self.ep, nodeconf.control_address(self.cfg, "switch"))
+            if remote:
+                self.lifetime.ask_agent = self._ask_agent_to_end
             self.register(recovering=True)
 
     def _start_offload(self) -> None:
@@ -365,8 +372,16 @@ class Runtime:
                 return False
         return self.handle_slow(frame)
 
+    def _ask_agent_to_end(self, keys: list[bytes]) -> None:
+        """A worker host's ended flows: their entries are the ingress switch's."""
+        for i in range(0, len(keys), FLOW_END_BATCH):
+            self.ep.send(nodeconf.control_address(self.cfg, "switch"), MsgType.FLOW_END,
+                         {"runtime": self.id, "keys": [k.hex() for k in keys[i:i + FLOW_END_BATCH]]})
+
     def _entry_runtime(self, key: bytes) -> int | None:
-        return self.maps.flow_runtime(key) if self.maps is not None else None
+        if self.maps is None or self.cfg.host_id:
+            return None  # not known here (a worker host has no flow table)
+        return self.maps.flow_runtime(key)
 
     def transmit(self, frame) -> bool:
         """Send a frame that is not in the UMEM (a replayed one)."""

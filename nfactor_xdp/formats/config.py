@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from .. import logs
 from ..kern import layouts as L
 from ..kern.maps import pin_dir
+from . import fabric
 from ..errors import NFactorError
 
 RUN_ROOT = "/run/nfactor"
@@ -100,6 +101,16 @@ def control_dir(name: str) -> str:
     return path
 
 
+def control_address(cfg: "NodeConfig", role: str, host: int | None = None) -> str | tuple[str, int]:
+    """Where `role` receives control messages: a UNIX socket in the run
+    directory on one host; with hosts, a UDP port on the fabric address of
+    its host (`host`: whose supervisor; a client's: this host's)."""
+    if not cfg.hosts:
+        return control_socket(cfg.name, role)
+    return fabric.control_address(cfg.host_addresses, cfg.control_port, role,
+                                  cfg.host_id if host is None else host)
+
+
 def control_socket(name: str, role: str) -> str:
     """The control socket of `role`: controller, heartbeat (the controller's
     socket for heartbeats alone), supervisor, switch, rtN, or a client's."""
@@ -154,6 +165,15 @@ class NodeConfig:
     ext0: str = setting("ext0", "External port 0 (towards the sources).")
     ext1: str = setting("ext1", "External port 1 (towards the sinks).")
     netns: str | None = setting(None, "Network namespace holding ext0/ext1 (default: this one).")
+    hosts: str = setting("", "The node's hosts by fabric IPv4 address, comma-separated, the ingress host (ext0/"
+                         "ext1, controller, switch agent) first; empty: one host.  Worker hosts run runtimes only, "
+                         "each started with `up --worker N` (docs/architecture.md, Hosts).")
+    host_id: int = setting(0, "Which of --hosts this is (0: the ingress); set by `up --worker N`.", cli=False)
+    fabric_port: str = setting("fab0", "With --hosts: the interface towards the node's other hosts (MTU at least "
+                               "the external ports' + 46).")
+    control_port: int = setting(7470, "With --hosts: the first UDP port of the control messages (controller, "
+                                "heartbeats, switch agent, supervisor at +0..3, runtime N at +16+N), on each "
+                                "host's fabric address.")
     runtimes: int = setting(2, "Number of runtime processes.", short="-r")
     cores: list[int] = setting(None, "CPUs for the runtimes, in turn (default: all CPUs in turn), e.g. 0,1.",
                                factory=list)
@@ -237,8 +257,9 @@ class NodeConfig:
         for port in (self.ext0, self.ext1):
             if not port or len(port) > 15 or "/" in port or " " in port:
                 raise ConfigError(f"bad interface name {port!r}")
-        if not 1 <= self.runtimes <= L.C["NFX_MAX_RUNTIMES"]:
-            raise ConfigError(f"runtimes must be 1..{L.C['NFX_MAX_RUNTIMES']}, not {self.runtimes}")
+        least = 0 if self.hosts and not self.host_id else 1  # an ingress host may leave the runtimes to workers
+        if not least <= self.runtimes <= L.C["NFX_MAX_RUNTIMES"]:
+            raise ConfigError(f"runtimes must be {least}..{L.C['NFX_MAX_RUNTIMES']}, not {self.runtimes}")
         if self.other_action not in L.OTHER_ACTIONS:
             raise ConfigError(f"other_action must be one of {sorted(L.OTHER_ACTIONS)}")
         if self.xdp_mode not in ("native", "generic", "auto"):
@@ -302,16 +323,46 @@ class NodeConfig:
             raise ConfigError("min_runtimes must be at least 1")
         if not 0 <= self.max_runtimes <= L.C["NFX_MAX_RUNTIMES"]:
             raise ConfigError(f"max_runtimes must be 0..{L.C['NFX_MAX_RUNTIMES']}")
+        if self.hosts:
+            try:
+                addrs = self.host_addresses
+            except fabric.FabricError as e:
+                raise ConfigError(f"hosts: {e}") from None
+            if len(addrs) < 2:
+                raise ConfigError("hosts: list the ingress host and at least one worker host")
+            if not 0 <= self.host_id < len(addrs):
+                raise ConfigError(f"host {self.host_id} is not one of the {len(addrs)} hosts")
+            if self.runtimes > fabric.RUNTIMES_PER_HOST or self.max_runtimes > fabric.RUNTIMES_PER_HOST:
+                raise ConfigError(f"with hosts, a host runs at most {fabric.RUNTIMES_PER_HOST} runtimes")
+            if not 1024 <= self.control_port <= 65535 - fabric.RUNTIME_PORT - L.C["NFX_MAX_RUNTIMES"]:
+                raise ConfigError("control_port must leave room for every runtime's port below 65536")
+        elif self.host_id:
+            raise ConfigError("a worker host (--worker) needs --hosts")
         ncpu = os.cpu_count() or 1
         for c in self.cores:
             if not 0 <= c < ncpu:
                 raise ConfigError(f"core {c} does not exist (this machine has {ncpu})")
         return self
 
+    @property
+    def host_addresses(self) -> list[str]:
+        return fabric.parse_hosts(self.hosts)
+
+    @property
+    def runtime_ids(self) -> list[int]:
+        """This host's first runtimes' ids (with hosts, each host has its range)."""
+        if not self.hosts:
+            return list(range(self.runtimes))
+        return fabric.runtime_ids(self.host_id, self.runtimes)
+
+    @property
+    def max_local_runtimes(self) -> int:
+        return fabric.RUNTIMES_PER_HOST if self.hosts else L.C["NFX_MAX_RUNTIMES"]
+
     def core_of(self, rt_id: int) -> int:
         """Runtimes take the listed cores in turn; by default every CPU in turn."""
         cores = self.cores or list(range(os.cpu_count() or 1))
-        return cores[rt_id % len(cores)]
+        return cores[rt_id % self.max_local_runtimes % len(cores)]  # (with hosts: its index on its host)
 
     def log_options(self, role: str) -> dict:
         """How process `role` logs: logs.setup's keyword arguments (its own file, rotated)."""

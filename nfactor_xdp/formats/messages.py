@@ -68,6 +68,8 @@ class MsgType(enum.IntEnum):
     STATUS = 9
     PING = 10
     RUNTIME_EXITED = 11  # supervisor -> controller: a runtime process died (used by node.py/controller.py)
+    HOST_ALIVE = 12  # a worker host's supervisor -> controller: the host lives, and its runtimes' pids
+    HOST_FENCED = 13  # controller -> a fenced host's supervisor: kill these runtimes (their flows are taken)
     # 20-29: flow migration
     MIGRATE_CREATE = 20
     MIGRATE_MOVE = 21
@@ -77,6 +79,7 @@ class MsgType(enum.IntEnum):
     SNAPSHOT = 30
     SNAPSHOT_FETCH = 31
     FLOW_TAKE = 32  # runtime -> switch agent: point a crashed peer's flows here (dataplane/takeover.py)
+    FLOW_END = 33  # a worker host's runtime -> switch agent: delete these ended flows' entries if still its own
 
 
 class MessageError(NFactorError):

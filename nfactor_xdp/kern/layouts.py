@@ -144,6 +144,7 @@ Runtime = HEADER.structs["nfx_runtime"]
 RRTable = HEADER.structs["nfx_rr_table"]
 Config = HEADER.structs["nfx_config"]
 RtStats = HEADER.structs["nfx_rt_stats"]
+Host = HEADER.structs["nfx_host"]
 MAP_TYPES = pinned_map_types(HEADER)
 
 COUNTER_NAMES = [n for n in HEADER.enum_names("nfx_counter", "NFX_CNT_") if n != "max"]

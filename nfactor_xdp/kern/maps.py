@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import socket
 
 from . import layouts as L
 from .bpfsys import BPF_EXIST, BpfError, BpfMap
@@ -55,7 +56,7 @@ class NodeMaps:
     def config(self):
         return self["config"].get(0)
 
-    def write_config(self, *, other_action: str | None = None, mode: int | None = None,
+    def write_config(self, *, other_action: str | None = None, mode: int | None = None, host_id: int | None = None,
                      prog_ids: int | None = None) -> None:
         cfg = self.config() or L.Config()
         cfg.abi = L.C["NFX_ABI_VERSION"]
@@ -65,6 +66,8 @@ class NodeMaps:
             cfg.mode = mode
         if prog_ids is not None:
             cfg.prog_ids = prog_ids
+        if host_id is not None:
+            cfg.host_id = host_id
         self["config"].set(0, cfg)
 
     def set_port(self, ifindex: int, role: int, runtime: int = 0) -> None:
@@ -73,12 +76,42 @@ class NodeMaps:
     def set_slot(self, slot: int, ifindex: int) -> None:
         self["tx_ports"].set(slot, ifindex)
 
-    def set_runtime(self, rt_id: int, state: int, ifindex: int | None = None) -> None:
+    def set_runtime(self, rt_id: int, state: int, ifindex: int | None = None, host: int | None = None) -> None:
         cur = self["runtimes"].get(rt_id) or L.Runtime()
         cur.state = state
         if ifindex is not None:
             cur.ifindex = ifindex
+        if host is not None:
+            cur.host = host
         self["runtimes"].set(rt_id, cur)
+
+    def set_host(self, host_id: int, ipv4: str, mac: str | None, fenced: bool = False) -> None:
+        """A host's fabric address; known (frames may go to it) once its MAC is."""
+        h = L.Host()
+        h.ipv4[:] = list(socket.inet_aton(ipv4))
+        if mac:
+            h.mac[:] = [int(b, 16) for b in mac.split(":")]
+            h.flags = L.C["NFX_HOST_KNOWN"]
+        cur = self["hosts"].get(host_id)
+        if fenced or (cur is not None and cur.flags & L.C["NFX_HOST_FENCED"]):  # only the controller lifts it
+            h.flags |= L.C["NFX_HOST_FENCED"]
+        self["hosts"].set(host_id, h)
+
+    def fence_host(self, host_id: int, fenced: bool = True) -> None:
+        """Fenced: the switch drops whatever the host sends, and sends it nothing."""
+        h = self["hosts"].get(host_id) or L.Host()
+        h.flags = (h.flags | L.C["NFX_HOST_FENCED"]) if fenced else (h.flags & ~L.C["NFX_HOST_FENCED"])
+        self["hosts"].set(host_id, h)
+
+    def host_table(self) -> dict[int, dict]:
+        out = {}
+        for i in range(L.C["NFX_MAX_HOSTS"]):
+            h = self["hosts"].get(i)
+            if h is not None and any(h.ipv4):
+                out[i] = {"ipv4": socket.inet_ntoa(bytes(h.ipv4)), "mac": ":".join(f"{b:02x}" for b in h.mac),
+                          "known": bool(h.flags & L.C["NFX_HOST_KNOWN"]),
+                          "fenced": bool(h.flags & L.C["NFX_HOST_FENCED"])}
+        return out
 
     def publish_rr(self, running: list[int]) -> None:
         t = L.RRTable()
@@ -87,18 +120,18 @@ class NodeMaps:
             t.ids[i] = rt
         self["rr_table"].set(0, t)
 
-    def set_runtime_state(self, rt_id: int, state: int) -> None:
+    def set_runtime_state(self, rt_id: int, state: int, host: int | None = None) -> None:
         """Change a runtime's state keeping the invariant the switch relies
         on: the round-robin list only holds runtimes that are running."""
         running = self.running_runtimes()
         if state == L.C["NFX_RT_RUNNING"]:
-            self.set_runtime(rt_id, state)
+            self.set_runtime(rt_id, state, host=host)
             if rt_id not in running:
                 self.publish_rr(running + [rt_id])
         else:
             if rt_id in running:
                 self.publish_rr([r for r in running if r != rt_id])
-            self.set_runtime(rt_id, state)
+            self.set_runtime(rt_id, state, host=host)
 
     def running_runtimes(self) -> list[int]:
         t = self["rr_table"].get(0)
@@ -162,7 +195,7 @@ class NodeMaps:
             stats = {name: sum(getattr(s, name) for s in st)
                      for name, _ in L.RtStats._fields_ if name != "pad"}
             out[i] = {"state": L.RT_STATES.get(rt.state, str(rt.state)),
-                      "ifindex": rt.ifindex, "switch": stats}
+                      "ifindex": rt.ifindex, "host": rt.host, "switch": stats}
         return out
 
     def flows(self, limit: int | None = None) -> list[dict]:

@@ -22,6 +22,22 @@ Host details that matter (see the platform notes):
   router solicitations, and both hosts hold permanent neighbour entries for
   each other, so a test's traffic needs no ARP or ND.
 
+With `hosts` N > 0 (TestbedConfig.hosts, `nfactorctl testbed up --hosts N`)
+the node also gets worker hosts, for a node spanning several hosts: a fabric
+namespace NAME-fab holds a Linux bridge br0 (STP off, forward delay 0, MTU
+1600) and one veth per host, p{i} on the bridge and fab0 in the host:
+
+    NAME-node  fab0 10.78.0.1/24  02:78:00:00:00:01  <--> p0 --+
+    NAME-h1    fab0 10.78.0.2/24  02:78:00:00:00:02  <--> p1 --+-- br0 in NAME-fab
+    ...                                                        |
+    NAME-hN    fab0 10.78.0.{1+N}/24                 <--> pN --+
+
+MTU 1600 throughout, IPv6 off, permanent neighbour entries for every other
+host (no ARP), GRO on and tx checksumming off on fab0, and an XDP_PASS program
+on every bridge port p{i} (frames a host XDP-redirects into its fab0 are then
+received by the bridge).  TestbedConfig.fabric_hosts() gives the addresses
+without a live testbed; show()["fabric"] reads them back.
+
 The address plan and its validation are in testbed_plan.py, reading the live
 testbed back (`show`) in testbed_inspect.py; both are re-exported here.  The
 configuration is kept in a state file under STATE_DIR so that `show` and
@@ -44,12 +60,13 @@ from ..kern import netns
 from ..kern.loader import attach_pass
 from . import testbed_inspect
 from .testbed_inspect import ethtool, link_index, offloads
-from .testbed_plan import (HOSTS, IFNAMSIZ, MAX_NAME_LEN, PORTS, ROLES, TestbedConfig, TestbedConfigError,
-                           TestbedError, TestbedExists, validate_ifname, validate_name)
+from .testbed_plan import (FABRIC_BRIDGE, FABRIC_IFNAME, FABRIC_MTU, FABRIC_ROLE, HOSTS, IFNAMSIZ, MAX_HOSTS,
+                           MAX_NAME_LEN, PORTS, ROLES, TestbedConfig, TestbedConfigError, TestbedError, TestbedExists,
+                           validate_hosts, validate_ifname, validate_name)
 
-__all__ = ["HOSTS", "IFNAMSIZ", "MAX_NAME_LEN", "PORTS", "ROLES", "STATE_DIR", "Testbed", "TestbedConfig",
-           "TestbedConfigError", "TestbedError", "TestbedExists", "list_testbeds", "offloads", "state_path",
-           "validate_ifname", "validate_name"]
+__all__ = ["FABRIC_BRIDGE", "FABRIC_IFNAME", "FABRIC_MTU", "HOSTS", "IFNAMSIZ", "MAX_HOSTS", "MAX_NAME_LEN", "PORTS",
+           "ROLES", "STATE_DIR", "Testbed", "TestbedConfig", "TestbedConfigError", "TestbedError", "TestbedExists",
+           "list_testbeds", "offloads", "state_path", "validate_hosts", "validate_ifname", "validate_name"]
 
 STATE_DIR = "/run/nfactor"
 
@@ -60,6 +77,11 @@ STATE_DIR = "/run/nfactor"
 # index) is not urgent: with both ends at index 2, the host's IPv6 saw its
 # link come up (and sent its MLD reports) up to a second late.
 PORT_IFINDEX = (10, 11)
+# The fabric's bridge port p{i} gets index FABRIC_PORT_IFINDEX + i in the
+# fabric's namespace, for the same reason: never its peer fab0's index (2 in
+# a worker's namespace, after ext0/ext1 in the node's).
+FABRIC_PORT_IFINDEX = 20
+BR_STATE_FORWARDING = 3
 
 # IPv6 settings of the hosts' interfaces.  Quiet: no router solicitations or
 # autoconf, no DAD, no link-local address (the static neighbour entries need
@@ -201,7 +223,7 @@ class Testbed:
         try:
             # the namespaces first: creating one fails if it exists, which
             # claims the name before the state file is (over)written
-            for role in ROLES:
+            for role in cfg.roles:
                 step = f"creating namespace {cfg.netns_name(role)}"
                 try:
                     netns.create(cfg.netns_name(role))
@@ -219,6 +241,12 @@ class Testbed:
             for role in HOSTS:
                 step = f"configuring host {cfg.netns_name(role)}"
                 self._build_host(role)
+            if cfg.hosts:
+                step = f"building the fabric in {cfg.fabric_netns}"
+                self._build_fabric()
+                for entry in cfg.fabric_hosts():
+                    step = f"connecting {entry['netns']} to the fabric"
+                    self._build_fabric_host(entry)
             step = "checking host offloads"
             self._check_offloads()
             step = "waiting for the links to come up"
@@ -311,28 +339,112 @@ class Testbed:
                 ipr.neigh("add", family=family, dst=dst, lladdr=h["peer_mac"], ifindex=idx,
                           state=NUD_PERMANENT)
 
+    def _build_fabric(self) -> None:
+        """The fabric's bridge, and one veth per host from a bridge port p{i}
+        to the host's fab0 (up, but the hosts' ends are configured by
+        _build_fabric_host)."""
+        cfg = self.config
+        fab = cfg.fabric_netns
+        entries = cfg.fabric_hosts()
+        for entry in entries[1:]:  # the workers (the node's lo is up already)
+            with netns.entered(entry["netns"]), IPRoute() as ipr:
+                ipr.link("set", index=link_index(ipr, "lo"), state="up")
+        with netns.entered(fab), IPRoute() as ipr:
+            ipr.link("set", index=link_index(ipr, "lo"), state="up")
+            # no STP (no BPDUs, and ports forward at once), no multicast snooping
+            ipr.link("add", ifname=FABRIC_BRIDGE, kind="bridge", mtu=FABRIC_MTU,
+                     br_stp_state=0, br_forward_delay=0, br_mcast_snooping=0)
+            _sysctl_set(f"ipv6/conf/{FABRIC_BRIDGE}/disable_ipv6", 1)
+            # A switch forwards frames as they are.  With br_netfilter loaded (by
+            # a container runtime, say) a Linux bridge would check bridged IPv4
+            # headers and drop bad ones, hiding them from the node.
+            for table in ("iptables", "ip6tables", "arptables"):
+                if os.path.exists(f"/proc/sys/net/bridge/bridge-nf-call-{table}"):
+                    _sysctl_set(f"bridge/bridge-nf-call-{table}", 0)
+            bridge = link_index(ipr, FABRIC_BRIDGE)
+            for entry in entries:
+                # created here with the peer placed straight into the host's
+                # namespace, as _build_node does: nothing shows in the caller's
+                fd = os.open(netns.path(entry["netns"]), os.O_RDONLY)
+                try:
+                    ipr.link(
+                        "add",
+                        ifname=entry["port"],
+                        index=FABRIC_PORT_IFINDEX + entry["host"],
+                        kind="veth",
+                        address=entry["port_mac"],
+                        mtu=FABRIC_MTU,
+                        num_tx_queues=1,  # one queue: frames of a flow stay in order
+                        num_rx_queues=1,
+                        peer={"ifname": entry["ifname"], "address": entry["mac"], "mtu": FABRIC_MTU,
+                              "net_ns_fd": fd, "num_tx_queues": 1, "num_rx_queues": 1},
+                    )
+                finally:
+                    os.close(fd)
+                # before the link goes up, so it never gets a link-local address
+                _sysctl_set(f"ipv6/conf/{entry['port']}/disable_ipv6", 1)
+                ipr.link("set", index=link_index(ipr, entry["port"]), master=bridge)
+        # NAPI for the bridge ports: frames a host XDP-redirects into its fab0
+        # are only received by p{i} if p{i} has an XDP program
+        for entry in entries:
+            attach_pass(entry["port"], fab)
+        with netns.entered(fab), IPRoute() as ipr:
+            for entry in entries:
+                ipr.link("set", index=link_index(ipr, entry["port"]), state="up")
+            ipr.link("set", index=link_index(ipr, FABRIC_BRIDGE), state="up")
+
+    def _build_fabric_host(self, entry: dict) -> None:
+        """Configure a host's fab0: no IPv6, offloads as the hosts' eth0, up,
+        its address, and permanent neighbour entries for every other host."""
+        ns, ifname = entry["netns"], entry["ifname"]
+        others = [e for e in self.config.fabric_hosts() if e["host"] != entry["host"]]
+        with netns.entered(ns), IPRoute() as ipr:
+            idx = link_index(ipr, ifname)
+            if idx is None:
+                raise TestbedError(f"{ifname} did not appear in {ns}")
+            _sysctl_set(f"ipv6/conf/{ifname}/disable_ipv6", 1)  # before the link goes up
+            ethtool(ns, ["-K", ifname, "tx", "off", "gro", "on"])
+            ipr.link("set", index=idx, state="up")
+            ipr.addr("add", index=idx, address=entry["ipv4"], prefixlen=entry["prefixlen"])
+            # after the link is up: taking a link down flushes even permanent entries
+            for other in others:
+                ipr.neigh("add", family=socket.AF_INET, dst=other["ipv4"], lladdr=other["mac"], ifindex=idx,
+                          state=NUD_PERMANENT)
+
     def _check_offloads(self) -> None:
-        for role in HOSTS:
-            ns = self.config.netns_name(role)
-            got = offloads(ns, self.config.host_ifname)
+        checks = [(self.config.netns_name(role), self.config.host_ifname) for role in HOSTS]
+        checks += [(entry["netns"], entry["ifname"]) for entry in self.config.fabric_hosts()]
+        for ns, ifname in checks:
+            got = offloads(ns, ifname)
             if not got["gro"] or got["tx_checksum"]:
                 raise TestbedError(
-                    f"{self.config.host_ifname} in {ns}: wanted GRO on and tx checksumming off, "
+                    f"{ifname} in {ns}: wanted GRO on and tx checksumming off, "
                     f"ethtool reports gro={'on' if got['gro'] else 'off'}, "
                     f"tx-checksumming={'on' if got['tx_checksum'] else 'off'}"
                 )
 
     def _wait_links_up(self, deadline: float = 3.0) -> None:
-        """Poll until all four interfaces report operstate UP (carrier seen)."""
+        """Poll until all interfaces report operstate UP (carrier seen), and
+        the fabric's bridge ports forward."""
         cfg = self.config
         links = [(cfg.netns_name("node"), cfg.port0_ifname), (cfg.netns_name("node"), cfg.port1_ifname),
                  (cfg.netns_name("src"), cfg.host_ifname), (cfg.netns_name("dst"), cfg.host_ifname)]
+        ports = []
+        if cfg.hosts:
+            links += [(entry["netns"], entry["ifname"]) for entry in cfg.fabric_hosts()]
+            ports = [entry["port"] for entry in cfg.fabric_hosts()]
+            links += [(cfg.fabric_netns, port) for port in ports] + [(cfg.fabric_netns, FABRIC_BRIDGE)]
         end = time.monotonic() + deadline
         for ns, ifname in links:
             with netns.entered(ns), IPRoute() as ipr:
                 idx = link_index(ipr, ifname)
                 while True:
-                    state = ipr.get_links(idx)[0].get("IFLA_OPERSTATE")
+                    link = ipr.get_links(idx)[0]
+                    state = link.get("IFLA_OPERSTATE")
+                    if ifname in ports and ns == cfg.fabric_netns and state == "UP":
+                        brstate = testbed_inspect.bridge_port_state(link)
+                        if brstate != BR_STATE_FORWARDING:
+                            state = f"UP, bridge port state {brstate}"
                     if state == "UP":
                         break
                     if time.monotonic() >= end:
@@ -347,8 +459,9 @@ class Testbed:
         some 20 ms); waiting here means a test that counts frames at the node
         starts from silence."""
         cfg = self.config
+        watched = [cfg.port0_ifname, cfg.port1_ifname] + ([FABRIC_IFNAME] if cfg.hosts else [])
         with netns.entered(cfg.netns_name("node")), IPRoute() as ipr:
-            indexes = [link_index(ipr, p) for p in (cfg.port0_ifname, cfg.port1_ifname)]
+            indexes = [link_index(ipr, p) for p in watched]
 
             def counters() -> list[int]:
                 return [ipr.get_links(i)[0].get("IFLA_STATS64")["rx_packets"] for i in indexes]
@@ -364,6 +477,15 @@ class Testbed:
                     return
 
     # down --------------------------------------------------------------------
+    def _all_namespaces(self) -> list[str]:
+        """The namespaces down() removes: the configuration's, and any fabric
+        namespace NAME-fab, NAME-h1..NAME-h8 left over (e.g. by a testbed with
+        more hosts whose state file was lost)."""
+        cfg = self.config
+        names = [cfg.netns_name(role) for role in ("node", "src", "dst")]
+        names += [f"{cfg.name}-{FABRIC_ROLE}"] + [f"{cfg.name}-h{i}" for i in range(1, MAX_HOSTS + 1)]
+        return names
+
     def down(self) -> list[str]:
         """Remove the testbed's namespaces (the veths go with them) and its state
         file.  Idempotent; missing pieces are fine.  Returns what it removed."""
@@ -371,23 +493,26 @@ class Testbed:
         removed: list[str] = []
         errors: list[str] = []
         node = cfg.netns_name("node")
+        fab = f"{cfg.name}-{FABRIC_ROLE}"
         # Cut the wires first: a process still inside a namespace keeps it (and
         # its veths) alive after the name is gone.
-        if netns.exists(node):
+        for ns, wanted in ((node, lambda n: n in (cfg.port0_ifname, cfg.port1_ifname, FABRIC_IFNAME)),
+                           (fab, lambda n: n == FABRIC_BRIDGE or re.fullmatch(r"p\d+", n) is not None)):
+            if not netns.exists(ns):
+                continue
             try:
-                with netns.entered(node), IPRoute() as ipr:
-                    for port in (cfg.port0_ifname, cfg.port1_ifname):
-                        idx = link_index(ipr, port)
-                        if idx is not None:
-                            try:
-                                ipr.link("del", index=idx)
-                            except NetlinkError as e:
-                                if e.code != errno.ENODEV:
-                                    raise
+                with netns.entered(ns), IPRoute() as ipr:
+                    for link in ipr.get_links():
+                        if not wanted(link.get_attr("IFLA_IFNAME") or ""):
+                            continue
+                        try:
+                            ipr.link("del", index=link["index"])
+                        except NetlinkError as e:
+                            if e.code != errno.ENODEV:  # gone with its peer
+                                raise
             except Exception as e:
-                errors.append(f"deleting the ports in {node}: {e}")
-        for role in ("node", "src", "dst"):
-            ns = cfg.netns_name(role)
+                errors.append(f"deleting the links in {ns}: {e}")
+        for ns in self._all_namespaces():
             if netns.exists(ns):
                 try:
                     netns.remove(ns)

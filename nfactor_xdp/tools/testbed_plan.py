@@ -12,8 +12,9 @@ from typing import Any
 from ..errors import NFactorError
 
 IFNAMSIZ = 16  # the kernel's limit, NUL included: names have at most 15 bytes
-# The longest name derived from a testbed's name is f"{name}-node"; keeping it
-# within an interface name's limit lets other modules reuse derived names for
+# The longest name derived from a testbed's name is f"{name}-node" (the
+# fabric's f"{name}-fab" and f"{name}-h8" are shorter); keeping it within an
+# interface name's limit lets other modules reuse derived names for
 # interfaces, comm names and the like.
 MAX_NAME_LEN = IFNAMSIZ - 1 - len("-node")
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # used with fullmatch
@@ -22,6 +23,20 @@ _MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 ROLES = ("src", "dst", "node")
 HOSTS = ("src", "dst")
 PORTS = ("ext0", "ext1")  # keys of show()["node"]["ports"]; ext0 faces src
+
+# The fabric (TestbedConfig.hosts > 0): worker hosts NAME-h1..NAME-hN and the
+# node (host 0) on one Linux bridge in namespace NAME-fab.  Fixed addresses:
+# host i has 10.78.0.{1+i}/24 and MAC 02:78:00:00:00:{1+i:02x} on its fab0,
+# whose peer is bridge port p{i}.
+MAX_HOSTS = 7  # worker hosts: a node has at most NFX_MAX_HOSTS hosts, the ingress one of them
+FABRIC_ROLE = "fab"  # key of namespaces / netns_name() for the fabric's namespace
+FABRIC_BRIDGE = "br0"
+FABRIC_IFNAME = "fab0"  # each host's interface on the fabric (the node's too)
+FABRIC_MTU = 1600
+FABRIC_IPV4_NET = "10.78.0.0"
+FABRIC_IPV4_PREFIXLEN = 24
+FABRIC_MAC_PREFIX = "02:78:00:00:00"  # + host 1+i
+FABRIC_PORT_MAC_PREFIX = "02:78:00:00:01"  # + i: bridge port p{i}
 
 
 class TestbedError(NFactorError):
@@ -112,6 +127,15 @@ def _check_host_pair(version: int, src: Any, dst: Any, prefixlen: Any) -> tuple[
     return str(addrs[0]), str(addrs[1])
 
 
+def validate_hosts(hosts: Any) -> int:
+    """Check a number of worker hosts (0..MAX_HOSTS); return it or raise TestbedConfigError."""
+    if isinstance(hosts, bool) or not isinstance(hosts, int):
+        raise TestbedConfigError(f"hosts must be an integer in 0..{MAX_HOSTS}, not {hosts!r}")
+    if not 0 <= hosts <= MAX_HOSTS:
+        raise TestbedConfigError(f"hosts must be in 0..{MAX_HOSTS} (worker hosts on the fabric), not {hosts}")
+    return hosts
+
+
 @dataclass(frozen=True)
 class TestbedConfig:
     """The address plan of a testbed; the defaults are the built-in testbed."""
@@ -132,9 +156,11 @@ class TestbedConfig:
     src_ipv6: str = "fd77::1"
     dst_ipv6: str = "fd77::2"
     ipv6_prefixlen: int = 64
+    hosts: int = 0  # worker hosts NAME-h1..NAME-hN on a fabric with the node (0: no fabric)
 
     def __post_init__(self) -> None:
         validate_name(self.name)
+        validate_hosts(self.hosts)
         validate_ifname(self.host_ifname, "host interface name")
         validate_ifname(self.port0_ifname, "node port 0 name")
         validate_ifname(self.port1_ifname, "node port 1 name")
@@ -147,6 +173,10 @@ class TestbedConfig:
                 raise TestbedConfigError(f"{field} {mac} is the same as {macs[mac]}")
             macs[mac] = field
             object.__setattr__(self, field, mac)
+        for entry in self.fabric_hosts():
+            if entry["mac"] in macs or entry["port_mac"] in macs:
+                clash = entry["mac"] if entry["mac"] in macs else entry["port_mac"]
+                raise TestbedConfigError(f"{macs[clash]} {clash} is a MAC address of the fabric (host {entry['host']})")
         v4 = _check_host_pair(4, self.src_ipv4, self.dst_ipv4, self.ipv4_prefixlen)
         v6 = _check_host_pair(6, self.src_ipv6, self.dst_ipv6, self.ipv6_prefixlen)
         # store the canonical text (e.g. "fd77:0::1" -> "fd77::1")
@@ -156,14 +186,69 @@ class TestbedConfig:
         object.__setattr__(self, "dst_ipv6", v6[1])
 
     # derived names -------------------------------------------------------
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """The namespaces' roles: ROLES, then "fab" and "h1".."hN" with hosts."""
+        if not self.hosts:
+            return ROLES
+        return (*ROLES, FABRIC_ROLE, *(f"h{i}" for i in range(1, self.hosts + 1)))
+
     def netns_name(self, role: str) -> str:
-        if role not in ROLES:
-            raise TestbedConfigError(f"unknown role {role!r} (one of {', '.join(ROLES)})")
+        if role not in self.roles:
+            raise TestbedConfigError(f"unknown role {role!r} (one of {', '.join(self.roles)})")
         return f"{self.name}-{role}"
 
     @property
     def namespaces(self) -> dict[str, str]:
-        return {role: self.netns_name(role) for role in ROLES}
+        """role -> namespace, for every namespace of the testbed (with hosts,
+        the fabric's "fab" and the workers' "h1".."hN" too)."""
+        return {role: self.netns_name(role) for role in self.roles}
+
+    # the fabric ----------------------------------------------------------------
+    @property
+    def fabric_netns(self) -> str:
+        """The fabric's namespace, NAME-fab (it exists only when hosts > 0)."""
+        return f"{self.name}-{FABRIC_ROLE}"
+
+    def host_netns(self, host: int) -> str:
+        """The namespace of fabric host `host`: 0 is the node (NAME-node), i the worker NAME-hi."""
+        self._check_fabric_host(host)
+        return self.netns_name("node") if host == 0 else f"{self.name}-h{host}"
+
+    def _check_fabric_host(self, host: Any) -> None:
+        if not self.hosts:
+            raise TestbedConfigError(f"testbed {self.name!r} has no fabric (hosts=0)")
+        if isinstance(host, bool) or not isinstance(host, int) or not 0 <= host <= self.hosts:
+            raise TestbedConfigError(f"fabric host must be 0 (the node) .. {self.hosts}, not {host!r}")
+
+    def fabric_host(self, host: int) -> dict[str, Any]:
+        """The planned fabric settings of host `host` (0: the node, 1..hosts: workers)."""
+        self._check_fabric_host(host)
+        net = ipaddress.ip_network(f"{FABRIC_IPV4_NET}/{FABRIC_IPV4_PREFIXLEN}")
+        return {
+            "host": host,
+            "netns": self.host_netns(host),
+            "ifname": FABRIC_IFNAME,
+            "ipv4": str(net.network_address + 1 + host),
+            "prefixlen": FABRIC_IPV4_PREFIXLEN,
+            "mac": f"{FABRIC_MAC_PREFIX}:{1 + host:02x}",
+            "port": f"p{host}",  # its bridge port in the fabric's namespace
+            "port_mac": f"{FABRIC_PORT_MAC_PREFIX}:{host:02x}",
+        }
+
+    def fabric_hosts(self) -> list[dict[str, Any]]:
+        """The planned fabric: one entry per host, the node (host 0) first,
+        then workers 1..hosts; [] without a fabric.  Each entry has "host",
+        "netns", "ifname" (fab0), "ipv4" (no prefix), "prefixlen", "mac",
+        and "port"/"port_mac" (its bridge port in the fabric namespace)."""
+        return [self.fabric_host(i) for i in range(self.hosts + 1)] if self.hosts else []
+
+    def fabric(self) -> dict[str, Any] | None:
+        """The planned fabric as show()["fabric"] has it; None when hosts == 0."""
+        if not self.hosts:
+            return None
+        return {"netns": self.fabric_netns, "bridge": FABRIC_BRIDGE, "mtu": FABRIC_MTU,
+                "hosts": self.fabric_hosts()}
 
     def host(self, role: str) -> dict[str, Any]:
         """The planned settings of host `role` ("src" or "dst")."""
@@ -194,4 +279,4 @@ class TestbedConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise TestbedConfigError(f"unknown testbed config field(s): {', '.join(unknown)}")
-        return cls(**data)
+        return cls(**data)  # a missing field (e.g. "hosts" of an older state file) takes its default
