@@ -187,6 +187,7 @@ def check_taken_flows(before: dict, taken: set, sent: dict, got: dict, src_ip: s
         assert seqs and seqs[-1] == packets - 1 and len(gaps) <= 1, (port, gaps)
         assert seqs == sorted(set(seqs)), port
         truth = warm + len(seqs)
+        assert "flow_monitor" in (after[key].get("nfs") or {}), after[key]
         counted = after[key]["nfs"]["flow_monitor"]["packets"]["orig"]
         assert truth - (k - 1) <= counted <= truth, (f["flow"], counted, truth)
     return lost
@@ -199,3 +200,19 @@ def remove_namespaces(prefix: str) -> list[str]:
     for ns in left:
         netns.remove(ns)
     return left
+
+
+WARM = 20  # datagrams per flow before the fault: every flow snapshotted (K=10) twice
+
+
+def warm_and_snapshotted(n, flows: int, base: int, pps: int) -> dict:
+    """`flows` echoed UDP flows of WARM datagrams each (source ports from
+    `base`), until every flow's state is snapshotted twice; returns the
+    node's flows then, by key."""
+    sink = Proc(n.dst_ns, "udp-sink", "--echo", "--expect", str(flows * WARM), "--timeout", "30").wait_ready()
+    warm = run_tool(n.src_ns, "udp-send", "--dst", n.dst_ip, "--flows", str(flows), "--packets", str(WARM),
+                    "--pps", str(pps), "--echo", "--echo-wait", "3", "--base-port", str(base))
+    assert warm["sent"] == sink.result()["received"] == flows * WARM
+    wait_for(lambda: all(f.get("snapshot_version", 0) >= 2 for f in n.flows()["flows"]), timeout=20,
+             what="every flow snapshotted")
+    return {f["key"]: f for f in n.flows()["flows"]}

@@ -116,10 +116,10 @@ def test_a_parser_out_of_sync_makes_the_trial_invalid(monkeypatch):
     actors = [_actor(10, flow_monitor=fm, http_parser=hp), _actor(10, flow_monitor=fm, http_parser=bad)]
     monkeypatch.setattr(accounting, "_flows_of", lambda *a, **k: actors)
     acc = {"to_actors": 20, "drops": {}}
-    out = accounting.nf_checks("n", 1, set(), ["flow_monitor", "http_parser"], acc)
+    out = accounting.nf_checks("n", [0], set(), ["flow_monitor", "http_parser"], acc)
     assert not out["ok"] and out["http_desync_flows"] == 1
     assert any("parsed 13 requests of 20" in p for p in out["problems"])
-    out = accounting.nf_checks("n", 1, set(), ["flow_monitor"], dict(acc, to_actors=25))
+    out = accounting.nf_checks("n", [0], set(), ["flow_monitor"], dict(acc, to_actors=25))
     assert out["problems"] == ["actors counted 20 frames, the runtimes' counters 25 and the switch 0"]
 
 
@@ -128,8 +128,8 @@ def test_frames_the_switch_handled_for_offloaded_flows_count_for_their_actors(mo
     actors = [_actor(10, flow_monitor=fm), _actor(10, flow_monitor=fm)]
     monkeypatch.setattr(accounting, "_flows_of", lambda *a, **k: actors)
     acc = {"to_actors": 4, "in_switch": 16, "drops": {}}
-    assert accounting.nf_checks("n", 1, set(), ["flow_monitor"], acc)["ok"]
-    out = accounting.nf_checks("n", 1, set(), ["flow_monitor"], dict(acc, in_switch=15))
+    assert accounting.nf_checks("n", [0], set(), ["flow_monitor"], acc)["ok"]
+    out = accounting.nf_checks("n", [0], set(), ["flow_monitor"], dict(acc, in_switch=15))
     assert out["problems"] == ["actors counted 20 frames, the runtimes' counters 4 and the switch 15"]
 
 
@@ -175,3 +175,18 @@ def test_a_trial_that_lost_frames_to_other_load_is_run_again():
     assert m["rerun_trials"] == 2 and m["disturbed_trials"] == 2 and m["trial_count"] == 11
     assert b.asked[1] == b.asked[2] == b.asked[3]  # the first search step, twice more
     assert m["confirmed"] and 0.0009 < m["zero_loss_mpps"] <= 0.001
+
+
+def test_a_worker_hosts_links_and_switch_drops_are_counted():
+    """Runtimes on a worker host: frames lost on the fabric (either end's
+    fab0, the bridge's ports), in the worker's runtime port, or dropped by
+    the worker's switch are counted drops, not unaccounted."""
+    zero = {"tx_dropped": 0, "rx_dropped": 0}
+    names = ("fab0", "h1:fab0", "fab:p1", "h1:sw-rt8")
+    a = _snap(links=dict.fromkeys(names, zero), switch={"h1": {"drop_fabric_runtime": 1}})
+    b = _snap(sink=90, links={"fab0": {"tx_dropped": 3, "rx_dropped": 0}, "h1:fab0": {"tx_dropped": 0, "rx_dropped": 2},
+                              "fab:p1": {"tx_dropped": 1, "rx_dropped": 0}, "h1:sw-rt8": {"tx_dropped": 2, "rx_dropped": 0}},
+              switch={"h1": {"drop_fabric_runtime": 3}})
+    acc = accounting.account([a, b], 100, 0)
+    assert acc["drops"] == {"fabric_dropped": 6, "runtime_port_full": 2, "h1_switch_drop_fabric_runtime": 2}
+    assert acc["unaccounted"] == 0

@@ -8,7 +8,8 @@ from nfactor_xdp.formats.config import ConfigError, NodeConfig
 
 COMMANDS = [[], ["up"], ["down"], ["status"], ["flows"], ["probe"], ["demo"], ["testbed"],
             ["testbed", "up"], ["testbed", "down"], ["testbed", "show"], ["bench"], ["bench", "forward"],
-            ["bench", "chains"], ["bench", "migration"], ["bench", "replication"], ["bench", "plot"], ["migrate"],
+            ["bench", "chains"], ["bench", "migration"], ["bench", "replication"], ["bench", "hosts"], ["bench", "plot"],
+            ["migrate"],
             ["rules"],
             ["rules", "add"], ["rules", "del"], ["rules", "list"], ["rules", "default"], ["rules", "load"],
             ["runtime"], ["runtime", "add"], ["runtime", "stop"], ["runtime", "kill"], ["runtime", "drain"],

@@ -81,8 +81,10 @@ class FakeController:
         self.fences: dict[int, bool] = {}
         self.ep = self
 
-    def fence_host(self, host, fenced=True):
+    def fence_host(self, host, fenced=True, then=None):
         self.fences[host] = fenced
+        if then is not None:
+            then()
 
     def host_table(self):
         return {h: {"fenced": f} for h, f in self.fences.items()}

@@ -8,8 +8,11 @@ loses only what was in flight on it: its flows go on on the other hosts with
 their NF state."""
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
+import time
 import socket
 import subprocess
 import uuid
@@ -17,12 +20,16 @@ import uuid
 import pytest
 
 from nfactor_xdp.control import node_client as nodectl
+from nfactor_xdp.formats import config as nodeconf
 from nfactor_xdp.formats import fabric
+from nfactor_xdp.formats.messages import MsgType
 from nfactor_xdp.kern import layouts as L
 from nfactor_xdp.kern import netns
 from nfactor_xdp.kern.maps import NodeMaps
+from nfactor_xdp.tools.etcd_cluster import EtcdCluster
 from nfactor_xdp.tools.testbed import Testbed, TestbedConfig
-from tests.helpers import EchoTraffic, Proc, RunningNode, check_taken_flows, run_tool, wait_for
+from tests.helpers import (EchoTraffic, Proc, RunningNode, check_taken_flows, run_tool, wait_for,
+                           warm_and_snapshotted)
 
 pytestmark = [pytest.mark.root, pytest.mark.netns]
 
@@ -32,18 +39,25 @@ POLICY = {"default_chain": ["flow_monitor", "firewall"],
 RUNTIMES = (0, 8, 16)  # one per host
 
 
-@pytest.fixture
-def hosts_node(tmp_path):
+@contextlib.contextmanager
+def three_hosts(tmp_path, etcd: bool = False, **settings):
+    """A node on a testbed with 2 worker hosts, runtime 0 on the ingress host
+    and one on each worker (8, 16); etcd: a member on each host's fabric
+    address (yielded as n.etcd)."""
     tb = Testbed(TestbedConfig(name=f"m{uuid.uuid4().hex[:5]}", hosts=2))
     tb.up()
-    n = None
+    n = cluster = None
     try:
         policy = tmp_path / "policy.json"
-        policy.write_text(__import__("json").dumps(POLICY))
+        policy.write_text(json.dumps(POLICY))
         fab = tb.show()["fabric"]
+        if etcd:
+            cluster = EtcdCluster(name="hosts", places=[(h["netns"], h["ipv4"]) for h in fab["hosts"]]).start()
+            cluster.wait_healthy()
+            settings.update(store="etcd", etcd_endpoints=",".join(cluster.endpoints))
         n = RunningNode(tb, f"n{uuid.uuid4().hex[:5]}", 1, str(policy), snapshot_every=K,
-                        hosts=",".join(h["ipv4"] for h in fab["hosts"]), fabric_port="fab0")
-        n.fabric = fab
+                        hosts=",".join(h["ipv4"] for h in fab["hosts"]), fabric_port="fab0", **settings)
+        n.fabric, n.etcd = fab, cluster
         n.workers = [nodectl.start_worker(n.cfg, h, fab["hosts"][h]["netns"]) for h in (1, 2)]
         yield n
     finally:
@@ -52,7 +66,30 @@ def hosts_node(tmp_path):
             for name in (n.name, fabric.worker_name(n.name, 1), fabric.worker_name(n.name, 2)):
                 assert not os.path.exists(f"/sys/fs/bpf/nfactor/{name}"), f"pins of {name} left behind"
                 subprocess.run(["rm", "-rf", f"/var/lib/nfactor/{name}"], check=False)
+        if cluster is not None:
+            cluster.stop()
         tb.down()
+
+
+@pytest.fixture
+def hosts_node(tmp_path):
+    with three_hosts(tmp_path) as n:
+        yield n
+
+
+def _kill_host(n, host: int) -> None:
+    """Every process of the host killed with -9, its fabric link down."""
+    ns = n.fabric["hosts"][host]["netns"]
+    for pid in subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split():
+        os.kill(int(pid), signal.SIGKILL)
+    subprocess.run(["ip", "-n", ns, "link", "set", "fab0", "down"], check=True)
+
+
+def _controller(n) -> dict | None:
+    try:
+        return nodectl.control_call(n.name, "control", MsgType.STATUS, {}, timeout=0.3)
+    except nodectl.NodeCtlError:
+        return None
 
 
 def _download(n, size: int, count: int) -> dict:
@@ -86,10 +123,16 @@ def test_flows_cross_runtimes_on_every_host_once_and_in_order(hosts_node):
     assert sw["drop_fabric_runtime"] == 0 and sw["drop_no_host"] == 0 and sw["redirect_err"] == 0
 
 
-def test_every_flow_migrates_between_hosts_under_traffic(hosts_node):
+def test_every_flow_migrates_between_hosts_under_traffic(tmp_path):
     """From a worker to a worker, a worker to the ingress, the ingress to a
-    worker: the marker goes over the fabric behind the flow's frames."""
-    n = hosts_node
+    worker: the marker goes over the fabric behind the flow's frames.
+    Offload off: a worker's runtimes do not offload, and the ingress host's
+    hand-over race (an open issue, test_migration.py) is not what this tests."""
+    with three_hosts(tmp_path, offload="off") as n:
+        _migrate_around(n)
+
+
+def _migrate_around(n) -> None:
     traffic = EchoTraffic(n, flows=30, packets=1500, pps=3000, base=42000)
     server = Proc(n.dst_ns, "http-serve", "--bind", n.dst_ip, "--timeout", "120").wait_ready()
     download = Proc(n.src_ns, "http-get", "--host", n.dst_ip, "--size", str(60 << 20), "--count", "1")
@@ -169,13 +212,7 @@ def test_a_worker_hosts_failure_loses_only_what_was_on_it(hosts_node):
     K-1; the other flows lose nothing."""
     n = hosts_node
     flows, packets = 30, 1500
-    sink = Proc(n.dst_ns, "udp-sink", "--echo", "--expect", str(flows * 20), "--timeout", "30").wait_ready()
-    warm = run_tool(n.src_ns, "udp-send", "--dst", n.dst_ip, "--flows", str(flows), "--packets", "20",
-                    "--pps", "3000", "--echo", "--echo-wait", "3", "--base-port", "45000")
-    assert warm["sent"] == sink.result()["received"] == flows * 20
-    wait_for(lambda: all(f.get("snapshot_version", 0) >= 2 for f in n.flows()["flows"]), timeout=20,
-             what="every flow snapshotted")
-    before = {f["key"]: f for f in n.flows()["flows"]}
+    before = warm_and_snapshotted(n, flows, 45000, 3000)
     on1 = {k for k, f in before.items() if f["host"] == 1}
     assert on1 and len(on1) < flows
     replicas = {f["replica"] for k, f in before.items() if k in on1}
@@ -186,13 +223,10 @@ def test_a_worker_hosts_failure_loses_only_what_was_on_it(hosts_node):
     wait_for(lambda: sum(f["packets"]["orig"] for f in n.flows()["flows"] if f["key"] in on1)
              > sum(f["packets"]["orig"] for k, f in before.items() if k in on1) + 10 * len(on1),
              timeout=10, interval=0.01, what="traffic on host 1's flows")
-    ns1 = n.fabric["hosts"][1]["netns"]
-    for pid in subprocess.run(["ip", "netns", "pids", ns1], capture_output=True, text=True).stdout.split():
-        os.kill(int(pid), signal.SIGKILL)
-    subprocess.run(["ip", "-n", ns1, "link", "set", "fab0", "down"], check=True)
+    _kill_host(n, 1)
     sent, got = sender.result(timeout=120), sink.result(timeout=120)
     assert sent["sent"] == flows * packets
-    ctl = nodectl.control_call(n.name, "control", nodectl.MsgType.STATUS, {})
+    ctl = _controller(n)
     assert ctl["stats"]["hosts_fenced"] == 1, ctl["stats"]
     assert NodeMaps(n.name).host_table()[1]["fenced"]
     after = {f["key"]: f for f in n.flows()["flows"]}
@@ -202,3 +236,48 @@ def test_a_worker_hosts_failure_loses_only_what_was_on_it(hosts_node):
     print(f"\nMEASURED host failure: host 1's {len(on1)} flows lost {lost} of {len(on1) * packets} datagrams "
           f"at 100/s each (detection: supervisor silent for twice the runtime failure time); "
           f"the other {flows - len(on1)} flows none")
+
+
+def test_the_leading_controllers_host_dies_and_a_controller_on_another_host_leads(tmp_path):
+    """Controllers on the ingress host and on worker host 1, the state in a
+    3-member etcd cluster with a member on each host.  Host 1's controller
+    is made the leader (the ingress one stopped, then killed: restarted, it
+    stands by); then host 1 dies (its controller, its runtime and its etcd
+    member).  The ingress host's controller leads from etcd's state, fences
+    host 1, and runtime 8's flows are taken over; the flows of the other
+    hosts never notice, at any point."""
+    with three_hosts(tmp_path, etcd=True, controller_hosts=[0, 1], leader_ttl=1) as n:
+        first = _controller(n)
+        worker1 = nodeconf.read_state(fabric.worker_name(n.name, 1))
+        assert first["pid"] == n.state["controller"]["pid"]  # the ingress host's leads, host 1's stands by
+        traffic_flows, packets = 30, 2400
+        before = warm_and_snapshotted(n, traffic_flows, 47000, 3000)
+        on1 = {k for k, f in before.items() if f["host"] == 1}
+        sink = Proc(n.dst_ns, "udp-sink", "--echo", "--idle", "3", "--timeout", "60").wait_ready()
+        sender = Proc(n.src_ns, "udp-send", "--dst", n.dst_ip, "--flows", str(traffic_flows), "--packets",
+                      str(packets), "--pps", "3000", "--echo", "--echo-wait", "3", "--base-port", "47000")
+        # 1. host 1's controller takes the lead: the ingress one stops refreshing its lease
+        os.kill(first["pid"], signal.SIGSTOP)
+        lead1 = wait_for(lambda: (c := _controller(n)) and c["pid"] == worker1["controller"]["pid"] and c,
+                         timeout=15, what="host 1's controller leading")
+        os.kill(first["pid"], signal.SIGKILL)  # (stopped: it dies without a word) restarted, it stands by
+        assert {e["id"]: e["state"] for e in lead1["view"]["runtimes"]} == {0: "running", 8: "running",
+                                                                            16: "running"}
+        # 2. host 1 dies: its controller, runtime, supervisor and etcd member
+        t0 = time.monotonic()
+        _kill_host(n, 1)
+        lead0 = wait_for(lambda: (c := _controller(n)) and c["pid"] not in (first["pid"], lead1["pid"]) and c,
+                         timeout=15, what="the ingress host's controller leading again")
+        wait_for(lambda: (_controller(n) or {}).get("stats", {}).get("hosts_fenced") == 1, timeout=15,
+                 what="host 1 fenced")
+        failover = time.monotonic() - t0
+        sent, got = sender.result(timeout=120), sink.result(timeout=120)
+        assert sent["sent"] == traffic_flows * packets
+        after = {f["key"]: f for f in n.flows()["flows"]}
+        for k in on1:
+            assert after[k]["runtime"] == after[k]["switch_runtime"] in (0, 16), after[k]
+        lost = check_taken_flows(before, on1, sent, got, n.src_ip, packets, after, 20, K)
+        assert lead0["log"]["store"] == "etcd"
+        print(f"\nMEASURED controller host failure: host 1 (leading controller, runtime 8, an etcd member) killed; "
+              f"the ingress host's controller led, fenced it and its flows were taken in {failover:.2f} s; "
+              f"host 1's {len(on1)} flows lost {lost} of {len(on1) * packets} datagrams, the others none")

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from nfactor_xdp.control import node_client as nodectl
-from tests.helpers import Proc, check_taken_flows, run_tool, wait_for
+from tests.helpers import Proc, check_taken_flows, run_tool, wait_for, warm_and_snapshotted
 
 pytestmark = [pytest.mark.root, pytest.mark.netns]
 
@@ -172,13 +172,7 @@ def test_a_killed_runtimes_flows_are_taken_over_by_its_peers_at_once(node_factor
     def runtime(i):
         return next(r for r in n.status()["runtimes"] if r["id"] == i)
 
-    sink = Proc(n.dst_ns, "udp-sink", "--echo", "--expect", str(flows * 20), "--timeout", "30").wait_ready()
-    warm = run_tool(n.src_ns, "udp-send", "--dst", n.dst_ip, "--flows", str(flows), "--packets", "20",
-                    "--pps", "4000", "--echo", "--echo-wait", "3", "--base-port", "54000")
-    assert warm["sent"] == sink.result()["received"] == flows * 20
-    wait_for(lambda: all(f.get("snapshot_version", 0) >= 2 for f in n.flows()["flows"]), timeout=20,
-             what="every flow snapshotted")
-    before = {f["key"]: f for f in n.flows()["flows"]}
+    before = warm_and_snapshotted(n, flows, 54000, 4000)
     on0 = {k for k, f in before.items() if f["runtime"] == 0}
     assert on0 and len(on0) < flows, "round-robin put no flow (or every flow) on runtime 0"
     victim = runtime(0)

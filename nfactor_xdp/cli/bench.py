@@ -308,6 +308,53 @@ def bench_replication(counts, flow_counts, takeovers, show_trials, output, plot_
                f"({p['recovery_fetch_replay_s']} s fetching/replaying)")
 
 
+@bench.command("hosts")
+@click.option("--flows", "flow_counts", type=IntList(), default="1000,10000", show_default=True,
+              help="Flow counts for the host-failure trials, comma-separated.")
+@click.option("--migration-flows", default=100, show_default=True, help="Flows in the migration trials.")
+@trials_option
+@output_option("bench-hosts.json")
+def bench_hosts(flow_counts, migration_flows, show_trials, output):
+    """Runtimes on a worker host against runtimes on the ingress host, same run
+    (a testbed with 2 worker hosts): the forward and full-chain rates, a
+    migration between two runtimes of one host and between two hosts, and a
+    worker host's failure (its processes killed, its link down) under its
+    flows' traffic.  On one machine the hosts share its CPUs: the worker
+    figures are the fabric path's cost, not added capacity."""
+    result = _run("run_hosts_bench", output, show_trials, flow_counts=flow_counts, migration_flows=migration_flows)
+    if not result:
+        return
+    for m in result["rates"]:
+        if m.get("error"):
+            click.echo(f"  {m['label']:<32} error: {m['error']}")
+            continue
+        f, c = m["forward"], m["full_chain"]
+        click.echo(f"  {m['label']:<32} forward {f['forwarded_mpps']:.4f} Mpps ({_ratio(f)}){_of_ingress(f)}")
+        click.echo(f"  {'':<32} full chain zero-loss {c['zero_loss_mpps']:.4f} Mpps ({_ratio(c)}){_of_ingress(c)}")
+        click.echo(_trial_row(f))
+    for m in result["migration"]:
+        if m.get("error"):
+            click.echo(f"  {m['label']:<32} error: {m['error']}")
+            continue
+        lat = m.get("flow_latency_us") or {}
+        click.echo(f"  {m['label']:<32} {m['migrated']} of {m['total']} migrated, {m['failed']} failed; "
+                   f"one flow {lat.get('avg', '-')} us avg, p99 {lat.get('p99', '-')} us; batch "
+                   f"{m['batch_seconds']} s; lost {m['trial']['lost']} of {m['trial']['offered']}")
+    for m in result["failure"]:
+        if m.get("skipped") or m.get("error"):
+            click.echo(f"  {m['label']:<32} {m.get('reason') or 'error: ' + m['error']}")
+            continue
+        t = m["trial"]
+        click.echo(f"  {m['label']:<32} fenced after {m['fenced_s']} s, {m['actors_taken']} of "
+                   f"{m['actors_before'][8]} flows taken after {m['taken_s']} s; lost {m['lost_across_failure']} "
+                   f"of {t['offered']} ({m['lost_with_host']} died in the host)")
+        click.echo(f"  {'':<32} {accounting_line(t)}")
+
+
+def _of_ingress(d: dict) -> str:
+    return f" = {d['of_ingress_host']:.0%} of the ingress host's" if "of_ingress_host" in d else ""
+
+
 def _show_recovery(m: dict) -> None:
     if m.get("skipped"):
         click.echo(f"  {m['label']:<26} skipped: {m['reason']}")

@@ -57,6 +57,7 @@ def _absolute(ctx, param, value):
 # NodeConfig fields whose type does not follow from their default.
 _FIELD_TYPES = {
     "cores": {"type": IntList("CPU numbers, e.g. 0,1")},
+    "controller_hosts": {"type": IntList("host numbers, e.g. 0,1")},
     "policy": {"type": click.Path(exists=True, dir_okay=False), "callback": _absolute},
 }
 

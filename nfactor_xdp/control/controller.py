@@ -34,7 +34,7 @@ from ..formats import fabric
 from .cluster_store import EtcdStore, StoreError
 from .durable_log import ControllerLog
 from .host_watch import HostWatch
-from ..kern.maps import NodeMaps
+from .switch_tables import switch_tables
 from ..formats.messages import ClusterKey, Endpoint, Message, MsgType
 from ..dataplane.rules import Policy, RuleError, load_policy
 from ..errors import NFactorError
@@ -76,7 +76,7 @@ class Controller:
         self.scale_window = cfg.scale_window
         self.max_runtimes = cfg.max_runtimes
         self.scale_cooldown = cfg.scale_cooldown
-        self.maps = NodeMaps(cfg.name)
+        self.maps = switch_tables(cfg, self.ep)  # the pinned maps, or through the agent from a worker host
         self.log = store if store is not None else ControllerLog(nodeconf.controller_log_path(cfg.name))
         self.view: dict[int, dict] = {}      # runtime id -> entry (durable part: id, state, addr, core, port)
         self.live: dict[int, dict] = {}      # runtime id -> last heartbeat time and load (not logged)
@@ -479,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
         stopping = []
         stop_on_signals(lambda: stopping.append(True))
         try:
-            store = EtcdStore(cfg.etcd_members, cfg.name, cfg.leader_ttl)
+            store = EtcdStore(cfg.etcd_members, cfg.cluster_name, cfg.leader_ttl)
         except Exception as e:
             return _give_up(cfg, f"cannot use etcd: {type(e).__name__}: {e}")
         if not store.campaign(lambda: bool(stopping)):

@@ -87,13 +87,17 @@ class HostWatch:
 
     def fence(self, host: int, rts: list[int], silent: float) -> None:
         view = self.ctl.view
-        self.ctl.maps.fence_host(host)  # first: nothing of it passes the switch from now on
         self.fenced[host] = {rt: view[rt].get("pid") for rt in rts}
         self.stats["hosts_fenced"] += 1
-        log.warning("host %d failed: its supervisor silent for %.2f s and its runtimes %s failed; fenced, its "
-                    "runtimes marked exited (their peers take their flows)", host, silent, rts)
+        log.warning("host %d failed: its supervisor silent for %.2f s and its runtimes %s failed; fencing it, "
+                    "then its runtimes are marked exited (their peers take their flows)", host, silent, rts)
+        # first: nothing of it passes the switch from then on
+        self.ctl.maps.fence_host(host, then=lambda: self._exited(host, rts))
+
+    def _exited(self, host: int, rts: list[int]) -> None:
+        view = self.ctl.view
         for rt in rts:
-            if not view[rt].get("exited"):
+            if rt in view and not view[rt].get("exited"):
                 self.ctl._change({"op": "state", "id": rt, "state": "failed", "why": f"host {host} failed",
                                   "exited": True})
         self.ctl.push_view()

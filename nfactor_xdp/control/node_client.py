@@ -204,7 +204,8 @@ def control_call(name: str, to: str, msg_type, body: dict, timeout: float = 1.0)
     cfg = NodeConfig.from_dict(state.get("config") or {"name": name})
     ep = _endpoint(cfg)
     try:
-        reply = ep.call(nodeconf.control_address(cfg, ROLES[to]), msg_type, body, timeout=timeout, retries=3)
+        addr = nodeconf.controller_addresses(cfg) if to == "control" else nodeconf.control_address(cfg, ROLES[to])
+        reply = ep.call(addr, msg_type, body, timeout=timeout, retries=3)
     except MessageTimeout as e:
         raise NodeCtlError(f"node {name!r}: the {ROLES[to]} does not answer: {e}; `nfactorctl status --name {name}` "
                            f"shows the node, {nodeconf.log_dir(name)}/ has its logs") from None

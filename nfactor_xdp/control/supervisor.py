@@ -103,7 +103,8 @@ class Node:
         # a worker host (docs/architecture.md, Hosts) runs runtimes only; the ingress host the rest
         self.worker = cfg.host_id != 0
         self.hosts_known: set[int] = set()
-        self.controller = None if self.worker else \
+        # (with hosts, a worker host may run one too: --controller-hosts)
+        self.controller = None if cfg.host_id not in cfg.controller_host_ids else \
             Child(cfg, "controller", "nfactor_xdp.control.controller", backoff=CONTROLLER_BACKOFF)
         # --controllers N with --store etcd: the others wait in etcd to take over from the leader
         self.standbys = [] if self.worker else \
@@ -284,7 +285,7 @@ class Node:
 
     def _notify_controller(self, msg_type, body: dict) -> None:
         if self.ep:
-            self.ep.send(nodeconf.control_address(self.cfg, "controller"), msg_type, body)
+            self.ep.send(nodeconf.controller_addresses(self.cfg), msg_type, body)
 
     def _ready(self, rt: RuntimeProc) -> bool:
         """Ready: its socket is registered and the controller has it in the view."""
@@ -323,7 +324,7 @@ class Node:
                 self.publish_hosts()
             if self.worker and now >= alive_due:  # a dead host says nothing: its silence is the sign
                 alive_due = now + self.cfg.heartbeat
-                self.ep.send(nodeconf.control_address(self.cfg, "heartbeat"), MsgType.HOST_ALIVE,
+                self.ep.send(nodeconf.controller_addresses(self.cfg, "heartbeat"), MsgType.HOST_ALIVE,
                              {"host": self.cfg.host_id,
                               "runtimes": {str(rt.id): (rt.identity or {}).get("pid") for rt in self.runtimes}})
             for msg, addr in self.ep.receive(32):

@@ -207,9 +207,10 @@ class SwitchAgent:
         self.injector = MarkerInjector()
         self.slots = self._open_slots(node)
         self.stats = collections.Counter({n: 0 for n in (
-            "moves", "taken", "batches", "markers_sent", "marker_errors", "membarriers", "ended_deleted", "ended_kept",
-            "membarrier_us_total", "membarrier_us_max", "grace_errors", "internal_errors")})
+            "moves", "taken", "batches", "markers_sent", "marker_errors", "membarriers",
+            "ended_deleted", "ended_kept", "switch_sets", "membarrier_us_total", "membarrier_us_max", "grace_errors", "internal_errors")})
         self.rejected: collections.Counter = collections.Counter()
+        self.set_stamps: dict[tuple, tuple] = {}  # (runtime|host, id) -> the newest SWITCH_SET applied
         self.stopping = False
 
     @staticmethod
@@ -358,6 +359,39 @@ class SwitchAgent:
             raise OSError(errno.EHOSTUNREACH, f"host {entry.host} of runtime {rt} is not known")
         return tuple((socket.inet_ntoa(bytes(h.ipv4)), ":".join(f"{b:02x}" for b in h.mac)) for h in hosts)
 
+    def on_set(self, msg: Message, addr) -> None:
+        """A controller on a worker host (switch_tables.py) sets a runtime's
+        state or a host's fence; a write older than the newest one applied to
+        the same runtime or host is answered and ignored."""
+        body = msg.body if isinstance(msg.body, dict) else {}
+        if body.get("read"):
+            self.ep.reply(msg, addr, {"ok": True, "hosts": {str(h): v for h, v in self.maps.host_table().items()}})
+            return
+        try:
+            stamp = (int(body["epoch"]), int(body["seq"]))
+            if "runtime" in body:
+                rt, state, host = (int(v) for v in body["runtime"])
+                if not (0 <= rt < MAX_RUNTIMES and state in L.RT_STATES and 0 <= host < L.C["NFX_MAX_HOSTS"]):
+                    raise ValueError("no such runtime, state or host")
+                what = ("runtime", rt)
+            else:
+                host, fenced = int(body["fence"][0]), bool(body["fence"][1])
+                if not 0 < host < L.C["NFX_MAX_HOSTS"]:
+                    raise ValueError("no such worker host")
+                what = ("host", host)
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            self.rejected["bad_set"] += 1
+            self.ep.reply(msg, addr, {"ok": False, "error": f"bad SWITCH_SET: {e}"})
+            return
+        if stamp > self.set_stamps.get(what, (0, 0)):
+            self.set_stamps[what] = stamp
+            if what[0] == "runtime":
+                self.maps.set_runtime_state(rt, state, host=host)
+            else:
+                self.maps.fence_host(host, fenced)
+            self.stats["switch_sets"] += 1
+        self.ep.reply(msg, addr, {"ok": True})
+
     def on_end(self, msg: Message) -> None:
         """A worker host's runtime ended these flows: their entries go if they
         still place the flow on it (no reply: a lost one leaves them to the LRU)."""
@@ -385,6 +419,8 @@ class SwitchAgent:
             self.on_take(msg, addr)
         elif msg.type == MsgType.FLOW_END:
             self.on_end(msg)
+        elif msg.type == MsgType.SWITCH_SET:
+            self.on_set(msg, addr)
         elif msg.type == MsgType.PING:
             self.ep.reply(msg, addr, {"ok": True})
         else:

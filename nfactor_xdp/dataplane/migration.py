@@ -83,6 +83,11 @@ class Migrator(Arrivals):
         self.queued: set[bytes] = set()     # keys waiting in a batch (never offloaded meanwhile)
         self.revoke = lambda keys: 0        # takes offloaded flows back from the switch (offloader.py)
         self.settle = lambda keys: None     # ... and makes their counts final before their state leaves
+        # In the runtime's loop a marker is seen in the middle of a batch whose forwarded frames go
+        # to TX only after it: the states wait for that (send_states), or the target could send a
+        # frame of the flow before one still waiting here (runtime.py sets defer_states).
+        self.defer_states = False
+        self.states_due: list = []
         self.skip = 0  # held frames keep the switch's ingress tag in front; actors see them without (runtime.skip)
         self.last_error = ""
         self.stats = {"late_markers": 0, "out_started": 0, "out_succeeded": 0, "out_failed": 0, "marker_resends": 0,
@@ -255,11 +260,22 @@ class Migrator(Arrivals):
             self.stats["markers_consumed"] += 1
             if not m.marker_seen:
                 m.marker_seen = True
-                self._send_state(m, actor)
+                if self.defer_states:
+                    self.states_due.append((m, actor))
+                else:
+                    self._send_state(m, actor)
             return True
         if m.marker_seen:
             self.stats["after_marker"] += 1  # cannot happen by construction: counted to show it does not
         return False
+
+    def send_states(self) -> None:
+        """The states of the flows whose marker came, now that the frames the
+        runtime forwarded before each marker have been handed to the kernel."""
+        due, self.states_due = self.states_due, []
+        for m, actor in due:
+            if actor.migration is m and m.step != "state":
+                self._send_state(m, actor)
 
     def _send_state(self, m: Outgoing, actor) -> None:
         target = self.view.addr(m.target)

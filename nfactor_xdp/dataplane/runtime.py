@@ -81,8 +81,9 @@ class Runtime:
         self.maps: NodeMaps | None = None
         self.ctl: query.Server | None = None
         self.ep: Endpoint | None = None
-        self.controller = nodeconf.control_address(cfg, "controller") if controlled else None
-        self.heartbeats = nodeconf.control_address(cfg, "heartbeat") if controlled else None
+        # (a list: with controllers on several hosts, each is sent to; only the leader listens)
+        self.controller = nodeconf.controller_addresses(cfg) if controlled else None
+        self.heartbeats = nodeconf.controller_addresses(cfg, "heartbeat") if controlled else None
         self.migrator = Migrator(self.flows, self.view, make_actor=self.make_actor, transmit=self.transmit,
                                  on_left=self._flow_left, hooks=self.hooks, max_concurrent=cfg.max_migrations)
         self.collector = Collector()
@@ -452,6 +453,8 @@ class Runtime:
         if ep:
             poller.register(ep.fileno(), select.POLLIN)
         offloads = self.offloads
+        migrator = self.migrator
+        migrator.defer_states = True  # (migration.py: states leave after the frames before their marker)
         if offloads.grace.fileno() is not None:  # a revocation's grace period has passed
             poller.register(offloads.grace.fileno(), select.POLLIN)
         ring = offloads.ring
@@ -473,6 +476,8 @@ class Runtime:
                 if stall > self.stall["max_ms"]:
                     self.stall["max_ms"], self.stall["after"] = round(stall, 3), stall_after
             got = xsk.forward_batch(handle, batch)
+            if migrator.states_due:  # the batch's frames are sent: now the states of the flows it ended here
+                migrator.send_states()
             since_housekeeping += got
             full_at, stall_after = (time.monotonic() if got == batch else 0.0), "batch"
             if offloads.candidates or offloads.revoking:

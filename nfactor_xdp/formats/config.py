@@ -111,6 +111,14 @@ def control_address(cfg: "NodeConfig", role: str, host: int | None = None) -> st
                                   cfg.host_id if host is None else host)
 
 
+def controller_addresses(cfg: "NodeConfig", role: str = "controller") -> list:
+    """Where to send to the controller (`role` controller or heartbeat): with
+    controllers on several hosts, to each (only the leader has bound its)."""
+    if not cfg.hosts:
+        return [control_socket(cfg.name, role)]
+    return [control_address(cfg, role, host=h) for h in cfg.controller_host_ids]
+
+
 def control_socket(name: str, role: str) -> str:
     """The control socket of `role`: controller, heartbeat (the controller's
     socket for heartbeats alone), supervisor, switch, rtN, or a client's."""
@@ -171,6 +179,10 @@ class NodeConfig:
     host_id: int = setting(0, "Which of --hosts this is (0: the ingress); set by `up --worker N`.", cli=False)
     fabric_port: str = setting("fab0", "With --hosts: the interface towards the node's other hosts (MTU at least "
                                "the external ports' + 46).")
+    controller_hosts: list[int] = setting(None, "With --hosts: the hosts that run a controller, e.g. 0,1 (default: "
+                                          "the ingress host alone).  More than one needs --store etcd: one leads, "
+                                          "the others take over from etcd's state when its host dies.",
+                                          factory=list)
     control_port: int = setting(7470, "With --hosts: the first UDP port of the control messages (controller, "
                                 "heartbeats, switch agent, supervisor at +0..3, runtime N at +16+N), on each "
                                 "host's fabric address.")
@@ -334,10 +346,17 @@ class NodeConfig:
                 raise ConfigError(f"host {self.host_id} is not one of the {len(addrs)} hosts")
             if self.runtimes > fabric.RUNTIMES_PER_HOST or self.max_runtimes > fabric.RUNTIMES_PER_HOST:
                 raise ConfigError(f"with hosts, a host runs at most {fabric.RUNTIMES_PER_HOST} runtimes")
+            if any(not 0 <= h < len(addrs) for h in self.controller_hosts):
+                raise ConfigError(f"controller_hosts: hosts are 0..{len(addrs) - 1}")
+            if self.controller_host_ids != [0] and self.store != "etcd":
+                raise ConfigError("controllers on other hosts than the ingress need --store etcd")
             if not 1024 <= self.control_port <= 65535 - fabric.RUNTIME_PORT - L.C["NFX_MAX_RUNTIMES"]:
                 raise ConfigError("control_port must leave room for every runtime's port below 65536")
-        elif self.host_id:
-            raise ConfigError("a worker host (--worker) needs --hosts")
+            if self.host_id and not self.name.endswith(f"-h{self.host_id}"):
+                raise ConfigError(f"worker host {self.host_id}'s node name must end with -h{self.host_id} "
+                                  f"(`up --worker` names it so)")
+        elif self.host_id or self.controller_hosts:
+            raise ConfigError("a worker host (--worker) or controller_hosts needs --hosts")
         ncpu = os.cpu_count() or 1
         for c in self.cores:
             if not 0 <= c < ncpu:
@@ -347,6 +366,16 @@ class NodeConfig:
     @property
     def host_addresses(self) -> list[str]:
         return fabric.parse_hosts(self.hosts)
+
+    @property
+    def cluster_name(self) -> str:
+        """The node's name, also on a worker host (whose own name is NAME-hN):
+        what its cluster state in etcd is kept under."""
+        return self.name[:-len(f"-h{self.host_id}")] if self.host_id else self.name
+
+    @property
+    def controller_host_ids(self) -> list[int]:
+        return sorted(set(self.controller_hosts)) or [0]
 
     @property
     def runtime_ids(self) -> list[int]:

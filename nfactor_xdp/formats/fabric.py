@@ -67,12 +67,13 @@ def runtime_ids(host: int, count: int) -> list[int]:
 
 def control_address(hosts: list[str], port: int, role: str, host: int) -> tuple[str, int]:
     """The UDP address of `role` (controller, heartbeat, switch, supervisor,
-    rtN, or anything else: a client's, any free port) on `host`."""
+    rtN, or anything else: a client's, any free port) on `host` (the switch
+    agent's is on the ingress host, a runtime's on its own)."""
     if role.startswith("rt") and role[2:].isdigit():
         rt = int(role[2:])
         return hosts[host_of(rt)], port + RUNTIME_PORT + rt
-    if role in CONTROL_PORTS:
-        return hosts[host if role == "supervisor" else 0], port + CONTROL_PORTS[role]
+    if role in CONTROL_PORTS:  # the switch agent lives with the switch; the others where they run
+        return hosts[0 if role == "switch" else host], port + CONTROL_PORTS[role]
     return hosts[host], 0
 
 

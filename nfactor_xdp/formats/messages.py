@@ -80,6 +80,7 @@ class MsgType(enum.IntEnum):
     SNAPSHOT_FETCH = 31
     FLOW_TAKE = 32  # runtime -> switch agent: point a crashed peer's flows here (dataplane/takeover.py)
     FLOW_END = 33  # a worker host's runtime -> switch agent: delete these ended flows' entries if still its own
+    SWITCH_SET = 34  # a controller on a worker host -> switch agent: a runtime's state, a host's fence
 
 
 class MessageError(NFactorError):
@@ -258,20 +259,28 @@ class Endpoint:
         return rid
 
     def send(self, addr, msg_type: int, body: dict, rid: int | None = None) -> int:
-        """Send one message; returns its rid.  Encoding errors (a bug) raise
-        MessageError; socket errors are counted, never raised (UDP is lossy anyway)."""
+        """Send one message (to each of a list of addresses); returns its rid.
+        Encoding errors (a bug) raise MessageError; socket errors are counted,
+        never raised (UDP is lossy anyway)."""
         if rid is None:
             rid = self._new_rid()
         frame = encode(msg_type, rid, self.sender, body, self.key)
+        if isinstance(addr, list):  # every controller of a node on several hosts: only the leader listens
+            for a in addr:
+                self._sendto(frame, a)
+            return rid
+        self._sendto(frame, addr)
+        return rid
+
+    def _sendto(self, frame: bytes, addr) -> None:
         if addr is None:  # from an unbound UNIX socket: nowhere to answer
             self.counters["send_no_address"] += 1
-            return rid
+            return
         try:
             self.sock.sendto(frame, addr)
             self.counters["sent"] += 1
         except OSError as e:
             self.counters[f"send_{_errname(e)}"] += 1
-        return rid
 
     def reply(self, msg: Message, addr, body: dict) -> int:
         """Answer `msg` (received from `addr`) with `body`, under its rid;

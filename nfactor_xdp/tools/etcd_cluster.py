@@ -22,13 +22,13 @@ class EtcdError(NFactorError):
     pass
 
 
-def _free_ports(n: int) -> list[int]:
-    """n loopback TCP ports free now (held together, so all different)."""
+def _free_ports(n: int, ip: str = "127.0.0.1") -> list[int]:
+    """n TCP ports free now on `ip` (held together, so all different)."""
     socks = []
     try:
         for _ in range(n):
             s = socket.socket()
-            s.bind(("127.0.0.1", 0))
+            s.bind((ip, 0))
             socks.append(s)
         return [s.getsockname()[1] for s in socks]
     finally:
@@ -37,14 +37,25 @@ def _free_ports(n: int) -> list[int]:
 
 
 class EtcdCluster:
-    def __init__(self, members: int = 3, base_port: int | None = None, name: str = "nfx", netns: str | None = None):
+    def __init__(self, members: int = 3, base_port: int | None = None, name: str = "nfx", netns: str | None = None,
+                 places: list[tuple[str | None, str]] | None = None):
         """base_port: members use base_port, base_port + 1, ... (default: free ports);
-        netns: the network namespace the members run in (a node's: its loopback)."""
+        netns: the network namespace the members run in (a node's: its loopback);
+        places: instead, each member's (namespace, address): one per host of
+        a node with hosts, on its fabric address (the ports are free there)."""
         if not os.path.exists(ETCD):
             raise EtcdError(f"{ETCD} not found: install Debian's etcd-server (vm/provision.sh does)")
-        self.n, self.name, self.netns = members, name, netns
-        with netns_mod.entered(netns):
-            self.ports = list(range(base_port, base_port + 2 * members)) if base_port else _free_ports(2 * members)
+        self.n, self.name, self.netns = (len(places) if places else members), name, netns
+        self.places = places or [(netns, "127.0.0.1")] * self.n
+        if base_port:
+            self.ports = list(range(base_port, base_port + 2 * self.n))
+        else:
+            self.ports = []
+            for ns, ip in self.places:
+                with netns_mod.entered(ns):
+                    free = _free_ports(2 * self.n, ip)  # (a port free everywhere it is used: none repeats)
+                self.ports.append(next(p for p in free if p not in self.ports))
+                self.ports.append(next(p for p in free if p not in self.ports))
         self.dir = tempfile.mkdtemp(prefix=f"nfactor-etcd-{name}-")
         self.procs: dict[int, subprocess.Popen | None] = {i: None for i in range(members)}
 
@@ -56,15 +67,16 @@ class EtcdCluster:
 
     @property
     def endpoints(self) -> list[str]:
-        return [f"127.0.0.1:{self.client_port(i)}" for i in range(self.n)]
+        return [f"{self.places[i][1]}:{self.client_port(i)}" for i in range(self.n)]
 
     def _cmd(self, i: int) -> list[str]:
-        peers = ",".join(f"m{j}=http://127.0.0.1:{self.peer_port(j)}" for j in range(self.n))
+        peers = ",".join(f"m{j}=http://{self.places[j][1]}:{self.peer_port(j)}" for j in range(self.n))
+        ip = self.places[i][1]
         return [ETCD, "--name", f"m{i}", "--data-dir", os.path.join(self.dir, f"m{i}"),
-                "--listen-client-urls", f"http://127.0.0.1:{self.client_port(i)}",
-                "--advertise-client-urls", f"http://127.0.0.1:{self.client_port(i)}",
-                "--listen-peer-urls", f"http://127.0.0.1:{self.peer_port(i)}",
-                "--initial-advertise-peer-urls", f"http://127.0.0.1:{self.peer_port(i)}",
+                "--listen-client-urls", f"http://{ip}:{self.client_port(i)}",
+                "--advertise-client-urls", f"http://{ip}:{self.client_port(i)}",
+                "--listen-peer-urls", f"http://{ip}:{self.peer_port(i)}",
+                "--initial-advertise-peer-urls", f"http://{ip}:{self.peer_port(i)}",
                 "--initial-cluster", peers, "--initial-cluster-token", f"nfactor-{self.name}-{os.getpid()}",
                 "--initial-cluster-state", "new",
                 # a member is noticed gone within a second: faster elections than the defaults
@@ -72,7 +84,7 @@ class EtcdCluster:
 
     def start(self, i: int | None = None) -> "EtcdCluster":
         for j in ([i] if i is not None else range(self.n)):
-            with open(os.path.join(self.dir, f"m{j}.log"), "ab") as out, netns_mod.entered(self.netns):
+            with open(os.path.join(self.dir, f"m{j}.log"), "ab") as out, netns_mod.entered(self.places[j][0]):
                 self.procs[j] = subprocess.Popen(self._cmd(j), stdout=out, stderr=subprocess.STDOUT,
                                                  stdin=subprocess.DEVNULL)
         return self
@@ -84,7 +96,7 @@ class EtcdCluster:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                with netns_mod.entered(self.netns):
+                with netns_mod.entered(self.places[0][0]):
                     st = m.call(lambda c: c.status())
                 if int(st.get("leader") or 0):
                     return

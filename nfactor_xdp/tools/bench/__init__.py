@@ -11,6 +11,8 @@ in the same run (machines here are noisy: compare ratios).
             migrations (paper Fig. 7-8)                      (migration.py)
   replication  zero-loss rate with and without snapshots, and the recovery
             of a runtime killed with -9 (paper Fig. 10)       (replication.py)
+  hosts     runtimes on a worker host against the ingress host: rates,
+            migration, a worker host's failure               (hosts.py)
 
 Load: an XDP program (bpf/bench_gen.c) on the source host's eth0, run with
 BPF_PROG_TEST_RUN in live-frames mode (XDP_TX) on CPU 0, rotating the source
@@ -38,6 +40,7 @@ _ENTRY_POINTS = {
     "run_chain_bench": "chains",
     "run_migration_bench": "migration",
     "run_replication_bench": "replication",
+    "run_hosts_bench": "hosts",
 }
 __all__ = list(_ENTRY_POINTS)
 

@@ -30,6 +30,7 @@ import itertools
 from pyroute2 import IPRoute
 
 from ...control import node_client as nodectl
+from ...formats import fabric
 from ...kern import netns
 from ...kern.maps import NodeMaps
 from . import cpu
@@ -63,15 +64,33 @@ def runtime_counts(st: dict) -> dict:
     return out
 
 
-def snapshot(name: str, runtimes: int, sink, node_ns: str, pids: dict[str, int]) -> dict:
-    """One reading of every counter the accounting needs."""
+def snapshot(name: str, rt_ids: list[int], sink, node_ns: str, pids: dict[str, int],
+             workers: dict[int, str] | None = None, fabric_ns: str | None = None) -> dict:
+    """One reading of every counter the accounting needs.  workers: the
+    node's worker hosts (host -> namespace): their runtimes' socket counts
+    are their host's switch's, their links named "hN:ifname"; the fabric's
+    links "fab:ifname"."""
+    workers = workers or {}
     with NodeMaps(name) as maps:
         switch = maps.counters()
         rt_switch = {i: v["switch"] for i, v in maps.runtime_table().items()}
-    rts = {i: runtime_counts(nodectl.runtime_query(name, i, "status", timeout=2.0) or {}) for i in range(runtimes)}
+    links = link_stats(node_ns)
+    node_pids = cpu.node_pids(name)
+    for h, ns in workers.items():
+        worker = fabric.worker_name(name, h)
+        with NodeMaps(worker) as maps:
+            for i, v in maps.runtime_table().items():
+                # into its socket: the worker's steer program counts it
+                rt_switch.setdefault(i, {}).update({k: v["switch"][k] for k in ("to_socket", "no_socket")})
+            switch[f"h{h}"] = maps.counters()
+        links.update({f"h{h}:{k}": v for k, v in link_stats(ns).items()})
+        node_pids.update({k: v for k, v in cpu.node_pids(worker).items() if k.startswith("rt")})
+    if fabric_ns:
+        links.update({f"fab:{k}": v for k, v in link_stats(fabric_ns).items()})
+    rts = {i: runtime_counts(nodectl.runtime_query(name, i, "status", timeout=2.0) or {}) for i in rt_ids}
     trial, other = sink.counts()
     return {"sink": trial, "sink_other": other, "switch": switch, "rt_switch": rt_switch, "runtimes": rts,
-            "links": link_stats(node_ns), "cpu": cpu.sample({**pids, **cpu.node_pids(name)}),
+            "links": links, "cpu": cpu.sample({**pids, **node_pids}),
             # migration markers the switch agent put into runtimes' ports (None: it did not say)
             "markers_sent": switch_agent_stats(name).get("markers_sent")}
 
@@ -167,8 +186,11 @@ def account(snaps: list[dict], sent: int, failed: int) -> dict:
 
     pending = _ring_levels(a, b)
     node_links = b["links"]
-    rt_ports = [n for n in node_links if n.startswith("sw-rt")]
-    rt_ends = [n for n in node_links if n.startswith("rt") and n[2:].isdigit()]
+    local = {n: n.rsplit(":", 1)[-1] for n in node_links}  # a worker host's links are "hN:ifname"
+    rt_ports = [n for n, i in local.items() if i.startswith("sw-rt")]
+    rt_ends = [n for n, i in local.items() if i.startswith("rt") and i[2:].isdigit()]
+    # the fabric between hosts: each host's fab0 and the bridge's ports (both ways: tx and rx drops)
+    fabric_links = [n for n, i in local.items() if i == "fab0" or n.startswith("fab:")]
     offered = sent - failed
     forwarded = b["sink"] - a["sink"]
     drops = {f"switch_{k}": v for k, v in sw.items() if k.startswith("drop_") and v}
@@ -186,6 +208,12 @@ def account(snaps: list[dict], sent: int, failed: int) -> dict:
     drops["runtime_still_in_rx_ring"] = sum(pending.values())
     drops["runtime_tx_veth_dropped"] = _link_delta(a, b, rt_ends)
     drops["sink_port_full"] = _link_delta(a, b, ["ext1"])
+    drops["fabric_dropped"] = _link_delta(a, b, fabric_links) + _link_delta(a, b, fabric_links, "rx_dropped")
+    for key, sub in b["switch"].items():  # the worker hosts' switches' drops
+        if isinstance(sub, dict):
+            for k, v in _delta(a["switch"].get(key, {}), sub).items():
+                if k.startswith("drop_") and v:
+                    drops[f"{key}_switch_{k}"] = v
     counted = sum(drops.values())
     markers = _markers(a, b, total("markers"))
     non_chain = sum(total(k) for k in reasons if k != "dropped_chain")
@@ -210,20 +238,20 @@ def account(snaps: list[dict], sent: int, failed: int) -> dict:
     }
 
 
-def _flows_of(name: str, runtimes: int, keys: set[str], detail: bool) -> list[dict]:
+def _flows_of(name: str, rt_ids: list[int], keys: set[str], detail: bool) -> list[dict]:
     out = []
-    for i in range(runtimes):
+    for i in rt_ids:
         out += [a for a in nodectl.runtime_flows(name, i, detail=detail, timeout=30.0) or [] if a["key"] in keys]
     return out
 
 
-def nf_checks(name: str, runtimes: int, keys: set[str], chain: list[str], acc: dict,
+def nf_checks(name: str, rt_ids: list[int], keys: set[str], chain: list[str], acc: dict,
               strict: bool = True, observe: bool = False) -> dict:
     """The NFs' own counts for the trial's flows against the frames that
     reached them; `problems` lists what makes the trial invalid (nothing
     when not strict: a crash loses state by design).  observe: the chain's
     rule asks for observe mode (http_parser fed copies)."""
-    actors = _flows_of(name, runtimes, keys, detail=bool(chain))
+    actors = _flows_of(name, rt_ids, keys, detail=bool(chain))
     packets = sum(a["packets"]["orig"] + a["packets"]["reply"] for a in actors)
     dropped = sum(a.get("dropped", 0) for a in actors)
     in_switch = acc.get("in_switch", 0)

@@ -119,20 +119,24 @@ class Bench:
     """A testbed, a generator, a sink, and a node restarted per configuration."""
 
     def __init__(self, name: str = "bench", flows: int = 64, size: int = 64, batch: int = 64,
-                 idle_timeout: float = IDLE_TIMEOUT, progress: Callable[[dict], None] | None = None):
+                 idle_timeout: float = IDLE_TIMEOUT, progress: Callable[[dict], None] | None = None,
+                 hosts: int = 0):
         """progress: called with a summary of every trial as it ends (the CLI
-        prints it on a terminal; this layer prints nothing)."""
+        prints it on a terminal; this layer prints nothing); hosts: worker
+        hosts on the testbed (node_up_hosts puts runtimes on them)."""
         if os.geteuid() != 0:
             raise SystemExit("error: benchmarks need root")
         self.name, self.flows, self.size, self.batch, self.idle_timeout = name, flows, size, batch, idle_timeout
         self.progress, self.measuring_now, self.trials_run, self.started = progress, "", 0, time.monotonic()
-        self.tb = Testbed(TestbedConfig(name=name))
+        self.tb = Testbed(TestbedConfig(name=name, hosts=hosts))
         if self.tb.is_up():
             nodectl.stop(name)
             self.tb.down()
         self.gen = self.sink = None
         self.port, self.wraps = FIRST_PORT, 0
-        self.runtimes, self.mode, self.chain, self.placement = 0, "flows", [], {}
+        self.rt_ids: list[int] = []
+        self.workers: dict[int, str] = {}  # worker host -> its namespace, for the node running now
+        self.mode, self.chain, self.placement = "flows", [], {}
         self.offload = "off"
         self.observe = False          # the chain's rule asks for observe mode
         self.full_observation = False  # a trial is lossless only if no copy was lost either
@@ -197,18 +201,48 @@ class Bench:
         cfg = NodeConfig(name=self.name, netns=self.namespaces["node"], runtimes=runtimes, cores=cores, **config)
         nodectl.put_policy(self.name, Policy())
         nodectl.start(cfg)
-        self.runtimes, self.mode, self.chain, self.offload = runtimes, mode, [], config["offload"]
+        self.rt_ids, self.workers = cfg.runtime_ids, {}
+        self.mode, self.chain, self.offload = mode, [], config["offload"]
         self.observe = False
         self.placement = {"generator_cpu": GEN_CPU, "runtime_cpus": dict(enumerate(cores)), "note": note}
         with NodeMaps(self.name) as maps:
             maps.write_config(mode=L.C[MODES[mode]])
+
+    def node_up_hosts(self, ingress: int, workers: dict[int, int], **config: Any) -> None:
+        """A fresh node across the testbed's hosts: `ingress` runtimes on the
+        ingress host, workers[h] on worker host h, each runtime on a CPU of
+        its own where possible (the generator's last)."""
+        nodectl.stop(self.name)
+        fab = self.show["fabric"]
+        count = ingress + sum(workers.values())
+        cores, note = cpu.runtime_cores(count, GEN_CPU)
+        config = {"batch": self.batch, "idle_timeout": self.idle_timeout, "offload": "off",
+                  "miss_limit": MISS_LIMIT, **{k: v for k, v in config.items() if v is not None}}
+        cfg = NodeConfig(name=self.name, netns=self.namespaces["node"], runtimes=ingress, cores=cores[:ingress] or
+                         cores, hosts=",".join(h["ipv4"] for h in fab["hosts"]), fabric_port=fab["hosts"][0]["ifname"],
+                         **config)
+        nodectl.put_policy(self.name, Policy())
+        nodectl.start(cfg)
+        ids, placed, used = cfg.runtime_ids, dict(zip(cfg.runtime_ids, cores)), ingress
+        for h, n in sorted(workers.items()):
+            ns = fab["hosts"][h]["netns"]
+            wcfg = dataclasses.replace(cfg, cores=cores[used:used + n])
+            state = nodectl.start_worker(wcfg, h, ns, runtimes=n)
+            new = [r["id"] for r in state["runtimes"]]
+            placed.update(zip(new, cores[used:used + n]))
+            ids, used = ids + new, used + n
+            self.workers[h] = ns
+        self.rt_ids = ids
+        self.mode, self.chain, self.offload, self.observe = "flows", [], config["offload"], False
+        self.placement = {"generator_cpu": GEN_CPU, "runtime_cpus": placed, "note": note,
+                          "hosts": {rt: rt // L.C["NFX_RUNTIMES_PER_HOST"] for rt in ids}}
 
     def set_chain(self, chain: list[str], timeout: float = 10.0, nf_config: dict | None = None,
                   observe: bool = False) -> None:
         """New flows get `chain` (NFs configured by `nf_config`, in observe
         mode if `observe`); returns once every runtime has it and is
         registered in the controller's view (a migration target, a replica peer)."""
-        ids = range(self.runtimes)
+        ids = self.rt_ids
         before = [rt_status(self.name, i).get("policy_version") or 0 for i in ids]
         nodectl.put_policy(self.name, Policy(default_chain=parse_chain(chain), nf_config=nf_config or {},
                                              default_observe=observe))
@@ -229,8 +263,9 @@ class Bench:
 
     # --- trials --------------------------------------------------------------------
     def snap(self) -> dict:
-        return snapshot(self.name, self.runtimes, self.sink, self.namespaces["node"],
-                        {"generator": self.gen.p.pid, "harness": os.getpid()})
+        return snapshot(self.name, self.rt_ids, self.sink, self.namespaces["node"],
+                        {"generator": self.gen.p.pid, "harness": os.getpid()}, workers=self.workers,
+                        fabric_ns=self.show.get("fabric", {}).get("netns") if self.workers else None)
 
     def begin(self, fl: Flows) -> list[dict]:
         """Before a trial's load: the sink counts `fl` from now; the first snapshot."""
@@ -243,7 +278,7 @@ class Bench:
         a little later: wait until the sink and the runtimes stop moving."""
         last, deadline = None, time.monotonic() + timeout
         while time.monotonic() < deadline:
-            sts = [rt_status(self.name, i) for i in range(self.runtimes)]
+            sts = [rt_status(self.name, i) for i in self.rt_ids]
             now = (self.sink.counts(), [(st.get("frames"), st.get("sent_later"), (st.get("offload") or {}).get("copies"))
                                         for st in sts])
             if now == last and not any((st.get("xsk") or {}).get("rx_pending") for st in sts):
@@ -272,7 +307,7 @@ class Bench:
         if acc["unaccounted"]:
             problems.append(f"{acc['unaccounted']} frames unaccounted for")
         if self.mode == "flows":
-            out["nf_checks"] = nf_checks(self.name, self.runtimes, self.keys(fl), self.chain, acc, strict=strict,
+            out["nf_checks"] = nf_checks(self.name, self.rt_ids, self.keys(fl), self.chain, acc, strict=strict,
                                          observe=self.observe)
             problems += out["nf_checks"].get("problems", [])
         usage = cpu.report(snaps[0]["cpu"], snaps[-1]["cpu"])
@@ -310,7 +345,7 @@ class Bench:
         """A few frames per flow, then wait until each is offloaded."""
         def offloaded() -> int:
             return sum((rt_status(self.name, i).get("offload") or {}).get("offloaded", 0)
-                       for i in range(self.runtimes))
+                       for i in self.rt_ids)
         before = offloaded()
         warm = self.gen.run(self.frame(fl), rate=WARMUP_PPS, seconds=WARMUP_SECONDS, base=fl.base,
                             flows=fl.count, tcp=fl.tcp)

@@ -34,12 +34,12 @@ def _udp_counters(ns: str) -> dict:
         return {}
 
 
-def _placement(name: str) -> dict:
+def _placement(name: str, ids=(0, 1)) -> dict:
     """After a migration: does the switch send each flow to the runtime holding its actor?"""
     with NodeMaps(name) as maps:
         placed = {f["key"]: f["runtime"] for f in maps.flows()}
     where: dict[str, list[int]] = {}
-    for i in (0, 1):
+    for i in ids:
         for a in nodectl.runtime_flows(name, i, detail=False, timeout=10.0) or []:
             where.setdefault(a["key"], []).append(i)
     return {"switch_flows": len(placed),
@@ -49,11 +49,11 @@ def _placement(name: str) -> dict:
 
 
 def _migration_trial(b: Bench, flows: int, rate: float, budget: float, cap: int, tail: float = 0.5,
-                     fill_timeout: float = 10.0) -> dict:
+                     fill_timeout: float = 10.0, src: int = 0, dst: int = 1) -> dict:
     """Traffic on `flows` new flows at `rate` frames/s each; once every flow has
-    its actor, migrate all flows of runtime 0 to runtime 1 while the traffic goes
-    on.  The generator runs for the fill time + `budget` + `tail` seconds (it
-    cannot be stopped early)."""
+    its actor, migrate all flows of runtime `src` to runtime `dst` while the
+    traffic goes on.  The generator runs for the fill time + `budget` + `tail`
+    seconds (it cannot be stopped early)."""
     fl = b.new_flows(flows, tcp=True)
     fill = 1.0 / rate  # one turn of the source-port rotation: every flow has sent once
     seconds = round(fill + 0.3 + budget + tail, 2)
@@ -66,7 +66,7 @@ def _migration_trial(b: Bench, flows: int, rate: float, budget: float, cap: int,
     try:
         deadline = t0 + fill + fill_timeout
         while True:
-            actors = [rt_status(b.name, i).get("flows") or 0 for i in (0, 1)]
+            actors = [rt_status(b.name, i).get("flows") or 0 for i in (src, dst)]
             if sum(actors) >= flows or time.monotonic() > deadline or not load.running():
                 break
             time.sleep(POLL)
@@ -79,11 +79,11 @@ def _migration_trial(b: Bench, flows: int, rate: float, budget: float, cap: int,
         sa0, udp0 = switch_agent_stats(b.name), _udp_counters(b.namespaces["node"])
         snaps.append(b.snap())
         try:
-            report = nodectl.migrate(b.name, 0, 1, timeout=10.0 + 2 * budget)
+            report = nodectl.migrate(b.name, src, dst, timeout=10.0 + 2 * budget)
         except nodectl.NodeCtlError as e:
             # not finished in time: keep what the source runtime says (a fresh node: its first batch)
             out["error"] = str(e)[:300]
-            report = nodectl.runtime_query(b.name, 0, "migrate_status", batch=1) or {}
+            report = nodectl.runtime_query(b.name, src, "migrate_status", batch=1) or {}
         t_done = time.monotonic()
         snaps.append(b.snap())
         sa1, udp1 = switch_agent_stats(b.name), _udp_counters(b.namespaces["node"])
@@ -97,7 +97,7 @@ def _migration_trial(b: Bench, flows: int, rate: float, budget: float, cap: int,
     sa = {k: sa1.get(k, 0) - sa0.get(k, 0) for k in ("moves", "batches", "membarriers", "membarrier_us_total",
                                                      "markers_sent", "marker_errors", "grace_errors")}
     grace_us = sa["membarrier_us_total"] / sa["membarriers"] if sa["membarriers"] else 0.0
-    sts = [rt_status(b.name, i) for i in (0, 1)]
+    sts = [rt_status(b.name, i) for i in (src, dst)]
     mig = {k: sum((st.get("migration") or {}).get(k, 0) for st in sts)
            for k in ("marker_resends", "late_markers", "buffer_overflow", "replayed", "replay_tx_fail",
                      "after_marker", "in_refused", "markers_consumed", "taken_back")}
@@ -118,7 +118,7 @@ def _migration_trial(b: Bench, flows: int, rate: float, budget: float, cap: int,
         "runtime_migration": mig,
         "node_udp": {k: udp1.get(k, 0) - udp0.get(k, 0) for k in ("InDatagrams", "RcvbufErrors", "InErrors")},
         "actors_after": [st.get("flows") for st in sts],
-        "placement_after": _placement(b.name),
+        "placement_after": _placement(b.name, (src, dst)),
         "trial": trial,
     })
     return out
