@@ -455,16 +455,22 @@ static __always_inline int from_external(struct xdp_md *ctx, struct nfx_config *
 		nfx_count(NFX_CNT_DROP_NO_HEADROOM);
 		return XDP_DROP;
 	}
+	r = runtimes.lookup(&rt);
+	if (r && r->host != cfg->host_id) {
+		/* on another host: counted below only if it went (else its drop is) */
+		verdict = to_host(ctx, cfg->host_id, r->host, rt);
+		if (verdict != XDP_REDIRECT)
+			return verdict;
+	} else {
+		verdict = -1;
+	}
 	st = rt_stats.lookup(&rt);
 	if (st) {
 		st->to_rt_packets++;
 		st->to_rt_bytes += len;
 	}
 	nfx_count(NFX_CNT_TO_RUNTIME);
-	r = runtimes.lookup(&rt);
-	if (r && r->host != cfg->host_id)
-		return to_host(ctx, cfg->host_id, r->host, rt);
-	return redirect_slot(NFX_SLOT_RT_BASE + rt);
+	return verdict >= 0 ? verdict : redirect_slot(NFX_SLOT_RT_BASE + rt);
 }
 
 /* A worker host's runtime sends a frame back: to the ingress host, tag kept. */

@@ -213,6 +213,14 @@ def warm_and_snapshotted(n, flows: int, base: int, pps: int) -> dict:
     warm = run_tool(n.src_ns, "udp-send", "--dst", n.dst_ip, "--flows", str(flows), "--packets", str(WARM),
                     "--pps", str(pps), "--echo", "--echo-wait", "3", "--base-port", str(base))
     assert warm["sent"] == sink.result()["received"] == flows * WARM
-    wait_for(lambda: all(f.get("snapshot_version", 0) >= 2 for f in n.flows()["flows"]), timeout=20,
-             what="every flow snapshotted")
-    return {f["key"]: f for f in n.flows()["flows"]}
+    deadline = time.monotonic() + 20
+    while True:
+        flows = n.flows()["flows"]
+        behind = [f for f in flows if f.get("snapshot_version", 0) < 2]
+        if not behind:
+            return {f["key"]: f for f in flows}
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{len(behind)} of {len(flows)} flows not snapshotted twice after 20 s: "
+                                 + "; ".join(f"{f['flow']} rt {f.get('runtime')} replica {f.get('replica')} "
+                                             f"v {f.get('snapshot_version')}" for f in behind[:5]))
+        time.sleep(0.05)  # polling the runtimes with a deadline

@@ -249,3 +249,30 @@ def test_a_bench_killed_with_sigterm_takes_its_testbed_down(monkeypatch, tmp_pat
         signal.signal(signal.SIGTERM, before)
     assert cleaned == [True] and r.exit_code == 128 + signal.SIGTERM, r.output
     assert not (tmp_path / "b.json").exists()
+
+
+def test_bench_hosts_prints_its_table(monkeypatch, tmp_path):
+    from nfactor_xdp.tools import bench as benchmarks
+    acc = {"offered": 100, "forwarded": 90, "drops": {"runtime_socket_full": 10}, "unaccounted": 0,
+           "valid": True, "invalid_because": [], "markers": {}, "sent": 100, "generator_veth_dropped": 0,
+           "requested_pps": None, "lost": 10, "offered_mpps": 1.0}
+    ratio = {"ratio_to_lookup_ceiling": 0.05, "ratio_to_bypass_ceiling": 0.04}
+    rates = [{"label": f"1 runtime on the {w} host", "forward": {**acc, **ratio, "forwarded_mpps": f},
+              "full_chain": {**ratio, "zero_loss_mpps": c}} for w, f, c in (("ingress", 0.4, 0.1), ("worker", 0.28, 0.095))]
+    rates[1]["forward"]["of_ingress_host"], rates[1]["full_chain"]["of_ingress_host"] = 0.7, 0.95
+    result = {"benchmark": "hosts", "ceilings": {}, "rates": rates,
+              "migration": [{"label": "100 flows x 50 pps, one host", "migrated": 50, "total": 50, "failed": 0,
+                             "flow_latency_us": {"avg": 37000.0, "p99": 40000.0}, "batch_seconds": 0.04,
+                             "trial": acc},
+                            {"label": "x", "error": "runtime 8: gone"}],
+              "failure": [{"label": "host 1 fails, 1000 flows", "fenced_s": 0.52, "taken_s": 0.53,
+                           "actors_before": {"rt0": 500, "rt8": 500}, "actors_taken": 500, "lost_across_failure": 10,
+                           "lost_with_host": 12, "died_counted_by_host": 2, "trial": acc},
+                          {"label": "host 1 fails, 99999 flows", "skipped": True, "reason": "too long"}]}
+    monkeypatch.setattr(benchmarks, "run_hosts_bench", lambda progress=None, **kw: result, raising=False)
+    monkeypatch.setattr(common, "on_terminal", lambda: False)
+    r = CliRunner().invoke(main, ["bench", "hosts", "-o", str(tmp_path / "h.json")])
+    assert r.exit_code == 0, r.output
+    assert "= 70% of the ingress host's" in r.output and "= 95% of the ingress host's" in r.output
+    assert "fenced after 0.52 s, 500 of 500 flows taken after 0.53 s" in r.output
+    assert "error: runtime 8: gone" in r.output and "too long" in r.output

@@ -346,8 +346,9 @@ def bench_hosts(flow_counts, migration_flows, show_trials, output):
             continue
         t = m["trial"]
         click.echo(f"  {m['label']:<32} fenced after {m['fenced_s']} s, {m['actors_taken']} of "
-                   f"{m['actors_before'][8]} flows taken after {m['taken_s']} s; lost {m['lost_across_failure']} "
-                   f"of {t['offered']} ({m['lost_with_host']} died in the host)")
+                   f"{m['actors_before']['rt8']} flows taken after {m['taken_s']} s; lost {m['lost_across_failure']} "
+                   f"of {t['offered']} ({m['lost_with_host']} went to the host and never came back, "
+                   f"{m['died_counted_by_host']} of them counted there)")
         click.echo(f"  {'':<32} {accounting_line(t)}")
 
 

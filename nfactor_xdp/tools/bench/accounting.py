@@ -80,8 +80,9 @@ def snapshot(name: str, rt_ids: list[int], sink, node_ns: str, pids: dict[str, i
         worker = fabric.worker_name(name, h)
         with NodeMaps(worker) as maps:
             for i, v in maps.runtime_table().items():
-                # into its socket: the worker's steer program counts it
-                rt_switch.setdefault(i, {}).update({k: v["switch"][k] for k in ("to_socket", "no_socket")})
+                # its socket's drops: the worker's steer program counts them; what went into it is read
+                # from the ingress's side (sent over the fabric: outlives the host)
+                rt_switch.setdefault(i, {}).update(no_socket=v["switch"]["no_socket"], remote=1)
             switch[f"h{h}"] = maps.counters()
         links.update({f"h{h}:{k}": v for k, v in link_stats(ns).items()})
         node_pids.update({k: v for k, v in cpu.node_pids(worker).items() if k.startswith("rt")})
@@ -163,7 +164,8 @@ def _per_runtime(a: dict, b: dict, rts: dict, pending: dict) -> dict:
     out = {}
     for rt, st in b["rt_switch"].items():
         sa = a["rt_switch"].get(rt, {})
-        into, back = st["to_socket"] - sa.get("to_socket", 0), st["from_rt_packets"] - sa.get("from_rt_packets", 0)
+        into_key = "to_rt_packets" if st.get("remote") else "to_socket"  # a worker host's: sent to it
+        into, back = st[into_key] - sa.get(into_key, 0), st["from_rt_packets"] - sa.get("from_rt_packets", 0)
         d = rts.get(rt, {})
         kept = (sum(v for k, v in d.items() if k.startswith("dropped_")) + d.get("markers", 0)
                 + d.get("held", 0) - d.get("sent_later", 0) + d.get("tx_ring_full", 0) + d.get("socket_full", 0)

@@ -213,6 +213,7 @@ class Bench:
         ingress host, workers[h] on worker host h, each runtime on a CPU of
         its own where possible (the generator's last)."""
         nodectl.stop(self.name)
+        self.workers = {}
         fab = self.show["fabric"]
         count = ingress + sum(workers.values())
         cores, note = cpu.runtime_cores(count, GEN_CPU)
