@@ -120,6 +120,11 @@ def test_flows_cross_runtimes_on_every_host_once_and_in_order(hosts_node):
     assert asked >= 1
     sw = n.status()["switch"]
     assert sw["to_fabric"] > 0 and sw["rx_fabric"] > 0 and sw["drop_fabric_bad"] == 0
+    # the operator's commands reach a worker's runtime through its own host's supervisor
+    r = n.cli("runtime", "kill", "--name", n.name, "--id", "16")
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: next(x for x in n.status()["runtimes"] if x["id"] == 16).get("restarts") == 1, timeout=15,
+             what="runtime 16 restarted by host 2's supervisor")
     assert sw["drop_fabric_runtime"] == 0 and sw["drop_no_host"] == 0 and sw["redirect_err"] == 0
 
 

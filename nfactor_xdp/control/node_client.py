@@ -204,7 +204,13 @@ def control_call(name: str, to: str, msg_type, body: dict, timeout: float = 1.0)
     cfg = NodeConfig.from_dict(state.get("config") or {"name": name})
     ep = _endpoint(cfg)
     try:
-        addr = nodeconf.controller_addresses(cfg) if to == "control" else nodeconf.control_address(cfg, ROLES[to])
+        if to == "control":
+            addr = nodeconf.controller_addresses(cfg)
+        elif to == "supervisor" and cfg.hosts and isinstance(body.get("id"), int):
+            # a runtime's own host's supervisor: it is the one that runs it
+            addr = nodeconf.control_address(cfg, "supervisor", host=fabric.host_of(body["id"]))
+        else:
+            addr = nodeconf.control_address(cfg, ROLES[to])
         reply = ep.call(addr, msg_type, body, timeout=timeout, retries=3)
     except MessageTimeout as e:
         raise NodeCtlError(f"node {name!r}: the {ROLES[to]} does not answer: {e}; `nfactorctl status --name {name}` "
@@ -268,8 +274,7 @@ def status(name: str, timeout: float = 0.5) -> dict:
         view = {}
         out["controller"] = {"alive": False, **procs["controller"]}
     # with hosts: the other hosts' runtimes, as the view has them
-    remote = [{"id": i, "host": e.get("host"), "pid": e.get("pid"), "core": e.get("core"), "process": "remote"}
-              for i, e in sorted(view.items()) if i not in {r["id"] for r in rts}]
+    remote = [_remote_runtime(name, i, e) for i, e in sorted(view.items()) if i not in {r["id"] for r in rts}]
     if remote:
         with ThreadPoolExecutor(max_workers=len(remote)) as pool:
             lives += [pool.submit(runtime_query, name, rt["id"], "status", timeout) for rt in remote]
@@ -293,6 +298,16 @@ def status(name: str, timeout: float = 0.5) -> dict:
                 entry[k] = live.get(k)
         out["runtimes"].append(entry)
     return out
+
+
+def _remote_runtime(name: str, rt_id: int, entry: dict) -> dict:
+    """Another host's runtime as its supervisor records it when that host's
+    state is on this machine (the testbed), else as the view has it."""
+    host = entry.get("host") or fabric.host_of(rt_id)
+    record = next((r for r in (nodeconf.read_state(fabric.worker_name(name, host)) or {}).get("runtimes", [])
+                   if r.get("id") == rt_id), None)
+    return {**(record or {"id": rt_id, "pid": entry.get("pid"), "core": entry.get("core"), "process": "remote"}),
+            "host": host}
 
 
 def runtime_flows(name: str, rt_id: int, limit: int | None = None, detail: bool = True,
