@@ -10,6 +10,7 @@ import struct
 import pytest
 
 from nfactor_xdp.control.host_watch import HostWatch
+from nfactor_xdp.formats import config as nodeconf
 from nfactor_xdp.formats import fabric
 from nfactor_xdp.formats.config import ConfigError, NodeConfig, control_address
 from nfactor_xdp.formats.messages import MsgType
@@ -26,7 +27,8 @@ def test_bad_host_lists_are_refused(text, why):
         fabric.parse_hosts(text)
 
 
-def test_every_process_has_its_address_on_its_host():
+def test_every_process_has_its_address_on_its_host(monkeypatch, tmp_path):
+    monkeypatch.setattr(nodeconf, "RUN_ROOT", str(tmp_path))  # a one-host node's sockets: a directory made
     cfg = NodeConfig(name="n", hosts=HOSTS, control_port=7000, runtimes=1).validate()
     assert control_address(cfg, "controller") == ("10.78.0.1", 7000)
     assert control_address(cfg, "heartbeat") == ("10.78.0.1", 7001)
