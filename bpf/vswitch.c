@@ -114,13 +114,6 @@ static __always_inline int runtime_running(__u32 id)
 	return rt && rt->state == NFX_RT_RUNNING;
 }
 
-/* A flow keeps its runtime in every state but NONE (slot emptied for good). */
-static __always_inline int runtime_gone(__u32 id)
-{
-	struct nfx_runtime *rt = runtimes.lookup(&id);
-
-	return !rt || rt->state == NFX_RT_NONE;
-}
 
 /* Pick the next running runtime; -1 if there is none. */
 static __always_inline int pick_runtime(void)
@@ -403,7 +396,7 @@ static __always_inline int from_external(struct xdp_md *ctx, struct nfx_config *
 	__u32 why = 0, flags = 0, rt, len, off = 0;
 	struct nfx_runtime *r;
 	__u8 dir = 0;
-	int cls, placed, verdict;
+	int cls, placed, verdict, kept = 0;
 
 	nfx_count(NFX_CNT_RX_EXT);
 	if (cfg->mode == NFX_MODE_BYPASS) {
@@ -422,18 +415,27 @@ static __always_inline int from_external(struct xdp_md *ctx, struct nfx_config *
 	}
 
 	flow = flows.lookup(&key);
+	r = 0;
+	if (flow) {
+		rt = flow->runtime;
+		r = runtimes.lookup(&rt);
+	}
+	/* a flow keeps its runtime in every state but NONE (slot emptied for good) */
 	if (!flow)
 		placed = place_flow(&key, dir, 0);
-	else if (runtime_gone(flow->runtime))
+	else if (!r || r->state == NFX_RT_NONE)
 		placed = place_flow(&key, dir, 1);
 	else {
 		placed = flow->runtime;
 		off = flow->offload;	/* a re-placed flow starts without one */
+		kept = 1;
 	}
 	if (placed < 0)
 		return XDP_DROP;
 
 	rt = placed;
+	if (!kept)	/* placed now: its new runtime's entry (a kept flow's was read above) */
+		r = runtimes.lookup(&rt);
 	if (rt >= NFX_MAX_RUNTIMES)
 		return XDP_DROP;
 	if (cfg->mode == NFX_MODE_LOOKUP) {
@@ -455,7 +457,6 @@ static __always_inline int from_external(struct xdp_md *ctx, struct nfx_config *
 		nfx_count(NFX_CNT_DROP_NO_HEADROOM);
 		return XDP_DROP;
 	}
-	r = runtimes.lookup(&rt);
 	if (r && r->host != cfg->host_id) {
 		/* on another host: counted below only if it went (else its drop is) */
 		verdict = to_host(ctx, cfg->host_id, r->host, rt);
